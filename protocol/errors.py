@@ -1,0 +1,52 @@
+"""Error codes carried by ``error`` events, and the exception that produces them."""
+
+from __future__ import annotations
+
+# Machine-readable codes. Clients branch on these; the human message is for people.
+BAD_HEADER = "bad_header"  # header frame is not a msgpack map, or too large
+VERSION_MISMATCH = "version_mismatch"  # header "v" differs from PROTOCOL_VERSION
+UNKNOWN_TYPE = "unknown_type"  # "type" is not a known message type
+MISSING_FIELD = "missing_field"  # a required field is absent
+BAD_FIELD = "bad_field"  # wrong type, out of range, unknown field name
+FRAME_MISMATCH = "frame_mismatch"  # pixel frames do not match the declared images
+UNSUPPORTED = "unsupported"  # valid message, but this service cannot do it (mode, format)
+DUPLICATE_JOB = "duplicate_job"  # job id already queued or running for this client
+UNKNOWN_JOB = "unknown_job"  # cancel/status for a job this client does not have
+LIMIT = "limit"  # a size or count limit of the service was exceeded
+MODEL_ERROR = "model_error"  # the pipeline failed while running the job
+OUT_OF_MEMORY = "out_of_memory"  # the accelerator ran out of memory
+SHUTTING_DOWN = "shutting_down"  # the service is stopping and takes no new jobs
+INTERNAL = "internal"  # a bug in the service; the message says what happened
+
+ALL_CODES = frozenset(
+    {
+        BAD_HEADER,
+        VERSION_MISMATCH,
+        UNKNOWN_TYPE,
+        MISSING_FIELD,
+        BAD_FIELD,
+        FRAME_MISMATCH,
+        UNSUPPORTED,
+        DUPLICATE_JOB,
+        UNKNOWN_JOB,
+        LIMIT,
+        MODEL_ERROR,
+        OUT_OF_MEMORY,
+        SHUTTING_DOWN,
+        INTERNAL,
+    }
+)
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted. Becomes an ``error`` event on the wire."""
+
+    def __init__(self, code: str, message: str, field: str | None = None, job: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+        self.job = job
+
+    def __repr__(self) -> str:
+        return f"ProtocolError({self.code!r}, {self.message!r}, field={self.field!r}, job={self.job!r})"

@@ -1,0 +1,203 @@
+"""Every message type and its fields: the single place where wire fields are defined and checked."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BAD_FIELD, MISSING_FIELD, UNKNOWN_TYPE, ProtocolError
+from .images import MAX_SIDE, ImageSpec
+
+MAX_PROMPT_CHARS = 8000
+MAX_JOB_ID_CHARS = 128
+MAX_SEED = 2**64 - 1
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One header field. ``kind``: str, int, float, bool, map, list, image. ``default`` absent = required."""
+
+    kind: str
+    default: Any = _REQUIRED
+    nullable: bool = False
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself is not allowed
+    max_len: int | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+    def check(self, name: str, value: Any) -> Any:
+        if value is None:
+            if self.nullable:
+                return None
+            raise ProtocolError(BAD_FIELD, f"{name} must not be null", name)
+        check = getattr(self, "_check_" + self.kind)
+        return check(name, value)
+
+    def _range_text(self) -> str:
+        lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo}"
+        hi = "" if self.hi is None else f"<= {self.hi}"
+        return " and ".join(p for p in (lo, hi) if p)
+
+    def _check_range(self, name: str, value: float, what: str) -> None:
+        too_low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        too_high = self.hi is not None and value > self.hi
+        if too_low or too_high:
+            raise ProtocolError(BAD_FIELD, f"{name} must be {what} {self._range_text()}, got {value!r}", name)
+
+    def _check_str(self, name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise ProtocolError(BAD_FIELD, f"{name} must be a string, got {type(value).__name__}", name)
+        if self.max_len is not None and len(value) > self.max_len:
+            raise ProtocolError(BAD_FIELD, f"{name} is {len(value)} characters long; the limit is {self.max_len}", name)
+        if self.choices is not None and value not in self.choices:
+            raise ProtocolError(BAD_FIELD, f"{name} must be one of {', '.join(self.choices)}, got {value!r}", name)
+        return value
+
+    def _check_int(self, name: str, value: Any) -> int:
+        if type(value) is not int:
+            raise ProtocolError(BAD_FIELD, f"{name} must be an integer, got {type(value).__name__}", name)
+        self._check_range(name, value, "an integer")
+        return value
+
+    def _check_float(self, name: str, value: Any) -> float:
+        if type(value) not in (int, float):
+            raise ProtocolError(BAD_FIELD, f"{name} must be a number, got {type(value).__name__}", name)
+        value = float(value)
+        if not math.isfinite(value):
+            raise ProtocolError(BAD_FIELD, f"{name} must be a finite number, got {value!r}", name)
+        self._check_range(name, value, "a number")
+        return value
+
+    def _check_bool(self, name: str, value: Any) -> bool:
+        if type(value) is not bool:
+            raise ProtocolError(BAD_FIELD, f"{name} must be true or false, got {type(value).__name__}", name)
+        return value
+
+    def _check_map(self, name: str, value: Any) -> dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(BAD_FIELD, f"{name} must be a map, got {type(value).__name__}", name)
+        return value
+
+    def _check_list(self, name: str, value: Any) -> list:
+        if not isinstance(value, (list, tuple)):
+            raise ProtocolError(BAD_FIELD, f"{name} must be a list, got {type(value).__name__}", name)
+        return list(value)
+
+    def _check_image(self, name: str, value: Any) -> ImageSpec:
+        if isinstance(value, ImageSpec):
+            return value
+        return ImageSpec.from_wire(value, name)
+
+
+def _str(default: Any = _REQUIRED, max_len: int = 1000, **kw: Any) -> Field:
+    return Field("str", default, max_len=max_len, **kw)
+
+
+JOB = Field("str", max_len=MAX_JOB_ID_CHARS)
+OPTIONAL_JOB = Field("str", None, nullable=True, max_len=MAX_JOB_ID_CHARS)
+
+# Messages a client sends to the service.
+CLIENT_MESSAGES: dict[str, dict[str, Field]] = {
+    "hello": {"client": _str("", max_len=200)},
+    "submit": {
+        "job": JOB,
+        "mode": _str("refine", max_len=40),
+        "prompt": _str("", max_len=MAX_PROMPT_CHARS),
+        "negative_prompt": _str("", max_len=MAX_PROMPT_CHARS),
+        "strength": Field("float", 0.3, lo=0.0, lo_open=True, hi=1.0),
+        "steps": Field("int", 50, lo=1, hi=500),
+        "guidance_scale": Field("float", 5.0, lo=0.0, hi=50.0),
+        "seed": Field("int", None, nullable=True, lo=0, hi=MAX_SEED),
+        "aesthetic_score": Field("float", 6.0, lo=0.0, hi=10.0),
+        "negative_aesthetic_score": Field("float", 2.5, lo=0.0, hi=10.0),
+        "preview": Field("bool", False),
+        "work_width": Field("int", None, nullable=True, lo=8, hi=MAX_SIDE),
+        "work_height": Field("int", None, nullable=True, lo=8, hi=MAX_SIDE),
+        "feather": Field("float", 0.0, lo=0.0, hi=float(MAX_SIDE)),
+        "image": Field("image"),
+        "mask": Field("image", None, nullable=True),
+    },
+    "cancel": {"job": JOB},
+    "status": {"job": OPTIONAL_JOB},
+    "heartbeat": {},
+}
+
+# Events the service sends to a client.
+SERVICE_MESSAGES: dict[str, dict[str, Field]] = {
+    "welcome": {"server": _str("", max_len=200), "capabilities": Field("map", {})},
+    "accepted": {
+        "job": JOB,
+        "position": Field("int", lo=0),
+        "seed": Field("int", lo=0, hi=MAX_SEED),
+        "steps": Field("int", lo=1),
+        "denoise_steps": Field("int", lo=1),
+    },
+    "progress": {
+        "job": JOB,
+        "step": Field("int", lo=0),
+        "total": Field("int", lo=1),
+        "preview": Field("image", None, nullable=True),
+    },
+    "result": {
+        "job": JOB,
+        "seed": Field("int", lo=0, hi=MAX_SEED),
+        "image": Field("image"),
+        "elapsed": Field("float", 0.0, lo=0.0),
+    },
+    "error": {
+        "job": OPTIONAL_JOB,
+        "code": _str(max_len=64),
+        "message": _str(max_len=4000),
+        "field": _str(None, nullable=True, max_len=200),
+    },
+    "cancelled": {"job": JOB, "reason": _str("cancelled", max_len=200)},
+    "status": {
+        "running": Field("str", None, nullable=True),
+        "jobs": Field("list", []),
+        "queue_length": Field("int", 0, lo=0),
+    },
+    "heartbeat": {},
+}
+
+# Image fields, in the order their pixel frames follow the header frame.
+IMAGE_SLOTS: dict[str, tuple[str, ...]] = {
+    name: tuple(k for k, f in fields.items() if f.kind == "image")
+    for table in (CLIENT_MESSAGES, SERVICE_MESSAGES)
+    for name, fields in table.items()
+}
+
+
+def schema_for(msg_type: Any, table: dict[str, dict[str, Field]]) -> dict[str, Field]:
+    if not isinstance(msg_type, str) or msg_type not in table:
+        known = ", ".join(sorted(table))
+        raise ProtocolError(UNKNOWN_TYPE, f"unknown message type {msg_type!r}; expected one of {known}", "type")
+    return table[msg_type]
+
+
+def validate_fields(msg_type: str, raw: dict[str, Any], table: dict[str, dict[str, Field]]) -> dict[str, Any]:
+    """Type- and range-check every field, fill defaults, reject unknown names. Returns a new dict."""
+    schema = schema_for(msg_type, table)
+    out: dict[str, Any] = {}
+    for key in raw:
+        if key not in schema:
+            name = str(key)
+            raise ProtocolError(BAD_FIELD, f"unknown field {name!r} in a {msg_type} message", name)
+    for name, spec in schema.items():
+        if name in raw:
+            out[name] = spec.check(name, raw[name])
+        elif spec.required:
+            raise ProtocolError(MISSING_FIELD, f"{name} is required in a {msg_type} message", name)
+        else:
+            out[name] = copy.copy(spec.default)
+    if "job" in schema and isinstance(out.get("job"), str) and not out["job"] and not schema["job"].nullable:
+        raise ProtocolError(BAD_FIELD, "job must be a non-empty string", "job")
+    return out
