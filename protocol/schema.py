@@ -177,6 +177,8 @@ IMAGE_SLOTS: dict[str, tuple[str, ...]] = {
 
 
 def schema_for(msg_type: Any, table: dict[str, dict[str, Field]]) -> dict[str, Field]:
+    if msg_type is None:
+        raise ProtocolError(MISSING_FIELD, "type is required in every message", "type")
     if not isinstance(msg_type, str) or msg_type not in table:
         known = ", ".join(sorted(table))
         raise ProtocolError(UNKNOWN_TYPE, f"unknown message type {msg_type!r}; expected one of {known}", "type")

@@ -1,0 +1,352 @@
+"""Command line: ``krita-sdxl serve | refine | info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .client import DEFAULT_ENDPOINT
+
+log = logging.getLogger("krita_sdxl")
+
+EPILOG = """examples:
+  krita-sdxl serve --demo                      tiny offline demo model, on tcp://127.0.0.1:5588
+  krita-sdxl serve                             the SDXL refiner from the local Hugging Face cache
+  krita-sdxl serve --model /models/refiner     a diffusers folder
+  krita-sdxl refine in.png --prompt "oil painting" --strength 0.3 -o out.png
+  krita-sdxl refine in.png --local --demo -o out.png      no service: run the pipeline here
+  krita-sdxl info
+"""
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and device")
+    g.add_argument(
+        "--model",
+        help="Hugging Face repo id (from the local cache) or a diffusers folder "
+        "(default: stabilityai/stable-diffusion-xl-refiner-1.0)",
+    )
+    g.add_argument(
+        "--demo",
+        action="store_true",
+        default=None,
+        help="use the tiny random-weight demo model (offline; its pixels are meaningless)",
+    )
+    g.add_argument(
+        "--allow-download",
+        action="store_true",
+        default=None,
+        help="download the model from the Hugging Face Hub if it is not cached",
+    )
+    g.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], help="default: auto (cuda, mps, cpu)")
+    g.add_argument(
+        "--dtype",
+        choices=["auto", "fp16", "bf16", "fp32"],
+        help="UNet/text-encoder precision (default: auto = fp16 on GPUs, fp32 on CPU)",
+    )
+    g.add_argument("--cache-dir", help="where the demo model is built (default: ~/.cache/krita-sdxl)")
+    g.add_argument(
+        "--config",
+        help="TOML settings file with a [serve] table (default: ~/.config/krita-sdxl/config.toml if it exists)",
+    )
+
+
+def _add_job_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("job")
+    g.add_argument("--prompt", default="", help="what the refined image shows")
+    g.add_argument("--negative-prompt", default="", help="what it should not show")
+    g.add_argument("--strength", type=float, default=0.3, help="how much to change, 0 < s <= 1 (default 0.3)")
+    g.add_argument("--steps", type=int, default=50, help="scheduler steps; strength x steps run (default 50)")
+    g.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    g.add_argument("--seed", type=int, default=None, help="random when not given; the used seed is printed")
+    g.add_argument("--aesthetic-score", type=float, default=6.0)
+    g.add_argument("--negative-aesthetic-score", type=float, default=2.5)
+    g.add_argument("--work-size", metavar="WxH", help="run the model at this size and scale back")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="krita-sdxl",
+        description="SDXL refiner service for Krita, and its command-line client.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the service until Ctrl-C or SIGTERM",
+        description="Load the model once and serve jobs over ZeroMQ.",
+    )
+    serve.add_argument(
+        "--endpoint",
+        help=f"where to listen (default {DEFAULT_ENDPOINT}; ipc://PATH also works; port * picks a free one)",
+    )
+    serve.add_argument("--max-queue", type=int, help="most jobs waiting at once (default 1000)")
+    serve.add_argument("--identity", action="store_true", default=None, help=argparse.SUPPRESS)
+    _add_model_flags(serve)
+
+    refine = sub.add_parser(
+        "refine",
+        help="refine one image through a running service (or --local)",
+        description="Refine an image file with the SDXL refiner.",
+    )
+    refine.add_argument("input", type=Path, help="image file (PNG, JPEG, ...)")
+    refine.add_argument("-o", "--output", type=Path, required=True, help="where to write the result (PNG)")
+    refine.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"service address (default {DEFAULT_ENDPOINT})")
+    refine.add_argument("--timeout", type=float, default=60.0, help="seconds to wait between two events")
+    refine.add_argument("--local", action="store_true", help="run the pipeline in this process, no service")
+    _add_job_flags(refine)
+    _add_model_flags(refine)
+
+    info = sub.add_parser("info", help="print a running service's capabilities")
+    info.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
+    info.add_argument("--timeout", type=float, default=5.0)
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _settings(args: argparse.Namespace):
+    from .config import resolve
+
+    keys = (
+        "endpoint",
+        "model",
+        "demo",
+        "allow_download",
+        "device",
+        "dtype",
+        "cache_dir",
+        "log_level",
+        "max_queue",
+        "identity",
+    )
+    flags = {k: getattr(args, k, None) for k in keys}
+    if args.command != "serve":
+        flags.pop("endpoint")
+    return resolve(getattr(args, "config", None), flags)
+
+
+def _load_engine(settings):
+    from .config import ConfigError
+    from .engine import Engine
+    from .models import ModelNotFound
+
+    try:
+        return Engine.load(
+            model=None if settings.demo else settings.model,
+            demo=settings.demo,
+            allow_download=settings.allow_download,
+            device=settings.device,
+            dtype=settings.dtype,
+            cache_dir=settings.cache_path,
+        )
+    except ModelNotFound as exc:  # reported like a bad setting: a message, exit status 2
+        raise ConfigError(str(exc)) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import Service
+
+    settings = _settings(args)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.identity:
+        from .identity_engine import IdentityEngine
+
+        engine = IdentityEngine()
+    else:
+        engine = _load_engine(settings)
+    service = Service(engine, settings.endpoint, max_queue=settings.max_queue)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: service.stop())
+    caps = engine.describe()
+    log.info(
+        "device %s, dtype %s, model %s",
+        caps.get("device"),
+        caps.get("dtype"),
+        ", ".join(m.get("name", "?") for m in caps.get("models", [])),
+    )
+    print(f"krita-sdxl ready on {service.endpoint}", flush=True)
+    service.serve_forever()
+    return 0
+
+
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"error: --work-size must look like 1024x768, got {text!r}") from None
+    return w, h
+
+
+def _read_image(path: Path):
+    from krita_sdxl.protocol import Image, ImageSpec
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(path) as im:
+            rgba = im.convert("RGBA")
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: cannot read {path}: {exc}") from None
+    return Image(ImageSpec(rgba.width, rgba.height, "RGBA", 8), rgba.tobytes())
+
+
+def _write_image(path: Path, img) -> None:
+    from PIL import Image as PILImage
+
+    spec = img.spec
+    PILImage.frombuffer("RGBA", (spec.width, spec.height), bytes(img.data), "raw", "RGBA", 0, 1).save(path)
+
+
+def _job_params(args: argparse.Namespace) -> dict[str, Any]:
+    work = _parse_size(args.work_size)
+    return dict(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        strength=args.strength,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        aesthetic_score=args.aesthetic_score,
+        negative_aesthetic_score=args.negative_aesthetic_score,
+        work_width=work[0] if work else None,
+        work_height=work[1] if work else None,
+    )
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from krita_sdxl.protocol import ProtocolError
+    from tqdm import tqdm
+
+    image = _read_image(args.input)
+    params = _job_params(args)
+    bar = tqdm(total=0, unit="step", desc="refine", leave=False)
+    t0 = time.perf_counter()
+    try:
+        if args.local:
+            result, seed = _refine_local(args, image, params, bar)
+        else:
+            result, seed = _refine_remote(args, image, params, bar)
+    except ProtocolError as err:
+        raise SystemExit(f"error: {err.message}" + (f" (field {err.field})" if err.field else "")) from None
+    finally:
+        bar.close()
+    _write_image(args.output, result)
+    print(
+        f"wrote {args.output} ({result.spec.width}x{result.spec.height}, seed {seed}, {time.perf_counter() - t0:.2f} s)"
+    )
+    return 0
+
+
+def _refine_remote(args, image, params, bar):
+    from .client import JobFailed, ServiceClient, ServiceUnavailable
+
+    def on_event(event) -> None:
+        if event.type == "accepted":
+            bar.reset(total=event["denoise_steps"])
+            if event["position"]:
+                bar.set_description(f"queued ({event['position']} ahead)")
+        elif event.type == "progress":
+            bar.set_description("refine")
+            bar.n = event["step"]
+            bar.refresh()
+
+    with ServiceClient(args.endpoint, timeout=args.timeout) as client:
+        try:
+            done = client.run(image, on_event=on_event, **params)
+        except ServiceUnavailable as exc:
+            raise SystemExit(f"error: {exc}") from None
+        except JobFailed as exc:
+            where = f" (field {exc.field})" if exc.field else ""
+            raise SystemExit(f"error: {exc.code}: {exc}{where}") from None
+    return done.images["image"], done["seed"]
+
+
+def _refine_local(args, image, params, bar):
+    import secrets
+
+    from krita_sdxl.protocol import CLIENT, decode, encode
+
+    from .config import ConfigError
+    from .request import RefineRequest
+
+    # Validate exactly as the service does: through the codec.
+    msg = decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job="local", **params))
+    seed = msg["seed"] if msg["seed"] is not None else secrets.randbelow(2**32)
+    req = RefineRequest.from_message(msg, seed)
+    try:
+        engine = _load_engine(_settings(args))
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    bar.reset(total=req.plan.denoise_steps)
+
+    def on_progress(step: int, total: int, preview) -> None:
+        bar.n = step
+        bar.refresh()
+
+    return engine.refine(req, on_progress, lambda: False), seed
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .client import ServiceClient, ServiceUnavailable
+
+    with ServiceClient(args.endpoint, timeout=args.timeout) as client:
+        try:
+            welcome = client.hello()
+        except ServiceUnavailable as exc:
+            raise SystemExit(f"error: {exc}") from None
+    if args.json:
+        print(json.dumps(welcome, indent=2, default=str))
+        return 0
+    caps = welcome["capabilities"]
+    print(f"service     {welcome['server']} at {args.endpoint}")
+    print(f"protocol    {caps.get('protocol_version')}")
+    print(f"device      {caps.get('device')}" + (f" ({caps['gpu_name']})" if caps.get("gpu_name") else ""))
+    print(f"dtype       {caps.get('dtype')}" + (f", VAE {caps['vae_dtype']}" if caps.get("vae_dtype") else ""))
+    total, free = caps.get("gpu_memory_total"), caps.get("gpu_memory_free")
+    if total:
+        print(f"GPU memory  {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+    for m in caps.get("models", []):
+        print(f"model       {m.get('role')}: {m.get('name')}" + (f" ({m['path']})" if m.get("path") else ""))
+    print(f"modes       {', '.join(caps.get('modes', []))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=(args.log_level or "info").upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "serve":
+        import zmq
+
+        from .config import ConfigError
+
+        try:
+            return cmd_serve(args)
+        except ConfigError as exc:
+            print(f"krita-sdxl: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        except zmq.ZMQError as exc:
+            print(
+                f"krita-sdxl: error: cannot listen on {args.endpoint or 'the endpoint'}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 2
+    return {"refine": cmd_refine, "info": cmd_info}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

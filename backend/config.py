@@ -1,0 +1,89 @@
+"""Service settings: defaults, then an optional TOML file, then command-line flags (highest)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .client import DEFAULT_ENDPOINT
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
+
+
+def default_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "krita-sdxl" / "config.toml"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("KRITA_SDXL_CACHE")
+    return Path(env) if env else Path(os.path.expanduser("~")) / ".cache" / "krita-sdxl"
+
+
+@dataclass(frozen=True)
+class Settings:
+    endpoint: str = DEFAULT_ENDPOINT
+    model: str = DEFAULT_MODEL  # Hugging Face repo id (local cache) or a diffusers folder
+    demo: bool = False  # the tiny random-weight demo model, built locally
+    allow_download: bool = False
+    device: str = "auto"  # auto, cuda, mps, cpu
+    dtype: str = "auto"  # auto, fp16, bf16, fp32
+    cache_dir: str = ""  # "" = $KRITA_SDXL_CACHE or ~/.cache/krita-sdxl
+    log_level: str = "info"
+    max_queue: int = 1000
+    identity: bool = False  # benchmark only: no model, results are the input pixels
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    section = data.get("serve", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: [serve] must be a table")
+    return section
+
+
+def merge(base: Settings, overrides: dict[str, Any], source: str) -> Settings:
+    """Apply overrides (None values are skipped), checking names and types against Settings."""
+    known = {f.name: f for f in fields(Settings)}
+    clean: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{source}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+        expected = type(getattr(base, name))
+        if (expected is int and type(value) is not int) or (expected is not int and not isinstance(value, expected)):
+            raise ConfigError(f"{source}: {key} must be {expected.__name__}, got {value!r}")
+        clean[name] = value
+    return replace(base, **clean)
+
+
+def resolve(config_file: str | None, flags: dict[str, Any]) -> Settings:
+    settings = Settings()
+    path = Path(config_file) if config_file else default_config_path()
+    if config_file or path.exists():
+        settings = merge(settings, load_toml(path), str(path))
+    return merge(settings, flags, "command line")

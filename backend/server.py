@@ -1,0 +1,212 @@
+"""The ZeroMQ service: a ROUTER socket on the I/O thread, one worker thread behind a FIFO queue.
+
+Pattern: ROUTER (service) / DEALER (clients). Every request is validated by the protocol codec
+before any work starts; a bad message gets an ``error`` event and the service keeps serving.
+Events from the worker arrive on an inproc PULL socket and are forwarded to their client.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from typing import Any
+
+import zmq
+from krita_sdxl.protocol import CLIENT, PROTOCOL_VERSION, SERVICE, Message, ProtocolError, decode, encode
+from krita_sdxl.protocol import errors as codes
+
+from .jobs import Job, JobQueue, QueueFull
+from .request import RefineRequest
+from .worker import Engine, Worker
+
+log = logging.getLogger(__name__)
+
+EVENTS_ENDPOINT = "inproc://krita-sdxl-events"
+
+
+class Service:
+    """Owns the sockets, the queue and the worker. ``serve_forever`` runs until ``stop()``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        endpoint: str,
+        ctx: zmq.Context | None = None,
+        max_queue: int = 1000,
+        server_name: str = "krita-sdxl",
+    ) -> None:
+        self.engine = engine
+        self.ctx = ctx or zmq.Context.instance()
+        self.queue = JobQueue(max_total=max_queue)
+        self.server_name = server_name
+        self._stop = threading.Event()
+        self._router = self.ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 1000)
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client with the same id takes over
+        self._router.bind(endpoint)
+        self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._events = self.ctx.socket(zmq.PULL)
+        self._events.bind(EVENTS_ENDPOINT + "-" + secrets.token_hex(4))
+        self._worker = Worker(self.ctx, self._events.getsockopt_string(zmq.LAST_ENDPOINT), self.queue, engine)
+        self._capabilities = dict(engine.describe())
+        self._capabilities["protocol_version"] = PROTOCOL_VERSION
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to finish (safe from signal handlers and other threads)."""
+        self._stop.set()
+
+    def serve_forever(self, poll_ms: int = 100) -> None:
+        self._worker.start()
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._events, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                ready = dict(poller.poll(poll_ms))
+                if self._events in ready:
+                    self._forward_events()
+                if self._router in ready:
+                    self._drain_requests()
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        log.info("stopping: cancelling the running job and %d queued job(s)", max(len(self.queue) - 1, 0))
+        for job in self.queue.close(reason="shutdown"):
+            self._send(job.client, "cancelled", job=job.id, reason="shutdown")
+        self._worker.join(timeout=30)
+        self._forward_events()  # the running job's "cancelled"
+        self._events.close(linger=0)
+        self._router.close(linger=1000)
+        log.info("stopped")
+
+    # -- I/O ----------------------------------------------------------------------------------
+
+    def _send(self, client: bytes, msg_type: str, images: dict | None = None, **fields: Any) -> None:
+        frames = encode(SERVICE, msg_type, images=images, **fields)
+        self._router.send_multipart([client, *frames], copy=False)
+
+    def _forward_events(self) -> None:
+        while True:
+            try:
+                frames = self._events.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._router.send_multipart(frames, copy=False)
+
+    def _drain_requests(self) -> None:
+        for _ in range(1000):  # bounded, so worker events are not starved by a flood
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            client = frames[0].bytes
+            try:
+                self._handle(client, decode(CLIENT, frames[1:]))
+            except ProtocolError as err:
+                log.warning("rejected a message from %s: %s: %s", client.hex(), err.code, err.message)
+                self._send(client, "error", job=err.job, code=err.code, message=err.message, field=err.field)
+            except Exception as exc:  # never let one message stop the service
+                log.exception("internal error while handling a message")
+                self._send(
+                    client,
+                    "error",
+                    job=None,
+                    code=codes.INTERNAL,
+                    field=None,
+                    message=f"internal error: {type(exc).__name__}: {exc}",
+                )
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _handle(self, client: bytes, msg: Message) -> None:
+        handler = getattr(self, "_on_" + msg.type)
+        handler(client, msg)
+
+    def _on_hello(self, client: bytes, msg: Message) -> None:
+        log.info("hello from %s (%s)", client.hex(), msg["client"] or "unnamed client")
+        caps = dict(self._capabilities)
+        caps.update(self._live_memory())
+        self._send(client, "welcome", server=self.server_name, capabilities=caps)
+
+    def _live_memory(self) -> dict[str, Any]:
+        live = getattr(self.engine, "memory", None)
+        return live() if callable(live) else {}
+
+    def _on_heartbeat(self, client: bytes, msg: Message) -> None:
+        self._send(client, "heartbeat")
+
+    def _on_submit(self, client: bytes, msg: Message) -> None:
+        job_id = msg["job"]
+        modes = self._capabilities.get("modes", ["refine"])
+        if msg["mode"] not in modes:
+            raise ProtocolError(
+                codes.UNSUPPORTED,
+                f"mode {msg['mode']!r} is not supported by this service; supported: {', '.join(modes)}",
+                "mode",
+                job_id,
+            )
+        if self.queue.has((client, job_id)):
+            raise ProtocolError(codes.DUPLICATE_JOB, f"job {job_id!r} is already queued or running", "job", job_id)
+        mask = msg.images.get("mask")
+        image = msg.images["image"]
+        if mask is not None:
+            if mask.spec.order != "L" or mask.spec.sample != "uint":
+                raise ProtocolError(
+                    codes.BAD_FIELD, "mask must be a one-channel (order L) uint image", "mask.order", job_id
+                )
+            if (mask.spec.width, mask.spec.height) != (image.spec.width, image.spec.height):
+                raise ProtocolError(
+                    codes.BAD_FIELD,
+                    f"mask is {mask.spec.width}x{mask.spec.height} but image is "
+                    f"{image.spec.width}x{image.spec.height}; they must match",
+                    "mask",
+                    job_id,
+                )
+        if image.spec.order == "L":
+            raise ProtocolError(
+                codes.BAD_FIELD, "image must have colour channels (RGBA, BGRA, RGB or BGR)", "image.order", job_id
+            )
+        if (msg["work_width"] is None) != (msg["work_height"] is None):
+            raise ProtocolError(
+                codes.BAD_FIELD, "work_width and work_height must be given together", "work_width", job_id
+            )
+        seed = msg["seed"] if msg["seed"] is not None else secrets.randbelow(2**32)
+        request = RefineRequest.from_message(msg, seed)
+        try:
+            position = self.queue.submit(Job(client, job_id, request))
+        except QueueFull as exc:
+            raise ProtocolError(codes.LIMIT, str(exc), None, job_id) from None
+        except RuntimeError:
+            raise ProtocolError(codes.SHUTTING_DOWN, "the service is shutting down", None, job_id) from None
+        self._send(
+            client,
+            "accepted",
+            job=job_id,
+            position=position,
+            seed=seed,
+            steps=request.plan.steps,
+            denoise_steps=request.plan.denoise_steps,
+        )
+
+    def _on_cancel(self, client: bytes, msg: Message) -> None:
+        job_id = msg["job"]
+        where = self.queue.cancel((client, job_id))
+        if where == "queued":
+            self._send(client, "cancelled", job=job_id, reason="cancelled")
+        elif where is None:
+            raise ProtocolError(
+                codes.UNKNOWN_JOB, f"no queued or running job {job_id!r} for this client", "job", job_id
+            )
+        # running: the worker stops at the next step and sends "cancelled" itself
+
+    def _on_status(self, client: bytes, msg: Message) -> None:
+        running, waiting = self.queue.snapshot(client)
+        jobs = [{"job": running.id, "state": "running", "position": 0}] if running else []
+        jobs += [{"job": j.id, "state": "queued", "position": p} for p, j in waiting]
+        if msg["job"] is not None:
+            jobs = [j for j in jobs if j["job"] == msg["job"]]
+        self._send(client, "status", running=running.id if running else None, jobs=jobs, queue_length=len(self.queue))

@@ -1,0 +1,125 @@
+"""The single GPU worker thread: takes jobs from the queue in order and runs them on the engine.
+
+It never touches the ROUTER socket (ZeroMQ sockets are not thread-safe): every event it produces
+goes to the I/O thread through an inproc PUSH socket as [client identity, *message frames].
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import zmq
+from krita_sdxl.protocol import SERVICE, Image, encode
+from krita_sdxl.protocol import errors as codes
+
+from .jobs import Job, JobQueue
+from .request import JobCancelled, ProgressFn, RefineRequest, StopFn
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    def describe(self) -> dict[str, Any]: ...
+
+    def refine(self, req: RefineRequest, on_progress: ProgressFn, should_stop: StopFn) -> Image: ...
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+class Worker(threading.Thread):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        events_endpoint: str,
+        queue: JobQueue,
+        engine: Engine,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(name="krita-sdxl-worker", daemon=True)
+        self._ctx = ctx
+        self._endpoint = events_endpoint
+        self._queue = queue
+        self._engine = engine
+        self._on_idle = on_idle
+        self._push: zmq.Socket | None = None
+
+    def _emit(self, job: Job, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> None:
+        assert self._push is not None
+        frames = encode(SERVICE, msg_type, images=images, job=job.id, **fields)
+        self._push.send_multipart([job.client, *frames], copy=False)
+
+    def run(self) -> None:
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 2000)
+        self._push.connect(self._endpoint)
+        try:
+            while True:
+                job = self._queue.take()
+                if job is None:
+                    return
+                try:
+                    self._run_job(job)
+                finally:
+                    self._queue.done(job)
+                    if self._on_idle is not None and len(self._queue) == 0:
+                        self._on_idle()
+        finally:
+            self._push.close()
+
+    def _run_job(self, job: Job) -> None:
+        req: RefineRequest = job.payload
+        if job.cancel.is_set():
+            self._emit(job, "cancelled", reason=job.cancel_reason)
+            return
+
+        def on_progress(step: int, total: int, preview: Image | None) -> None:
+            images = {"preview": preview} if preview is not None else None
+            self._emit(job, "progress", images=images, step=step, total=total)
+
+        t0 = time.perf_counter()
+        log.info(
+            "job %s: refine %dx%d, %d of %d steps, seed %d",
+            job.id,
+            req.image.spec.width,
+            req.image.spec.height,
+            req.plan.denoise_steps,
+            req.plan.steps,
+            req.seed,
+        )
+        try:
+            result = self._engine.refine(req, on_progress, job.cancel.is_set)
+        except JobCancelled:
+            log.info("job %s cancelled (%s)", job.id, job.cancel_reason)
+            self._emit(job, "cancelled", reason=job.cancel_reason)
+            return
+        except Exception as exc:  # the service must keep serving whatever a job does
+            if _is_out_of_memory(exc):
+                log.error("job %s ran out of memory: %s", job.id, exc)
+                self._emit(
+                    job,
+                    "error",
+                    code=codes.OUT_OF_MEMORY,
+                    field=None,
+                    message=f"out of GPU memory: {exc}. Use a smaller selection or work size, "
+                    "or start the service with a lower-memory mode.",
+                )
+            else:
+                log.exception("job %s failed", job.id)
+                self._emit(
+                    job,
+                    "error",
+                    code=codes.MODEL_ERROR,
+                    field=None,
+                    message=f"the pipeline failed: {type(exc).__name__}: {exc}",
+                )
+            return
+        elapsed = time.perf_counter() - t0
+        log.info("job %s done in %.3f s", job.id, elapsed)
+        self._emit(job, "result", images={"image": result}, seed=req.seed, elapsed=elapsed)
