@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import demo_cmd
 from .client import DEFAULT_ENDPOINT
 
 log = logging.getLogger("krita_sdxl")
 
 EPILOG = """examples:
+  krita-sdxl demo                              everything offline: demo service, sample picture, refined.png
   krita-sdxl serve --demo                      tiny offline demo model, on tcp://127.0.0.1:5588
   krita-sdxl serve                             the SDXL refiner from the local Hugging Face cache
   krita-sdxl serve --model /models/refiner     a diffusers folder
@@ -105,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--local", action="store_true", help="run the pipeline in this process, no service")
     _add_job_flags(refine)
     _add_model_flags(refine)
+
+    demo_cmd.add_parser(sub)
 
     info = sub.add_parser("info", help="print a running service's capabilities")
     info.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
@@ -345,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             return 2
-    return {"refine": cmd_refine, "info": cmd_info}[args.command](args)
+    return {"refine": cmd_refine, "info": cmd_info, "demo": demo_cmd.run_demo}[args.command](args)
 
 
 if __name__ == "__main__":

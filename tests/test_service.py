@@ -11,9 +11,8 @@ import time
 
 import msgpack
 import pytest
-from service_process import start_service
-
 from krita_sdxl.backend.client import JobFailed, ServiceClient
+from krita_sdxl.backend.launcher import start_service
 from krita_sdxl.protocol import Image, ImageSpec
 
 
@@ -230,7 +229,7 @@ def test_bad_input_gets_error_and_service_keeps_serving(client, frames, code, fi
     assert refine(client, rgba_image(16, 16), steps=2, seed=1).type == "result"
 
 
-def test_job_failing_in_pipeline_reports_error_names_field(client):
+def test_work_size_needs_both_sides(client):
     with pytest.raises(JobFailed) as info:
         client.run(rgba_image(8, 8), job="dup", prompt="x", work_width=8)
     assert info.value.field == "work_width"

@@ -1,4 +1,4 @@
-"""Start and stop a real ``krita-sdxl serve`` in a subprocess (used by tests and benchmarks)."""
+"""Start and stop ``krita-sdxl serve`` in a subprocess: for ``krita-sdxl demo``, tests and benchmarks."""
 
 from __future__ import annotations
 
