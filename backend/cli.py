@@ -79,11 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=None, help="default: info"
+    )
 
     serve = sub.add_parser(
         "serve",
+        parents=[common],
         help="run the service until Ctrl-C or SIGTERM",
         description="Load the model once and serve jobs over ZeroMQ.",
     )
@@ -97,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     refine = sub.add_parser(
         "refine",
+        parents=[common],
         help="refine one image through a running service (or --local)",
         description="Refine an image file with the SDXL refiner.",
     )
@@ -108,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_flags(refine)
     _add_model_flags(refine)
 
-    demo_cmd.add_parser(sub)
+    demo_cmd.add_parser(sub, common)
 
-    info = sub.add_parser("info", help="print a running service's capabilities")
+    info = sub.add_parser("info", parents=[common], help="print a running service's capabilities")
     info.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
     info.add_argument("--timeout", type=float, default=5.0)
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -193,8 +198,9 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
 
 
 def _read_image(path: Path):
-    from krita_sdxl.protocol import Image, ImageSpec
     from PIL import Image as PILImage
+
+    from krita_sdxl.protocol import Image, ImageSpec
 
     try:
         with PILImage.open(path) as im:
@@ -228,8 +234,9 @@ def _job_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
-    from krita_sdxl.protocol import ProtocolError
     from tqdm import tqdm
+
+    from krita_sdxl.protocol import ProtocolError
 
     image = _read_image(args.input)
     params = _job_params(args)

@@ -89,9 +89,10 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "demo",
+        parents=[common],
         help="run the whole system offline on the tiny demo model",
         description="Start a demo service, refine a generated picture through it, write PNGs.",
     )

@@ -1,0 +1,274 @@
+"""Job records and their state machine, and the list of results kept for the artist. Pure Python.
+
+A job goes waiting (captured, not sent yet: no backend) -> sent -> queued (``accepted``) ->
+running (first ``progress``) -> done / failed / cancelled. Results whose document or layer is gone
+when they arrive are kept in a :class:`ResultList` (the docker's "Results" list), never dropped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from krita_sdxl.protocol import Image
+from krita_sdxl.protocol.geometry import Box
+
+from .pixelformat import PixelFormat
+from .plan import RefinePlan, layer_name
+
+
+class JobState(str, Enum):
+    waiting = "waiting"  # captured; sent as soon as the backend is connected
+    sent = "sent"
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.done, JobState.failed, JobState.cancelled)
+
+
+@dataclass(frozen=True)
+class JobParams:
+    mode: str
+    prompt: str
+    negative_prompt: str
+    strength: float
+    steps: int
+    guidance: float
+    seed: int | None  # None: the service picks one
+    preview: bool
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the result goes. ``document`` and ``node_id`` are opaque to this module (the Krita
+    adapter's handles); ``source`` is "layer" (above node ``node_id``) or "canvas" (top of the stack)."""
+
+    document: Any
+    node_id: Any
+    source: str
+    description: str  # "Paint Layer 1 in castle.kra", for messages
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Job:
+    id: str
+    params: JobParams
+    plan: RefinePlan
+    fmt: PixelFormat
+    target: Target
+    transfer: str = "srgb"  # "srgb" or "linear": the document profile's transfer curve
+    images: dict[str, Image] = field(default_factory=dict)  # pixels until they are sent
+    state: JobState = JobState.waiting
+    seed: int | None = None
+    steps: int | None = None  # scheduler steps as the service plans them
+    step: int = 0
+    total: int = 0
+    position: int | None = None
+    message: str = ""
+    elapsed: float | None = None
+    created: float = field(default_factory=time.monotonic)
+
+    @property
+    def layer_name(self) -> str:
+        return layer_name(self.params.mode, self.params.prompt, self.seed)
+
+    def submit_fields(self) -> dict[str, Any]:
+        """The fields of this job's ``submit`` message (without images)."""
+        p = self.params
+        return {
+            "job": self.id,
+            "mode": p.mode,
+            "prompt": p.prompt,
+            "negative_prompt": p.negative_prompt,
+            "strength": p.strength,
+            "steps": p.steps,
+            "guidance_scale": p.guidance,
+            "seed": p.seed,
+            "preview": p.preview,
+            "work_width": self.plan.work.width,
+            "work_height": self.plan.work.height,
+            "feather": float(self.plan.feather),
+        }
+
+    def on_event(self, msg_type: str, fields: dict[str, Any]) -> bool:
+        """Apply one service event for this job. Returns True when the state changed meaningfully."""
+        if self.state.finished:
+            return False
+        if msg_type == "accepted":
+            self.state = JobState.queued if self.state in (JobState.waiting, JobState.sent) else self.state
+            self.position = fields.get("position")
+            self.seed = fields.get("seed", self.seed)
+            self.steps = fields.get("steps")
+            self.total = fields.get("denoise_steps") or self.total
+            return True
+        if msg_type == "progress":
+            self.state = JobState.running
+            self.step = fields.get("step", self.step)
+            self.total = fields.get("total", self.total)
+            return True
+        if msg_type == "result":
+            self.state = JobState.done
+            self.seed = fields.get("seed", self.seed)
+            self.elapsed = fields.get("elapsed")
+            self.step = self.total
+            return True
+        if msg_type == "error":
+            self.state = JobState.failed
+            self.message = str(fields.get("message") or fields.get("code") or "failed")
+            self.images.clear()
+            return True
+        if msg_type == "cancelled":
+            self.state = JobState.cancelled
+            self.message = str(fields.get("reason") or "cancelled")
+            self.images.clear()
+            return True
+        return False
+
+    def mark_sent(self) -> None:
+        self.state = JobState.sent
+        self.images.clear()
+
+    def fail(self, message: str) -> None:
+        self.state = JobState.failed
+        self.message = message
+        self.images.clear()
+
+    def cancel_locally(self, reason: str = "cancelled before it was sent") -> None:
+        self.state = JobState.cancelled
+        self.message = reason
+        self.images.clear()
+
+    @property
+    def status_text(self) -> str:
+        s = self.state
+        if s is JobState.waiting:
+            return "Waiting for the backend…"
+        if s is JobState.sent:
+            return "Sent…"
+        if s is JobState.queued:
+            return "Queued" + (f" (position {self.position})" if self.position else "") + "…"
+        if s is JobState.running:
+            return f"Step {self.step}/{self.total}"
+        if s is JobState.done:
+            took = f" in {self.elapsed:.1f} s" if self.elapsed is not None else ""
+            return f"Done{took}, seed {self.seed}"
+        if s is JobState.failed:
+            return f"Failed: {self.message}"
+        return f"Cancelled: {self.message}"
+
+
+class JobList:
+    """Jobs of this Krita session by id, oldest first. Finished jobs beyond ``keep`` are forgotten."""
+
+    def __init__(self, keep: int = 20) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._keep = keep
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(list(self._jobs.values()))
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, job: Job) -> Job:
+        self._jobs[job.id] = job
+        finished = [j for j in self._jobs.values() if j.state.finished]
+        for old in finished[: max(0, len(finished) - self._keep)]:
+            del self._jobs[old.id]
+        return job
+
+    def get(self, job_id: str | None) -> Job | None:
+        return self._jobs.get(job_id) if job_id else None
+
+    def unfinished(self) -> list[Job]:
+        return [j for j in self._jobs.values() if not j.state.finished]
+
+    def waiting(self) -> list[Job]:
+        return [j for j in self._jobs.values() if j.state is JobState.waiting]
+
+    def in_service(self) -> list[Job]:
+        """Jobs the service has (or should have): sent, queued or running."""
+        return [j for j in self._jobs.values() if j.state in (JobState.sent, JobState.queued, JobState.running)]
+
+    def current(self) -> Job | None:
+        """The job to show: the running one, else the oldest unfinished, else the newest."""
+        jobs = list(self._jobs.values())
+        for j in jobs:
+            if j.state is JobState.running:
+                return j
+        unfinished = self.unfinished()
+        if unfinished:
+            return unfinished[0]
+        return jobs[-1] if jobs else None
+
+
+@dataclass
+class StoredResult:
+    """A result kept in the docker because it could not be applied where it was meant to go."""
+
+    job_id: str
+    name: str  # the layer name it would have had
+    box: Box  # where it was in its document
+    fmt: PixelFormat
+    data: Any  # the pixel bytes, in ``fmt``, ``box`` sized (bytes or QByteArray)
+    reason: str  # why it was not applied, for the list's tooltip
+    seed: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.box.width}x{self.box.height}, {self.fmt.label})"
+
+
+class ResultList:
+    def __init__(self) -> None:
+        self._items: list[StoredResult] = []
+
+    def __iter__(self) -> Iterator[StoredResult]:
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: StoredResult) -> None:
+        self._items.append(item)
+
+    def get(self, job_id: str) -> StoredResult | None:
+        return next((r for r in self._items if r.job_id == job_id), None)
+
+    def remove(self, job_id: str) -> StoredResult | None:
+        item = self.get(job_id)
+        if item is not None:
+            self._items.remove(item)
+        return item
+
+
+def status_job_ids(fields: dict[str, Any]) -> set[str]:
+    """Every string inside a ``status`` event's fields: the job ids it mentions, whatever the layout
+    of its ``jobs`` list (ids, or maps with an id)."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            found.add(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk(fields)
+    return found

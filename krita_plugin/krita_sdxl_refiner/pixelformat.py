@@ -1,0 +1,79 @@
+"""Krita colour spaces to wire pixel formats. No pixel is converted in Krita: the service does that.
+
+Channel order in memory, checked in Krita 5.1.5 with ``Node.channels()`` (name, byte position):
+RGBA/U8 and RGBA/U16 are Blue, Green, Red, Alpha; RGBA/F16 and RGBA/F32 are Red, Green, Blue, Alpha.
+Krita's default profile for U16, F16 and F32 documents is linear (``sRGB-elle-V2-g10.icc``); for U8
+it is sRGB (``sRGB-elle-V2-srgbtrc.icc``). :func:`transfer_of` reads that from the profile name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from krita_sdxl.protocol import ImageSpec
+
+
+class UnsupportedFormat(Exception):
+    """The document cannot be refined; the message says why, in words for the artist."""
+
+
+@dataclass(frozen=True)
+class PixelFormat:
+    color_model: str  # Krita's id, e.g. "RGBA"
+    color_depth: str  # Krita's id: "U8", "U16", "F16", "F32"
+    order: str  # wire channel order
+    depth: int  # bits per channel
+    sample: str  # "uint" or "float"
+
+    def spec(self, width: int, height: int) -> ImageSpec:
+        return ImageSpec(width, height, self.order, self.depth, self.sample)
+
+    @property
+    def bytes_per_pixel(self) -> int:
+        return 4 * self.depth // 8
+
+    @property
+    def label(self) -> str:
+        names = {"U8": "8-bit integer", "U16": "16-bit integer", "F16": "16-bit float", "F32": "32-bit float"}
+        return f"RGB/Alpha {names.get(self.color_depth, self.color_depth)}"
+
+
+_FORMATS = {
+    "U8": ("BGRA", 8, "uint"),
+    "U16": ("BGRA", 16, "uint"),
+    "F16": ("RGBA", 16, "float"),
+    "F32": ("RGBA", 32, "float"),
+}
+
+_MODEL_NAMES = {
+    "CMYKA": "CMYK",
+    "LABA": "L*a*b*",
+    "GRAYA": "greyscale",
+    "XYZA": "XYZ",
+    "YCbCrA": "YCbCr",
+}
+
+
+def pixel_format(color_model: str, color_depth: str) -> PixelFormat:
+    """The wire format for a Krita colour model and depth; raises :class:`UnsupportedFormat`."""
+    if color_model != "RGBA":
+        name = _MODEL_NAMES.get(color_model, color_model or "unknown")
+        raise UnsupportedFormat(
+            f"This document uses the {name} colour model. The refiner works on RGB images only: "
+            "convert the image or layer to RGB/Alpha (Image > Convert Image Color Space). Nothing was sent."
+        )
+    if color_depth not in _FORMATS:
+        raise UnsupportedFormat(
+            f"Colour depth {color_depth or 'unknown'} is not supported; use 8 or 16-bit integer, "
+            "or 16 or 32-bit float. Nothing was sent."
+        )
+    order, depth, sample = _FORMATS[color_depth]
+    return PixelFormat(color_model, color_depth, order, depth, sample)
+
+
+def transfer_of(profile_name: str) -> str:
+    """``"linear"`` for linear-light profiles (Krita's ``…-g10.icc``, names with "linear"), else ``"srgb"``."""
+    name = profile_name.lower()
+    if "g10" in name or "linear" in name or "scrgb" in name:
+        return "linear"
+    return "srgb"

@@ -1,0 +1,61 @@
+"""What to send for one refine: crop, work size and feather, from the document's geometry. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from krita_sdxl.protocol.geometry import Box, Extent, crop_for_selection, feather_radius, work_size
+
+MODE_LABELS = {"refine": "Refine", "generate": "Generate", "two_stage": "Two-stage"}
+PROMPT_CHARS_IN_NAME = 30
+
+
+class NothingToRefine(Exception):
+    """The source has no pixels where the refine would happen; the message is for the artist."""
+
+
+@dataclass(frozen=True)
+class RefinePlan:
+    crop: Box  # document pixels sent (and replaced by the result layer)
+    work: Extent  # the size the model runs at; the service scales to it and back
+    feather: float  # inward feather of the selection edge, in document pixels
+    masked: bool  # the selection's mask over ``crop`` is sent
+
+
+def plan_refine(
+    canvas: Extent,
+    source_bounds: Box,
+    selection: Box | None,
+    strength: float,
+    padding_fraction: float,
+    feather_fraction: float,
+) -> RefinePlan:
+    """With a selection: its padded crop, at about one megapixel (small areas scaled up), feathered.
+    Without: the source's bounds on the canvas, at native size up to one megapixel, not masked."""
+    if selection is not None:
+        if selection.clamp(canvas).is_empty:
+            raise NothingToRefine("The selection lies outside the image.")
+        inside = selection.clamp(canvas)
+        crop = crop_for_selection(inside, canvas, padding_fraction=padding_fraction)
+        feather = feather_radius(inside, strength, feather_fraction)
+        return RefinePlan(crop, work_size(crop.extent, upscale=True), feather, True)
+    area = source_bounds.clamp(canvas)
+    if area.is_empty:
+        raise NothingToRefine("The layer is empty inside the image: there is nothing to refine.")
+    return RefinePlan(area, work_size(area.extent, upscale=False), 0.0, False)
+
+
+def short_prompt(prompt: str, limit: int = PROMPT_CHARS_IN_NAME) -> str:
+    text = " ".join(prompt.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def layer_name(mode: str, prompt: str, seed: int | None) -> str:
+    """``Refine · a castle at dawn · seed 1234`` (the prompt part is left out when empty)."""
+    parts = [MODE_LABELS.get(mode, mode.capitalize() or "Refine")]
+    text = short_prompt(prompt)
+    if text:
+        parts.append(text)
+    if seed is not None:
+        parts.append(f"seed {seed}")
+    return " · ".join(parts)

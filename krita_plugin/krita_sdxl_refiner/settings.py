@@ -1,0 +1,122 @@
+"""The artist's settings: typed values, read from and written to a string key/value store.
+
+Inside Krita the store is Krita's own settings (``kritarc``, group ``krita_sdxl``), reached through
+``Krita.instance().readSetting/writeSetting`` in :mod:`krita_adapter`. Here: only parsing, defaults
+and clamping, so a hand-edited or stale kritarc never breaks the plugin.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+GROUP = "krita_sdxl"
+
+SOURCES = ("layer", "canvas")
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+MAX_FIXED_SEED = 2**64 - 1
+
+# Reads one key; returns the default (a string) when the key is absent.
+ReadFn = Callable[[str, str], str]
+WriteFn = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    endpoint: str = DEFAULT_ENDPOINT
+    mode: str = "refine"
+    prompt: str = ""
+    negative_prompt: str = ""
+    strength: float = 0.3
+    steps: int = 30
+    guidance: float = 5.0
+    seed: int = -1  # -1: a random seed for every job
+    source: str = "layer"  # "layer": the active layer; "canvas": the visible image
+    preview: bool = False
+    feather_fraction: float = 0.1  # share of the selection's diagonal, scaled by strength
+    padding_fraction: float = 0.06  # context around the selection: share of its diagonal
+    backend_command: str = "krita-sdxl"  # the krita-sdxl command, or a Python that has it installed
+    backend_args: str = "serve"
+
+    @property
+    def random_seed(self) -> bool:
+        return self.seed < 0
+
+    def changed(self, **changes: Any) -> Settings:
+        """A copy with some values replaced, each parsed and clamped as if read from the store."""
+        merged = {**asdict(self), **changes}
+        return from_strings(lambda key, default: _to_string(merged.get(key, default)))
+
+
+_LIMITS: dict[str, tuple[float, float]] = {
+    "strength": (0.01, 1.0),
+    "steps": (1, 500),
+    "guidance": (0.0, 50.0),
+    "seed": (-1, MAX_FIXED_SEED),
+    "feather_fraction": (0.0, 0.5),
+    "padding_fraction": (0.0, 1.0),
+}
+
+
+def _to_string(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _parse(kind: type, text: str, default: Any) -> Any:
+    text = text.strip() if kind is not str else text
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            return default
+        if kind is int:
+            return int(float(text)) if text else default
+        if kind is float:
+            value = float(text)
+            return value if math.isfinite(value) else default
+        return text
+    except ValueError:
+        return default
+
+
+def from_strings(read: ReadFn) -> Settings:
+    """Settings from a string store; missing, malformed or out-of-range values fall back or clamp."""
+    defaults = Settings()
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        default = getattr(defaults, f.name)
+        kind = type(default)
+        value = _parse(kind, read(f.name, _to_string(default)), default)
+        if f.name in _LIMITS:
+            lo, hi = _LIMITS[f.name]
+            value = kind(min(max(value, lo), hi))
+        values[f.name] = value
+    if values["source"] not in SOURCES:
+        values["source"] = defaults.source
+    if not values["endpoint"].strip():
+        values["endpoint"] = defaults.endpoint
+    values["endpoint"] = values["endpoint"].strip()
+    return replace(defaults, **values)
+
+
+def to_strings(settings: Settings) -> dict[str, str]:
+    return {key: _to_string(value) for key, value in asdict(settings).items()}
+
+
+def load(read: ReadFn) -> Settings:
+    return from_strings(read)
+
+
+def save(settings: Settings, write: WriteFn, previous: Settings | None = None) -> None:
+    """Write the values (only the changed ones when ``previous`` is given)."""
+    old = to_strings(previous) if previous is not None else {}
+    for key, value in to_strings(settings).items():
+        if old.get(key) != value:
+            write(key, value)
