@@ -1,0 +1,229 @@
+"""The connection to the backend service: the only code in the plugin that touches sockets.
+
+A ZeroMQ DEALER socket driven by Qt's event loop (a ``QSocketNotifier`` on the socket's FD), so the
+UI thread never blocks or sleeps. ZeroMQ's FD is edge-triggered: every activation (and every send,
+and every timer tick as a safety net) drains the socket while ``EVENTS`` says ``POLLIN``.
+
+Liveness, "Lazy Pirate" style: ``hello`` on connect, ``heartbeat`` every ``interval`` seconds while
+connected; no message for ``timeout`` seconds closes the socket (linger 0) and opens a new one,
+again and again until the service answers. The routing id stays the same across reopenings, so a
+service that was only slow (not restarted) still routes a running job's events to us.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import Enum
+from typing import Any
+
+import zmq
+from PyQt5.QtCore import QObject, QSocketNotifier, QTimer, pyqtSignal
+
+from krita_sdxl.protocol import CLIENT, SERVICE, Image, ProtocolError, decode, encode
+
+CLIENT_NAME = "krita-sdxl-refiner"
+
+
+class ConnectionState(str, Enum):
+    disconnected = "disconnected"  # no answer (yet); retrying by itself
+    connecting = "connecting"  # socket open, hello sent, no welcome yet
+    connected = "connected"  # welcome received, heartbeats answered
+
+
+class Client(QObject):
+    """Signals carry plain values; ``received`` carries a decoded :class:`Message` (every service
+    event except ``welcome`` and ``heartbeat``, which this class handles)."""
+
+    state_changed = pyqtSignal(str, str)  # state, detail for people
+    welcomed = pyqtSignal(str, dict)  # server, capabilities
+    received = pyqtSignal(object)  # krita_sdxl.protocol.Message
+    problem = pyqtSignal(str)  # a message that could not be decoded, a send that failed
+
+    def __init__(
+        self,
+        endpoint: str,
+        interval: float = 2.0,
+        timeout: float = 5.0,
+        context: zmq.Context | None = None,
+        parent: QObject | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self._endpoint = endpoint
+        self._interval = interval
+        self._timeout = timeout
+        self._context = context or zmq.Context.instance()
+        self._identity = f"krita-{uuid.uuid4().hex}".encode()
+        self._socket: zmq.Socket | None = None
+        self._notifier: QSocketNotifier | None = None
+        self._state = ConnectionState.disconnected
+        self._detail = "not started"
+        self._opened_at = 0.0
+        self._last_received = 0.0
+        self._draining = False
+        self.server = ""
+        self.capabilities: dict[str, Any] = {}
+        self._timer = QTimer(self)
+        self._timer.setInterval(max(10, int(interval * 1000)))
+        self._timer.timeout.connect(self._tick)
+
+    # --- public ------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._state
+
+    @property
+    def detail(self) -> str:
+        return self._detail
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    @property
+    def is_connected(self) -> bool:
+        return self._state is ConnectionState.connected
+
+    def start(self) -> None:
+        self._timer.start()
+        self._open(announce=True)
+
+    def stop(self) -> None:
+        self._timer.stop()
+        self._close()
+        self._set_state(ConnectionState.disconnected, "stopped")
+
+    def set_endpoint(self, endpoint: str) -> None:
+        endpoint = endpoint.strip()
+        if endpoint == self._endpoint:
+            return
+        self._endpoint = endpoint
+        if self._timer.isActive():
+            self._open(announce=True)
+
+    def send(self, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> bool:
+        """Encode (validating every field) and queue one message without blocking. Returns False,
+        and emits ``problem``, when there is no socket or its queue is full."""
+        frames = encode(CLIENT, msg_type, images=images, **fields)
+        return self._send_frames(frames, msg_type)
+
+    # --- socket lifecycle --------------------------------------------------------------------
+
+    def _open(self, announce: bool = False) -> None:
+        """(Re)open the socket and say hello. ``announce``: show "connecting" (a first start or a
+        new endpoint); a retry after a timeout keeps showing why the connection was lost."""
+        self._close()
+        self._opened_at = time.monotonic()
+        sock = self._context.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTING_ID, self._identity)
+            sock.setsockopt(zmq.RECONNECT_IVL, 250)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            sock.connect(self._endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            self._set_state(ConnectionState.disconnected, f"cannot use endpoint {self._endpoint!r}: {exc}")
+            return
+        self._socket = sock
+        self._notifier = QSocketNotifier(sock.getsockopt(zmq.FD), QSocketNotifier.Read, self)
+        self._notifier.activated.connect(self._drain)
+        if announce:
+            self._set_state(ConnectionState.connecting, f"connecting to {self._endpoint}")
+        self._send_frames(encode(CLIENT, "hello", client=CLIENT_NAME), "hello")
+
+    def _close(self) -> None:
+        if self._notifier is not None:
+            self._notifier.setEnabled(False)
+            self._notifier.activated.disconnect()
+            self._notifier.deleteLater()
+            self._notifier = None
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def _reset(self, reason: str) -> None:
+        self._set_state(ConnectionState.disconnected, reason)
+        self._open()
+
+    def _tick(self) -> None:
+        self._drain()
+        now = time.monotonic()
+        if self._socket is None:
+            if now - self._opened_at >= self._timeout:
+                self._open()
+            return
+        if self._state is ConnectionState.connected:
+            silent = now - self._last_received
+            if silent >= self._timeout:
+                self._reset(f"no reply from {self._endpoint} for {silent:.0f} s; retrying")
+            else:
+                self._send_frames(encode(CLIENT, "heartbeat"), "heartbeat")
+        elif now - self._opened_at >= self._timeout:
+            self._reset(f"no answer from {self._endpoint}; retrying")
+
+    # --- I/O ---------------------------------------------------------------------------------
+
+    def _send_frames(self, frames: list[Any], what: str) -> bool:
+        sock = self._socket
+        if sock is None:
+            self.problem.emit(f"cannot send {what}: not connected to {self._endpoint}")
+            return False
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.problem.emit(f"cannot send {what}: the send queue to {self._endpoint} is full")
+            return False
+        except zmq.ZMQError as exc:
+            self.problem.emit(f"cannot send {what}: {exc}")
+            return False
+        finally:
+            # A send can consume the FD's edge: look for input once control is back in the loop.
+            QTimer.singleShot(0, self._drain)
+        return True
+
+    def _drain(self, *_: Any) -> None:
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while True:
+                sock = self._socket
+                if sock is None:
+                    break
+                try:
+                    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        break
+                    frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as exc:
+                    self.problem.emit(f"receive failed: {exc}")
+                    break
+                self._handle(frames)
+        finally:
+            self._draining = False
+
+    def _handle(self, frames: list[Any]) -> None:
+        self._last_received = time.monotonic()
+        try:
+            msg = decode(SERVICE, frames)
+        except ProtocolError as err:
+            self.problem.emit(f"the backend sent a message this plugin cannot read ({err.code}): {err.message}")
+            return
+        if msg.type == "welcome":
+            self.server = msg["server"]
+            self.capabilities = dict(msg["capabilities"])
+            self._set_state(ConnectionState.connected, f"connected to {self._endpoint}")
+            self.welcomed.emit(self.server, self.capabilities)
+        elif msg.type == "heartbeat":
+            pass
+        else:
+            self.received.emit(msg)
+
+    def _set_state(self, state: ConnectionState, detail: str) -> None:
+        changed = state is not self._state or detail != self._detail
+        self._state, self._detail = state, detail
+        if changed:
+            self.state_changed.emit(state.value, detail)
