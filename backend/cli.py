@@ -95,7 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--endpoint",
         help=f"where to listen (default {DEFAULT_ENDPOINT}; ipc://PATH also works; port * picks a free one)",
     )
-    serve.add_argument("--max-queue", type=int, help="most jobs waiting at once (default 1000)")
+    lim = serve.add_argument_group("limits")
+    lim.add_argument("--max-queue", type=int, help="most jobs queued or running, all clients (default 1000)")
+    lim.add_argument("--max-jobs-per-client", type=int, help="most jobs queued or running per client (default 32)")
+    lim.add_argument("--max-pixels", type=int, help="largest image in pixels (default 8192x8192)")
+    lim.add_argument("--max-prompt-chars", type=int, help="longest prompt (default 4000)")
+    lim.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        help="seconds of silence after which a client's jobs are cancelled (default 10)",
+    )
+    sec = serve.add_argument_group("security (needed to listen beyond loopback)")
+    sec.add_argument("--curve-secret-key", help="the service's CURVE secret key file (krita-sdxl keys --name server)")
+    sec.add_argument("--authorized-keys", help="folder with the public .key file of every client allowed in")
+    sec.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="listen on a non-loopback address without authentication (not recommended)",
+    )
     serve.add_argument("--identity", action="store_true", default=None, help=argparse.SUPPRESS)
     _add_model_flags(serve)
 
@@ -114,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(refine)
 
     demo_cmd.add_parser(sub, common)
+
+    keys = sub.add_parser(
+        "keys",
+        parents=[common],
+        help="write a CURVE key pair (for non-loopback use)",
+        description="Write NAME.key (public: give it to the other side) and NAME.key_secret.",
+    )
+    keys.add_argument("--dir", type=Path, default=Path("."), help="where to write them (default: here)")
+    keys.add_argument("--name", default="server", help="file name stem (default: server)")
 
     info = sub.add_parser("info", parents=[common], help="print a running service's capabilities")
     info.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
@@ -135,6 +162,13 @@ def _settings(args: argparse.Namespace):
         "cache_dir",
         "log_level",
         "max_queue",
+        "max_jobs_per_client",
+        "max_pixels",
+        "max_prompt_chars",
+        "heartbeat_timeout",
+        "curve_secret_key",
+        "authorized_keys",
+        "insecure",
         "identity",
     )
     flags = {k: getattr(args, k, None) for k in keys}
@@ -162,6 +196,9 @@ def _load_engine(settings):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .limits import Limits
+    from .security import CurveConfig, SecurityError
     from .server import Service
 
     settings = _settings(args)
@@ -172,7 +209,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine = IdentityEngine()
     else:
         engine = _load_engine(settings)
-    service = Service(engine, settings.endpoint, max_queue=settings.max_queue)
+    limits = Limits(
+        max_pixels=settings.max_pixels,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_jobs_per_client=settings.max_jobs_per_client,
+        max_jobs_total=settings.max_queue,
+    )
+    curve = None
+    if settings.curve_secret_key or settings.authorized_keys:
+        if not (settings.curve_secret_key and settings.authorized_keys):
+            raise ConfigError("CURVE needs both --curve-secret-key and --authorized-keys")
+        curve = CurveConfig(Path(settings.curve_secret_key), Path(settings.authorized_keys))
+    try:
+        service = Service(
+            engine,
+            settings.endpoint,
+            limits=limits,
+            heartbeat_timeout=settings.heartbeat_timeout,
+            curve=curve,
+            insecure=settings.insecure,
+        )
+    except SecurityError as exc:
+        raise ConfigError(str(exc)) from None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: service.stop())
     caps = engine.describe()
@@ -332,6 +390,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .security import write_keys
+
+    public, secret = write_keys(args.dir, args.name)
+    print(f"public key: {public}   (give this file to the other side)")
+    print(f"secret key: {secret}   (keep it private)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -356,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             return 2
-    return {"refine": cmd_refine, "info": cmd_info, "demo": demo_cmd.run_demo}[args.command](args)
+    commands = {"refine": cmd_refine, "info": cmd_info, "demo": demo_cmd.run_demo, "keys": cmd_keys}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

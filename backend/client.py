@@ -6,9 +6,11 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import zmq
+
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5588"
@@ -31,12 +33,27 @@ class JobFailed(RuntimeError):
 class ServiceClient:
     _ids = itertools.count(1)
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0, ctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        timeout: float = 10.0,
+        ctx: zmq.Context | None = None,
+        heartbeat_interval: float = 1.0,
+        server_key: str | None = None,
+        client_secret_file: Path | None = None,
+    ) -> None:
+        """``timeout``: longest silence (not even a heartbeat reply) before ServiceUnavailable.
+        ``server_key`` + ``client_secret_file``: CURVE, for a service beyond loopback."""
         self.endpoint = endpoint
         self.timeout = timeout
+        self.heartbeat_interval = heartbeat_interval
         self._ctx = ctx or zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if server_key is not None and client_secret_file is not None:
+            from .security import client_curve
+
+            client_curve(self.socket, server_key, client_secret_file)
         self.socket.connect(endpoint)
         self._prefix = f"{os.getpid()}-{id(self):x}-"
 
@@ -56,13 +73,24 @@ class ServiceClient:
         self.socket.send_multipart(encode(CLIENT, msg_type, images=images, **fields), copy=False)
 
     def receive(self, timeout: float | None = None) -> Message:
-        """Next event from the service; ServiceUnavailable when none arrives in time."""
+        """Next event from the service (heartbeat replies are consumed here). While waiting, a heartbeat
+        goes out every ``heartbeat_interval`` so the service knows this client is alive; ServiceUnavailable
+        when nothing at all, not even a heartbeat reply, arrives for ``timeout`` seconds."""
         wait = self.timeout if timeout is None else timeout
-        if not self.socket.poll(int(wait * 1000), zmq.POLLIN):
-            raise ServiceUnavailable(
-                f"no answer from {self.endpoint} within {wait:g} s: is `krita-sdxl serve` running there?"
-            )
-        return decode(SERVICE, self.socket.recv_multipart(copy=False))
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServiceUnavailable(
+                    f"no answer from {self.endpoint} within {wait:g} s: is `krita-sdxl serve` running there?"
+                )
+            if self.socket.poll(int(min(left, self.heartbeat_interval) * 1000) + 1, zmq.POLLIN):
+                event = decode(SERVICE, self.socket.recv_multipart(copy=False))
+                if event.type != "heartbeat":
+                    return event
+                deadline = time.monotonic() + wait
+            else:
+                self.send("heartbeat")
 
     def hello(self, name: str = "krita-sdxl cli") -> dict[str, Any]:
         self.send("hello", client=name)

@@ -38,7 +38,14 @@ class Settings:
     dtype: str = "auto"  # auto, fp16, bf16, fp32
     cache_dir: str = ""  # "" = $KRITA_SDXL_CACHE or ~/.cache/krita-sdxl
     log_level: str = "info"
-    max_queue: int = 1000
+    max_queue: int = 1000  # jobs queued or running, all clients together
+    max_jobs_per_client: int = 32
+    max_pixels: int = 8192 * 8192  # per image
+    max_prompt_chars: int = 4000
+    heartbeat_timeout: float = 10.0  # seconds without a message before a client counts as gone
+    curve_secret_key: str = ""  # the service's CURVE secret key file (from `krita-sdxl keys`)
+    authorized_keys: str = ""  # folder of client public .key files allowed to connect
+    insecure: bool = False  # allow a non-loopback endpoint without CURVE
     identity: bool = False  # benchmark only: no model, results are the input pixels
 
     @property

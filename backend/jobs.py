@@ -57,6 +57,12 @@ class JobQueue:
         with self._lock:
             return (self._running is not None and self._running.key == key) or any(j.key == key for j in self._waiting)
 
+    def count(self, client: bytes) -> int:
+        """Jobs of one client, queued or running."""
+        with self._lock:
+            running = 1 if self._running is not None and self._running.client == client else 0
+            return running + sum(1 for j in self._waiting if j.client == client)
+
     def take(self, timeout: float | None = None) -> Job | None:
         """Worker: block until a job is available (returns it as running) or the queue closes (None)."""
         with self._lock:

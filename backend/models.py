@@ -10,7 +10,6 @@ import logging
 import os
 import re
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch

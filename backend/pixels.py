@@ -40,27 +40,33 @@ def _color_index(order: str) -> list[int]:
     return [0] if order == "L" else [order.index(c) for c in "RGB"]
 
 
-def _to_float(values: np.ndarray, spec: ImageSpec, clip: bool = True) -> np.ndarray:
+def _to_float(values: np.ndarray, spec: ImageSpec, clip: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+    """Samples of one or more channels as float32 in [0, 1] (float samples: clipped, NaN as 0)."""
+    if out is None:
+        out = np.empty(values.shape, dtype=np.float32)
     if spec.sample == "uint":
-        scale = np.float32(1.0 / (2**spec.depth - 1))
-        return np.multiply(values, scale, dtype=np.float32)
-    out = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-    return np.clip(out, 0.0, 1.0, out=out) if clip else out
+        return np.multiply(values, np.float32(1.0 / (2**spec.depth - 1)), out=out)
+    np.copyto(out, values)
+    if clip:  # fmax/fmin drop NaN, so NaN becomes 0 and +-inf become 1 and 0
+        np.fmax(out, 0.0, out=out)
+        np.fmin(out, 1.0, out=out)
+    return out
 
 
-def _quantize(values: np.ndarray, spec: ImageSpec) -> np.ndarray:
-    dtype = numpy_dtype(spec)
+def _quantize(values: np.ndarray, spec: ImageSpec, out: np.ndarray) -> None:
+    """Write float values into ``out`` in the spec's sample format (uint: clipped and rounded)."""
     if spec.sample == "float":
-        return values.astype(dtype)
+        np.copyto(out, values, casting="same_kind")
+        return
     top = float(2**spec.depth - 1)
     scaled = np.multiply(values, np.float32(top), dtype=np.float32)
     np.clip(scaled, 0.0, top, out=scaled)
     scaled += np.float32(0.5)
-    return scaled.astype(dtype)
+    np.copyto(out, scaled, casting="unsafe")  # truncation after +0.5: round half up
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
-    return (rgb @ _LUMA)[..., None]
+    return rgb @ _LUMA
 
 
 def to_rgb_alpha(img: Image) -> tuple[np.ndarray, np.ndarray | None]:
@@ -68,12 +74,22 @@ def to_rgb_alpha(img: Image) -> tuple[np.ndarray, np.ndarray | None]:
     (NaN becomes 0) because that is what the model takes; "L" images become grey RGB."""
     spec = img.spec
     raw = samples(img)
-    color = raw[..., _color_index(spec.order)]
-    rgb = _to_float(color, spec)
-    if spec.order == "L":
-        rgb = np.repeat(rgb, 3, axis=2)
+    rgb = np.empty((spec.height, spec.width, 3), dtype=np.float32)
+    index = _color_index(spec.order)
+    for c in range(3):
+        _to_float(raw[..., index[min(c, len(index) - 1)]], spec, out=rgb[..., c])
     alpha = _to_float(raw[..., spec.order.index("A")], spec) if spec.has_alpha else None
     return rgb, alpha
+
+
+def _put_color(out: np.ndarray, rgb: np.ndarray, spec: ImageSpec) -> None:
+    if rgb.shape[:2] != out.shape[:2]:
+        raise ValueError(f"pixels are {rgb.shape[1]}x{rgb.shape[0]}, the image is {spec.width}x{spec.height}")
+    if spec.order == "L":
+        _quantize(_luma(rgb), spec, out[..., 0])
+        return
+    for c, dst in enumerate(_color_index(spec.order)):
+        _quantize(rgb[..., c], spec, out[..., dst])
 
 
 def from_rgb_alpha(rgb: np.ndarray, alpha: np.ndarray | None, spec: ImageSpec) -> bytes:
@@ -82,15 +98,8 @@ def from_rgb_alpha(rgb: np.ndarray, alpha: np.ndarray | None, spec: ImageSpec) -
     _put_color(out, rgb, spec)
     if spec.has_alpha:
         a = np.ones(rgb.shape[:2], np.float32) if alpha is None else alpha
-        out[..., spec.order.index("A")] = _quantize(a, spec)
+        _quantize(a, spec, out[..., spec.order.index("A")])
     return out.tobytes()
-
-
-def _put_color(out: np.ndarray, rgb: np.ndarray, spec: ImageSpec) -> None:
-    if rgb.shape[:2] != out.shape[:2]:
-        raise ValueError(f"pixels are {rgb.shape[1]}x{rgb.shape[0]}, the image is {spec.width}x{spec.height}")
-    color = _luma(rgb) if spec.order == "L" else rgb
-    out[..., _color_index(spec.order)] = _quantize(color, spec)
 
 
 def merge_result(rgb: np.ndarray, original: Image, mask: np.ndarray | None = None) -> bytes:
@@ -105,18 +114,17 @@ def merge_result(rgb: np.ndarray, original: Image, mask: np.ndarray | None = Non
         if mask is None:
             out[..., a] = raw[..., a]
         else:
-            scaled = _quantize(_to_float(raw[..., a], spec, clip=False) * mask, spec)
-            out[..., a] = np.where(mask >= 1.0, raw[..., a], scaled)
+            _quantize(_to_float(raw[..., a], spec, clip=False) * mask, spec, out[..., a])
+            np.copyto(out[..., a], raw[..., a], where=mask >= 1.0)
         return out.tobytes()
     if mask is None:
         _put_color(out, rgb, spec)
         return out.tobytes()
-    idx = _color_index(spec.order)
-    old = _to_float(raw[..., idx], spec, clip=False)
-    new = _luma(rgb) if spec.order == "L" else rgb
-    m = mask[..., None]
-    blended = _quantize(old + m * (new - old), spec)
-    out[..., idx] = np.where(m > 0.0, blended, raw[..., idx])
+    planes = [_luma(rgb)] if spec.order == "L" else [rgb[..., c] for c in range(3)]
+    for new, dst in zip(planes, _color_index(spec.order), strict=True):
+        old = _to_float(raw[..., dst], spec, clip=False)
+        _quantize(old + mask * (new - old), spec, out[..., dst])
+        np.copyto(out[..., dst], raw[..., dst], where=mask <= 0.0)
     return out.tobytes()
 
 

@@ -13,11 +13,15 @@ import threading
 from typing import Any
 
 import zmq
+
 from krita_sdxl.protocol import CLIENT, PROTOCOL_VERSION, SERVICE, Message, ProtocolError, decode, encode
 from krita_sdxl.protocol import errors as codes
 
 from .jobs import Job, JobQueue, QueueFull
+from .limits import Limits
+from .peers import Peers
 from .request import RefineRequest
+from .security import CurveConfig, apply_curve, check_exposure
 from .worker import Engine, Worker
 
 log = logging.getLogger(__name__)
@@ -33,17 +37,25 @@ class Service:
         engine: Engine,
         endpoint: str,
         ctx: zmq.Context | None = None,
-        max_queue: int = 1000,
+        limits: Limits | None = None,
+        heartbeat_timeout: float = 10.0,
+        curve: CurveConfig | None = None,
+        insecure: bool = False,
         server_name: str = "krita-sdxl",
     ) -> None:
+        check_exposure(endpoint, curve, insecure)
         self.engine = engine
         self.ctx = ctx or zmq.Context.instance()
-        self.queue = JobQueue(max_total=max_queue)
+        self.limits = limits or Limits()
+        self.queue = JobQueue(max_total=self.limits.max_jobs_total)
+        self.peers = Peers(heartbeat_timeout)
         self.server_name = server_name
         self._stop = threading.Event()
         self._router = self.ctx.socket(zmq.ROUTER)
+        self._auth = apply_curve(self.ctx, self._router, curve) if curve else None
         self._router.setsockopt(zmq.LINGER, 1000)
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client with the same id takes over
+        self._router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
         self._router.bind(endpoint)
         self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._events = self.ctx.socket(zmq.PULL)
@@ -70,6 +82,7 @@ class Service:
                     self._forward_events()
                 if self._router in ready:
                     self._drain_requests()
+                self._drop_vanished_clients()
         finally:
             self._shutdown()
 
@@ -81,7 +94,21 @@ class Service:
         self._forward_events()  # the running job's "cancelled"
         self._events.close(linger=0)
         self._router.close(linger=1000)
+        if self._auth is not None:
+            self._auth.stop()
         log.info("stopped")
+
+    def _drop_vanished_clients(self) -> None:
+        for client in self.peers.expired():
+            removed = self.queue.cancel_client(client, reason="client_lost")
+            if removed or self.queue.snapshot(client)[0] is not None:
+                log.warning(
+                    "client %s vanished (no heartbeat for %.0f s): cancelled its %d queued job(s) and "
+                    "its running job, if any",
+                    client.hex(),
+                    self.peers.timeout,
+                    len(removed),
+                )
 
     # -- I/O ----------------------------------------------------------------------------------
 
@@ -104,6 +131,7 @@ class Service:
             except zmq.Again:
                 return
             client = frames[0].bytes
+            self.peers.seen(client)
             try:
                 self._handle(client, decode(CLIENT, frames[1:]))
             except ProtocolError as err:
@@ -174,6 +202,7 @@ class Service:
             raise ProtocolError(
                 codes.BAD_FIELD, "work_width and work_height must be given together", "work_width", job_id
             )
+        self.limits.check_submit(msg, self.queue.count(client), len(self.queue))
         seed = msg["seed"] if msg["seed"] is not None else secrets.randbelow(2**32)
         request = RefineRequest.from_message(msg, seed)
         try:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import zmq
+
 from krita_sdxl.protocol import SERVICE, Image, encode
 from krita_sdxl.protocol import errors as codes
 

@@ -70,6 +70,7 @@ class Job:
     fmt: PixelFormat
     target: Target
     transfer: str = "srgb"  # "srgb" or "linear": the document profile's transfer curve
+    profile: str = ""  # the document's colour profile name
     images: dict[str, Image] = field(default_factory=dict)  # pixels until they are sent
     state: JobState = JobState.waiting
     seed: int | None = None
@@ -80,6 +81,7 @@ class Job:
     message: str = ""
     elapsed: float | None = None
     created: float = field(default_factory=time.monotonic)
+    touched: float = field(default_factory=time.monotonic)  # last event (or send) for this job
 
     @property
     def layer_name(self) -> str:
@@ -139,6 +141,7 @@ class Job:
 
     def mark_sent(self) -> None:
         self.state = JobState.sent
+        self.touched = time.monotonic()
         self.images.clear()
 
     def fail(self, message: str) -> None:
@@ -226,6 +229,7 @@ class StoredResult:
     data: Any  # the pixel bytes, in ``fmt``, ``box`` sized (bytes or QByteArray)
     reason: str  # why it was not applied, for the list's tooltip
     seed: int | None = None
+    profile: str = ""  # colour profile of the document it came from
 
     @property
     def label(self) -> str:

@@ -1,0 +1,101 @@
+"""Who may connect: loopback and ipc are open; any other address needs ZeroMQ CURVE (or --insecure).
+
+CURVE keys are the ones pyzmq's ``zmq.auth`` writes: ``NAME.key`` (public, shareable) and
+``NAME.key_secret`` (secret). The service authorizes every client public key found in a folder (ZAP).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+log = logging.getLogger(__name__)
+
+
+class SecurityError(ValueError):
+    pass
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on a loopback address."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: not provably loopback
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    secret_key: Path  # the service's NAME.key_secret
+    authorized_keys: Path  # folder of client NAME.key files
+
+    def check(self) -> None:
+        if not self.secret_key.is_file():
+            raise SecurityError(
+                f"CURVE secret key {self.secret_key} does not exist; create one with: krita-sdxl keys --name server"
+            )
+        if not self.authorized_keys.is_dir():
+            raise SecurityError(
+                f"authorized keys folder {self.authorized_keys} does not exist; "
+                "put the public .key file of every client allowed to connect there"
+            )
+
+
+def check_exposure(endpoint: str, curve: CurveConfig | None, insecure: bool) -> None:
+    """Refuse to listen beyond this machine without authentication, unless told to."""
+    if curve is not None:
+        curve.check()
+        return
+    if is_local_endpoint(endpoint):
+        return
+    if not insecure:
+        raise SecurityError(
+            f"refusing to listen on {endpoint}: it is reachable from other machines and no authentication is "
+            "configured. Create keys with `krita-sdxl keys`, then pass --curve-secret-key and --authorized-keys "
+            "(or use a loopback/ipc endpoint; --insecure overrides this check)"
+        )
+    log.warning("!" * 72)
+    log.warning("INSECURE: listening on %s without authentication; anyone who can reach it can use your GPU", endpoint)
+    log.warning("!" * 72)
+
+
+def apply_curve(ctx: zmq.Context, socket: zmq.Socket, curve: CurveConfig) -> ThreadAuthenticator:
+    """Make ``socket`` a CURVE server that admits only the authorized client keys (ZAP)."""
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(curve.authorized_keys))
+    public, secret = zmq.auth.load_certificate(str(curve.secret_key))
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_server = True
+    return auth
+
+
+def write_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(folder), name)
+    os.chmod(secret, 0o600)
+    return Path(public), Path(secret)
+
+
+def client_curve(socket: zmq.Socket, server_public_key: str | bytes, client_secret_file: Path) -> None:
+    """Configure a client socket for CURVE (before connect)."""
+    public, secret = zmq.auth.load_certificate(str(client_secret_file))
+    socket.curve_secretkey = secret
+    socket.curve_publickey = public
+    socket.curve_serverkey = server_public_key.encode() if isinstance(server_public_key, str) else server_public_key

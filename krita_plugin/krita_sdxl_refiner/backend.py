@@ -1,0 +1,151 @@
+"""Start and stop a local backend service from the docker (a ``QProcess``; never blocks the UI).
+
+The command is either the ``krita-sdxl`` program or a Python interpreter that has the ``krita-sdxl``
+package installed (then the CLI is run through ``-c``). The service prints "ready" once it listens;
+until then the state is "starting". Its merged output is kept (last lines) to show when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections import deque
+from enum import Enum
+
+from PyQt5.QtCore import QObject, QProcess, QTimer, pyqtSignal
+
+READY_PATTERN = re.compile(r"\bready\b", re.IGNORECASE)
+LOG_LINES = 200
+_PYTHON = re.compile(r"^(python|pythonw|py)(\d+(\.\d+)*)?(\.exe)?$", re.IGNORECASE)
+_CLI_BOOTSTRAP = "import sys; from krita_sdxl.backend.cli import main; sys.exit(main())"
+
+
+class BackendState(str, Enum):
+    stopped = "stopped"
+    starting = "starting"
+    running = "running"
+    stopping = "stopping"
+    failed = "failed"
+
+
+def is_python(command: str) -> bool:
+    return bool(_PYTHON.match(os.path.basename(command.strip())))
+
+
+def split_args(text: str) -> list[str]:
+    return shlex.split(text, posix=os.name != "nt")
+
+
+def invocation(command: str, args: str, endpoint: str) -> tuple[str, list[str]]:
+    """Program and arguments for QProcess. ``--endpoint`` is added when the arguments lack one, so
+    the local service listens where the plugin connects."""
+    command = command.strip()
+    if not command:
+        raise ValueError("no backend command is set: enter the krita-sdxl command or a Python that has it")
+    argv = split_args(args)
+    if argv and argv[0] == "serve" and not any(a == "--endpoint" or a.startswith("--endpoint=") for a in argv):
+        argv += ["--endpoint", endpoint]
+    if is_python(command):
+        return command, ["-c", _CLI_BOOTSTRAP, *argv]
+    return command, argv
+
+
+class Backend(QObject):
+    state_changed = pyqtSignal(str, str)  # state, detail for people
+    output = pyqtSignal(str)  # new log text
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._process: QProcess | None = None
+        self._state = BackendState.stopped
+        self._detail = ""
+        self._log: deque[str] = deque(maxlen=LOG_LINES)
+        self._partial = ""
+
+    @property
+    def state(self) -> BackendState:
+        return self._state
+
+    @property
+    def detail(self) -> str:
+        return self._detail
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(list(self._log)[-lines:] + ([self._partial] if self._partial else []))
+
+    def start(self, command: str, args: str, endpoint: str) -> None:
+        if self._process is not None and self._state in (BackendState.starting, BackendState.running):
+            return
+        try:
+            program, argv = invocation(command, args, endpoint)
+        except ValueError as exc:
+            self._set(BackendState.failed, str(exc))
+            return
+        self._log.clear()
+        self._partial = ""
+        self._log.append("$ " + " ".join(shlex.quote(a) for a in [program, *argv]))
+        proc = QProcess(self)
+        proc.setProcessChannelMode(QProcess.MergedChannels)
+        proc.readyReadStandardOutput.connect(self._read)
+        proc.errorOccurred.connect(self._error)
+        proc.finished.connect(self._finished)
+        self._process = proc
+        self._set(BackendState.starting, f"starting {os.path.basename(program)}…")
+        proc.start(program, argv)
+
+    def stop(self, grace_ms: int = 5000) -> None:
+        proc = self._process
+        if proc is None or proc.state() == QProcess.NotRunning:
+            return
+        self._set(BackendState.stopping, "stopping…")
+        proc.terminate()
+        QTimer.singleShot(grace_ms, lambda: self._kill_if_running(proc))
+
+    def kill(self) -> None:
+        """For Krita's exit: do not leave a GPU process behind."""
+        proc = self._process
+        if proc is not None and proc.state() != QProcess.NotRunning:
+            proc.kill()
+            proc.waitForFinished(2000)
+
+    def _kill_if_running(self, proc: QProcess) -> None:
+        if proc is self._process and proc.state() != QProcess.NotRunning:
+            proc.kill()
+
+    def _read(self) -> None:
+        proc = self._process
+        if proc is None:
+            return
+        text = self._partial + bytes(proc.readAllStandardOutput()).decode("utf-8", "replace")
+        *lines, self._partial = text.replace("\r\n", "\n").split("\n")
+        for line in lines:
+            self._log.append(line)
+            if self._state is BackendState.starting and READY_PATTERN.search(line):
+                self._set(BackendState.running, "running")
+        if lines:
+            self.output.emit("\n".join(lines))
+
+    def _error(self, error: QProcess.ProcessError) -> None:
+        if error == QProcess.FailedToStart and self._process is not None:
+            message = self._process.errorString()
+            self._log.append(f"failed to start: {message}")
+            self._set(BackendState.failed, f"could not start the backend: {message}")
+
+    def _finished(self, code: int, status: QProcess.ExitStatus) -> None:
+        self._read()
+        if self._partial:
+            self._log.append(self._partial)
+            self._partial = ""
+        if self._state is BackendState.stopping:
+            self._set(BackendState.stopped, "stopped")
+        elif status == QProcess.CrashExit or code != 0:
+            how = "crashed" if status == QProcess.CrashExit else f"exited with code {code}"
+            self._set(BackendState.failed, f"the backend {how}")
+        else:
+            self._set(BackendState.stopped, "the backend exited")
+        self._process = None
+
+    def _set(self, state: BackendState, detail: str) -> None:
+        self._state, self._detail = state, detail
+        self.state_changed.emit(state.value, detail)

@@ -1,0 +1,188 @@
+"""The thin adapter: the only code (besides registering the plugin) that calls Krita's API.
+
+Reads: the active document's geometry, colour space, selection and pixels (``pixelData`` /
+``projectionPixelData`` / ``Selection.pixelData``: raw bytes in Krita's own layout; no pixel loops
+in Python). Writes: one new paint layer per result, never the source layer. The new layer gets its
+pixels while detached, then ``Node.addChildNode`` inserts it; in Krita 5.1 that runs a
+``KisImageLayerAddCommand`` through the undo system, so Ctrl+Z removes the layer with its pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from krita import Document, Krita, Node, Selection  # type: ignore[import-not-found]
+
+from krita_sdxl.protocol.geometry import Box, Extent
+
+from .buffers import to_qbytearray
+from .controller import AdapterError, Capture, Planner
+from .jobs import StoredResult, Target
+from .pixelformat import PixelFormat, UnsupportedFormat, pixel_format, transfer_of
+from .settings import GROUP
+
+MASK_TYPES = frozenset({"selectionmask", "transparencymask", "filtermask", "transformmask", "colorizemask"})
+
+
+class KritaAdapter:
+    # --- settings store (kritarc, group "krita_sdxl") ------------------------------------------
+
+    def read_setting(self, key: str, default: str) -> str:
+        return str(Krita.instance().readSetting(GROUP, key, default))
+
+    def write_setting(self, key: str, value: str) -> None:
+        Krita.instance().writeSetting(GROUP, key, value)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def capture(self, source: str, planner: Planner) -> Capture:
+        doc = Krita.instance().activeDocument()
+        if doc is None:
+            raise AdapterError("Open a document first.")
+        canvas = Extent(doc.width(), doc.height())
+        node: Node | None = None
+        if source == "layer":
+            node = _source_layer(doc)
+            fmt = pixel_format(node.colorModel(), node.colorDepth())
+            doc_fmt = pixel_format(doc.colorModel(), doc.colorDepth())
+            if fmt != doc_fmt:
+                raise UnsupportedFormat(
+                    f"The layer “{node.name()}” is {fmt.label} but the image is {doc_fmt.label}; "
+                    "convert the layer to the image's colour space first. Nothing was sent."
+                )
+            bounds = _box(node.bounds())
+            description = f"layer “{node.name()}” in {_doc_name(doc)}"
+        else:
+            fmt = pixel_format(doc.colorModel(), doc.colorDepth())
+            bounds = Box.from_extent(canvas)
+            description = f"the visible image of {_doc_name(doc)}"
+        profile = doc.colorProfile()
+        selection = _selection_box(doc.selection())
+        plan = planner(canvas, bounds, selection)
+        crop = plan.crop
+        doc.waitForDone()  # pending strokes would leave the projection stale
+        if node is not None:
+            pixels = node.projectionPixelData(*crop)
+        else:
+            pixels = doc.pixelData(*crop)
+        expected = crop.width * crop.height * fmt.bytes_per_pixel
+        if pixels is None or pixels.size() != expected:
+            got = 0 if pixels is None else pixels.size()
+            raise AdapterError(f"Krita returned {got} bytes for {crop}, expected {expected}.")
+        mask = None
+        if plan.masked:
+            sel = doc.selection()
+            mask = sel.pixelData(*crop) if sel is not None else None
+            if mask is None or mask.size() != crop.width * crop.height:
+                raise AdapterError("Could not read the selection.")
+        target = Target(doc, node.uniqueId() if node is not None else None, source, description)
+        return Capture(plan, fmt, profile, transfer_of(profile), pixels, mask, target)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def apply(self, target: Target, box: Box, fmt: PixelFormat, data: Any, name: str) -> str | None:
+        """Insert the result above its source. Returns None, or why it could not (then nothing changed)."""
+        doc: Document = target.document
+        if not _is_open(doc):
+            return "its document was closed"
+        if _format_of(doc) != fmt:
+            return "its document's colour space changed"
+        root = doc.rootNode()
+        if target.source == "layer":
+            source = _find_node(root, target.node_id)
+            if source is None:
+                return "its source layer was deleted"
+            parent, above = source.parentNode(), source
+        else:
+            parent, above = root, None
+        _insert_layer(doc, parent, above, name, box, data)
+        return None
+
+    def apply_to_active(self, result: StoredResult) -> None:
+        doc = Krita.instance().activeDocument()
+        if doc is None:
+            raise AdapterError("Open a document first.")
+        if _format_of(doc) != result.fmt:
+            raise AdapterError(
+                f"The active document is {doc.colorModel()}/{doc.colorDepth()}; this result is "
+                f"{result.fmt.label}. Use “Open as document” instead."
+            )
+        active = doc.activeNode()
+        if active is not None and active.type() in MASK_TYPES:
+            active = active.parentNode()
+        root = doc.rootNode()
+        if active is None or active.parentNode() is None:
+            _insert_layer(doc, root, None, result.name, result.box, result.data)
+        else:
+            _insert_layer(doc, active.parentNode(), active, result.name, result.box, result.data)
+
+    def open_as_document(self, result: StoredResult) -> None:
+        app = Krita.instance()
+        box = result.box
+        doc = app.createDocument(
+            box.width, box.height, result.name, result.fmt.color_model, result.fmt.color_depth, result.profile, 72.0
+        )
+        root = doc.rootNode()
+        placed = Box(0, 0, box.width, box.height)
+        _insert_layer(doc, root, None, result.name, placed, result.data)
+        for child in root.childNodes():
+            if child.name() != result.name:
+                child.remove()  # the white background createDocument adds
+        window = app.activeWindow()
+        if window is not None:
+            window.addView(doc)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _insert_layer(doc: Document, parent: Node, above: Node | None, name: str, box: Box, data: Any) -> Node:
+    layer = doc.createNode(name, "paintlayer")
+    layer.setPixelData(to_qbytearray(data), *box)  # detached: not an undo step of its own
+    parent.addChildNode(layer, above)  # one undoable "add layer" step, pixels included
+    return layer
+
+
+def _source_layer(doc: Document) -> Node:
+    node = doc.activeNode()
+    if node is not None and node.type() in MASK_TYPES:
+        node = node.parentNode()  # a mask is active: refine the layer it belongs to
+    if node is None or node.parentNode() is None:
+        raise AdapterError("Select a layer to refine (or set the source to the visible image).")
+    return node
+
+
+def _box(rect: Any) -> Box:
+    return Box(rect.x(), rect.y(), max(0, rect.width()), max(0, rect.height()))
+
+
+def _selection_box(selection: Selection | None) -> Box | None:
+    if selection is None or selection.width() <= 0 or selection.height() <= 0:
+        return None
+    return Box(selection.x(), selection.y(), selection.width(), selection.height())
+
+
+def _is_open(doc: Document | None) -> bool:
+    return doc is not None and any(doc == other for other in Krita.instance().documents())
+
+
+def _format_of(doc: Document) -> PixelFormat | None:
+    try:
+        return pixel_format(doc.colorModel(), doc.colorDepth())
+    except UnsupportedFormat:
+        return None
+
+
+def _find_node(node: Node, node_id: Any) -> Node | None:
+    for child in node.childNodes():
+        if child.uniqueId() == node_id:
+            return child
+        found = _find_node(child, node_id)
+        if found is not None:
+            return found
+    return None
+
+
+def _doc_name(doc: Document) -> str:
+    path = doc.fileName()
+    return path.replace("\\", "/").rsplit("/", 1)[-1] if path else (doc.name() or "an unsaved image")

@@ -1,0 +1,109 @@
+"""Small Qt widgets and text formatting for the docker (no Krita, no sockets)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PyQt5.QtCore import Qt
+from PyQt5.QtWidgets import QLabel, QSizePolicy, QToolButton, QVBoxLayout, QWidget
+
+STATE_COLORS = {
+    "connected": "#3fa34d",
+    "connecting": "#d7a000",
+    "disconnected": "#d04040",
+    "running": "#3fa34d",
+    "starting": "#d7a000",
+    "stopping": "#d7a000",
+    "stopped": "#888888",
+    "failed": "#d04040",
+}
+LEVEL_COLORS = {"info": "", "warning": "#d7a000", "error": "#e05050"}
+
+
+class Collapsible(QWidget):
+    """A titled section whose content can be folded away."""
+
+    def __init__(self, title: str, content: QWidget, expanded: bool = False, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.button = QToolButton(self)
+        self.button.setText(title)
+        self.button.setCheckable(True)
+        self.button.setChecked(expanded)
+        self.button.setToolButtonStyle(Qt.ToolButtonTextBesideIcon)
+        self.button.setAutoRaise(True)
+        self.button.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.content = content
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(2)
+        layout.addWidget(self.button)
+        layout.addWidget(content)
+        self.button.toggled.connect(self.set_expanded)
+        self.set_expanded(expanded)
+
+    def set_expanded(self, expanded: bool) -> None:
+        self.button.setChecked(expanded)
+        self.button.setArrowType(Qt.DownArrow if expanded else Qt.RightArrow)
+        self.content.setVisible(expanded)
+
+
+def state_text(state: str, detail: str = "") -> str:
+    """Rich text: a coloured dot, the state and its detail."""
+    color = STATE_COLORS.get(state, "#888888")
+    dot = f'<span style="color:{color}">●</span>'
+    return f"{dot} {_escape(state)}" + (f" — {_escape(detail)}" if detail and detail != state else "")
+
+
+def notice_html(text: str, level: str) -> str:
+    color = LEVEL_COLORS.get(level, "")
+    return f'<span style="color:{color}">{_escape(text)}</span>' if color else _escape(text)
+
+
+def format_bytes(value: Any) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        return "?"
+    if value >= 2**30:
+        return f"{value / 2**30:.1f} GiB"
+    if value >= 2**20:
+        return f"{value / 2**20:.0f} MiB"
+    return f"{value:.0f} B"
+
+
+def _model_names(models: Any) -> list[str]:
+    names: list[str] = []
+    if isinstance(models, list):
+        for m in models:
+            if isinstance(m, str):
+                names.append(m)
+            elif isinstance(m, dict):
+                names.append(str(m.get("name") or m.get("id") or m.get("path") or "?"))
+    return names
+
+
+def describe_backend(server: str, caps: dict[str, Any]) -> str:
+    """One or two lines about the backend from its ``welcome``: device, GPU memory, models."""
+    parts: list[str] = []
+    device = " ".join(str(caps[k]) for k in ("device", "dtype") if caps.get(k))
+    gpu = caps.get("gpu_name")
+    if gpu:
+        device = f"{device} · {gpu}" if device else str(gpu)
+    if device:
+        parts.append(device)
+    total, free = caps.get("gpu_memory_total"), caps.get("gpu_memory_free")
+    if total:
+        parts.append(f"{format_bytes(free)} free of {format_bytes(total)}")
+    models = _model_names(caps.get("models"))
+    first = " · ".join(parts)
+    lines = [line for line in (server, first, ", ".join(models)) if line]
+    return "\n".join(lines)
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def wrap_label(text: str = "") -> QLabel:
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+    return label
