@@ -70,7 +70,12 @@ class ServiceClient:
         return f"{self._prefix}{next(self._ids)}"
 
     def send(self, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> None:
-        self.socket.send_multipart(encode(CLIENT, msg_type, images=images, **fields), copy=False)
+        """Queue one message; never blocks (ServiceUnavailable when ZeroMQ cannot queue it)."""
+        frames = encode(CLIENT, msg_type, images=images, **fields)
+        try:
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise ServiceUnavailable(f"cannot reach {self.endpoint}: no connection to a service") from None
 
     def receive(self, timeout: float | None = None) -> Message:
         """Next event from the service (heartbeat replies are consumed here). While waiting, a heartbeat
@@ -90,7 +95,10 @@ class ServiceClient:
                     return event
                 deadline = time.monotonic() + wait
             else:
-                self.send("heartbeat")
+                try:
+                    self.send("heartbeat")
+                except ServiceUnavailable:
+                    pass  # still connecting or reconnecting; the deadline decides
 
     def hello(self, name: str = "krita-sdxl cli") -> dict[str, Any]:
         self.send("hello", client=name)

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 TIME_EMBED = 8  # addition_time_embed_dim (real: 256)
 TE2_HIDDEN = 32  # text_encoder_2 hidden size and projection dim (real: 1280)
 TE1_HIDDEN = 16  # base text_encoder hidden size (real: 768)
+# Weights come from torch's global generator (the classes' own initialisers), seeded per build; the
+# lock keeps two builds in one process from drawing from it at the same time.
+_INIT_LOCK = threading.Lock()
 WORDS = (
     "a an the of on in with and photo painting portrait landscape astronaut riding horse mars cat dog "
     "red blue green sky forest city night detailed sharp blurry ugly"
@@ -87,6 +91,7 @@ def ensure_demo_models(cache_dir: Path | None = None) -> DemoPaths:
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}.tmp-", dir=cache))
     try:
         _build(_paths(tmp))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the finished cache folder is not
         try:
             os.rename(tmp, root)
         except OSError:
@@ -249,7 +254,7 @@ def _build(paths: DemoPaths) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(staging / "tokenizer")
     tokenizer_2 = CLIPTokenizer.from_pretrained(staging / "tokenizer_2")
 
-    with torch.random.fork_rng(devices=[]):
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         vae = _vae().eval()
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(TE2_HIDDEN, 4, "gelu", vocab, "!")).eval()

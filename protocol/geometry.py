@@ -114,9 +114,7 @@ class Box:
         return self.width == 0 or self.height == 0
 
     def contains(self, other: Box) -> bool:
-        return (
-            self.x <= other.x and self.y <= other.y and other.right <= self.right and other.bottom <= self.bottom
-        )
+        return self.x <= other.x and self.y <= other.y and other.right <= self.right and other.bottom <= self.bottom
 
     def intersect(self, other: Box) -> Box:
         """The overlap of two boxes; an empty box (size 0) when they do not overlap."""

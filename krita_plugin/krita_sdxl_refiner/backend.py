@@ -1,7 +1,7 @@
 """Start and stop a local backend service from the docker (a ``QProcess``; never blocks the UI).
 
 The command is either the ``krita-sdxl`` program or a Python interpreter that has the ``krita-sdxl``
-package installed (then the CLI is run through ``-c``). The service prints "ready" once it listens;
+package installed (then ``-m krita_sdxl.backend.cli`` runs the same CLI). The service prints "ready" once it listens;
 until then the state is "starting". Its merged output is kept (last lines) to show when it fails.
 """
 
@@ -18,7 +18,7 @@ from PyQt5.QtCore import QObject, QProcess, QTimer, pyqtSignal
 READY_PATTERN = re.compile(r"\bready\b", re.IGNORECASE)
 LOG_LINES = 200
 _PYTHON = re.compile(r"^(python|pythonw|py)(\d+(\.\d+)*)?(\.exe)?$", re.IGNORECASE)
-_CLI_BOOTSTRAP = "import sys; from krita_sdxl.backend.cli import main; sys.exit(main())"
+_CLI_MODULE = "krita_sdxl.backend.cli"
 
 
 class BackendState(str, Enum):
@@ -47,7 +47,7 @@ def invocation(command: str, args: str, endpoint: str) -> tuple[str, list[str]]:
     if argv and argv[0] == "serve" and not any(a == "--endpoint" or a.startswith("--endpoint=") for a in argv):
         argv += ["--endpoint", endpoint]
     if is_python(command):
-        return command, ["-c", _CLI_BOOTSTRAP, *argv]
+        return command, ["-m", _CLI_MODULE, *argv]
     return command, argv
 
 

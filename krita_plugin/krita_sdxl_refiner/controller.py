@@ -244,9 +244,7 @@ class Controller(QObject):
         if reason is None:
             self.notice.emit(f"Added layer “{job.layer_name}”.", "info")
             return
-        self.results.add(
-            StoredResult(job.id, job.layer_name, crop, job.fmt, image.data, reason, job.seed, job.profile)
-        )
+        self.results.add(StoredResult(job.id, job.layer_name, crop, job.fmt, image.data, reason, job.seed, job.profile))
         self.notice.emit(f"The result is kept in the Results list: {reason}.", "warning")
         self.results_changed.emit()
 

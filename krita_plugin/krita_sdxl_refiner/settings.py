@@ -15,7 +15,7 @@ from typing import Any
 GROUP = "krita_sdxl"
 
 SOURCES = ("layer", "canvas")
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5588"
 MAX_FIXED_SEED = 2**64 - 1
 
 # Reads one key; returns the default (a string) when the key is absent.

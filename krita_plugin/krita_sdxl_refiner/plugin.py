@@ -1,0 +1,109 @@
+"""Registration with Krita: the Refine action and the "SDXL Refiner" docker.
+
+Only this module and :mod:`krita_adapter` import ``krita``. The vendored dependencies are activated
+before anything imports zmq or msgpack; when none fits the running Python, the docker shows why.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from typing import Any
+
+from krita import DockWidget, DockWidgetFactory, DockWidgetFactoryBase, Extension, Krita  # type: ignore
+
+ACTION_ID = "krita_sdxl_refine"
+ACTION_TEXT = "Refine (SDXL)"
+DOCKER_ID = "krita_sdxl_refiner"
+DOCKER_TITLE = "SDXL Refiner"
+
+_problem: str | None = None
+_controller: Any = None
+
+
+def _activate_dependencies() -> str | None:
+    """None when zmq, msgpack and the protocol import; else a message for the artist."""
+    try:
+        from . import vendor
+    except ImportError:
+        vendor = None  # a development install: the dependencies come from Krita's Python
+    if vendor is not None:
+        try:
+            vendor.activate()
+        except vendor.VendorError as exc:
+            return str(exc)
+        except Exception as exc:
+            return f"The SDXL Refiner could not load its libraries: {type(exc).__name__}: {exc}"
+    try:
+        import msgpack  # noqa: F401
+        import zmq  # noqa: F401
+
+        import krita_sdxl.protocol  # noqa: F401
+    except ImportError as exc:
+        return (
+            f"The SDXL Refiner cannot run: {exc} (Python {platform.python_version()} on "
+            f"{sys.platform}/{platform.machine()}). Reinstall the plugin from its zip."
+        )
+    return None
+
+
+def controller() -> Any:
+    """The one controller shared by the action and every window's docker (created on first use)."""
+    global _controller
+    if _controller is None:
+        from .controller import Controller
+        from .krita_adapter import KritaAdapter
+
+        _controller = Controller(KritaAdapter())
+        _controller.start()
+        from PyQt5.QtWidgets import QApplication
+
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(_controller.shutdown)  # stop the client and a local backend
+    return _controller
+
+
+class RefinerExtension(Extension):
+    def __init__(self, parent: Any) -> None:
+        super().__init__(parent)
+
+    def setup(self) -> None:
+        if _problem is None:
+            controller()  # connect now, with the settings from kritarc
+
+    def createActions(self, window: Any) -> None:
+        action = window.createAction(ACTION_ID, ACTION_TEXT, "tools/scripts")
+        action.setToolTip("Refine the selection (or the active layer) with the SDXL refiner")
+        action.triggered.connect(self._refine)
+
+    def _refine(self) -> None:
+        if _problem is not None:
+            print(f"[krita_sdxl_refiner] {_problem}", file=sys.stderr)
+            return
+        controller().refine()
+
+
+class RefinerDocker(DockWidget):
+    def __init__(self) -> None:
+        super().__init__()
+        self.setWindowTitle(DOCKER_TITLE)
+        if _problem is not None:
+            from .panel import MessagePanel
+
+            self.setWidget(MessagePanel(_problem))
+        else:
+            from .panel import RefinerPanel
+
+            self.setWidget(RefinerPanel(controller()))
+
+    def canvasChanged(self, canvas: Any) -> None:
+        pass
+
+
+def register() -> None:
+    global _problem
+    _problem = _activate_dependencies()
+    app = Krita.instance()
+    app.addExtension(RefinerExtension(app))
+    app.addDockWidgetFactory(DockWidgetFactory(DOCKER_ID, DockWidgetFactoryBase.DockRight, RefinerDocker))

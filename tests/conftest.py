@@ -1,0 +1,30 @@
+"""Shared fixtures: a private krita-sdxl cache and the tiny offline demo models built into it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def krita_sdxl_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test (and any subprocess it starts) uses a private KRITA_SDXL_CACHE, never ~/.cache."""
+    cache = tmp_path_factory.mktemp("krita-sdxl-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KRITA_SDXL_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def demo_models(krita_sdxl_cache: Path):  # -> krita_sdxl.backend.demo_model.DemoPaths
+    """The demo refiner and base folders, built once per test session into the private cache."""
+    from krita_sdxl.backend.demo_model import ensure_demo_models
+
+    return ensure_demo_models(krita_sdxl_cache)
+
+
+@pytest.fixture(scope="session")
+def demo_refiner_path(demo_models) -> Path:
+    return demo_models.refiner

@@ -1,0 +1,437 @@
+"""The plugin's Qt client and controller against a real ZeroMQ ROUTER in this process (no Krita).
+
+The fake service and the client share this thread: :func:`pump` runs Qt's event loop in small
+slices and lets the service answer ``hello``/``heartbeat`` by itself between them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+pytest.importorskip("PyQt5.QtWidgets")
+zmq = pytest.importorskip("zmq")
+
+from PyQt5.QtCore import QEventLoop  # noqa: E402
+from PyQt5.QtWidgets import QApplication  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
+
+from krita_sdxl.protocol import CLIENT, SERVICE, Image, ImageSpec, Message, decode, encode  # noqa: E402
+from krita_sdxl.protocol.geometry import Box, Extent  # noqa: E402
+from krita_sdxl_refiner.client import Client  # noqa: E402
+from krita_sdxl_refiner.controller import AdapterError, Capture, Controller  # noqa: E402
+from krita_sdxl_refiner.jobs import JobState, Target  # noqa: E402
+from krita_sdxl_refiner.pixelformat import pixel_format  # noqa: E402
+
+CAPS = {"device": "cpu", "dtype": "float32", "models": [], "modes": ["refine"], "protocol_version": 1}
+
+
+@pytest.fixture(scope="module")
+def app():
+    return QApplication.instance() or QApplication([])
+
+
+class FakeService:
+    """A ROUTER that answers hello and heartbeat (while ``alive``) and records everything."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str = "tcp://127.0.0.1:*") -> None:
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        deadline = time.monotonic() + 5
+        while True:  # a just-closed listener on the same port is released asynchronously
+            try:
+                self.router.bind(endpoint)
+                break
+            except zmq.ZMQError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.alive = True
+        self.received: list[tuple[bytes, Message]] = []
+
+    def poll(self) -> None:
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            ident, msg = frames[0], decode(CLIENT, frames[1:])
+            self.received.append((ident, msg))
+            if not self.alive:
+                continue
+            if msg.type == "hello":
+                self.send(ident, "welcome", server="fake", capabilities=CAPS)
+            elif msg.type == "heartbeat":
+                self.send(ident, "heartbeat")
+
+    def send(self, ident: bytes, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> None:
+        self.router.send_multipart([ident, *encode(SERVICE, msg_type, images=images, **fields)])
+
+    def of_type(self, msg_type: str) -> list[tuple[bytes, Message]]:
+        return [(i, m) for i, m in self.received if m.type == msg_type]
+
+    def close(self) -> None:
+        self.router.close(linger=0)
+
+
+def pump(app: QApplication, until: Callable[[], bool], services: list[FakeService], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        for s in services:
+            s.poll()
+        app.processEvents(QEventLoop.AllEvents, 10)
+        if until():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.002)
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+# --- the client alone ----------------------------------------------------------------------------
+
+
+def test_hello_welcome_heartbeat(app, ctx):
+    service = FakeService(ctx)
+    client = Client(service.endpoint, interval=0.05, timeout=1.0, context=ctx)
+    states: list[str] = []
+    client.state_changed.connect(lambda s, d: states.append(s))
+    client.start()
+    try:
+        pump(app, lambda: client.is_connected, [service])
+        assert states[:2] == ["connecting", "connected"]
+        assert client.capabilities["modes"] == ["refine"] and client.server == "fake"
+        assert service.of_type("hello")[0][1]["client"] == "krita-sdxl-refiner"
+        pump(app, lambda: len(service.of_type("heartbeat")) >= 3, [service])
+        assert client.is_connected
+    finally:
+        client.stop()
+        service.close()
+
+
+def test_events_reach_the_received_signal_with_zero_copy_images(app, ctx):
+    service = FakeService(ctx)
+    client = Client(service.endpoint, interval=0.05, timeout=1.0, context=ctx)
+    got: list[Message] = []
+    client.received.connect(got.append)
+    client.start()
+    try:
+        pump(app, lambda: client.is_connected, [service])
+        spec = ImageSpec(4, 2, "BGRA", 8, "uint")
+        img = Image(spec, bytes(range(32)))
+        assert client.send("submit", images={"image": img}, job="j1", prompt="p")
+        pump(app, lambda: bool(service.of_type("submit")), [service])
+        ident, submit = service.of_type("submit")[0]
+        assert bytes(submit.images["image"].data) == bytes(range(32)) and submit["prompt"] == "p"
+        service.send(ident, "accepted", job="j1", position=0, seed=9, steps=30, denoise_steps=9)
+        service.send(ident, "result", images={"image": img}, job="j1", seed=9, elapsed=0.5)
+        pump(app, lambda: len(got) == 2, [service])
+        assert [m.type for m in got] == ["accepted", "result"]
+        assert bytes(got[1].images["image"].data) == bytes(range(32))
+    finally:
+        client.stop()
+        service.close()
+
+
+def test_silence_means_disconnected_then_reconnects_with_the_same_identity(app, ctx):
+    service = FakeService(ctx)
+    client = Client(service.endpoint, interval=0.05, timeout=0.4, context=ctx)
+    states: list[tuple[str, str]] = []
+    client.state_changed.connect(lambda s, d: states.append((s, d)))
+    client.start()
+    try:
+        pump(app, lambda: client.is_connected, [service])
+        first_ident = service.of_type("hello")[0][0]
+        service.alive = False  # stops answering (a hung or vanished service)
+        pump(app, lambda: client.state.value == "disconnected", [service], timeout=3)
+        assert "no reply" in client.detail and "retrying" in client.detail
+        endpoint = service.endpoint
+        service.close()  # gone entirely; the client keeps retrying alone
+        t_end = time.monotonic() + 1.0
+        pump(app, lambda: time.monotonic() > t_end, [])
+        assert not client.is_connected and states[-1][0] == "disconnected"
+        service = FakeService(ctx, endpoint)  # back, on the same address
+        pump(app, lambda: client.is_connected, [service], timeout=5)
+        assert service.of_type("hello")[0][0] == first_ident
+    finally:
+        client.stop()
+        service.close()
+
+
+def test_bad_endpoint_is_reported_not_raised(app, ctx):
+    client = Client("nonsense://x", interval=0.05, timeout=0.2, context=ctx)
+    client.start()
+    try:
+        assert client.state.value == "disconnected" and "cannot use endpoint" in client.detail
+        assert not client.send("heartbeat")
+    finally:
+        client.stop()
+
+
+def test_no_busy_waiting_while_connected(app, ctx):
+    """The UI thread stays free: 10 ms ticks keep coming while the client talks to the service."""
+    from PyQt5.QtCore import QTimer
+
+    service = FakeService(ctx)
+    client = Client(service.endpoint, interval=0.02, timeout=1.0, context=ctx)
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.monotonic()))
+    timer.start()
+    client.start()
+    try:
+        pump(app, lambda: client.is_connected, [service])
+        ticks.clear()
+        pump(app, lambda: len(ticks) > 50, [service])
+        gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+        assert max(gaps) < 0.2
+    finally:
+        timer.stop()
+        client.stop()
+        service.close()
+
+
+# --- the controller with a fake document ---------------------------------------------------------
+
+
+class FakeAdapter:
+    def __init__(self) -> None:
+        self.store = {"prompt": "a red barn", "seed": "-1", "preview": "true", "strength": "0.5"}
+        self.written: dict[str, str] = {}
+        self.applied: list[tuple[Box, bytes, str]] = []
+        self.apply_reason: str | None = None
+        self.to_active: list[str] = []
+        self.canvas = Extent(300, 200)
+        self.selection: Box | None = Box(100, 50, 60, 40)
+        self.fail_capture: Exception | None = None
+
+    def read_setting(self, key: str, default: str) -> str:
+        return self.store.get(key, default)
+
+    def write_setting(self, key: str, value: str) -> None:
+        self.written[key] = value
+
+    def capture(self, source: str, planner) -> Capture:
+        if self.fail_capture:
+            raise self.fail_capture
+        plan = planner(self.canvas, Box(0, 0, 300, 200), self.selection)
+        fmt = pixel_format("RGBA", "U8")
+        crop = plan.crop
+        pixels = bytes([7]) * (crop.width * crop.height * 4)
+        mask = bytes([255]) * (crop.width * crop.height) if plan.masked else None
+        target = Target("doc", "node", source, "layer 1")
+        return Capture(plan, fmt, "sRGB-elle-V2-srgbtrc.icc", "srgb", pixels, mask, target)
+
+    def apply(self, target, box, fmt, data, name):
+        if self.apply_reason is None:
+            self.applied.append((box, bytes(data), name))
+        return self.apply_reason
+
+    def apply_to_active(self, result) -> None:
+        self.to_active.append(result.job_id)
+
+    def open_as_document(self, result) -> None:
+        raise AdapterError("no window")
+
+
+def make_controller(ctx, endpoint: str, adapter: FakeAdapter) -> Controller:
+    adapter.store["endpoint"] = endpoint
+    client = Client(endpoint, interval=0.05, timeout=0.5, context=ctx)
+    return Controller(adapter, client=client)
+
+
+def test_refine_flow_submit_events_and_new_layer(app, ctx):
+    service = FakeService(ctx)
+    adapter = FakeAdapter()
+    c = make_controller(ctx, service.endpoint, adapter)
+    previews: list[Any] = []
+    c.preview_ready.connect(previews.append)
+    c.start()
+    try:
+        pump(app, lambda: c.client.is_connected, [service])
+        job = c.refine()
+        assert job is not None
+        pump(app, lambda: bool(service.of_type("submit")), [service])
+        ident, submit = service.of_type("submit")[0]
+        crop = job.plan.crop
+        assert crop.contains(Box(100, 50, 60, 40))
+        assert submit["prompt"] == "a red barn" and submit["strength"] == 0.5 and submit["seed"] is None
+        assert submit["preview"] is True
+        assert (submit["work_width"], submit["work_height"]) == tuple(job.plan.work)
+        assert submit["feather"] == pytest.approx(job.plan.feather) and submit["feather"] > 0
+        assert submit.images["image"].spec == ImageSpec(crop.width, crop.height, "BGRA", 8, "uint")
+        assert submit.images["mask"].spec == ImageSpec(crop.width, crop.height, "L", 8, "uint")
+        assert job.state is JobState.sent and not job.images  # pixels released once sent
+
+        service.send(ident, "accepted", job=job.id, position=0, seed=1234, steps=30, denoise_steps=15)
+        preview = Image(ImageSpec(2, 2, "RGBA", 8, "uint"), bytes([255, 0, 0, 255] * 4))
+        service.send(ident, "progress", images={"preview": preview}, job=job.id, step=1, total=15)
+        pump(app, lambda: job.state is JobState.running and previews, [service])
+        assert previews[0].width() == 2 and previews[0].pixelColor(0, 0).red() == 255
+        assert c.last_seed == 1234
+
+        out = Image(submit.images["image"].spec, bytes([9]) * submit.images["image"].spec.byte_length)
+        service.send(ident, "result", images={"image": out}, job=job.id, seed=1234, elapsed=0.8)
+        pump(app, lambda: job.state is JobState.done, [service])
+        assert len(adapter.applied) == 1
+        box, data, name = adapter.applied[0]
+        assert box == crop and data == bytes([9]) * len(data)
+        assert name == "Refine · a red barn · seed 1234"
+        assert len(c.results) == 0
+    finally:
+        c.shutdown()
+        service.close()
+
+
+def test_result_for_a_closed_document_is_kept_in_results(app, ctx):
+    service = FakeService(ctx)
+    adapter = FakeAdapter()
+    adapter.apply_reason = "its document was closed"
+    c = make_controller(ctx, service.endpoint, adapter)
+    notices: list[tuple[str, str]] = []
+    c.notice.connect(lambda text, level: notices.append((text, level)))
+    c.start()
+    try:
+        pump(app, lambda: c.client.is_connected, [service])
+        job = c.refine()
+        pump(app, lambda: bool(service.of_type("submit")), [service])
+        ident, submit = service.of_type("submit")[0]
+        out = Image(submit.images["image"].spec, bytes(submit.images["image"].spec.byte_length))
+        service.send(ident, "result", images={"image": out}, job=job.id, seed=5, elapsed=0.1)
+        pump(app, lambda: len(c.results) == 1, [service])
+        kept = c.results.get(job.id)
+        assert kept.box == job.plan.crop and kept.seed == 5 and "closed" in kept.reason
+        assert any("Results" in text for text, _ in notices)
+        c.open_result(job.id)  # the adapter refuses: the result stays
+        assert len(c.results) == 1 and notices[-1] == ("no window", "error")
+        c.apply_result(job.id)
+        assert adapter.to_active == [job.id] and len(c.results) == 0
+    finally:
+        c.shutdown()
+        service.close()
+
+
+def test_job_waits_for_the_backend_and_is_sent_on_connect(app, ctx):
+    probe = FakeService(ctx)
+    endpoint = probe.endpoint
+    probe.close()  # nothing listens there yet
+    adapter = FakeAdapter()
+    adapter.selection = None
+    c = make_controller(ctx, endpoint, adapter)
+    c.start()
+    service = None
+    try:
+        job = c.refine()
+        assert job is not None and job.state is JobState.waiting and job.images
+        assert not job.plan.masked and job.plan.crop == Box(0, 0, 300, 200)
+        service = FakeService(ctx, endpoint)
+        pump(app, lambda: bool(service.of_type("submit")), [service])
+        submit = service.of_type("submit")[0][1]
+        assert "mask" not in submit.images and submit["feather"] == 0
+        assert job.state is JobState.sent
+    finally:
+        c.shutdown()
+        if service:
+            service.close()
+
+
+def test_cancel_and_service_errors(app, ctx):
+    service = FakeService(ctx)
+    adapter = FakeAdapter()
+    c = make_controller(ctx, service.endpoint, adapter)
+    c.start()
+    try:
+        pump(app, lambda: c.client.is_connected, [service])
+        job = c.refine()
+        pump(app, lambda: bool(service.of_type("submit")), [service])
+        ident = service.of_type("submit")[0][0]
+        c.cancel()
+        pump(app, lambda: bool(service.of_type("cancel")), [service])
+        assert service.of_type("cancel")[0][1]["job"] == job.id
+        service.send(ident, "cancelled", job=job.id, reason="cancelled")
+        pump(app, lambda: job.state is JobState.cancelled, [service])
+
+        job2 = c.refine()
+        pump(app, lambda: len(service.of_type("submit")) == 2, [service])
+        service.send(ident, "error", job=job2.id, code="out_of_memory", message="CUDA out of memory", field=None)
+        pump(app, lambda: job2.state is JobState.failed, [service])
+        assert "out of memory" in job2.message
+    finally:
+        c.shutdown()
+        service.close()
+
+
+def test_capture_problems_become_notices_and_nothing_is_sent(app, ctx):
+    from krita_sdxl_refiner.pixelformat import UnsupportedFormat
+
+    service = FakeService(ctx)
+    adapter = FakeAdapter()
+    adapter.fail_capture = UnsupportedFormat("CMYK: nothing sent")
+    c = make_controller(ctx, service.endpoint, adapter)
+    notices: list[tuple[str, str]] = []
+    c.notice.connect(lambda text, level: notices.append((text, level)))
+    c.start()
+    try:
+        pump(app, lambda: c.client.is_connected, [service])
+        assert c.refine() is None
+        adapter.fail_capture = RuntimeError("surprise")
+        assert c.refine() is None
+        pump(app, lambda: len(service.of_type("heartbeat")) > 2, [service])
+        assert not service.of_type("submit")
+        assert notices[0] == ("CMYK: nothing sent", "error") and "surprise" in notices[1][0]
+    finally:
+        c.shutdown()
+        service.close()
+
+
+def test_lost_jobs_are_reconciled_after_a_service_restart(app, ctx):
+    service = FakeService(ctx)
+    adapter = FakeAdapter()
+    c = make_controller(ctx, service.endpoint, adapter)
+    c.start()
+    try:
+        pump(app, lambda: c.client.is_connected, [service])
+        job = c.refine()
+        pump(app, lambda: bool(service.of_type("submit")), [service])
+        ident = service.of_type("submit")[0][0]
+        service.send(ident, "accepted", job=job.id, position=0, seed=1, steps=30, denoise_steps=15)
+        pump(app, lambda: job.state is JobState.queued, [service])
+        endpoint = service.endpoint
+        service.close()  # the service dies with the job
+        pump(app, lambda: c.client.state.value == "disconnected", [], timeout=3)
+        service = FakeService(ctx, endpoint)  # a fresh service knows nothing of the job
+        pump(app, lambda: bool(service.of_type("status")), [service])
+        service.send(service.of_type("status")[0][0], "status", running=None, jobs=[], queue_length=0)
+        pump(app, lambda: job.state is JobState.failed, [service])
+        assert "no longer has this job" in job.message
+    finally:
+        c.shutdown()
+        service.close()
+
+
+def test_settings_are_loaded_and_persisted(app, ctx):
+    adapter = FakeAdapter()
+    c = make_controller(ctx, "tcp://127.0.0.1:1", adapter)
+    assert c.settings.prompt == "a red barn" and c.settings.strength == 0.5
+    c.update_settings(prompt="a blue barn", seed=42)
+    assert adapter.written == {"prompt": "a blue barn", "seed": "42"}
+    c.update_settings(endpoint="tcp://127.0.0.1:2")
+    assert c.client.endpoint == "tcp://127.0.0.1:2"
+    assert c.supported_modes == ["refine"]
