@@ -100,24 +100,30 @@ def hf_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "huggingface" / "hub"
 
 
+_WAYS_OUT = (
+    "pass --model PATH to a diffusers folder or a Hugging Face repo id, or try --demo for the tiny offline demo model"
+)
+
+
 def _check_folder(path: Path) -> Path:
     if not path.exists():
-        raise ModelNotFound(f"model folder {path} does not exist; pass --model PATH to a diffusers folder")
+        raise ModelNotFound(f"model folder {path} does not exist; {_WAYS_OUT}")
     if path.is_file():
         raise ModelNotFound(
-            f"{path} is a file; --model needs a diffusers folder (with model_index.json, unet/, vae/, ...) "
-            "or a Hugging Face repo id; single-file checkpoints are not supported"
+            f"{path} is a file, but a model must be a diffusers folder (model_index.json, unet/, vae/, ...); "
+            f"single-file checkpoints are not supported; {_WAYS_OUT}"
         )
     if not (path / "model_index.json").is_file():
         raise ModelNotFound(
-            f"folder {path} has no model_index.json, so it is not a diffusers pipeline folder; "
-            "pass --model PATH to a folder laid out like stabilityai/stable-diffusion-xl-refiner-1.0"
+            f"folder {path} has no model_index.json, so it is not a diffusers pipeline folder like "
+            f"stabilityai/stable-diffusion-xl-refiner-1.0; {_WAYS_OUT}"
         )
     return path
 
 
 def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~", "\\")) or "\\" in model or ":" in model or not _REPO_ID.match(model)
+    """Anything but ``owner/name`` (absolute, ~, ./, Windows or deeper paths) is a path."""
+    return not _REPO_ID.match(model)
 
 
 def _not_cached_message(repo_id: str, cache: Path, detail: str) -> str:
@@ -167,13 +173,14 @@ def resolve_refiner(
     """
     if demo:
         return ensure_demo_models(cache_dir).refiner
-    model = model or DEFAULT_REFINER
+    if model is None:
+        return _snapshot(DEFAULT_REFINER, allow_download, hf_cache_dir())
     path = Path(model).expanduser()
     if path.exists() or _looks_like_path(model):
         return _check_folder(path)
     try:
         return _snapshot(model, allow_download, hf_cache_dir())
-    except ModelNotFound as exc:
+    except ModelNotFound as exc:  # maybe a mistyped relative path rather than a repo id
         raise ModelNotFound(f"{exc} (There is no local folder named {model!r} either.)") from exc.__cause__
 
 
@@ -206,6 +213,5 @@ def load_refiner(
         add_watermarker=False,
     )
     pipe.to(device)
-    pipe.vae.to(dtype=vae_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -51,9 +51,16 @@ class Worker(threading.Thread):
         self._on_idle = on_idle
         self._push: zmq.Socket | None = None
 
-    def _emit(self, job: Job, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> None:
+    def _emit(
+        self,
+        job: Job,
+        msg_type: str,
+        images: dict[str, Image] | None = None,
+        fields: dict[str, Any] | None = None,
+        **more: Any,
+    ) -> None:
         assert self._push is not None
-        frames = encode(SERVICE, msg_type, images=images, job=job.id, **fields)
+        frames = encode(SERVICE, msg_type, images=images, job=job.id, **(fields or {}), **more)
         self._push.send_multipart([job.client, *frames], copy=False)
 
     def run(self) -> None:
@@ -66,19 +73,20 @@ class Worker(threading.Thread):
                 if job is None:
                     return
                 try:
-                    self._run_job(job)
+                    outcome = self._run_job(job)
                 finally:
-                    self._queue.done(job)
-                    if self._on_idle is not None and len(self._queue) == 0:
-                        self._on_idle()
+                    self._queue.done(job)  # before the final event: a client that reacts sees it gone
+                self._emit(job, *outcome)
+                if self._on_idle is not None and len(self._queue) == 0:
+                    self._on_idle()
         finally:
             self._push.close()
 
-    def _run_job(self, job: Job) -> None:
+    def _run_job(self, job: Job) -> tuple[str, dict[str, Image] | None, dict[str, Any]]:
+        """Run one job; returns its final event (type, images, fields)."""
         req: RefineRequest = job.payload
         if job.cancel.is_set():
-            self._emit(job, "cancelled", reason=job.cancel_reason)
-            return
+            return "cancelled", None, {"reason": job.cancel_reason}
 
         def on_progress(step: int, total: int, preview: Image | None) -> None:
             images = {"preview": preview} if preview is not None else None
@@ -98,29 +106,18 @@ class Worker(threading.Thread):
             result = self._engine.refine(req, on_progress, job.cancel.is_set)
         except JobCancelled:
             log.info("job %s cancelled (%s)", job.id, job.cancel_reason)
-            self._emit(job, "cancelled", reason=job.cancel_reason)
-            return
+            return "cancelled", None, {"reason": job.cancel_reason}
         except Exception as exc:  # the service must keep serving whatever a job does
             if _is_out_of_memory(exc):
                 log.error("job %s ran out of memory: %s", job.id, exc)
-                self._emit(
-                    job,
-                    "error",
-                    code=codes.OUT_OF_MEMORY,
-                    field=None,
-                    message=f"out of GPU memory: {exc}. Use a smaller selection or work size, "
-                    "or start the service with a lower-memory mode.",
+                message = (
+                    f"out of GPU memory: {exc}. Use a smaller selection or work size, "
+                    "or start the service with a lower-memory mode."
                 )
-            else:
-                log.exception("job %s failed", job.id)
-                self._emit(
-                    job,
-                    "error",
-                    code=codes.MODEL_ERROR,
-                    field=None,
-                    message=f"the pipeline failed: {type(exc).__name__}: {exc}",
-                )
-            return
+                return "error", None, {"code": codes.OUT_OF_MEMORY, "field": None, "message": message}
+            log.exception("job %s failed", job.id)
+            message = f"the pipeline failed: {type(exc).__name__}: {exc}"
+            return "error", None, {"code": codes.MODEL_ERROR, "field": None, "message": message}
         elapsed = time.perf_counter() - t0
         log.info("job %s done in %.3f s", job.id, elapsed)
-        self._emit(job, "result", images={"image": result}, seed=req.seed, elapsed=elapsed)
+        return "result", {"image": result}, {"seed": req.seed, "elapsed": elapsed}

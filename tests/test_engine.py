@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from krita_sdxl.backend import pixels
 from krita_sdxl.backend.engine import Engine
+from krita_sdxl.backend.models import load_refiner
 from krita_sdxl.backend.request import JobCancelled, RefineRequest
 from krita_sdxl.protocol import Image, ImageSpec, plan_img2img
 
@@ -172,3 +174,16 @@ def test_describe_on_cpu(engine: Engine, demo_refiner_path: Path) -> None:
     assert info["models"][0]["role"] == "refiner"
     assert Path(info["models"][0]["path"]) == demo_refiner_path
     assert info["torch"] and info["diffusers"]
+
+
+def test_a_vae_that_overflows_in_fp16_is_rerun_in_fp32(demo_refiner_path: Path, caplog: Any) -> None:
+    pipe = load_refiner(demo_refiner_path, "cpu", torch.float32, torch.float16)
+    with torch.no_grad():
+        pipe.vae.decoder.conv_in.weight.mul_(3e4)  # overflows float16 (max 65504), not float32
+    half_vae = Engine(pipe, "cpu", torch.float32, torch.float16)
+    image = make_image(64, 48)
+    with caplog.at_level("WARNING"):
+        out = run(half_vae, make_request(image))
+    assert "VAE decode in torch.float16 produced non-finite values" in caplog.text
+    assert pipe.vae.dtype == torch.float16  # put back after the float32 retry
+    assert channel(out, image.spec, "A").tobytes() == channel(bytes(image.data), image.spec, "A").tobytes()

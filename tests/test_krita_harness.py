@@ -16,7 +16,6 @@ import krita_harness
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.krita
 
 PROBE_INIT = '''"""Harness probe standing in for the real plugin: loads its vendored packages, adds one action."""
 from krita import Extension, Krita
@@ -73,6 +72,7 @@ def pattern_sha256(width: int, height: int) -> str:
     return hashlib.sha256(out).hexdigest()
 
 
+@pytest.mark.krita
 def test_krita_reads_back_layer_pixels_and_selection(tmp_path: Path) -> None:
     require_krita()
     zip_path = probe_zip(tmp_path, vendor=False)
@@ -124,12 +124,16 @@ def test_krita_reads_back_layer_pixels_and_selection(tmp_path: Path) -> None:
     print(f"Krita smoke run: {run.duration_s:.1f} s (warm HOME: {run.warm})")
 
 
+@pytest.mark.krita
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (sys.platform.startswith("linux") and platform.machine() == "x86_64"), reason="vendors manylinux x86_64"
 )
 def test_vendored_zip_loads_its_own_pyzmq_inside_krita(tmp_path: Path) -> None:
-    """The zip with wheels: Krita imports pyzmq/msgpack from _vendor/<tag>, not from the system."""
+    """The zip with wheels: Krita imports pyzmq/msgpack from _vendor/<tag>, not from the system.
+
+    Downloads the manylinux wheels into build/wheels the first time (PyPI).
+    """
     require_krita()
     zip_path = probe_zip(tmp_path, vendor=True, platforms=["*-manylinux_x86_64"])
     run = krita_harness.run_krita(
@@ -148,3 +152,59 @@ def test_vendored_zip_loads_its_own_pyzmq_inside_krita(tmp_path: Path) -> None:
     for module in ("zmq", "msgpack", "zmq.backend.cython._zmq"):
         assert vendor in (value["modules"][module] or ""), f"{module} not from {vendor}\n{story}"
     assert value["actions"] == {"krita_sdxl_harness_probe": True}, story
+
+
+@pytest.mark.krita
+@pytest.mark.slow
+def test_a_failing_scenario_is_reported_and_krita_still_quits(tmp_path: Path) -> None:
+    require_krita()
+    run = krita_harness.run_krita("scenario_fail", tmp_path, name="harness-raise", params={"mode": "raise"})
+    assert run.result is not None and not run.timed_out and not run.hung_on_quit, run.describe()
+    assert run.result["ok"] is False and run.result["error"] == "RuntimeError: boom from the scenario"
+    assert "scenario_fail.py" in run.result["traceback"]
+    assert len(run.result["uncaught"]) == 1 and "ValueError: boom from a Qt slot" in run.result["uncaught"][0]
+    assert run.returncode == 0
+    with pytest.raises(AssertionError, match="boom from the scenario"):
+        run.check()
+
+
+@pytest.mark.krita
+@pytest.mark.slow
+def test_the_driver_watchdog_ends_a_scenario_that_never_finishes(tmp_path: Path) -> None:
+    require_krita()
+    run = krita_harness.run_krita(
+        "scenario_fail", tmp_path, name="harness-hang", params={"mode": "hang"}, scenario_timeout_s=8
+    )
+    assert run.result is not None and not run.timed_out, run.describe()
+    assert run.result["error"] == "TimeoutError: scenario still running after 8 s", run.describe()
+
+
+@pytest.mark.krita
+@pytest.mark.slow
+def test_the_hard_timeout_kills_a_blocked_krita(tmp_path: Path) -> None:
+    require_krita()
+    run = krita_harness.run_krita(
+        "scenario_fail", tmp_path, name="harness-block", params={"mode": "block"}, timeout_s=30, scenario_timeout_s=10
+    )
+    assert run.timed_out and run.result is None, run.describe()
+    assert run.duration_s < 45
+    assert run.screenshots and run.screenshots[0].is_file()
+    assert "failing on purpose: block" in run.log  # the scenario's own log line reached Krita's stderr
+    with pytest.raises(AssertionError, match="no result file"):
+        run.check()
+
+
+def test_update_kritarc_edits_groups_in_place(tmp_path: Path) -> None:
+    rc = tmp_path / "kritarc"
+    rc.write_text("topKey=1\n\n[python]\nenable_other=true\n\n[MainWindow][DockWidget X]\nvisible=true\n")
+    krita_harness.update_kritarc(
+        rc,
+        {
+            "python": {"enable_other": False, "enable_mine": True},
+            "krita_sdxl": {"prompt": " two\nlines\\ ", "seed": 7},
+        },
+    )
+    assert rc.read_text() == (
+        "topKey=1\n\n[python]\nenable_other=false\nenable_mine=true\n\n[MainWindow][DockWidget X]\nvisible=true\n"
+        "\n[krita_sdxl]\nprompt=\\stwo\\nlines\\\\\\s\nseed=7\n"
+    )

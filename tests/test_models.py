@@ -72,15 +72,17 @@ def test_resolve_demo_and_folders(demo_models: Any, krita_sdxl_cache: Path) -> N
 
 def test_missing_or_wrong_folders_say_what_is_wrong(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
-    with pytest.raises(ModelNotFound, match=r"no-such-model does not exist.*--model PATH"):
+    with pytest.raises(ModelNotFound, match=r"no-such-model does not exist.*--model PATH.*--demo"):
         resolve_refiner(str(missing))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFound, match=r"has no model_index.json"):
+    with pytest.raises(ModelNotFound, match=r"has no model_index.json.*--model PATH.*--demo"):
         resolve_refiner(str(tmp_path / "empty"))
     checkpoint = tmp_path / "sd_xl_refiner_1.0.safetensors"
     checkpoint.write_bytes(b"x")
-    with pytest.raises(ModelNotFound, match=r"is a file.*single-file checkpoints are not supported"):
+    with pytest.raises(ModelNotFound, match=r"is a file.*single-file checkpoints are not supported.*--demo"):
         resolve_refiner(str(checkpoint))
+    with pytest.raises(ModelNotFound, match=r"nowhere/at/all does not exist"):
+        resolve_refiner("nowhere/at/all")  # not an owner/name repo id, so a path
 
 
 @pytest.mark.parametrize("model", [None, "someone/not-downloaded"])

@@ -14,18 +14,18 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 pytest.importorskip("PyQt5.QtWidgets")
 pytest.importorskip("zmq")
 
-from PyQt5.QtCore import QEventLoop, Qt  # noqa: E402
-from PyQt5.QtGui import QImage  # noqa: E402
-from PyQt5.QtWidgets import QApplication  # noqa: E402
+from PyQt5.QtCore import QEventLoop, Qt
+from PyQt5.QtGui import QImage
+from PyQt5.QtWidgets import QApplication
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
-from krita_sdxl.protocol.geometry import Box  # noqa: E402
-from krita_sdxl_refiner.backend import Backend  # noqa: E402
-from krita_sdxl_refiner.controller import Controller  # noqa: E402
-from krita_sdxl_refiner.jobs import StoredResult  # noqa: E402
-from krita_sdxl_refiner.panel import MessagePanel, RefinerPanel  # noqa: E402
-from krita_sdxl_refiner.pixelformat import pixel_format  # noqa: E402
+from krita_sdxl.protocol.geometry import Box
+from krita_sdxl_refiner.backend import Backend
+from krita_sdxl_refiner.controller import Controller
+from krita_sdxl_refiner.jobs import StoredResult
+from krita_sdxl_refiner.panel import MessagePanel, RefinerPanel
+from krita_sdxl_refiner.pixelformat import pixel_format
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
-from krita_sdxl.protocol import CLIENT, ImageSpec, encode  # noqa: E402
-from krita_sdxl.protocol.geometry import Box, Extent  # noqa: E402
-from krita_sdxl_refiner import settings as settings_mod  # noqa: E402
-from krita_sdxl_refiner.backend import invocation, is_python  # noqa: E402
-from krita_sdxl_refiner.jobs import (  # noqa: E402
+from krita_sdxl.protocol import CLIENT, ImageSpec, encode
+from krita_sdxl.protocol.geometry import Box, Extent
+from krita_sdxl_refiner import settings as settings_mod
+from krita_sdxl_refiner.backend import invocation, is_python
+from krita_sdxl_refiner.jobs import (
     Job,
     JobList,
     JobParams,
@@ -25,10 +25,10 @@ from krita_sdxl_refiner.jobs import (  # noqa: E402
     Target,
     status_job_ids,
 )
-from krita_sdxl_refiner.pixelformat import UnsupportedFormat, pixel_format, transfer_of  # noqa: E402
-from krita_sdxl_refiner.plan import NothingToRefine, layer_name, plan_refine, short_prompt  # noqa: E402
-from krita_sdxl_refiner.settings import Settings  # noqa: E402
-from krita_sdxl_refiner.widgets import describe_backend, format_bytes  # noqa: E402
+from krita_sdxl_refiner.pixelformat import UnsupportedFormat, pixel_format, transfer_of
+from krita_sdxl_refiner.plan import NothingToRefine, layer_name, plan_refine, short_prompt
+from krita_sdxl_refiner.settings import Settings
+from krita_sdxl_refiner.widgets import describe_backend, format_bytes
 
 # --- settings ------------------------------------------------------------------------------------
 

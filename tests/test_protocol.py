@@ -8,6 +8,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from krita_sdxl.protocol import (
     CLIENT,
     FORMATS,

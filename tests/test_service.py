@@ -11,6 +11,7 @@ import time
 
 import msgpack
 import pytest
+
 from krita_sdxl.backend.client import JobFailed, ServiceClient
 from krita_sdxl.backend.launcher import start_service
 from krita_sdxl.protocol import Image, ImageSpec

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -23,6 +24,34 @@ from PyQt5.QtCore import QObject, QSocketNotifier, QTimer, pyqtSignal
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, ProtocolError, decode, encode
 
 CLIENT_NAME = "krita-sdxl-refiner"
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """ZeroMQ CURVE for a backend beyond this machine: the service's public key (Z85 text, as in its
+    ``.key`` file) and this client's secret key file (``NAME.key_secret`` from ``krita-sdxl keys``)."""
+
+    server_public_key: str
+    client_secret_file: str
+
+    @classmethod
+    def from_settings(cls, server_public_key: str, client_secret_file: str) -> CurveKeys | None:
+        if not server_public_key.strip() and not client_secret_file.strip():
+            return None
+        return cls(server_public_key.strip(), client_secret_file.strip())
+
+
+def _apply_curve(sock: zmq.Socket, keys: CurveKeys) -> None:
+    from zmq import auth as zmq_auth
+
+    if len(keys.server_public_key) != 40:
+        raise ValueError("the server public key must be the 40-character Z85 text from the service's .key file")
+    public, secret = zmq_auth.load_certificate(keys.client_secret_file)
+    if not secret:
+        raise ValueError(f"{keys.client_secret_file} holds no secret key (use the .key_secret file)")
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_serverkey = keys.server_public_key.encode("ascii")
 
 
 class ConnectionState(str, Enum):
@@ -47,9 +76,11 @@ class Client(QObject):
         timeout: float = 5.0,
         context: zmq.Context | None = None,
         parent: QObject | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         super().__init__(parent)
         self._endpoint = endpoint
+        self._curve = curve
         self._interval = interval
         self._timeout = timeout
         self._context = context or zmq.Context.instance()
@@ -102,6 +133,13 @@ class Client(QObject):
         if self._timer.isActive():
             self._open(announce=True)
 
+    def set_curve(self, curve: CurveKeys | None) -> None:
+        if curve == self._curve:
+            return
+        self._curve = curve
+        if self._timer.isActive():
+            self._open(announce=True)
+
     def send(self, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> bool:
         """Encode (validating every field) and queue one message without blocking. Returns False,
         and emits ``problem``, when there is no socket or its queue is full."""
@@ -121,16 +159,19 @@ class Client(QObject):
             sock.setsockopt(zmq.ROUTING_ID, self._identity)
             sock.setsockopt(zmq.RECONNECT_IVL, 250)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            if self._curve is not None:
+                _apply_curve(sock, self._curve)
             sock.connect(self._endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, OSError, ValueError) as exc:
             sock.close(linger=0)
-            self._set_state(ConnectionState.disconnected, f"cannot use endpoint {self._endpoint!r}: {exc}")
+            what = "CURVE keys" if self._curve is not None and not isinstance(exc, zmq.ZMQError) else "endpoint"
+            self._set_state(ConnectionState.disconnected, f"cannot use {what} for {self._endpoint!r}: {exc}")
             return
         self._socket = sock
         self._notifier = QSocketNotifier(sock.getsockopt(zmq.FD), QSocketNotifier.Read, self)
         self._notifier.activated.connect(self._drain)
         if announce:
-            self._set_state(ConnectionState.connecting, f"connecting to {self._endpoint}")
+            self._set_state(ConnectionState.connecting, self._endpoint)
         self._send_frames(encode(CLIENT, "hello", client=CLIENT_NAME), "hello")
 
     def _close(self) -> None:
@@ -161,7 +202,8 @@ class Client(QObject):
             else:
                 self._send_frames(encode(CLIENT, "heartbeat"), "heartbeat")
         elif now - self._opened_at >= self._timeout:
-            self._reset(f"no answer from {self._endpoint}; retrying")
+            hint = " (are the CURVE keys right?)" if self._curve is not None else ""
+            self._reset(f"no answer from {self._endpoint}{hint}; retrying")
 
     # --- I/O ---------------------------------------------------------------------------------
 
@@ -215,7 +257,7 @@ class Client(QObject):
         if msg.type == "welcome":
             self.server = msg["server"]
             self.capabilities = dict(msg["capabilities"])
-            self._set_state(ConnectionState.connected, f"connected to {self._endpoint}")
+            self._set_state(ConnectionState.connected, self._endpoint)
             self.welcomed.emit(self.server, self.capabilities)
         elif msg.type == "heartbeat":
             pass

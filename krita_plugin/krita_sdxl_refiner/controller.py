@@ -7,9 +7,13 @@ in Krita, a fake in tests) with ``read_setting``, ``write_setting``, ``capture``
 
 from __future__ import annotations
 
+import functools
+import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from PyQt5.QtCore import QObject, QTimer, pyqtSignal
 
@@ -20,13 +24,31 @@ from krita_sdxl.protocol.schema import CLIENT_MESSAGES
 from . import settings as settings_mod
 from .backend import Backend
 from .buffers import preview_image
-from .client import Client
+from .client import Client, CurveKeys
 from .jobs import Job, JobList, JobParams, JobState, ResultList, StoredResult, Target, new_job_id, status_job_ids
 from .pixelformat import PixelFormat, UnsupportedFormat
 from .plan import NothingToRefine, RefinePlan, plan_refine
 from .settings import Settings
 
 STATUS_AFTER_SILENCE = 15.0  # seconds without news of a job in the service before asking for status
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(method: F) -> F:
+    """For Qt slots: an exception escaping a slot opens Krita's modal error dialog. Report it as a
+    notice (and its traceback on stderr) instead."""
+
+    @functools.wraps(method)
+    def wrapper(self: Controller, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            self.notice.emit(f"Internal error in the SDXL Refiner: {type(exc).__name__}: {exc}", "error")
+            return None
+
+    return wrapper  # type: ignore[return-value]
 
 
 class AdapterError(Exception):
@@ -77,7 +99,7 @@ class Controller(QObject):
         self.jobs = JobList()
         self.results = ResultList()
         self.last_seed: int | None = None
-        self.client = client or Client(self.settings.endpoint, parent=self)
+        self.client = client or Client(self.settings.endpoint, parent=self, curve=self._curve(self.settings))
         self.client.state_changed.connect(self.connection_changed)
         self.client.welcomed.connect(self._on_welcome)
         self.client.received.connect(self._on_message)
@@ -103,15 +125,22 @@ class Controller(QObject):
 
     # --- settings ----------------------------------------------------------------------------
 
+    @guarded
     def update_settings(self, **changes: Any) -> None:
         new = self.settings.changed(**changes)
         if new == self.settings:
             return
         old, self.settings = self.settings, new
         settings_mod.save(new, self.adapter.write_setting, previous=old)
+        if self._curve(new) != self._curve(old):
+            self.client.set_curve(self._curve(new))
         if new.endpoint != old.endpoint:
             self.client.set_endpoint(new.endpoint)
         self.settings_changed.emit(new)
+
+    @staticmethod
+    def _curve(s: Settings) -> CurveKeys | None:
+        return CurveKeys.from_settings(s.server_public_key, s.client_secret_key)
 
     @property
     def supported_modes(self) -> list[str]:
@@ -120,6 +149,7 @@ class Controller(QObject):
 
     # --- jobs --------------------------------------------------------------------------------
 
+    @guarded
     def refine(self) -> Job | None:
         """Capture the active document and submit (or queue until connected). Never raises."""
         s = self.settings
@@ -186,6 +216,7 @@ class Controller(QObject):
         if ok:
             job.mark_sent()
 
+    @guarded
     def cancel(self) -> None:
         """Cancel every unfinished job (not sent yet: dropped here; else asked of the service)."""
         for job in self.jobs.unfinished():
@@ -197,7 +228,9 @@ class Controller(QObject):
 
     # --- events ------------------------------------------------------------------------------
 
+    @guarded
     def _on_welcome(self, server: str, capabilities: dict) -> None:
+        self._status_pending = None  # a status asked of an earlier connection will not come
         self.capabilities_changed.emit(server, capabilities)
         for job in self.jobs.waiting():
             self._send(job)
@@ -205,6 +238,7 @@ class Controller(QObject):
             self._ask_status()
         self.jobs_changed.emit()
 
+    @guarded
     def _on_message(self, msg: Message) -> None:
         if msg.type == "status":
             self._reconcile(msg.fields)
@@ -263,6 +297,7 @@ class Controller(QObject):
                 self.notice.emit(job.status_text, "error")
         self.jobs_changed.emit()
 
+    @guarded
     def _check_silent_jobs(self) -> None:
         if not self.client.is_connected or self._status_pending is not None:
             return
@@ -272,12 +307,15 @@ class Controller(QObject):
 
     # --- results list ------------------------------------------------------------------------
 
+    @guarded
     def apply_result(self, job_id: str) -> None:
         self._result_action(job_id, self.adapter.apply_to_active, "Applied to the active document.")
 
+    @guarded
     def open_result(self, job_id: str) -> None:
         self._result_action(job_id, self.adapter.open_as_document, "Opened as a new document.")
 
+    @guarded
     def discard_result(self, job_id: str) -> None:
         if self.results.remove(job_id) is not None:
             self.results_changed.emit()
@@ -300,9 +338,11 @@ class Controller(QObject):
 
     # --- local backend -----------------------------------------------------------------------
 
+    @guarded
     def start_backend(self) -> None:
         s = self.settings
         self.backend.start(s.backend_command, s.backend_args, s.endpoint)
 
+    @guarded
     def stop_backend(self) -> None:
         self.backend.stop()

@@ -63,13 +63,16 @@ class RefinerPanel(QWidget):
         self.endpoint.setPlaceholderText("tcp://127.0.0.1:5588")
         self.connection = wrap_label()
         self.backend_info = wrap_label()
-        self.backend_info.setStyleSheet("color: palette(mid)")
+        font = self.backend_info.font()
+        font.setPointSizeF(font.pointSizeF() * 0.9)
+        self.backend_info.setFont(font)
         conn = QFormLayout()
         conn.addRow("Backend", self.endpoint)
         root.addLayout(conn)
         root.addWidget(self.connection)
         root.addWidget(self.backend_info)
         root.addWidget(self._build_local_backend())
+        root.addWidget(self._build_security())
 
         form = QFormLayout()
         self.mode = QComboBox()
@@ -175,6 +178,19 @@ class RefinerPanel(QWidget):
         self.local_section = Collapsible("Local backend", box)
         return self.local_section
 
+    def _build_security(self) -> QWidget:
+        box = QWidget()
+        form = QFormLayout(box)
+        form.setContentsMargins(0, 0, 0, 0)
+        self.server_key = QLineEdit()
+        self.server_key.setPlaceholderText("40 characters, from the service's server.key")
+        self.server_key.setToolTip("Only for a backend on another machine (CURVE); empty for this machine")
+        self.client_key = QLineEdit()
+        self.client_key.setPlaceholderText("path of this client's .key_secret file")
+        form.addRow("Server key", self.server_key)
+        form.addRow("Client key", self.client_key)
+        return Collapsible("Remote backend keys", box)
+
     def _build_advanced(self) -> QWidget:
         box = QWidget()
         form = QFormLayout(box)
@@ -230,6 +246,8 @@ class RefinerPanel(QWidget):
         self.padding.valueChanged.connect(lambda v: self._set(padding_fraction=v))
         self.backend_command.editingFinished.connect(lambda: self._set(backend_command=self.backend_command.text()))
         self.backend_args.editingFinished.connect(lambda: self._set(backend_args=self.backend_args.text()))
+        self.server_key.editingFinished.connect(lambda: self._set(server_public_key=self.server_key.text()))
+        self.client_key.editingFinished.connect(lambda: self._set(client_secret_key=self.client_key.text()))
         self.refine_button.clicked.connect(c.refine)
         self.cancel_button.clicked.connect(c.cancel)
         self.backend_start.clicked.connect(self._start_backend)
@@ -311,6 +329,10 @@ class RefinerPanel(QWidget):
                 self.backend_command.setText(s.backend_command)
             if self.backend_args.text() != s.backend_args:
                 self.backend_args.setText(s.backend_args)
+            if self.server_key.text() != s.server_public_key:
+                self.server_key.setText(s.server_public_key)
+            if self.client_key.text() != s.client_secret_key:
+                self.client_key.setText(s.client_secret_key)
         finally:
             self._loading = False
         if not s.preview:

@@ -39,6 +39,8 @@ class Settings:
     padding_fraction: float = 0.06  # context around the selection: share of its diagonal
     backend_command: str = "krita-sdxl"  # the krita-sdxl command, or a Python that has it installed
     backend_args: str = "serve"
+    server_public_key: str = ""  # CURVE, for a backend on another machine: the service's public key
+    client_secret_key: str = ""  # CURVE: path of this client's NAME.key_secret file
 
     @property
     def random_seed(self) -> bool:

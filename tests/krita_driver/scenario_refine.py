@@ -11,6 +11,7 @@ params: width, height, rect [x0, y0, x1, y1], action, timeout_s, inner_margin, s
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from typing import Any
 
@@ -124,6 +125,10 @@ def run(ctx: Any) -> Any:
         "top_level": [[n.name(), n.type()] for n in doc.topLevelNodes()],
         "source_unchanged": hashlib.sha256(bytes(source.pixelData(0, 0, width, height))).hexdigest() == source_sha,
         "source_name": source.name(),
+        "modules": {
+            name: getattr(sys.modules.get(name), "__file__", None)
+            for name in ("krita_sdxl_refiner", "krita_sdxl.protocol", "zmq", "msgpack")
+        },
     }
     if len(layers) != 1:
         return value
