@@ -107,6 +107,8 @@ class Engine:
         if should_stop():
             raise JobCancelled()
         rgb, _ = pixels.to_rgb_alpha(req.image)
+        if req.transfer == "linear":
+            rgb = pixels.linear_to_srgb(rgb)
         work = req.work_size if req.work_size and req.work_size != (spec.width, spec.height) else None
         if work is not None:
             rgb = pixels.resize(rgb, work)
@@ -117,6 +119,8 @@ class Engine:
             out = self._decode(latents)[:h, :w]
         if work is not None:
             out = pixels.resize(out, (spec.width, spec.height))
+        if req.transfer == "linear":
+            out = pixels.srgb_to_linear(out)
         if mask is not None and req.feather > 0:
             mask = pixels.feather_inward(mask, req.feather)
         return Image(spec, pixels.merge_result(out, req.image, mask))

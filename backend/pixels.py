@@ -221,3 +221,14 @@ def pad_to_multiple(values: np.ndarray, multiple: int = 8) -> tuple[np.ndarray, 
         return values, (h, w)
     pad = [(0, ph), (0, pw)] + [(0, 0)] * (values.ndim - 2)
     return np.pad(values, pad, mode="symmetric"), (h, w)
+
+
+def linear_to_srgb(values: np.ndarray) -> np.ndarray:
+    """IEC 61966-2-1 encoding of linear light in [0, 1] (the model was trained on sRGB pixels)."""
+    v = np.clip(values, 0.0, 1.0)
+    return np.where(v <= 0.0031308, v * 12.92, 1.055 * np.power(v, 1 / 2.4) - 0.055).astype(np.float32)
+
+
+def srgb_to_linear(values: np.ndarray) -> np.ndarray:
+    v = np.clip(values, 0.0, 1.0)
+    return np.where(v <= 0.04045, v / 12.92, np.power((v + 0.055) / 1.055, 2.4)).astype(np.float32)

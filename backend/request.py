@@ -33,6 +33,7 @@ class RefineRequest:
     work_size: tuple[int, int] | None = None  # (width, height) the model runs at; None = native
     mask: Image | None = None  # L image, same size as image: result alpha is multiplied by it
     feather: float = 0.0  # inward feather of the mask, in image pixels
+    transfer: str = "srgb"  # "linear": pixels are linear light; encoded to sRGB for the model and back
 
     @classmethod
     def from_message(cls, msg: Message, seed: int) -> RefineRequest:
@@ -54,4 +55,5 @@ class RefineRequest:
             work_size=work,
             mask=msg.images.get("mask"),
             feather=f["feather"],
+            transfer=f["transfer"],
         )

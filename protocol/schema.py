@@ -123,6 +123,7 @@ CLIENT_MESSAGES: dict[str, dict[str, Field]] = {
         "work_width": Field("int", None, nullable=True, lo=8, hi=MAX_SIDE),
         "work_height": Field("int", None, nullable=True, lo=8, hi=MAX_SIDE),
         "feather": Field("float", 0.0, lo=0.0, hi=float(MAX_SIDE)),
+        "transfer": _str("srgb", max_len=16, choices=("srgb", "linear")),
         "image": Field("image"),
         "mask": Field("image", None, nullable=True),
     },

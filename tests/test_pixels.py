@@ -175,3 +175,14 @@ def test_4096_conversion_is_fast() -> None:
         best_in, best_out = min(best_in, t1 - t0), min(best_out, t2 - t1)
     assert out == bytes(img.data)
     assert best_in < 1.0 and best_out < 1.0, (best_in, best_out)  # about 0.1 s each on 2 idle cores
+
+
+def test_srgb_transfer_round_trip_and_known_points():
+    import numpy as np
+
+    from krita_sdxl.backend.pixels import linear_to_srgb, srgb_to_linear
+
+    v = np.linspace(0, 1, 1001, dtype=np.float32)
+    assert np.abs(srgb_to_linear(linear_to_srgb(v)) - v).max() < 1e-5
+    assert abs(float(linear_to_srgb(np.float32(0.2140411))) - 0.5) < 1e-4  # mid grey
+    assert float(linear_to_srgb(np.float32(0.0))) == 0.0 and abs(float(linear_to_srgb(np.float32(1.0))) - 1) < 1e-6

@@ -276,3 +276,13 @@ def test_sigterm_cancels_running_job_and_tells_client(tmp_path_factory):
         assert time.monotonic() - t0 < 30
     finally:
         svc.stop()
+
+
+def test_linear_transfer_is_encoded_for_the_model_and_back(client):
+    img = Image(ImageSpec(40, 24, "RGBA", 16, "uint"), random.Random(5).randbytes(40 * 24 * 8))
+    srgb = refine(client, img, seed=3, transfer="srgb").images["image"]
+    linear = refine(client, img, seed=3, transfer="linear").images["image"]
+    assert (linear.spec.width, linear.spec.height, linear.spec.depth) == (40, 24, 16)
+    assert bytes(srgb.data) != bytes(linear.data)
+    src, out = bytes(img.data), bytes(linear.data)
+    assert [src[i : i + 2] for i in range(6, len(src), 8)] == [out[i : i + 2] for i in range(6, len(out), 8)]

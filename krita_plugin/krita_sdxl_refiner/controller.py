@@ -19,7 +19,6 @@ from PyQt5.QtCore import QObject, QTimer, pyqtSignal
 
 from krita_sdxl.protocol import Image, ImageSpec, Message, ProtocolError
 from krita_sdxl.protocol.geometry import Box, Extent
-from krita_sdxl.protocol.schema import CLIENT_MESSAGES
 
 from . import settings as settings_mod
 from .backend import Backend
@@ -205,8 +204,7 @@ class Controller(QObject):
 
     def _send(self, job: Job) -> None:
         fields = job.submit_fields()
-        if "transfer" in CLIENT_MESSAGES["submit"]:  # sent once the protocol carries it
-            fields["transfer"] = job.transfer
+        fields["transfer"] = job.transfer
         try:
             ok = self.client.send("submit", images=job.images, **fields)
         except (ProtocolError, ValueError) as exc:
