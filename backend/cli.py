@@ -379,7 +379,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     caps = welcome["capabilities"]
     print(f"service     {welcome['server']} at {args.endpoint}")
     print(f"protocol    {caps.get('protocol_version')}")
-    print(f"device      {caps.get('device')}" + (f" ({caps['gpu_name']})" if caps.get("gpu_name") else ""))
+    print(f"device      {caps.get('device')}" + (f" ({caps['gpu']})" if caps.get("gpu") else ""))
     print(f"dtype       {caps.get('dtype')}" + (f", VAE {caps['vae_dtype']}" if caps.get("vae_dtype") else ""))
     total, free = caps.get("gpu_memory_total"), caps.get("gpu_memory_free")
     if total:

@@ -286,7 +286,7 @@ def test_refine_flow_submit_events_and_new_layer(app, ctx):
         assert submit["feather"] == pytest.approx(job.plan.feather) and submit["feather"] > 0
         assert submit.images["image"].spec == ImageSpec(crop.width, crop.height, "BGRA", 8, "uint")
         assert submit.images["mask"].spec == ImageSpec(crop.width, crop.height, "L", 8, "uint")
-        assert job.state is JobState.sent and not job.images  # pixels released once sent
+        assert job.state is JobState.sent and job.images  # pixels kept until the job ends (resubmission)
 
         service.send(ident, "accepted", job=job.id, position=0, seed=1234, steps=30, denoise_steps=15)
         preview = Image(ImageSpec(2, 2, "RGBA", 8, "uint"), bytes([255, 0, 0, 255] * 4))
@@ -298,6 +298,7 @@ def test_refine_flow_submit_events_and_new_layer(app, ctx):
         out = Image(submit.images["image"].spec, bytes([9]) * submit.images["image"].spec.byte_length)
         service.send(ident, "result", images={"image": out}, job=job.id, seed=1234, elapsed=0.8)
         pump(app, lambda: job.state is JobState.done, [service])
+        assert not job.images  # released once the result is in
         assert len(adapter.applied) == 1
         box, data, name = adapter.applied[0]
         assert box == crop and data == bytes([9]) * len(data)
@@ -427,8 +428,15 @@ def test_lost_jobs_are_reconciled_after_a_service_restart(app, ctx):
         service = FakeService(ctx, endpoint)  # a fresh service knows nothing of the job
         pump(app, lambda: bool(service.of_type("status")), [service])
         service.send(service.of_type("status")[0][0], "status", running=None, jobs=[], queue_length=0)
-        pump(app, lambda: job.state is JobState.failed, [service])
-        assert "no longer has this job" in job.message
+        pump(app, lambda: job.state is JobState.lost, [service])
+        assert "no longer has this job" in job.message and job.images
+        (again,) = c.resubmit()
+        pump(app, lambda: len(service.of_type("submit")) == 1, [service])
+        resent = service.of_type("submit")[0][1]
+        assert resent.job == again.id != job.id
+        assert resent["prompt"] == "a red barn" and resent["strength"] == 0.5
+        assert bytes(resent.images["image"].data) == bytes(job.images["image"].data)
+        assert not c.jobs.lost()
     finally:
         c.shutdown()
         service.close()
@@ -565,3 +573,50 @@ def test_curve_keys_for_a_remote_backend(app, ctx, tmp_path):
         good.stop()
         service.close()
         auth.stop()
+
+
+# --- the controller against the real service, in a subprocess --------------------------------------
+
+
+def test_real_service_killed_mid_job_then_restarted_job_is_resubmitted(app, ctx, tmp_path):
+    import socket
+
+    from krita_sdxl.backend.launcher import start_service
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        "--demo",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--log-level",
+        "warning",
+        "--endpoint",
+        f"tcp://127.0.0.1:{port}",
+    ]
+    svc = start_service(args)
+    adapter = FakeAdapter()
+    adapter.store.update(steps="30", strength="1.0", seed="77", preview="false")
+    adapter.selection = Box(10, 10, 40, 30)
+    c = make_controller(ctx, svc.endpoint, adapter)
+    c.start()
+    try:
+        pump(app, lambda: c.client.is_connected, [], timeout=30)
+        job = c.refine()
+        pump(app, lambda: job.state is JobState.running, [], timeout=60)
+        svc.proc.kill()  # kill -9 mid-job
+        svc.proc.wait()
+        pump(app, lambda: c.client.state.value == "disconnected", [], timeout=10)
+        svc = start_service(args)
+        pump(app, lambda: job.state is JobState.lost, [], timeout=60)
+        assert c.jobs.lost() == [job]
+        (again,) = c.resubmit()
+        pump(app, lambda: again.state is JobState.done, [], timeout=120)
+        assert again.seed == 77 and again.params == job.params
+        (box, data, name) = adapter.applied[-1]
+        assert box == job.plan.crop and len(data) == box.width * box.height * 4
+        assert "seed 77" in name
+    finally:
+        c.shutdown()
+        svc.stop()

@@ -291,9 +291,24 @@ class Controller(QObject):
         mentioned = status_job_ids(fields)
         for job in self.jobs.in_service():
             if job.id in asked and job.id not in mentioned:
-                job.fail("the backend no longer has this job (was it restarted?)")
-                self.notice.emit(job.status_text, "error")
+                job.lose("the backend no longer has this job (was it restarted?)")
+                self.notice.emit(job.status_text, "warning")
         self.jobs_changed.emit()
+
+    @guarded
+    def resubmit(self) -> list[Job]:
+        """Send every lost job again, with its settings and pixels as they were captured."""
+        fresh = []
+        for job in self.jobs.lost():
+            new = job.resubmission()
+            job.message = "resubmitted"
+            job.state = JobState.cancelled
+            self.jobs.add(new)
+            if self.client.is_connected:
+                self._send(new)
+            fresh.append(new)
+        self.jobs_changed.emit()
+        return fresh
 
     @guarded
     def _check_silent_jobs(self) -> None:

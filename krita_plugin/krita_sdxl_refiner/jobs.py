@@ -29,10 +29,11 @@ class JobState(str, Enum):
     done = "done"
     failed = "failed"
     cancelled = "cancelled"
+    lost = "lost"  # the backend went away while it had the job; it can be resubmitted as it was
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.done, JobState.failed, JobState.cancelled)
+        return self in (JobState.done, JobState.failed, JobState.cancelled, JobState.lost)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Job:
     target: Target
     transfer: str = "srgb"  # "srgb" or "linear": the document profile's transfer curve
     profile: str = ""  # the document's colour profile name
-    images: dict[str, Image] = field(default_factory=dict)  # pixels until they are sent
+    images: dict[str, Image] = field(default_factory=dict)  # pixels until the job ends (kept for resubmission)
     state: JobState = JobState.waiting
     seed: int | None = None
     steps: int | None = None  # scheduler steps as the service plans them
@@ -126,6 +127,7 @@ class Job:
             self.seed = fields.get("seed", self.seed)
             self.elapsed = fields.get("elapsed")
             self.step = self.total
+            self.images.clear()
             return True
         if msg_type == "error":
             self.state = JobState.failed
@@ -142,7 +144,24 @@ class Job:
     def mark_sent(self) -> None:
         self.state = JobState.sent
         self.touched = time.monotonic()
-        self.images.clear()
+
+    def lose(self, message: str) -> None:
+        """The backend no longer has this job (restarted or replaced): keep everything for a resubmit."""
+        self.state = JobState.lost
+        self.message = message
+
+    def resubmission(self) -> Job:
+        """A fresh job with the same settings, pixels, plan and target (a new id: the old one is gone)."""
+        return Job(
+            new_job_id(),
+            self.params,
+            self.plan,
+            self.fmt,
+            self.target,
+            transfer=self.transfer,
+            profile=self.profile,
+            images=dict(self.images),
+        )
 
     def fail(self, message: str) -> None:
         self.state = JobState.failed
@@ -170,6 +189,8 @@ class Job:
             return f"Done{took}, seed {self.seed}"
         if s is JobState.failed:
             return f"Failed: {self.message}"
+        if s is JobState.lost:
+            return f"Lost: {self.message}. Resubmit to run it again."
         return f"Cancelled: {self.message}"
 
 
@@ -201,6 +222,9 @@ class JobList:
 
     def waiting(self) -> list[Job]:
         return [j for j in self._jobs.values() if j.state is JobState.waiting]
+
+    def lost(self) -> list[Job]:
+        return [j for j in self._jobs.values() if j.state is JobState.lost]
 
     def in_service(self) -> list[Job]:
         """Jobs the service has (or should have): sent, queued or running."""

@@ -133,8 +133,12 @@ class RefinerPanel(QWidget):
         self.refine_button = QPushButton("Refine")
         self.refine_button.setDefault(True)
         self.cancel_button = QPushButton("Cancel")
+        self.resubmit_button = QPushButton("Resubmit")
+        self.resubmit_button.setToolTip("Run again the jobs the backend lost when it went away, as they were")
+        self.resubmit_button.hide()
         buttons.addWidget(self.refine_button, 2)
         buttons.addWidget(self.cancel_button, 1)
+        buttons.addWidget(self.resubmit_button, 1)
         root.addLayout(buttons)
         self.progress = QProgressBar()
         self.progress.setFormat("step %v/%m")
@@ -250,6 +254,7 @@ class RefinerPanel(QWidget):
         self.client_key.editingFinished.connect(lambda: self._set(client_secret_key=self.client_key.text()))
         self.refine_button.clicked.connect(c.refine)
         self.cancel_button.clicked.connect(c.cancel)
+        self.resubmit_button.clicked.connect(c.resubmit)
         self.backend_start.clicked.connect(self._start_backend)
         self.backend_stop.clicked.connect(c.stop_backend)
         self.result_apply.clicked.connect(lambda: self._on_result_action(c.apply_result))
@@ -360,6 +365,7 @@ class RefinerPanel(QWidget):
         job = self.controller.jobs.current()
         busy = bool(self.controller.jobs.unfinished())
         self.cancel_button.setEnabled(busy)
+        self.resubmit_button.setVisible(bool(self.controller.jobs.lost()))
         if self.controller.last_seed is not None:
             self.last_seed.setText(f"last: {self.controller.last_seed}")
         if job is None:
