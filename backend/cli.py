@@ -54,6 +54,16 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--cache-dir", help="where the demo model is built (default: ~/.cache/krita-sdxl)")
     g.add_argument(
+        "--speed",
+        choices=["auto", "on", "off"],
+        help="compiled speed path: torch.compile + CUDA graphs + size buckets (default: auto = on with CUDA)",
+    )
+    g.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="where compiled kernels are kept for fast restarts (default: CACHE_DIR/torch-compile)",
+    )
+    g.add_argument(
         "--config",
         help="TOML settings file with a [serve] table (default: ~/.config/krita-sdxl/config.toml if it exists)",
     )
@@ -142,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--dir", type=Path, default=Path("."), help="where to write them (default: here)")
     keys.add_argument("--name", default="server", help="file name stem (default: server)")
 
+    authorize = sub.add_parser(
+        "authorize",
+        parents=[common],
+        help="allow a client's public key (CURVE)",
+        description="Write a client's public key (as the Krita docker shows it) into the "
+        "service's authorized keys folder.",
+    )
+    authorize.add_argument("public_key", help="the client's 40-character public key")
+    authorize.add_argument("--dir", type=Path, required=True, help="the folder given to serve --authorized-keys")
+    authorize.add_argument("--name", default="krita", help="file name stem (default: krita)")
+
     info = sub.add_parser("info", parents=[common], help="print a running service's capabilities")
     info.add_argument("--endpoint", default=DEFAULT_ENDPOINT)
     info.add_argument("--timeout", type=float, default=5.0)
@@ -170,6 +191,8 @@ def _settings(args: argparse.Namespace):
         "authorized_keys",
         "insecure",
         "identity",
+        "speed",
+        "compile_cache",
     )
     flags = {k: getattr(args, k, None) for k in keys}
     if args.command != "serve":
@@ -190,6 +213,8 @@ def _load_engine(settings):
             device=settings.device,
             dtype=settings.dtype,
             cache_dir=settings.cache_path,
+            speed=settings.speed,
+            compile_cache=Path(settings.compile_cache).expanduser() if settings.compile_cache else None,
         )
     except ModelNotFound as exc:  # reported like a bad setting: a message, exit status 2
         raise ConfigError(str(exc)) from None
@@ -399,6 +424,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_authorize(args: argparse.Namespace) -> int:
+    from .security import SecurityError, authorize_key
+
+    try:
+        path = authorize_key(args.dir, args.public_key, args.name)
+    except SecurityError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(f"authorized: {path} (takes effect for new connections)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -423,7 +459,13 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             return 2
-    commands = {"refine": cmd_refine, "info": cmd_info, "demo": demo_cmd.run_demo, "keys": cmd_keys}
+    commands = {
+        "refine": cmd_refine,
+        "info": cmd_info,
+        "demo": demo_cmd.run_demo,
+        "keys": cmd_keys,
+        "authorize": cmd_authorize,
+    }
     return commands[args.command](args)
 
 

@@ -47,6 +47,8 @@ class Settings:
     authorized_keys: str = ""  # folder of client public .key files allowed to connect
     insecure: bool = False  # allow a non-loopback endpoint without CURVE
     identity: bool = False  # benchmark only: no model, results are the input pixels
+    speed: str = "auto"  # the compiled speed path (backend/speed.py): auto (on CUDA), on, off
+    compile_cache: str = ""  # torch.compile caches; "" = <cache_dir>/torch-compile
 
     @property
     def cache_path(self) -> Path:

@@ -24,6 +24,8 @@ from .request import JobCancelled, ProgressFn, RefineRequest, StopFn
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
+    from .speed import SpeedPath
+
 log = logging.getLogger(__name__)
 
 LATENT_MULTIPLE = 8  # the VAE's scale factor: work images are padded to a multiple of it
@@ -42,7 +44,10 @@ class Engine:
         vae_dtype: torch.dtype,
         name: str = "refiner",
         path: Path | None = None,
+        speed: SpeedPath | None = None,
     ) -> None:
+        self.speed = speed  # the compiled speed path (backend/speed.py), None = plain eager path
+        self._preview_hw: tuple[int, int] | None = None  # latent rows/cols of the work image (no padding)
         self.pipe = pipe
         self.device = device
         self.unet_dtype = unet_dtype
@@ -59,6 +64,8 @@ class Engine:
         device: str = "auto",
         dtype: str = "auto",
         cache_dir: Path | None = None,
+        speed: str = "auto",
+        compile_cache: Path | None = None,
     ) -> Engine:
         """Pick device and dtypes, find the refiner (raises ModelNotFound) and load it."""
         chosen = pick_device(device)
@@ -66,7 +73,12 @@ class Engine:
         path = resolve_refiner(model, demo=demo, allow_download=allow_download, cache_dir=cache_dir)
         pipe = load_refiner(path, chosen, unet_dtype, vae_dtype)
         name = "demo-v1 (tiny random weights)" if demo else (model or DEFAULT_REFINER)
-        return cls(pipe, chosen, unet_dtype, vae_dtype, name=name, path=path)
+        from .demo_model import default_cache_dir
+        from .speed import default_compile_cache, setup
+
+        cache = compile_cache or default_compile_cache(cache_dir or default_cache_dir())
+        fast = setup(pipe, chosen, speed, cache)
+        return cls(pipe, chosen, unet_dtype, vae_dtype, name=name, path=path, speed=fast)
 
     def describe(self) -> dict[str, Any]:
         import diffusers
@@ -88,6 +100,7 @@ class Engine:
             "diffusers": diffusers.__version__,
             "models": [{"role": "refiner", "name": self.name, "path": str(self.path) if self.path else None}],
             "modes": ["refine"],
+            "speed": self.speed.describe() if self.speed is not None else {"enabled": False},
         }
 
     # --- the job --------------------------------------------------------------------------------
@@ -106,17 +119,30 @@ class Engine:
             )
         if should_stop():
             raise JobCancelled()
+        # --- large layers (backend/tiling.py): above self.tiling's threshold (a TilingConfig; unset
+        # = defaults), refine at native size in overlapping, blended tiles, each through this method.
+        from .tiling import refine_if_large
+
+        if (tiled := refine_if_large(self, req, on_progress, should_stop)) is not None:
+            return tiled
+        # --- end of the tiling hook
         rgb, _ = pixels.to_rgb_alpha(req.image)
         if req.transfer == "linear":
             rgb = pixels.linear_to_srgb(rgb)
         work = req.work_size if req.work_size and req.work_size != (spec.width, spec.height) else None
         if work is not None:
             rgb = pixels.resize(rgb, work)
-        padded, (h, w) = pixels.pad_to_multiple(rgb, LATENT_MULTIPLE)
+        if self.speed is not None:  # size buckets: few shapes, so few compilations and CUDA graphs
+            padded, (h, w) = self.speed.pad(rgb)
+        else:
+            padded, (h, w) = pixels.pad_to_multiple(rgb, LATENT_MULTIPLE)
+        self._preview_hw = (-(-h // LATENT_MULTIPLE), -(-w // LATENT_MULTIPLE))
         with torch.inference_mode():
             latents = self._encode(padded)
             latents = self._denoise(latents, req, on_progress, should_stop)
             out = self._decode(latents)[:h, :w]
+        if self.speed is not None:
+            self.speed.after_job()
         if work is not None:
             out = pixels.resize(out, (spec.width, spec.height))
         if req.transfer == "linear":
@@ -134,7 +160,8 @@ class Engine:
         def step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             nonlocal steps_run
             steps_run = i + 1
-            preview = latents_to_preview(kwargs["latents"]) if req.preview else None
+            crop = self._preview_hw or kwargs["latents"].shape[-2:]
+            preview = latents_to_preview(kwargs["latents"][..., : crop[0], : crop[1]]) if req.preview else None
             on_progress(steps_run, total, preview)
             if should_stop():
                 raise JobCancelled()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger(__name__)
@@ -99,3 +100,20 @@ def client_curve(socket: zmq.Socket, server_public_key: str | bytes, client_secr
     socket.curve_secretkey = secret
     socket.curve_publickey = public
     socket.curve_serverkey = server_public_key.encode() if isinstance(server_public_key, str) else server_public_key
+
+
+def authorize_key(folder: Path, public_key: str, name: str) -> Path:
+    """Write a client's Z85 public key as ``folder/NAME.key`` (the format zmq.auth reads)."""
+    key = public_key.strip()
+    if len(key) != 40:
+        raise SecurityError(f"a CURVE public key is 40 Z85 characters, got {len(key)}")
+    try:
+        zmq.utils.z85.decode(key)
+    except Exception:
+        raise SecurityError("that is not a Z85-encoded key") from None
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise SecurityError(f"key name {name!r}: use letters, digits, - and _")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.key"
+    path.write_text(f'#   krita-sdxl authorized client key\ncurve\n    public-key = "{key}"\n')
+    return path

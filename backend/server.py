@@ -53,6 +53,8 @@ class Service:
         self._stop = threading.Event()
         self._router = self.ctx.socket(zmq.ROUTER)
         self._auth = apply_curve(self.ctx, self._router, curve) if curve else None
+        self._curve = curve
+        self._keys_stamp: int | None = None
         self._router.setsockopt(zmq.LINGER, 1000)
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client with the same id takes over
         self._router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
@@ -83,6 +85,7 @@ class Service:
                 if self._router in ready:
                     self._drain_requests()
                 self._drop_vanished_clients()
+                self._reload_authorized_keys()
         finally:
             self._shutdown()
 
@@ -97,6 +100,22 @@ class Service:
         if self._auth is not None:
             self._auth.stop()
         log.info("stopped")
+
+    def _reload_authorized_keys(self) -> None:
+        """Keys added with `krita-sdxl authorize` take effect without a restart."""
+        if self._curve is None or self._auth is None:
+            return
+        try:
+            stamp = max(
+                [self._curve.authorized_keys.stat().st_mtime_ns]
+                + [p.stat().st_mtime_ns for p in self._curve.authorized_keys.glob("*.key")]
+            )
+        except OSError:
+            return
+        if stamp != self._keys_stamp:
+            self._keys_stamp = stamp
+            self._auth.configure_curve(domain="*", location=str(self._curve.authorized_keys))
+            log.info("authorized client keys (re)loaded from %s", self._curve.authorized_keys)
 
     def _drop_vanished_clients(self) -> None:
         for client in self.peers.expired():

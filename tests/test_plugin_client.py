@@ -620,3 +620,60 @@ def test_real_service_killed_mid_job_then_restarted_job_is_resubmitted(app, ctx,
     finally:
         c.shutdown()
         svc.stop()
+
+
+def test_plugin_creates_its_key_pair_and_connects_to_a_curve_service(app, ctx, tmp_path, monkeypatch):
+    import socket
+    import subprocess
+
+    from krita_sdxl.backend.identity_engine import IdentityEngine
+    from krita_sdxl.backend.security import CurveConfig, write_keys
+    from krita_sdxl.backend.server import Service
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    server_pub, server_secret = write_keys(tmp_path / "server", "server")
+    server_key = zmq.auth.load_certificate(str(server_pub))[0].decode()
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    svc = Service(
+        IdentityEngine(), f"tcp://0.0.0.0:{port}", ctx=zmq.Context(), curve=CurveConfig(server_secret, authorized)
+    )
+    thread = threading.Thread(target=svc.serve_forever, daemon=True)
+    thread.start()
+    adapter = FakeAdapter()
+    c = make_controller(ctx, f"tcp://127.0.0.1:{port}", adapter)
+    notices: list[str] = []
+    c.notice.connect(lambda text, level: notices.append(text))
+    try:
+        c.update_settings(server_public_key=server_key)
+        secret_file = adapter.written["client_secret_key"]
+        assert secret_file.startswith(str(tmp_path / "data")) and os.path.isfile(secret_file)
+        public = notices[-1].split("authorize ")[1].split()[0]
+        assert len(public) == 40
+        c.start()
+        with pytest.raises(AssertionError):
+            pump(app, lambda: c.client.is_connected, [], timeout=1.5)  # not authorized yet
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "krita_sdxl.backend.cli",
+                "authorize",
+                public,
+                "--dir",
+                str(authorized),
+                "--name",
+                "artist",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        pump(app, lambda: c.client.is_connected, [], timeout=15)
+        assert c.client.capabilities["protocol_version"] == 1
+    finally:
+        c.shutdown()
+        svc.stop()
+        thread.join(10)

@@ -13,6 +13,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from PyQt5.QtCore import QObject, QTimer, pyqtSignal
@@ -126,7 +127,7 @@ class Controller(QObject):
 
     @guarded
     def update_settings(self, **changes: Any) -> None:
-        new = self.settings.changed(**changes)
+        new = self._with_client_keys(self.settings.changed(**changes))
         if new == self.settings:
             return
         old, self.settings = self.settings, new
@@ -140,6 +141,24 @@ class Controller(QObject):
     @staticmethod
     def _curve(s: Settings) -> CurveKeys | None:
         return CurveKeys.from_settings(s.server_public_key, s.client_secret_key)
+
+    def _with_client_keys(self, s: Settings) -> Settings:
+        """With a server key but no client key yet, create this computer's key pair (once) and say
+        what to do with its public key on the backend machine."""
+        if not s.server_public_key.strip() or s.client_secret_key.strip():
+            return s
+        from PyQt5.QtCore import QStandardPaths
+
+        from .keys import ensure_client_keys, public_key_text
+
+        folder = Path(QStandardPaths.writableLocation(QStandardPaths.AppDataLocation)) / "krita-sdxl-keys"
+        secret = ensure_client_keys(folder)
+        self.notice.emit(
+            "Created this computer's key pair. On the backend machine run: krita-sdxl authorize "
+            f"{public_key_text(secret)} --dir AUTHORIZED_KEYS_FOLDER",
+            "info",
+        )
+        return s.changed(client_secret_key=str(secret))
 
     @property
     def supported_modes(self) -> list[str]:

@@ -1,0 +1,333 @@
+"""Large-layer tiling: the tile plan, the blend weights, and the tiled refine on the tiny demo model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from krita_sdxl.backend import pixels
+from krita_sdxl.backend.engine import Engine
+from krita_sdxl.backend.request import JobCancelled, RefineRequest
+from krita_sdxl.backend.tiling import (
+    TilingConfig,
+    blend_weights,
+    map_tiles,
+    plan_axis,
+    plan_tiles,
+    refine_if_large,
+)
+from krita_sdxl.protocol import Image, ImageSpec, plan_img2img
+from krita_sdxl.protocol.geometry import Box
+
+# --- strategies ----------------------------------------------------------------------------------
+
+
+@st.composite
+def layouts(draw: Any, max_side: int = 400) -> tuple[int, int, int, int]:
+    """(width, height, tile, overlap): tile a multiple of 8, 0 <= overlap < tile."""
+    tile = 8 * draw(st.integers(1, 16))
+    overlap = draw(st.integers(0, tile - 1))
+    return draw(st.integers(1, max_side)), draw(st.integers(1, max_side)), tile, overlap
+
+
+def coverage(width: int, height: int, plan: list[Box]) -> np.ndarray:
+    count = np.zeros((height, width), np.int32)
+    for b in plan:
+        count[b.y : b.bottom, b.x : b.right] += 1
+    return count
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(layouts(max_side=5000))
+def test_plan_covers_every_pixel_inside_the_image_with_tile_sized_tiles(layout: tuple[int, int, int, int]) -> None:
+    width, height, tile, overlap = layout
+    plan = plan_tiles(width, height, tile, overlap)
+    assert len(set(plan)) == len(plan)
+    image = Box(0, 0, width, height)
+    assert all(image.contains(b) and not b.is_empty for b in plan)
+    for length, spans in ((width, plan_axis(width, tile, overlap)), (height, plan_axis(height, tile, overlap))):
+        assert spans[0][0] == 0 and spans[-1][0] + spans[-1][1] == length  # no gap at either border
+        for (a, n), (b, _) in pairwise(spans):
+            assert a < b and b - a <= n - overlap  # no gap, and at least `overlap` shared
+        sizes = {n for _, n in spans}
+        # shift inward, never shrink: tiles are `tile` long whenever the axis allows it
+        assert sizes == ({tile} if length >= tile else {length})
+        if length >= tile or length % 8 == 0:
+            assert all(n % 8 == 0 for n in sizes)
+        if len(spans) > 1:  # the fewest tiles: one less could not cover the axis with the overlap
+            fewer = len(spans) - 1
+            assert fewer * tile - (fewer - 1) * overlap < length
+    assert len(plan) == len(plan_axis(width, tile, overlap)) * len(plan_axis(height, tile, overlap))
+
+
+@settings(max_examples=100, deadline=None)
+@given(layouts(max_side=300))
+def test_every_pixel_is_covered(layout: tuple[int, int, int, int]) -> None:
+    width, height, tile, overlap = layout
+    assert coverage(width, height, plan_tiles(width, height, tile, overlap)).min() >= 1
+
+
+def test_a_4k_painting_in_1024_tiles() -> None:
+    plan = plan_tiles(3840, 2160, 1024, 128)
+    assert len(plan) == 5 * 3
+    assert {(b.width, b.height) for b in plan} == {(1024, 1024)}
+    assert [b.x for b in plan[:5]] == [0, 704, 1408, 2112, 2816]
+    assert [b.y for b in plan[::5]] == [0, 568, 1136]
+    assert plan_tiles(1000, 700, 1024, 128) == [Box(0, 0, 1000, 700)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tile": 100}, "multiple of 8"),
+        ({"tile": 0}, "multiple of 8"),
+        ({"overlap": 1024}, "below the tile size"),
+        ({"overlap": -1}, "below the tile size"),
+        ({"threshold": 1000}, "at least one tile"),
+        ({"threshold": -5}, r"0 \(off\)"),
+    ],
+)
+def test_bad_configs_are_refused(kwargs: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TilingConfig(**kwargs)
+
+
+def test_config_applies_above_the_threshold_and_zero_turns_it_off() -> None:
+    config = TilingConfig()
+    assert not config.applies(2048, 2048) and config.applies(2048, 2049) and config.applies(3840, 2160)
+    assert not TilingConfig(threshold=0).applies(16384, 16384)
+
+
+# --- blending ------------------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(layouts(max_side=200))
+def test_blend_weights_sum_to_one_everywhere(layout: tuple[int, int, int, int]) -> None:
+    width, height, tile, overlap = layout
+    plan = plan_tiles(width, height, tile, overlap)
+    total = np.zeros((height, width), np.float64)
+    for b in plan:
+        w = blend_weights(b, plan)
+        assert w.shape == (b.height, b.width) and w.dtype == np.float32
+        assert np.all(w > 0) and np.all(w <= 1.0 + 1e-6)  # every tile counts wherever it lies
+        total[b.y : b.bottom, b.x : b.right] += w
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(layouts(max_side=200), st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 3]))
+def test_tiling_an_identity_returns_the_input(layout: tuple[int, int, int, int], seed: int, channels: int) -> None:
+    width, height, tile, overlap = layout
+    shape = (height, width) if channels == 0 else (height, width, channels)
+    values = np.random.default_rng(seed).random(shape, dtype=np.float32)
+    plan = plan_tiles(width, height, tile, overlap)
+    seen: list[int] = []
+
+    def identity(index: int, box: Box, part: np.ndarray) -> np.ndarray:
+        seen.append(index)
+        assert part.shape[:2] == (box.height, box.width)
+        return part.copy()
+
+    out = map_tiles(values, plan, identity)
+    assert seen == list(range(len(plan)))
+    np.testing.assert_allclose(out, values, rtol=0, atol=2e-6)
+    constant = map_tiles(np.full(shape, 0.7, np.float32), plan, lambda i, b, p: p)
+    np.testing.assert_allclose(constant, 0.7, rtol=0, atol=1e-6)
+
+
+def test_blending_is_a_smooth_ramp_across_the_overlap() -> None:
+    plan = plan_tiles(112, 64, 64, 16)  # two tiles side by side sharing columns 48..63
+    assert plan == [Box(0, 0, 64, 64), Box(48, 0, 64, 64)]
+    left = blend_weights(plan[0], plan)[0]
+    right = blend_weights(plan[1], plan)[0]
+    assert np.all(left[:48] == 1.0) and np.all(right[16:] == 1.0)
+    ramp = left[48:]
+    assert np.all(np.diff(ramp) < 0) and 0 < ramp[-1] < 0.01 and 0.99 < ramp[0] < 1
+    np.testing.assert_allclose(ramp + right[:16], 1.0, atol=1e-6)
+    # a step of 1 between the halves comes out as a smooth blend, no jump larger than the ramp's
+    out = map_tiles(np.zeros((64, 112), np.float32), plan, lambda i, b, p: p + i)
+    assert np.abs(np.diff(out[0])).max() < 0.1
+
+
+def test_blend_weights_refuses_a_tile_outside_the_plan() -> None:
+    with pytest.raises(ValueError, match="not part of the plan"):
+        blend_weights(Box(0, 0, 8, 8), plan_tiles(64, 64, 32, 8))
+
+
+# --- the engine hook without a model ----------------------------------------------------------------
+
+
+def make_image(width: int, height: int, order: str = "RGBA", depth: int = 8, sample: str = "uint") -> Image:
+    spec = ImageSpec(width, height, order, depth, sample)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    planes = [x / width, y / height, 0.5 + 0.5 * np.sin(x / 7.0) * np.cos(y / 5.0), 0.2 + 0.6 * (x > width / 2)]
+    values = np.stack(planes[: spec.channels], axis=-1)
+    if sample == "uint":
+        values = np.rint(values * (2**depth - 1))
+    return Image(spec, values.astype(pixels.numpy_dtype(spec)).tobytes())
+
+
+def make_request(image: Image, steps: int = 10, strength: float = 0.3, **kw: Any) -> RefineRequest:
+    fields: dict[str, Any] = {
+        "prompt": "a photo of a cat",
+        "negative_prompt": "blurry",
+        "strength": strength,
+        "plan": plan_img2img(steps, strength),
+        "seed": 1,
+        "guidance_scale": 5.0,
+        "aesthetic_score": 6.0,
+        "negative_aesthetic_score": 2.5,
+    }
+    fields.update(kw)
+    return RefineRequest(image=image, **fields)
+
+
+class IdentityTiles:
+    """An engine whose whole-image refine returns its input; records the sub-requests."""
+
+    def __init__(self, tiling: TilingConfig | None) -> None:
+        self.tiling = tiling
+        self.requests: list[RefineRequest] = []
+
+    def refine(self, req: RefineRequest, on_progress: Any, should_stop: Any) -> Image:
+        tiled = refine_if_large(self, req, on_progress, should_stop)
+        if tiled is not None:
+            return tiled
+        self.requests.append(req)
+        for step in range(1, req.plan.denoise_steps + 1):
+            on_progress(step, req.plan.denoise_steps, None)
+        return req.image
+
+
+@pytest.mark.parametrize(
+    ("order", "depth", "sample"), [("BGRA", 8, "uint"), ("RGBA", 16, "uint"), ("RGB", 32, "float")]
+)
+def test_tiled_identity_engine_returns_the_input_bytes(order: str, depth: int, sample: str) -> None:
+    engine = IdentityTiles(TilingConfig(threshold=64 * 64, tile=64, overlap=16))
+    image = make_image(150, 97, order, depth, sample)
+    calls: list[tuple[int, int]] = []
+    out = engine.refine(make_request(image), lambda s, t, p: calls.append((s, t)), lambda: False)
+    assert out.spec == image.spec
+    assert bytes(out.data) == bytes(image.data)
+    assert [(r.image.spec.width, r.image.spec.height) for r in engine.requests] == [
+        (b.width, b.height) for b in plan_tiles(150, 97, 64, 16)
+    ]
+    assert {r.image.spec.order for r in engine.requests} == {"RGB"}  # float tiles: lossless
+    assert all(r.seed == 1 and r.work_size is None and r.mask is None for r in engine.requests)
+    assert calls == [(i, 6 * 3) for i in range(1, 6 * 3 + 1)]
+
+
+def test_which_jobs_are_tiled() -> None:
+    config = TilingConfig(threshold=64 * 64, tile=64, overlap=16)
+    image = make_image(150, 97)
+    cases = {
+        None: 6,  # native, above the threshold
+        (150, 97): 6,  # the native size asked for explicitly
+        (64, 48): 0,  # the job asked for a smaller work size: run scaled, whole
+        (200, 130): len(plan_tiles(200, 130, 64, 16)),  # a larger work size: tiled at that size
+    }
+    for work, tiles in cases.items():
+        engine = IdentityTiles(config)
+        out = engine.refine(make_request(image, work_size=work), lambda *a: None, lambda: False)
+        assert out.spec == image.spec
+        assert len(engine.requests) == (tiles or 1)
+        if not tiles:
+            assert engine.requests[0].image is image
+    small = IdentityTiles(config)
+    small.refine(make_request(make_image(64, 64)), lambda *a: None, lambda: False)
+    assert len(small.requests) == 1  # exactly at the threshold: whole
+    off = IdentityTiles(TilingConfig(threshold=0, tile=64, overlap=16))
+    off.refine(make_request(image), lambda *a: None, lambda: False)
+    assert len(off.requests) == 1
+
+
+def test_tiled_mask_and_linear_transfer_follow_the_output_rule() -> None:
+    engine = IdentityTiles(TilingConfig(threshold=64 * 64, tile=64, overlap=16))
+    image = make_image(150, 97, "RGBA", 16, "uint")
+    mask = np.zeros((97, 150), np.uint8)
+    mask[10:90, 20:130] = 255
+    req = make_request(image, mask=Image(ImageSpec(150, 97, "L"), mask.tobytes()), feather=6.0, transfer="linear")
+    out = engine.refine(req, lambda *a: None, lambda: False)
+    alpha_in = pixels.samples(image)[..., 3]
+    alpha_out = pixels.samples(out)[..., 3]
+    assert np.all(alpha_out[mask == 0] == 0)
+    assert np.array_equal(alpha_out[20:80, 30:120], alpha_in[20:80, 30:120])
+    colour_in = pixels.samples(image)[..., :3].astype(np.int64)
+    colour_out = pixels.samples(out)[..., :3].astype(np.int64)
+    assert np.abs(colour_out - colour_in).max() <= 2  # sRGB round trip of 16-bit samples
+
+
+# --- the real pipeline (tiny demo model) --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(demo_models: Any) -> Engine:
+    loaded = Engine.load(demo=True, device="cpu", cache_dir=demo_models.refiner.parent.parent)
+    loaded.tiling = TilingConfig(threshold=64 * 64, tile=64, overlap=16)  # type: ignore[attr-defined]
+    return loaded
+
+
+def test_tiled_refine_on_the_demo_model(engine: Engine) -> None:
+    image = make_image(150, 97, "BGRA", 8, "uint")
+    req = make_request(image, steps=10, strength=0.3, preview=True)
+    plan = plan_tiles(150, 97, 64, 16)
+    encoded: list[tuple[int, ...]] = []
+    unet_calls: list[int] = []
+    hooks = [
+        engine.pipe.vae.encoder.register_forward_hook(lambda m, args, out: encoded.append(tuple(args[0].shape))),
+        engine.pipe.unet.register_forward_hook(lambda *_: unet_calls.append(1)),
+    ]
+    calls: list[tuple[int, int, Image | None]] = []
+    try:
+        out = engine.refine(req, lambda s, t, p: calls.append((s, t, p)), lambda: False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    steps = req.plan.denoise_steps
+    assert len(plan) == 6 and steps == 3
+    assert out.spec == image.spec and len(out.data) == image.spec.byte_length
+    assert encoded == [(1, 3, 64, 64)] * len(plan)  # one VAE encode per planned tile, at tile size
+    assert len(unet_calls) == len(plan) * steps
+    assert [(s, t) for s, t, _ in calls] == [(i, len(plan) * steps) for i in range(1, len(plan) * steps + 1)]
+    assert all(p is not None and (p.spec.width, p.spec.height) == (8, 8) for _, _, p in calls)  # the tile's
+    before, after = pixels.samples(image), pixels.samples(out)
+    assert np.array_equal(after[..., 3], before[..., 3])  # alpha intact
+    assert np.abs(after[..., :3].astype(float) - before[..., :3]).mean() > 2.0  # the model changed it
+    # the same job run whole gives a different picture: tiling really happened
+    whole = Engine(engine.pipe, "cpu", engine.unet_dtype, engine.vae_dtype)
+    whole.tiling = TilingConfig(threshold=0)  # type: ignore[attr-defined]
+    assert bytes(whole.refine(req, lambda *a: None, lambda: False).data) != bytes(out.data)
+    assert bytes(engine.refine(req, lambda *a: None, lambda: False).data) == bytes(out.data)  # same seed
+
+
+def test_cancel_during_the_second_tile_stops_within_one_step(engine: Engine) -> None:
+    req = make_request(make_image(150, 97), steps=10, strength=0.3)
+    steps = req.plan.denoise_steps
+    unet_calls: list[int] = []
+    hook = engine.pipe.unet.register_forward_hook(lambda *_: unet_calls.append(1))
+    calls: list[int] = []
+    try:
+        with pytest.raises(JobCancelled):
+            engine.refine(req, lambda s, t, p: calls.append(s), lambda: len(calls) >= steps + 1)
+    finally:
+        hook.remove()
+    assert calls == list(range(1, steps + 2))  # the first step of tile 2 was the last
+    assert len(unet_calls) == steps + 1
+
+
+def test_default_config_when_the_engine_has_none(engine: Engine) -> None:
+    bare = Engine(engine.pipe, "cpu", engine.unet_dtype, engine.vae_dtype)
+    req = replace(make_request(make_image(64, 48)), preview=False)
+    calls: list[tuple[int, int]] = []
+    bare.refine(req, lambda s, t, p: calls.append((s, t)), lambda: False)
+    assert calls == [(i, 3) for i in range(1, 4)]  # far below 2048x2048: whole, one pass
