@@ -31,9 +31,46 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and device")
     g.add_argument(
         "--model",
-        help="Hugging Face repo id (from the local cache) or a diffusers folder "
-        "(default: stabilityai/stable-diffusion-xl-refiner-1.0)",
+        help="the refiner: a Hugging Face repo id (from the local cache), a diffusers folder or a single-file "
+        ".safetensors checkpoint (default: stabilityai/stable-diffusion-xl-refiner-1.0)",
     )
+    g.add_argument(
+        "--base-model",
+        help="the base model for the generate and two_stage modes, same kinds as --model; loaded with the first "
+        "job that needs it (default: stabilityai/stable-diffusion-xl-base-1.0 if it is in the local cache; "
+        "'none': no base)",
+    )
+    g.add_argument(
+        "--model-config",
+        metavar="DIR",
+        help="diffusers config folder for a single-file --model (default: the shipped SDXL 1.0 refiner configs)",
+    )
+    g.add_argument(
+        "--base-model-config",
+        metavar="DIR",
+        help="diffusers config folder for a single-file --base-model (default: the shipped SDXL 1.0 base configs)",
+    )
+    g.add_argument(
+        "--memory",
+        choices=["auto", "none", "balanced", "model", "sequential"],
+        help="where weights live: none = all on the GPU; balanced = UNets on the GPU, text encoders and VAE "
+        "only while used; model = each model on the GPU only while it runs; sequential = layer by layer "
+        "(least memory, slowest); auto = chosen from the free GPU memory (default). The offload modes need a GPU",
+    )
+    g.add_argument(
+        "--oom-retry",
+        action="store_true",
+        default=None,
+        help="when a job runs out of GPU memory, run it once more in the next lower memory mode",
+    )
+    g.add_argument(
+        "--no-watermark",
+        dest="watermark",
+        action="store_false",
+        default=None,
+        help="do not apply the invisible SDXL watermark (applied when invisible-watermark is installed)",
+    )
+    g.add_argument("--simulate-oom", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument(
         "--demo",
         action="store_true",
@@ -193,6 +230,13 @@ def _settings(args: argparse.Namespace):
         "identity",
         "speed",
         "compile_cache",
+        "base_model",
+        "model_config",
+        "base_model_config",
+        "memory",
+        "oom_retry",
+        "watermark",
+        "simulate_oom",
     )
     flags = {k: getattr(args, k, None) for k in keys}
     if args.command != "serve":
@@ -203,6 +247,7 @@ def _settings(args: argparse.Namespace):
 def _load_engine(settings):
     from .config import ConfigError
     from .engine import Engine
+    from .memory import MemoryModeError
     from .models import ModelNotFound
 
     try:
@@ -215,8 +260,15 @@ def _load_engine(settings):
             cache_dir=settings.cache_path,
             speed=settings.speed,
             compile_cache=Path(settings.compile_cache).expanduser() if settings.compile_cache else None,
+            base_model=settings.base_model or None,
+            model_config=settings.model_config or None,
+            base_model_config=settings.base_model_config or None,
+            memory=settings.memory,
+            watermark=settings.watermark,
+            oom_retry=settings.oom_retry,
+            simulate_oom=settings.simulate_oom,
         )
-    except ModelNotFound as exc:  # reported like a bad setting: a message, exit status 2
+    except (ModelNotFound, MemoryModeError) as exc:  # reported like a bad setting: a message, exit status 2
         raise ConfigError(str(exc)) from None
 
 
@@ -410,8 +462,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     if total:
         print(f"GPU memory  {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
     for m in caps.get("models", []):
-        print(f"model       {m.get('role')}: {m.get('name')}" + (f" ({m['path']})" if m.get("path") else ""))
+        state = "" if "loaded" not in m else (", loaded" if m["loaded"] else ", not loaded")
+        print(f"model       {m.get('role')}: {m.get('name')}" + (f" ({m['path']}{state})" if m.get("path") else ""))
     print(f"modes       {', '.join(caps.get('modes', []))}")
+    memory = caps.get("memory") or {}
+    if memory:
+        print(f"memory      {memory.get('mode')}" + (f" (auto: {memory['reason']})" if memory.get("reason") else ""))
+    if caps.get("watermark"):
+        print(f"watermark   {caps['watermark']}")
     return 0
 
 

@@ -150,6 +150,16 @@ class ServiceClient:
     def cancel(self, job: str) -> None:
         self.send("cancel", job=job)
 
+    def unload(self, model: str) -> dict[str, Any]:
+        """Ask the service to free a model ("base" or "refiner"); returns the ``unloaded`` event's fields."""
+        self.send("unload", model=model)
+        while True:
+            event = self.receive()
+            if event.type == "unloaded":
+                return event.fields
+            if event.type == "error" and event.job is None:
+                raise JobFailed(event)
+
 
 def wait_for_service(endpoint: str, timeout: float = 30.0) -> dict[str, Any]:
     """Hello until the service answers; returns its welcome fields."""

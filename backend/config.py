@@ -31,7 +31,14 @@ def default_cache_dir() -> Path:
 @dataclass(frozen=True)
 class Settings:
     endpoint: str = DEFAULT_ENDPOINT
-    model: str = DEFAULT_MODEL  # Hugging Face repo id (local cache) or a diffusers folder
+    model: str = DEFAULT_MODEL  # Hugging Face repo id (local cache), a diffusers folder or a .safetensors file
+    base_model: str = ""  # the same kinds; "" = the SDXL 1.0 base if it is in the local cache; "none" = no base
+    model_config: str = ""  # single-file refiner: its diffusers config folder ("" = the shipped SDXL 1.0 one)
+    base_model_config: str = ""  # single-file base: likewise
+    memory: str = "auto"  # none, balanced, model, sequential, auto (backend/memory.py)
+    oom_retry: bool = False  # out of memory: run the job once more in the next lower memory mode
+    watermark: bool = True  # the invisible SDXL watermark, when invisible-watermark is installed
+    simulate_oom: int = 0  # tests only: the first N UNet calls raise an out-of-memory error
     demo: bool = False  # the tiny random-weight demo model, built locally
     allow_download: bool = False
     device: str = "auto"  # auto, cuda, mps, cpu
@@ -49,6 +56,9 @@ class Settings:
     identity: bool = False  # benchmark only: no model, results are the input pixels
     speed: str = "auto"  # the compiled speed path (backend/speed.py): auto (on CUDA), on, off
     compile_cache: str = ""  # torch.compile caches; "" = <cache_dir>/torch-compile
+    tile_threshold: int = 2048 * 2048  # pixels; larger images are refined in tiles (backend/tiling.py); 0 = never
+    tile_size: int = 1024  # tile side in pixels, a multiple of 8
+    tile_overlap: int = 128  # pixels shared by neighbouring tiles, blended
 
     @property
     def cache_path(self) -> Path:
@@ -84,6 +94,8 @@ def merge(base: Settings, overrides: dict[str, Any], source: str) -> Settings:
         if name not in known:
             raise ConfigError(f"{source}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
         expected = type(getattr(base, name))
+        if expected is float and type(value) is int:
+            value = float(value)
         if (expected is int and type(value) is not int) or (expected is not int and not isinstance(value, expected)):
             raise ConfigError(f"{source}: {key} must be {expected.__name__}, got {value!r}")
         clean[name] = value

@@ -1,13 +1,18 @@
-"""The refiner engine: one loaded SDXL img2img pipeline and the job flow around it.
+"""The engine: the loaded SDXL pipelines (refiner, and the base when a mode needs it) and the job flow.
 
 The VAE runs here, not inside the pipeline, so that it runs in its own dtype (bf16 on CUDA where
 supported: the stock SDXL VAE overflows in fp16) and only once per direction. The pipeline gets
-latents as its ``image`` and returns latents. Not thread-safe: one job at a time.
+latents as its ``image`` and returns latents. One job at a time; ``unload`` may be called from
+another thread (it waits for the running job to end when there is one).
+
+Modes, masks, memory modes, model sources and the out-of-memory policy live in their own modules
+(stages, denoise, latent_mask, memory, sources, model_set, oom, watermark); this class wires them up.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,10 +21,15 @@ import torch
 
 from krita_sdxl.protocol import Image
 
-from . import pixels
-from .models import DEFAULT_REFINER, load_refiner, pick_device, pick_dtypes, resolve_refiner
-from .preview import latents_to_preview
+from . import oom, pixels
+from .denoise import StepReporter, default_stages, run_stages
+from .latent_mask import LatentMask, fit_mask, keep_outside
+from .memory import Placement, lower_mode
+from .model_set import ModelSet
+from .models import pick_device, pick_dtypes
 from .request import JobCancelled, ProgressFn, RefineRequest, StopFn
+from .stages import BASE_MODES, MODES, TimestepsFn, scheduler_timesteps
+from .watermark import Watermark
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLImg2ImgPipeline
@@ -35,6 +45,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _placement(memory: str, device: str, refiner: Any, base: Any, unet_dtype: torch.dtype) -> Placement:
+    """The memory placement for ``--memory`` (auto: chosen from the free GPU memory and the models' sizes)."""
+    if memory != "auto":
+        return Placement(memory, device)
+    from .footprint import source_footprint
+    from .memory import choose_auto
+
+    free = torch.cuda.mem_get_info(torch.device(device))[0] if device.startswith("cuda") else None
+    size = torch.finfo(unet_dtype).bits // 8
+    models = [source_footprint(refiner, size)] + ([source_footprint(base, size, shared=True)] if base else [])
+    mode, reason = choose_auto(device, free, models)
+    log.info("memory mode auto: %s (%s)", mode, reason)
+    return Placement(mode, device, requested="auto", reason=reason)
+
+
 class Engine:
     def __init__(
         self,
@@ -45,15 +70,37 @@ class Engine:
         name: str = "refiner",
         path: Path | None = None,
         speed: SpeedPath | None = None,
+        models: ModelSet | None = None,
+        watermark: Watermark | None = None,
+        oom_retry: bool = False,
     ) -> None:
         self.speed = speed  # the compiled speed path (backend/speed.py), None = plain eager path
         self._preview_hw: tuple[int, int] | None = None  # latent rows/cols of the work image (no padding)
-        self.pipe = pipe
         self.device = device
         self.unet_dtype = unet_dtype
         self.vae_dtype = vae_dtype
         self.name = name
         self.path = path
+        # The models (refiner, lazily the base) and their memory placement: backend/model_set.py.
+        self.models = models or ModelSet(Placement("none", device), unet_dtype, vae_dtype, refiner_pipe=pipe)
+        self.watermark = watermark or Watermark(enabled=False)
+        self.oom_retry = oom_retry  # out of memory: step down one memory mode and run the job once more
+        self.simulated_oom: oom.SimulatedOom | None = None  # --simulate-oom (tests)
+        self._speed_setup: Any = None  # re-applies the speed path to a reloaded refiner
+        self._busy = threading.RLock()  # held while a job runs
+        self._depth = 0  # refine() calls in progress (tiles call it again from inside)
+        self._pending_unload: set[str] = set()
+        self._pending_lock = threading.Lock()
+        self.timesteps: TimestepsFn = scheduler_timesteps(dict(pipe.scheduler.config))
+
+    @property
+    def pipe(self) -> StableDiffusionXLImg2ImgPipeline:
+        """The refiner pipeline (loaded again first if it was unloaded)."""
+        return self.models.refiner
+
+    @pipe.setter
+    def pipe(self, value: StableDiffusionXLImg2ImgPipeline) -> None:
+        self.models.set_refiner(value)
 
     @classmethod
     def load(
@@ -66,19 +113,66 @@ class Engine:
         cache_dir: Path | None = None,
         speed: str = "auto",
         compile_cache: Path | None = None,
+        base_model: str | None = None,
+        model_config: str | None = None,
+        base_model_config: str | None = None,
+        memory: str = "none",
+        watermark: bool = True,
+        oom_retry: bool = False,
+        simulate_oom: int = 0,
     ) -> Engine:
-        """Pick device and dtypes, find the refiner (raises ModelNotFound) and load it."""
-        chosen = pick_device(device)
-        unet_dtype, vae_dtype = pick_dtypes(chosen, dtype)
-        path = resolve_refiner(model, demo=demo, allow_download=allow_download, cache_dir=cache_dir)
-        pipe = load_refiner(path, chosen, unet_dtype, vae_dtype)
-        name = "demo-v1 (tiny random weights)" if demo else (model or DEFAULT_REFINER)
+        """Pick device and dtypes, find the refiner (raises ModelNotFound) and the base (if any: it
+        loads with the first job that needs it), choose the memory mode (raises MemoryModeError)
+        and load the refiner."""
         from .demo_model import default_cache_dir
+        from .memory import check_mode
+        from .sources import resolve_base, resolve_source
         from .speed import default_compile_cache, setup
 
+        chosen = pick_device(device)
+        unet_dtype, vae_dtype = pick_dtypes(chosen, dtype)
+        check_mode(memory, chosen)
+        refiner = resolve_source(
+            "refiner", model, demo=demo, allow_download=allow_download, cache_dir=cache_dir, config=model_config
+        )
+        base = resolve_base(
+            base_model, demo=demo, allow_download=allow_download, cache_dir=cache_dir, config=base_model_config
+        )
+        placement = _placement(memory, chosen, refiner, base, unet_dtype)
+        models = ModelSet(placement, unet_dtype, vae_dtype, refiner=refiner, base=base)
+        pipe = models.refiner
         cache = compile_cache or default_compile_cache(cache_dir or default_cache_dir())
-        fast = setup(pipe, chosen, speed, cache)
-        return cls(pipe, chosen, unet_dtype, vae_dtype, name=name, path=path, speed=fast)
+
+        def speed_setup(p: Any) -> Any:
+            return setup(p, chosen, speed, cache)
+
+        engine = cls(
+            pipe,
+            chosen,
+            unet_dtype,
+            vae_dtype,
+            name=refiner.name,
+            path=refiner.path,
+            speed=speed_setup(pipe),
+            models=models,
+            watermark=Watermark(enabled=watermark),
+            oom_retry=oom_retry,
+        )
+        engine._speed_setup = speed_setup
+        if simulate_oom > 0:
+            engine.simulated_oom = oom.SimulatedOom(simulate_oom)
+            engine.simulated_oom.attach(pipe.unet)
+        models.on_load = engine._on_model_loaded
+        return engine
+
+    def _on_model_loaded(self, role: str, pipe: Any) -> None:
+        """A model was loaded during a job (the base the first time, or one that was unloaded)."""
+        if self.simulated_oom is not None:
+            self.simulated_oom.attach(pipe.unet)
+        if role == "refiner" and self._speed_setup is not None:
+            self.speed = self._speed_setup(pipe)
+        elif self.speed is not None:  # the base: its UNet is compiled too (backend/speed.py)
+            self.speed.add_pipe(pipe, role)
 
     def describe(self) -> dict[str, Any]:
         import diffusers
@@ -98,19 +192,81 @@ class Engine:
             "gpu_memory_free": free,
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
-            "models": [{"role": "refiner", "name": self.name, "path": str(self.path) if self.path else None}],
-            "modes": ["refine"],
+            "models": self.models.describe(),
+            "modes": [m for m in MODES if m not in BASE_MODES or self.models.available("base")],
             "speed": self.speed.describe() if self.speed is not None else {"enabled": False},
+            "memory": self.models.placement.describe(),
+            "oom_retry": self.oom_retry,
+            "watermark": self.watermark.status,
         }
+
+    def live_capabilities(self) -> dict[str, Any]:
+        """What changes while the service runs (sent with every ``welcome``)."""
+        return {"models": self.models.describe(), "memory": self.models.placement.describe()}
+
+    def unload(self, role: str) -> tuple[bool, bool]:
+        """Free the ``role`` model: (it was loaded, freeing waits for the running job to end).
+        Safe to call from another thread than the one running jobs."""
+        if self._busy.acquire(blocking=False):
+            try:
+                return self._unload_now(role), False
+            finally:
+                self._busy.release()
+        with self._pending_lock:
+            self._pending_unload.add(role)
+        return self.models.loaded(role), True
+
+    def _unload_pending(self) -> None:
+        with self._pending_lock:
+            roles, self._pending_unload = self._pending_unload, set()
+        for role in sorted(roles):
+            self._unload_now(role)
+
+    def _unload_now(self, role: str) -> bool:
+        if role == "refiner":
+            self.speed = None  # it holds the pipeline
+        return self.models.unload(role)
 
     # --- the job --------------------------------------------------------------------------------
 
     def refine(self, req: RefineRequest, on_progress: ProgressFn, should_stop: StopFn) -> Image:
-        """Run one refine job; returns an image of the input's exact size and format.
+        """Run one job (any mode); returns an image of the input's exact size and format.
 
         Calls ``on_progress(step, req.plan.denoise_steps, preview)`` after every denoising step and
         raises :class:`JobCancelled` at the first step boundary where ``should_stop()`` is true.
+        Out of memory raises :class:`.oom.OutOfMemoryError` (after one retry with ``oom_retry``).
         """
+        with self._busy:
+            self._depth += 1
+            try:
+                if self._depth > 1:  # a tile of this job
+                    return self._refine(req, on_progress, should_stop)
+                return oom.run_with_retry(
+                    lambda: self._refine(req, on_progress, should_stop), self.oom_retry, self._step_down, self._explain
+                )
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.models.placement.job_done()
+                    self._unload_pending()
+
+    def _explain(self, exc: BaseException) -> str:
+        mode = self.models.placement.mode
+        return oom.advice(exc, mode, lower_mode(mode) if self.device.startswith("cuda") else None)
+
+    def _step_down(self) -> str | None:
+        """Out of memory with --oom-retry: the next lower memory mode (on a GPU), for this job and later ones."""
+        placement = self.models.placement
+        lower = lower_mode(placement.mode) if self.device.startswith("cuda") else None
+        if lower is None:
+            return None
+        if lower in ("model", "sequential") and self.speed is not None:
+            self.speed = None  # compiled graphs cannot follow weights that move between calls
+        placement.switch(lower, self.models.pipes(), reason=f"stepped down from {placement.mode} after out of memory")
+        return lower
+
+    def _refine(self, req: RefineRequest, on_progress: ProgressFn, should_stop: StopFn) -> Image:
+        """One job, whole (or one tile of it)."""
         spec = req.image.spec
         mask = pixels.mask_to_float(req.mask) if req.mask is not None else None
         if mask is not None and mask.shape != (spec.height, spec.width):
@@ -127,6 +283,7 @@ class Engine:
             return tiled
         # --- end of the tiling hook
         rgb, _ = pixels.to_rgb_alpha(req.image)
+        source = rgb  # the input's own pixels: kept outside the mask
         if req.transfer == "linear":
             rgb = pixels.linear_to_srgb(rgb)
         work = req.work_size if req.work_size and req.work_size != (spec.width, spec.height) else None
@@ -137,72 +294,80 @@ class Engine:
         else:
             padded, (h, w) = pixels.pad_to_multiple(rgb, LATENT_MULTIPLE)
         self._preview_hw = (-(-h // LATENT_MULTIPLE), -(-w // LATENT_MULTIPLE))
+        keep = self._work_mask(mask, work, padded.shape[:2]) if mask is not None and req.keep_unmasked else None
         with torch.inference_mode():
             latents = self._encode(padded)
-            latents = self._denoise(latents, req, on_progress, should_stop)
+            latents = self._denoise(latents, req, on_progress, should_stop, keep)
             out = self._decode(latents)[:h, :w]
+        out = self.watermark.apply(out)
         if self.speed is not None:
             self.speed.after_job()
         if work is not None:
             out = pixels.resize(out, (spec.width, spec.height))
         if req.transfer == "linear":
             out = pixels.srgb_to_linear(out)
+        if mask is not None and req.keep_unmasked:
+            out = keep_outside(out, source, mask)
         if mask is not None and req.feather > 0:
             mask = pixels.feather_inward(mask, req.feather)
         return Image(spec, pixels.merge_result(out, req.image, mask))
 
+    @staticmethod
+    def _work_mask(mask: np.ndarray, work: tuple[int, int] | None, shape: tuple[int, int]) -> np.ndarray:
+        """The mask at the padded work size the latents are encoded from."""
+        if work is not None:
+            mask = pixels.resize(mask, work)
+        return fit_mask(mask, shape[0], shape[1])
+
     def _denoise(
-        self, latents: torch.Tensor, req: RefineRequest, on_progress: ProgressFn, should_stop: StopFn
+        self,
+        latents: torch.Tensor,
+        req: RefineRequest,
+        on_progress: ProgressFn,
+        should_stop: StopFn,
+        keep: np.ndarray | None = None,
     ) -> torch.Tensor:
-        total = req.plan.denoise_steps
-        steps_run = 0
-
-        def step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            nonlocal steps_run
-            steps_run = i + 1
-            crop = self._preview_hw or kwargs["latents"].shape[-2:]
-            preview = latents_to_preview(kwargs["latents"][..., : crop[0], : crop[1]]) if req.preview else None
-            on_progress(steps_run, total, preview)
-            if should_stop():
-                raise JobCancelled()
-            return {}
-
-        result = self.pipe(
-            prompt=req.prompt,
-            negative_prompt=req.negative_prompt or None,
-            image=latents.to(self.unet_dtype),
-            strength=req.strength,
-            num_inference_steps=req.plan.steps,
-            guidance_scale=req.guidance_scale,
-            aesthetic_score=req.aesthetic_score,
-            negative_aesthetic_score=req.negative_aesthetic_score,
-            generator=torch.Generator("cpu").manual_seed(req.seed),
-            output_type="latent",
-            callback_on_step_end=step_end,
-            callback_on_step_end_tensor_inputs=["latents"],
+        """Run the job's stages (backend/stages.py, backend/denoise.py) on the source latents.
+        ``keep``: the mask at the latents' pixel size; outside it the source latents are held."""
+        reporter = StepReporter(
+            req.plan.denoise_steps,
+            on_progress,
+            should_stop,
+            preview=req.preview,
+            crop=self._preview_hw,
+            mask=LatentMask(latents, keep, req.seed) if keep is not None else None,
+            on_step=self.models.placement.release,
         )
-        if steps_run != total:
-            log.warning("the pipeline ran %d denoising steps, the step plan said %d", steps_run, total)
-        return result.images
+        stages = req.stages or default_stages(req)
+        return run_stages(self.models, stages, latents, req, reporter, self.unet_dtype)
+
+    @property
+    def vae(self) -> Any:
+        """The VAE (shared by refiner and base): from whichever model is loaded, the refiner if neither."""
+        for role in ("refiner", "base"):
+            if self.models.loaded(role):
+                return self.models.get(role).vae
+        return self.pipe.vae
 
     def _encode(self, rgb: np.ndarray) -> torch.Tensor:
         """HxWx3 float [0, 1] -> scaled latents (1, 4, H/8, W/8), VAE in its own dtype."""
         x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1).unsqueeze(0)
         x = x * 2.0 - 1.0
         latents = self._run_vae(lambda vae, dtype: vae.encode(x.to(dtype)).latent_dist.mode(), "encode")
-        return latents * self.pipe.vae.config.scaling_factor
+        return latents * self.vae.config.scaling_factor
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         """Scaled latents -> HxWx3 float32 [0, 1] numpy array."""
-        z = latents / self.pipe.vae.config.scaling_factor
+        z = latents / self.vae.config.scaling_factor
         image = self._run_vae(lambda vae, dtype: vae.decode(z.to(dtype)).sample, "decode")
         image = ((image[0].float().clamp(-1.0, 1.0) + 1.0) * 0.5).permute(1, 2, 0)
         return image.cpu().numpy()
 
     def _run_vae(self, fn: Any, what: str) -> torch.Tensor:
         """Run ``fn(vae, dtype)`` in the VAE's dtype; if that gives non-finite values, again in fp32."""
-        vae = self.pipe.vae
+        vae = self.vae
         out = fn(vae, self.vae_dtype)
+        self.models.placement.release()  # balanced: the VAE leaves the GPU again
         if torch.isfinite(out).all():
             return out
         if self.vae_dtype == torch.float32:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from krita_sdxl.protocol import Image, Message, StepPlan, plan_img2img
+
+if TYPE_CHECKING:
+    from .stages import Stages, TimestepsFn
 
 
 class JobCancelled(Exception):
@@ -34,19 +38,30 @@ class RefineRequest:
     mask: Image | None = None  # L image, same size as image: result alpha is multiplied by it
     feather: float = 0.0  # inward feather of the mask, in image pixels
     transfer: str = "srgb"  # "linear": pixels are linear light; encoded to sRGB for the model and back
+    mode: str = "refine"  # refine, generate or two_stage (backend/stages.py)
+    stages: Stages | None = None  # how the denoising is split between base and refiner; None = refine
+    keep_unmasked: bool = True  # with a mask: only the masked area is re-noised, the rest kept
 
     @classmethod
-    def from_message(cls, msg: Message, seed: int) -> RefineRequest:
+    def from_message(cls, msg: Message, seed: int, timesteps: TimestepsFn | None = None) -> RefineRequest:
+        """``timesteps``: the refiner scheduler's (for the generate split); None = SDXL 1.0's."""
         f = msg.fields
         work = None
         if f.get("work_width") is not None and f.get("work_height") is not None:
             work = (f["work_width"], f["work_height"])
+        mode = f.get("mode", "refine")
+        if mode == "refine":
+            plan, stages = plan_img2img(f["steps"], f["strength"]), None
+        else:
+            from .stages import plan_job
+
+            plan, stages = plan_job(mode, f["steps"], f["strength"], f.get("denoising_end", 0.8), timesteps)
         return cls(
             image=msg.images["image"],
             prompt=f["prompt"],
             negative_prompt=f["negative_prompt"],
             strength=f["strength"],
-            plan=plan_img2img(f["steps"], f["strength"]),
+            plan=plan,
             seed=seed,
             guidance_scale=f["guidance_scale"],
             aesthetic_score=f["aesthetic_score"],
@@ -56,4 +71,7 @@ class RefineRequest:
             mask=msg.images.get("mask"),
             feather=f["feather"],
             transfer=f["transfer"],
+            mode=mode,
+            stages=stages,
+            keep_unmasked=f.get("keep_unmasked", True),
         )

@@ -180,8 +180,12 @@ class Service:
         self._send(client, "welcome", server=self.server_name, capabilities=caps)
 
     def _live_memory(self) -> dict[str, Any]:
-        live = getattr(self.engine, "memory", None)
-        return live() if callable(live) else {}
+        out: dict[str, Any] = {}
+        for name in ("memory", "live_capabilities"):  # live_capabilities: loaded models, memory mode
+            live = getattr(self.engine, name, None)
+            if callable(live):
+                out.update(live())
+        return out
 
     def _on_heartbeat(self, client: bytes, msg: Message) -> None:
         self._send(client, "heartbeat")
@@ -223,7 +227,7 @@ class Service:
             )
         self.limits.check_submit(msg, self.queue.count(client), len(self.queue))
         seed = msg["seed"] if msg["seed"] is not None else secrets.randbelow(2**32)
-        request = RefineRequest.from_message(msg, seed)
+        request = RefineRequest.from_message(msg, seed, getattr(self.engine, "timesteps", None))
         try:
             position = self.queue.submit(Job(client, job_id, request))
         except QueueFull as exc:
@@ -239,6 +243,16 @@ class Service:
             steps=request.plan.steps,
             denoise_steps=request.plan.denoise_steps,
         )
+
+    def _on_unload(self, client: bytes, msg: Message) -> None:
+        """Free a model; a running job keeps it until it ends, a later job that needs it loads it again."""
+        model = msg["model"]
+        unload = getattr(self.engine, "unload", None)
+        if unload is None:
+            raise ProtocolError(codes.UNSUPPORTED, "this service cannot unload models", "model")
+        was_loaded, deferred = unload(model)
+        log.info("unload %s: was loaded %s%s", model, was_loaded, ", after the running job" if deferred else "")
+        self._send(client, "unloaded", model=model, was_loaded=was_loaded, deferred=deferred)
 
     def _on_cancel(self, client: bytes, msg: Message) -> None:
         job_id = msg["job"]

@@ -153,7 +153,7 @@ class SpeedPath:
     fallback: str | None = None  # why the compiled path was switched off, if it was
     buckets_seen: set[tuple[int, int]] = field(default_factory=set)
     _modules: dict[str, torch.nn.Module] = field(default_factory=dict)
-    _prompt_cache: OrderedDict[Any, Any] = field(default_factory=OrderedDict)
+    _prompt_caches: list[OrderedDict[Any, Any]] = field(default_factory=list)
     _jobs: int = 0
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -185,11 +185,28 @@ class SpeedPath:
             if opts.compile_encoder:
                 self._compile("vae_encoder", pipe.vae.encoder, opts.vae_mode)
         if opts.prompt_cache > 0:
-            self._cache_prompts()
+            self._cache_prompts(pipe)
         log.info("speed path on: %s; compile cache %s", json.dumps(asdict(self.options)), self.cache_folder)
         return self
 
+    def add_pipe(self, pipe: Any, role: str) -> None:
+        """Speed up another pipeline loaded later (the base, with the first ensemble job): its UNet is
+        compiled like the refiner's, its VAE too unless it is the refiner's own (shared) VAE."""
+        opts = self.options
+        if self.fallback is not None or getattr(pipe.unet, "_hf_hook", None) is not None:
+            return
+        if opts.unet_mode and pipe.unet is not self.pipe.unet:
+            self._compile(f"{role}_unet", pipe.unet, opts.unet_mode)
+        if opts.vae_mode and pipe.vae is not self.pipe.vae:
+            self._compile(f"{role}_vae_decoder", pipe.vae.decoder, opts.vae_mode)
+            if opts.compile_encoder:
+                self._compile(f"{role}_vae_encoder", pipe.vae.encoder, opts.vae_mode)
+        if opts.prompt_cache > 0:
+            self._cache_prompts(pipe)
+
     def _compile(self, name: str, module: torch.nn.Module, mode: str) -> None:
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            return  # compiled already (a module shared between pipelines)
         kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": None if self.options.dynamic else False}
         if mode != "default":
             kwargs["mode"] = mode
@@ -224,11 +241,12 @@ class SpeedPath:
         for module in self._modules.values():
             module._compiled_call_impl = None
 
-    def _cache_prompts(self) -> None:
-        pipe = self.pipe
+    def _cache_prompts(self, pipe: Any) -> None:
         original = pipe.encode_prompt
         signature = inspect.signature(original)
-        cache, size = self._prompt_cache, self.options.prompt_cache
+        cache: OrderedDict[Any, Any] = OrderedDict()
+        self._prompt_caches.append(cache)
+        size = self.options.prompt_cache
 
         def key_of(bound: inspect.BoundArguments) -> Any:
             items = []
@@ -291,7 +309,7 @@ class SpeedPath:
             **compile_counters(),
             "buckets": sorted(self.buckets_seen),
             "fallback": self.fallback,
-            "prompt_cache_entries": len(self._prompt_cache),
+            "prompt_cache_entries": sum(len(c) for c in self._prompt_caches),
         }
         if self.device.startswith("cuda"):
             out["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())

@@ -71,7 +71,7 @@ def scheduler_timesteps(config: dict[str, Any] | None = None) -> TimestepsFn:
 
 def _cutoff(split: float, train_steps: int = 1000) -> int:
     """diffusers' ``discrete_timestep_cutoff`` for denoising_end / denoising_start."""
-    return int(round(train_steps - split * train_steps))
+    return round(train_steps - split * train_steps)
 
 
 def _refine(mode: str, steps: int, strength: float) -> tuple[StepPlan, Stages]:

@@ -149,23 +149,61 @@ def _raw(box: Box, region: Box, size: tuple[int, int], ramps: tuple[float, float
     return np.outer(wy, wx)
 
 
+class TileWeights:
+    """The blend weights of every tile of a plan (see :func:`blend_weights`), computed once.
+
+    Each tile's raw weight is the product of a ramp along x and one along y. For a grid plan (what
+    :func:`plan_tiles` makes) the sum over all tiles is the product of the per-axis sums, so the
+    weights are normalised per axis in O(image side) work; any other plan is normalised per pixel
+    over the tiles that overlap the one asked for."""
+
+    def __init__(self, plan: Sequence[Box]) -> None:
+        self.plan = list(plan)
+        if not self.plan:
+            raise ValueError("the plan has no tiles")
+        self._members = set(self.plan)
+        self.size = (max(b.right for b in self.plan), max(b.bottom for b in self.plan))
+        self.ramps = _axis_ramps(self.plan)
+        xs = sorted({(b.x, b.width) for b in self.plan})
+        ys = sorted({(b.y, b.height) for b in self.plan})
+        self._axes: tuple[dict[tuple[int, int], np.ndarray], ...] | None = None
+        if len(self._members) == len(self.plan) == len(xs) * len(ys):  # every (x span, y span) pair
+            self._axes = (
+                self._normalised(xs, self.size[0], self.ramps[0]),
+                self._normalised(ys, self.size[1], self.ramps[1]),
+            )
+
+    @staticmethod
+    def _normalised(spans: list[tuple[int, int]], length: int, ramp: float) -> dict[tuple[int, int], np.ndarray]:
+        raw = {(a, n): _ramp(a, n, length, ramp, a, a + n) for a, n in spans}
+        total = np.zeros(length, np.float64)
+        for (a, n), weight in raw.items():
+            total[a : a + n] += weight
+        return {(a, n): weight / total[a : a + n] for (a, n), weight in raw.items()}
+
+    def __call__(self, tile: Box) -> np.ndarray:
+        """The weights of ``tile`` (tile.height x tile.width, float32)."""
+        if tile not in self._members:
+            raise ValueError(f"the tile {tile} is not part of the plan")
+        if self._axes is not None:
+            wx, wy = self._axes[0][(tile.x, tile.width)], self._axes[1][(tile.y, tile.height)]
+            return np.outer(wy, wx).astype(np.float32)
+        own = _raw(tile, tile, self.size, self.ramps)
+        total = np.zeros_like(own)
+        for other in self.plan:
+            shared = other.intersect(tile)
+            if shared.is_empty:
+                continue
+            local = shared.relative_to(tile)
+            total[local.y : local.bottom, local.x : local.right] += _raw(other, shared, self.size, self.ramps)
+        return (own / total).astype(np.float32)
+
+
 def blend_weights(tile: Box, plan: Sequence[Box]) -> np.ndarray:
     """The weights (tile.height x tile.width, float32) with which ``tile``'s result goes into the
     image covered by ``plan``: smooth ramps across the overlaps, normalised so that the weights of
-    all tiles of the plan sum to 1 at every pixel."""
-    if tile not in plan:
-        raise ValueError(f"the tile {tile} is not part of the plan")
-    size = (max(b.right for b in plan), max(b.bottom for b in plan))
-    ramps = _axis_ramps(plan)
-    own = _raw(tile, tile, size, ramps)
-    total = np.zeros_like(own)
-    for other in plan:
-        shared = other.intersect(tile)
-        if shared.is_empty:
-            continue
-        local = shared.relative_to(tile)
-        total[local.y : local.bottom, local.x : local.right] += _raw(other, shared, size, ramps)
-    return (own / total).astype(np.float32)
+    all tiles of the plan sum to 1 at every pixel. For many tiles use one :class:`TileWeights`."""
+    return TileWeights(plan)(tile)
 
 
 # tile_fn(index, box, pixels of the box) -> the processed pixels, same shape
@@ -176,13 +214,14 @@ def map_tiles(values: np.ndarray, plan: Sequence[Box], fn: TileFn) -> np.ndarray
     """Apply ``fn`` to every tile of ``values`` (H x W or H x W x C) and blend the results with
     :func:`blend_weights` into a new float32 array of the same shape (accumulate, weights already
     normalised). With an identity ``fn`` this returns ``values`` within float rounding."""
+    weights = TileWeights(plan)
     out = np.zeros(values.shape, dtype=np.float32)
     for index, box in enumerate(plan):
         region = (slice(box.y, box.bottom), slice(box.x, box.right))
         part = np.asarray(fn(index, box, values[region]), dtype=np.float32)
         if part.shape != values[region].shape:
             raise ValueError(f"tile {index} came back as {part.shape}, expected {values[region].shape}")
-        weight = blend_weights(box, plan)
+        weight = weights(box)
         if part.ndim == 3:
             weight = weight[..., None]
         out[region] += part * weight
@@ -275,6 +314,7 @@ __all__ = [
     "DEFAULT_OVERLAP",
     "DEFAULT_THRESHOLD",
     "DEFAULT_TILE",
+    "TileWeights",
     "TilingConfig",
     "blend_weights",
     "map_tiles",

@@ -17,6 +17,7 @@ import zmq
 from krita_sdxl.protocol import SERVICE, Image, encode
 from krita_sdxl.protocol import errors as codes
 
+from . import oom
 from .jobs import Job, JobQueue
 from .request import JobCancelled, ProgressFn, RefineRequest, StopFn
 
@@ -27,11 +28,6 @@ class Engine(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
     def refine(self, req: RefineRequest, on_progress: ProgressFn, should_stop: StopFn) -> Image: ...
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
 class Worker(threading.Thread):
@@ -108,12 +104,10 @@ class Worker(threading.Thread):
             log.info("job %s cancelled (%s)", job.id, job.cancel_reason)
             return "cancelled", None, {"reason": job.cancel_reason}
         except Exception as exc:  # the service must keep serving whatever a job does
-            if _is_out_of_memory(exc):
+            if oom.is_out_of_memory(exc):  # backend/oom.py: the advice, freeing memory, the retry policy
                 log.error("job %s ran out of memory: %s", job.id, exc)
-                message = (
-                    f"out of GPU memory: {exc}. Use a smaller selection or work size, "
-                    "or start the service with a lower-memory mode."
-                )
+                message = oom.job_message(exc)
+                oom.free_memory()  # best effort here; the engine frees outside its except blocks
                 return "error", None, {"code": codes.OUT_OF_MEMORY, "field": None, "message": message}
             log.exception("job %s failed", job.id)
             message = f"the pipeline failed: {type(exc).__name__}: {exc}"

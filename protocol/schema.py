@@ -124,10 +124,13 @@ CLIENT_MESSAGES: dict[str, dict[str, Field]] = {
         "work_height": Field("int", None, nullable=True, lo=8, hi=MAX_SIDE),
         "feather": Field("float", 0.0, lo=0.0, hi=float(MAX_SIDE)),
         "transfer": _str("srgb", max_len=16, choices=("srgb", "linear")),
+        "denoising_end": Field("float", 0.8, lo=0.0, lo_open=True, hi=1.0),
+        "keep_unmasked": Field("bool", True),
         "image": Field("image"),
         "mask": Field("image", None, nullable=True),
     },
     "cancel": {"job": JOB},
+    "unload": {"model": _str(max_len=16, choices=("base", "refiner"))},
     "status": {"job": OPTIONAL_JOB},
     "heartbeat": {},
 }
@@ -161,6 +164,7 @@ SERVICE_MESSAGES: dict[str, dict[str, Field]] = {
         "field": _str(None, nullable=True, max_len=200),
     },
     "cancelled": {"job": JOB, "reason": _str("cancelled", max_len=200)},
+    "unloaded": {"model": _str(max_len=16), "was_loaded": Field("bool"), "deferred": Field("bool", False)},
     "status": {
         "running": Field("str", None, nullable=True),
         "jobs": Field("list", []),

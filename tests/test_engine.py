@@ -170,7 +170,7 @@ def test_describe_on_cpu(engine: Engine, demo_refiner_path: Path) -> None:
     assert info["device"] == "cpu"
     assert info["dtype"] == "float32" and info["vae_dtype"] == "float32"
     assert info["gpu"] is None and info["gpu_memory_total"] is None
-    assert info["modes"] == ["refine"]
+    assert info["modes"] == ["refine", "generate", "two_stage"]  # the demo has a base model
     assert info["models"][0]["role"] == "refiner"
     assert Path(info["models"][0]["path"]) == demo_refiner_path
     assert info["torch"] and info["diffusers"]

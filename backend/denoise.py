@@ -1,0 +1,123 @@
+"""Running a job's denoising stages (:mod:`.stages`) on latents: base, refiner, or both in turn.
+
+Every pipeline is called with ``output_type="latent"``; the engine runs the VAE itself. One
+:class:`StepReporter` spans all stages, so progress counts base and refiner steps in one total, and
+holds the unmasked latents to the source after every step when the job has a mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .latent_mask import LatentMask
+from .preview import latents_to_preview
+from .request import JobCancelled, ProgressFn, RefineRequest, StopFn
+from .stages import Stages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepReporter:
+    """The ``callback_on_step_end`` of every stage of one job."""
+
+    total: int
+    on_progress: ProgressFn
+    should_stop: StopFn
+    preview: bool = False
+    crop: tuple[int, int] | None = None  # latent rows/cols of the work image (without padding)
+    mask: LatentMask | None = None
+    on_step: Callable[[], None] | None = None  # e.g. the memory placement's release()
+    done: int = 0
+
+    def __call__(self, pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.done += 1
+        out: dict[str, Any] = {}
+        latents = kwargs["latents"]
+        if self.mask is not None:
+            latents = out["latents"] = self.mask.blend(latents, pipe.scheduler)
+        if self.on_step is not None:
+            self.on_step()
+        preview = None
+        if self.preview:
+            rows, cols = self.crop or tuple(latents.shape[-2:])
+            preview = latents_to_preview(latents[..., :rows, :cols])
+        self.on_progress(self.done, self.total, preview)
+        if self.should_stop():
+            raise JobCancelled()
+        return out
+
+
+def default_stages(req: RefineRequest) -> Stages:
+    """A refine: the refiner alone, img2img on the source."""
+    return Stages("refine", req.plan.steps, 0, req.plan.denoise_steps, refiner_strength=req.strength)
+
+
+def _run(pipe: Any, reporter: StepReporter, expected: int, what: str, **kwargs: Any) -> torch.Tensor:
+    before = reporter.done
+    result = pipe(callback_on_step_end=reporter, callback_on_step_end_tensor_inputs=["latents"], **kwargs)
+    ran = reporter.done - before
+    if ran != expected:
+        log.warning("the %s ran %d denoising steps, the step plan said %d", what, ran, expected)
+    return result.images
+
+
+def run_stages(
+    models: Any, stages: Stages, source: torch.Tensor, req: RefineRequest, reporter: StepReporter, dtype: torch.dtype
+) -> torch.Tensor:
+    """Denoise: ``source`` are the scaled source latents (1, 4, h, w); returns the final latents.
+    ``models`` gives the pipelines (``refiner``, ``base``, ``base_img2img()``), loading them on demand."""
+    generator = torch.Generator("cpu").manual_seed(req.seed)
+    common: dict[str, Any] = {
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt or None,
+        "guidance_scale": req.guidance_scale,
+        "generator": generator,
+        "output_type": "latent",
+    }
+    split = float(stages.split) if stages.split is not None else None
+    latents = source.to(dtype)
+    if stages.base_steps:
+        if stages.base_from_source:
+            latents = _run(
+                models.base_img2img(),
+                reporter,
+                stages.base_steps,
+                "base (img2img)",
+                image=latents,
+                strength=req.strength,
+                num_inference_steps=stages.steps,
+                denoising_end=split,
+                **common,
+            )
+        else:
+            rows, cols = source.shape[-2:]
+            latents = _run(
+                models.base,
+                reporter,
+                stages.base_steps,
+                "base",
+                height=rows * 8,
+                width=cols * 8,
+                num_inference_steps=stages.steps,
+                denoising_end=split,
+                **common,
+            )
+    if not stages.refiner_steps:
+        return latents
+    refiner_args: dict[str, Any] = {
+        "aesthetic_score": req.aesthetic_score,
+        "negative_aesthetic_score": req.negative_aesthetic_score,
+        "num_inference_steps": stages.steps,
+        "image": latents.to(dtype),
+    }
+    if stages.mode == "generate" and stages.base_steps:  # the ensemble's hand-over at the split
+        refiner_args.update(strength=1.0, denoising_start=split)
+    else:  # img2img on the source (refine) or on the base's picture (two_stage)
+        refiner_args.update(strength=stages.refiner_strength)
+    return _run(models.refiner, reporter, stages.refiner_steps, "refiner", **refiner_args, **common)

@@ -1,0 +1,92 @@
+"""Modes, unload and the out-of-memory path through the real service (subprocess, real sockets)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from krita_sdxl.backend.client import JobFailed, ServiceClient
+from krita_sdxl.backend.engine import Engine
+from krita_sdxl.backend.launcher import start_service
+from krita_sdxl.backend.server import Service
+from krita_sdxl.protocol import Image, ImageSpec
+
+
+def rgba(width: int = 48, height: int = 32) -> Image:
+    data = np.random.default_rng(1).integers(0, 256, (height, width, 4), dtype=np.uint8)
+    return Image(ImageSpec(width, height, "RGBA", 8), data.tobytes())
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The first three UNet calls run out of memory (--simulate-oom 3), with one retry per job."""
+    cache = tmp_path_factory.mktemp("cache")
+    args = ["--demo", "--cache-dir", str(cache), "--log-level", "warning", "--speed", "off"]
+    svc = start_service([*args, "--simulate-oom", "3", "--oom-retry", "--no-watermark", "--memory", "auto"])
+    yield svc
+    assert svc.stop() == 0, svc.log
+
+
+def models(client: ServiceClient) -> dict[str, bool]:
+    return {m["role"]: m["loaded"] for m in client.hello()["capabilities"]["models"]}
+
+
+def test_out_of_memory_fails_the_job_with_advice_then_a_retry_succeeds(service: Any) -> None:
+    with ServiceClient(service.endpoint, timeout=60) as client:
+        caps = client.hello()["capabilities"]
+        assert caps["modes"] == ["refine", "generate", "two_stage"]
+        assert caps["memory"] == {"mode": "none", "requested": "auto", "reason": "no GPU offload on cpu"}
+        assert caps["watermark"] == "disabled" and caps["oom_retry"] is True
+        with pytest.raises(JobFailed) as failed:  # out of memory twice: on the first try and the retry
+            client.run(rgba(), prompt="x", steps=4, strength=0.5, seed=1)
+        assert failed.value.code == "out_of_memory"
+        assert "smaller selection" in str(failed.value)
+        done = client.run(rgba(), prompt="x", steps=4, strength=0.5, seed=1)  # fails once, the retry works
+        assert done.type == "result"
+        again = client.run(rgba(), prompt="x", steps=4, strength=0.5, seed=1)  # and the service goes on
+        assert bytes(again.images["image"].data) == bytes(done.images["image"].data)
+
+
+def test_generate_loads_the_base_and_counts_all_steps_then_unload(service: Any) -> None:
+    with ServiceClient(service.endpoint, timeout=60) as client:
+        assert client.unload("base")["was_loaded"] in (True, False)
+        assert models(client) == {"refiner": True, "base": False}
+        job = client.submit(rgba(), prompt="a castle", mode="generate", steps=10, strength=1.0, seed=2)
+        events = list(client.events(job, timeout=60))
+        assert events[0].type == "accepted" and events[-1].type == "result", events[-1].fields
+        assert events[0]["denoise_steps"] == 10
+        assert [e["step"] for e in events if e.type == "progress"] == list(range(1, 11))
+        assert {e["total"] for e in events if e.type == "progress"} == {10}
+        out = events[-1].images["image"].spec
+        assert (out.width, out.height) == (48, 32)
+        assert models(client) == {"refiner": True, "base": True}
+        assert client.unload("base") == {"model": "base", "was_loaded": True, "deferred": False}
+        assert models(client) == {"refiner": True, "base": False}
+        two = client.run(rgba(), prompt="a castle", mode="two_stage", steps=4, strength=0.5, seed=2)
+        assert two.type == "result"
+        client.send("unload", model="vae")
+        event = client.receive()
+        assert (event.type, event["code"], event["field"]) == ("error", "bad_field", "model")
+
+
+def test_generate_is_unsupported_without_a_base(demo_models: Any) -> None:
+    engine = Engine.load(
+        demo=True, base_model="none", device="cpu", cache_dir=demo_models.refiner.parent.parent, speed="off"
+    )
+    svc = Service(engine, "tcp://127.0.0.1:*")
+    thread = threading.Thread(target=svc.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with ServiceClient(svc.endpoint, timeout=30) as client:
+            assert client.hello()["capabilities"]["modes"] == ["refine"]
+            for mode in ("generate", "two_stage"):
+                with pytest.raises(JobFailed) as failed:
+                    client.run(rgba(), prompt="x", mode=mode, steps=4, seed=1)
+                assert (failed.value.code, failed.value.field) == ("unsupported", "mode")
+            assert client.run(rgba(), prompt="x", steps=4, strength=0.5, seed=1).type == "result"
+    finally:
+        svc.stop()
+        thread.join(30)
