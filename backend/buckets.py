@@ -10,9 +10,10 @@ independently to the smallest ladder rung that holds it:
 and beyond the ladder to a multiple of ``beyond`` (256 px). Every bucket is a multiple of 64 px, what the
 SDXL UNet needs (latent divisible by 8 for its three downsamples). The padding wasted is at most 128 px a
 side up to 1280 px (11% of area at 1152 px) and at most 256 px beyond. With a 12-rung ladder there are at
-most 144 bucket shapes in 256..2048 px, and a typical Krita work area (640 to 1280 px a side) touches at
-most 36; the compiled speed path marks the spatial dimensions dynamic, so a new bucket costs a CUDA-graph
-recording (about a second), not a compilation.
+most 144 bucket shapes in 256..2048 px, and a typical Krita work area (640 to 1280 px a side, about 1 MP)
+touches at most 36, in practice about ten (the aspect ratios people select). With static shapes (the speed
+path's default) each bucket is one compilation, once per machine thanks to the compile cache; with dynamic
+spatial dimensions a new bucket costs only a CUDA-graph recording.
 
 Pure Python, no torch or numpy: the policy is unit-tested on its own.
 """

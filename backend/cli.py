@@ -117,6 +117,19 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aesthetic-score", type=float, default=6.0)
     g.add_argument("--negative-aesthetic-score", type=float, default=2.5)
     g.add_argument("--work-size", metavar="WxH", help="run the model at this size and scale back")
+    g.add_argument(
+        "--mode",
+        choices=["refine", "generate", "two_stage"],
+        default="refine",
+        help="refine (the refiner alone), generate (base then refiner; strength 1 = from noise) or two_stage "
+        "(base picture, then refiner img2img at --strength); the last two need a base model",
+    )
+    g.add_argument(
+        "--denoising-end",
+        type=float,
+        default=0.8,
+        help="generate: the fraction of the schedule the base runs (default 0.8)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="listen on a non-loopback address without authentication (not recommended)",
     )
+    tiles = serve.add_argument_group("large images (refined at native size in overlapping tiles)")
+    tiles.add_argument(
+        "--tile-threshold",
+        type=_pixel_count,
+        metavar="PIXELS",
+        help="tile images larger than this many pixels, or WxH (default 2048x2048; 0 = never tile)",
+    )
+    tiles.add_argument("--tile-size", type=int, metavar="PX", help="tile side, a multiple of 8 (default 1024)")
+    tiles.add_argument("--tile-overlap", type=int, metavar="PX", help="pixels neighbouring tiles share (default 128)")
     serve.add_argument("--identity", action="store_true", default=None, help=argparse.SUPPRESS)
     _add_model_flags(serve)
 
@@ -228,6 +250,9 @@ def _settings(args: argparse.Namespace):
         "authorized_keys",
         "insecure",
         "identity",
+        "tile_threshold",
+        "tile_size",
+        "tile_overlap",
         "speed",
         "compile_cache",
         "base_model",
@@ -242,6 +267,28 @@ def _settings(args: argparse.Namespace):
     if args.command != "serve":
         flags.pop("endpoint")
     return resolve(getattr(args, "config", None), flags)
+
+
+def _pixel_count(text: str) -> int:
+    """A pixel count given as 4194304 or as 2048x2048."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 0:
+        raise argparse.ArgumentTypeError(f"expected a pixel count such as 4194304 or 2048x2048, got {text!r}")
+    return parts[0] * parts[-1] if len(parts) == 2 else parts[0]
+
+
+def _tiling(settings):
+    """The engine's tiling settings (backend/tiling.py); ConfigError when they do not fit together."""
+    from .config import ConfigError
+    from .tiling import TilingConfig
+
+    try:
+        return TilingConfig(threshold=settings.tile_threshold, tile=settings.tile_size, overlap=settings.tile_overlap)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _load_engine(settings):
@@ -285,7 +332,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         engine = IdentityEngine()
     else:
+        tiling = _tiling(settings)  # a bad tile setting fails before the model loads
         engine = _load_engine(settings)
+        engine.tiling = tiling
     limits = Limits(
         max_pixels=settings.max_pixels,
         max_prompt_chars=settings.max_prompt_chars,
@@ -365,6 +414,8 @@ def _job_params(args: argparse.Namespace) -> dict[str, Any]:
         negative_aesthetic_score=args.negative_aesthetic_score,
         work_width=work[0] if work else None,
         work_height=work[1] if work else None,
+        mode=args.mode,
+        denoising_end=args.denoising_end,
     )
 
 
@@ -403,6 +454,7 @@ def _refine_remote(args, image, params, bar):
                 bar.set_description(f"queued ({event['position']} ahead)")
         elif event.type == "progress":
             bar.set_description("refine")
+            bar.total = event["total"]  # tiles x steps when the service tiles a large image
             bar.n = event["step"]
             bar.refresh()
 
@@ -431,11 +483,13 @@ def _refine_local(args, image, params, bar):
     req = RefineRequest.from_message(msg, seed)
     try:
         engine = _load_engine(_settings(args))
+        engine.tiling = _tiling(_settings(args))
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
     bar.reset(total=req.plan.denoise_steps)
 
     def on_progress(step: int, total: int, preview) -> None:
+        bar.total = total
         bar.n = step
         bar.refresh()
 

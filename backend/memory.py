@@ -136,6 +136,7 @@ class Placement:
             if not isinstance(module, torch.nn.Module) or id(module) in self._modules:
                 continue
             self._modules[id(module)] = module
+            module.requires_grad_(False)  # inference only (and offload hooks re-create parameters)
             self._place(name, module)
         if self.mode != "none":
             pipe.vae.enable_tiling()  # only used above the VAE's sample size (1024 px for SDXL)
@@ -186,6 +187,10 @@ class Placement:
     def forget(self, modules: list[torch.nn.Module]) -> None:
         """Stop placing ``modules`` (a model being unloaded): hooks off, weights to the CPU."""
         for module in modules:
+            if self.mode == "sequential":  # its weights already live on the CPU; just let go
+                key = id(module)
+                self._modules.pop(key, None)
+                continue
             self._detach(module)
             module.to("cpu")
 
@@ -198,6 +203,12 @@ class Placement:
         self._modules.pop(key, None)
         self._movable.pop(key, None)
         self._on_device.discard(key)
+
+    def clear(self) -> None:
+        """Stop placing anything: every hook off, every placed module back on the CPU."""
+        for module in list(self._modules.values()):
+            self._detach(module)
+            module.to("cpu")
 
     def switch(self, mode: str, pipes: list[Any], reason: str = "") -> None:
         """Place every pipeline again for ``mode`` (the out-of-memory retry steps down with this)."""

@@ -91,9 +91,15 @@ class ModelSet:
         return pipe
 
     def set_refiner(self, pipe: Any) -> None:
+        self.put("refiner", pipe)
+
+    def put(self, role: str, pipe: Any) -> None:
+        """Use an already loaded pipeline for ``role`` (placed now)."""
         with self._lock:
             self.placement.install(pipe)
-            self._pipes["refiner"] = pipe
+            self._pipes[role] = pipe
+            if role == "base":
+                self._img2img = None
 
     @property
     def refiner(self) -> Any:

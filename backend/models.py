@@ -101,7 +101,8 @@ def hf_cache_dir() -> Path:
 
 
 _WAYS_OUT = (
-    "pass --model PATH to a diffusers folder or a Hugging Face repo id, or try --demo for the tiny offline demo model"
+    "pass --model PATH to a diffusers folder, a single-file .safetensors checkpoint or a Hugging Face repo id, "
+    "or try --demo for the tiny offline demo model"
 )
 
 
@@ -111,7 +112,7 @@ def _check_folder(path: Path) -> Path:
     if path.is_file():
         raise ModelNotFound(
             f"{path} is a file, but a model must be a diffusers folder (model_index.json, unet/, vae/, ...); "
-            f"single-file checkpoints are not supported; {_WAYS_OUT}"
+            f"single-file checkpoints are not supported here (krita_sdxl.backend.sources loads them); {_WAYS_OUT}"
         )
     if not (path / "model_index.json").is_file():
         raise ModelNotFound(

@@ -10,9 +10,13 @@ What it does to a loaded pipeline, in place (``SpeedPath.apply``):
   decoder are compiled in the default mode (each runs once per job and is bound by convolutions, so a graph
   would buy little and cost a private memory pool). ``max-autotune`` is not used: it multiplies the cold
   compile time for a few per cent.
-- Spatial dimensions are marked dynamic (and duck sizing is off, so a square image does not tie height to
-  width): one compilation serves every size. Work images are padded to a size bucket
-  (:mod:`.buckets`), so the number of distinct shapes, and with it the CUDA graphs recorded, stays small.
+- Shapes are static: work images are padded to a size bucket (:mod:`.buckets`), so the number of distinct
+  shapes, and with it the compilations and CUDA graphs, stays small; each bucket compiles once per machine
+  (the compile cache keeps it across restarts). Dynamic spatial dimensions (``dynamic: true`` in
+  ``KRITA_SDXL_SPEED_OPTIONS``: one compilation for every bucket, duck sizing off so a square image does
+  not tie height to width) are an option, not the default: on an H100 (torch 2.11, 2026-11-26) the first
+  refine with them had not finished compiling the VAE encoder and the UNet after 3.5 minutes, against
+  105 s for a static compilation of the UNet (FACTS section 3); their run time was not measured.
 - The compile caches (inductor's FX graph cache, the AOT autograd cache and Triton's kernels) live in a
   folder the service names (``--compile-cache``), so a restarted service skips inductor and Triton
   compilation and only re-traces the model.
@@ -30,7 +34,8 @@ import inspect
 import json
 import logging
 import os
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,12 +93,13 @@ class SpeedOptions:
     unet_mode: str | None = "reduce-overhead"  # torch.compile mode for the UNet; None: not compiled
     vae_mode: str | None = "default"  # for the VAE encoder and decoder; None: not compiled
     compile_encoder: bool = True
-    dynamic: bool = True  # spatial dims dynamic: one compilation for all buckets (False: one per bucket)
+    dynamic: bool = False  # True: spatial dims dynamic, one compilation for all buckets (slow, see above)
     channels_last: bool = False  # eager NHWC was 10% (UNet) and 55% (VAE decoder) slower on an H100
     fuse_qkv: bool = False  # no gain in eager on an H100 (1.27 vs 1.26 s)
     conv_1x1_as_mm: bool = True
     prompt_cache: int = 16  # prompt embeddings kept (0: off)
     buckets: bool = True  # pad work images to size buckets (False: to a multiple of 64 px)
+    backend: str = "inductor"  # torch.compile backend ("aot_eager": tracing only, for tests)
 
     @classmethod
     def from_env(cls, device: str) -> SpeedOptions:
@@ -128,6 +134,33 @@ def _clone(out: Any) -> Any:
     if isinstance(out, dict):  # diffusers BaseOutput is an OrderedDict dataclass
         return type(out)(**{k: _clone(v) for k, v in out.items()})
     return out
+
+
+def prepare_cudagraph_thread() -> None:
+    """Set up inductor's CUDA-graph tree state for the calling thread.
+
+    Inductor keeps its CUDA-graph tree managers in thread-local storage that is set up only in the thread
+    that imported it (and threads the autograd engine starts); in any other thread, such as the service's
+    worker thread, ``reduce-overhead`` fails with a bare ``AssertionError`` in ``cudagraph_trees.get_obj``
+    (pytorch/pytorch#123177, fixed lazily in newer releases by #184357). This does what that fix does, once
+    per thread; a no-op where the state is there already."""
+    try:
+        from torch._inductor import cudagraph_trees as trees
+    except ImportError:  # pragma: no cover - no inductor
+        return
+    local = getattr(trees, "local", None)
+    if local is None or hasattr(local, "tree_manager_containers"):
+        return
+    if torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    init = getattr(trees, "_initialize_tls", None)
+    if init is not None:
+        init(local)
+        return
+    local.tree_manager_containers = {}  # older releases: what the module does at import
+    local.tree_manager_locks = defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
 
 
 def compile_counters() -> dict[str, int]:
@@ -171,7 +204,8 @@ class SpeedPath:
         import torch.fx.experimental._config as fx_config
 
         inductor_config.conv_1x1_as_mm = opts.conv_1x1_as_mm
-        fx_config.use_duck_shape = False  # height == width must not become a guard
+        if opts.dynamic:
+            fx_config.use_duck_shape = False  # height == width must not become a guard
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         if opts.fuse_qkv:
             pipe.unet.fuse_qkv_projections()
@@ -208,19 +242,33 @@ class SpeedPath:
         if getattr(module, "_compiled_call_impl", None) is not None:
             return  # compiled already (a module shared between pipelines)
         kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": None if self.options.dynamic else False}
-        if mode != "default":
+        inductor = self.options.backend == "inductor"
+        if inductor and mode != "default":
             kwargs["mode"] = mode
+        if not inductor:
+            kwargs["backend"] = self.options.backend
         module.compile(**kwargs)
         compiled = module._compiled_call_impl
-        cudagraphs = mode == "reduce-overhead" and self.device.startswith("cuda")
+        cudagraphs = inductor and mode == "reduce-overhead" and self.device.startswith("cuda")
         dynamic = self.options.dynamic
+
+        layout = torch.channels_last if self.options.channels_last else torch.contiguous_format
 
         def call(*args: Any, **kwargs: Any) -> Any:
             sample = args[0] if args else kwargs.get("sample")
-            if dynamic and isinstance(sample, torch.Tensor) and sample.dim() == 4:
-                torch._dynamo.maybe_mark_dynamic(sample, 2)
-                torch._dynamo.maybe_mark_dynamic(sample, 3)
+            if isinstance(sample, torch.Tensor) and sample.dim() == 4:
+                # One memory layout for every call: the engine's image tensor is a permuted view, and
+                # a graph traced for other strides fails or recompiles.
+                sample = sample.contiguous(memory_format=layout)
+                if args:
+                    args = (sample, *args[1:])
+                else:
+                    kwargs["sample"] = sample
+                if dynamic:
+                    torch._dynamo.maybe_mark_dynamic(sample, 2)
+                    torch._dynamo.maybe_mark_dynamic(sample, 3)
             if cudagraphs:
+                prepare_cudagraph_thread()
                 torch.compiler.cudagraph_mark_step_begin()
             try:
                 out = compiled(*args, **kwargs)
@@ -349,6 +397,7 @@ __all__ = [
     "configure_compile_cache",
     "default_compile_cache",
     "pad_to_size",
+    "prepare_cudagraph_thread",
     "resolve_speed",
     "setup",
 ]

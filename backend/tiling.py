@@ -19,6 +19,8 @@ Decisions:
   ramp to 0 over the overlap towards every edge it shares with another tile (never at the image
   border), then normalised by the sum over all tiles, so the weights sum to 1 at every pixel: an
   image refined by an identity function comes back unchanged.
+- **Masks**: each tile is refined with its part of the mask (so masked refine keeps what lies
+  outside it, as for a whole image); tiles entirely outside the mask are skipped.
 - **Seed**: every tile uses the job's seed (the common choice in tiled upscalers); results stay
   reproducible for a given seed, tile size and overlap.
 - **Progress**: ``total`` is tiles x denoising steps and ``step`` runs from 1 to total over all
@@ -249,10 +251,16 @@ def refine_if_large(engine: Any, req: RefineRequest, on_progress: ProgressFn, sh
     return refine_in_tiles(engine.refine, req, config, on_progress, should_stop)
 
 
-def _float_image(rgb: np.ndarray) -> Image:
-    """An RGB float32 protocol image of an H x W x 3 array: passes through ``refine`` losslessly."""
-    data = np.ascontiguousarray(rgb, dtype="<f4")
-    return Image(ImageSpec(data.shape[1], data.shape[0], "RGB", 32, "float"), data.tobytes())
+def _float_image(values: np.ndarray) -> Image:
+    """A float32 protocol image of an H x W x 3 array (RGBA, opaque: a mask then only touches the
+    alpha, which is dropped, so the colour is the engine's own) or of an H x W mask (L). Float
+    samples pass through ``refine`` losslessly."""
+    if values.ndim == 2:
+        data = np.ascontiguousarray(values, dtype="<f4")
+        return Image(ImageSpec(data.shape[1], data.shape[0], "L", 32, "float"), data.tobytes())
+    data = np.ones((*values.shape[:2], 4), dtype="<f4")
+    data[..., :3] = values
+    return Image(ImageSpec(data.shape[1], data.shape[0], "RGBA", 32, "float"), data.tobytes())
 
 
 def refine_in_tiles(
@@ -264,7 +272,11 @@ def refine_in_tiles(
 ) -> Image:
     """Refine ``req`` tile by tile with ``refine`` (an engine's own, run whole on each tile) and
     return an image of the input's exact size and format, following ``Engine.refine``'s output
-    rule (alpha untouched, or multiplied by the feathered mask)."""
+    rule (alpha untouched, or multiplied by the feathered mask).
+
+    With a mask, each tile gets its part of the mask (with ``keep_unmasked``, so the engine keeps
+    what lies outside it), tiles entirely outside the mask are not refined at all (progress counts
+    only the tiles that are), and the result keeps the input's own pixels wherever the mask is 0."""
     spec = req.image.spec
     mask = pixels.mask_to_float(req.mask) if req.mask is not None else None
     if mask is not None and mask.shape != (spec.height, spec.width):
@@ -273,19 +285,23 @@ def refine_in_tiles(
         )
     if should_stop():
         raise JobCancelled()
-    rgb, _ = pixels.to_rgb_alpha(req.image)
-    if req.transfer == "linear":
-        rgb = pixels.linear_to_srgb(rgb)
+    source, _ = pixels.to_rgb_alpha(req.image)
+    rgb = pixels.linear_to_srgb(source) if req.transfer == "linear" else source
     work = req.work_size if req.work_size and req.work_size != (spec.width, spec.height) else None
     if work is not None:
         rgb = pixels.resize(rgb, work)
+    run_mask = mask if mask is None or work is None else pixels.resize(mask, work)
+    keep = mask is not None and getattr(req, "keep_unmasked", False)
     plan = plan_tiles(rgb.shape[1], rgb.shape[0], config.tile, config.overlap, config.multiple)
+    busy = [i for i, b in enumerate(plan) if run_mask is None or run_mask[b.y : b.bottom, b.x : b.right].max() > 0]
+    order = {index: n for n, index in enumerate(busy)}
     steps = req.plan.denoise_steps
-    total = len(plan) * steps
+    total = len(busy) * steps
     log.info(
-        "refining %dx%d in %d tiles of up to %d px (overlap %d), %d steps in all",
+        "refining %dx%d in %d of %d tiles of up to %d px (overlap %d), %d steps in all",
         rgb.shape[1],
         rgb.shape[0],
+        len(busy),
         len(plan),
         config.tile,
         config.overlap,
@@ -293,10 +309,17 @@ def refine_in_tiles(
     )
 
     def run_tile(index: int, box: Box, part: np.ndarray) -> np.ndarray:
-        def progress(step: int, _total: int, preview: Image | None) -> None:
-            on_progress(index * steps + min(step, steps), total, preview)
+        if index not in order:
+            return part  # entirely outside the mask: nothing there changes
+        done = order[index] * steps
 
-        sub = replace(req, image=_float_image(part), work_size=None, mask=None, feather=0.0, transfer="srgb")
+        def progress(step: int, _total: int, preview: Image | None) -> None:
+            on_progress(done + min(step, steps), total, preview)
+
+        tile_mask = (
+            _float_image(run_mask[box.y : box.bottom, box.x : box.right]) if keep and run_mask is not None else None
+        )
+        sub = replace(req, image=_float_image(part), work_size=None, mask=tile_mask, feather=0.0, transfer="srgb")
         out, _ = pixels.to_rgb_alpha(refine(sub, progress, should_stop))
         return out
 
@@ -305,6 +328,8 @@ def refine_in_tiles(
         out = pixels.resize(out, (spec.width, spec.height))
     if req.transfer == "linear":
         out = pixels.srgb_to_linear(out)
+    if keep and mask is not None:  # the tiles kept the source outside the mask; make it exact
+        out = np.where((mask <= 0.0)[..., None], source, out).astype(np.float32)
     if mask is not None and req.feather > 0:
         mask = pixels.feather_inward(mask, req.feather)
     return Image(spec, pixels.merge_result(out, req.image, mask))

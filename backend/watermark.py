@@ -4,8 +4,9 @@ diffusers' SDXL pipelines mark every image they decode (``StableDiffusionXLWater
 watermark carrying Stability AI's 48-bit message) whenever the ``invisible-watermark`` package is
 importable. The engine decodes latents itself, so it applies the same watermarker after its own
 decode. ``invisible-watermark`` pulls in OpenCV, so it is an optional extra
-(``pip install 'krita-sdxl[watermark]'``); ``--no-watermark`` switches marking off. Like diffusers,
-images narrower than 256 px are left unmarked.
+(``pip install 'krita-sdxl[watermark]'``); ``--no-watermark`` switches marking off. Images smaller
+than 256 px on either side are left unmarked: the encoder refuses them (diffusers checks only the
+width, so a wide strip less than 256 px high would fail there).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ACTIVE, DISABLED, UNAVAILABLE = "active", "disabled", "unavailable"
+MIN_SIDE = 256  # the encoder's smallest image side
 
 
 def available() -> bool:
@@ -48,8 +50,12 @@ class Watermark:
         return self._marker is not None
 
     def apply(self, rgb: np.ndarray) -> np.ndarray:
-        if self._marker is None:
+        if self._marker is None or min(rgb.shape[:2]) < MIN_SIDE:
             return rgb
         x = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1)[None] * 2.0 - 1.0
-        y = self._marker.apply_watermark(x)
+        try:
+            y = self._marker.apply_watermark(x)
+        except Exception:  # a watermark never fails a job
+            log.exception("invisible watermark failed on a %dx%d image; left unmarked", rgb.shape[1], rgb.shape[0])
+            return rgb
         return ((y[0].permute(1, 2, 0).float() + 1.0) * 0.5).clamp(0.0, 1.0).numpy()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -67,7 +68,7 @@ def test_generate_loads_the_base_and_counts_all_steps_then_unload(service: Any) 
         assert models(client) == {"refiner": True, "base": False}
         two = client.run(rgba(), prompt="a castle", mode="two_stage", steps=4, strength=0.5, seed=2)
         assert two.type == "result"
-        client.send("unload", model="vae")
+        client.socket.send_multipart([msgpack.packb({"v": 1, "type": "unload", "model": "vae"})])
         event = client.receive()
         assert (event.type, event["code"], event["field"]) == ("error", "bad_field", "model")
 

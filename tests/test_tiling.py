@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import pairwise
 from typing import Any
 
@@ -241,7 +242,7 @@ def test_tiled_identity_engine_returns_the_input_bytes(order: str, depth: int, s
     assert [(r.image.spec.width, r.image.spec.height) for r in engine.requests] == [
         (b.width, b.height) for b in plan_tiles(150, 97, 64, 16)
     ]
-    assert {r.image.spec.order for r in engine.requests} == {"RGB"}  # float tiles: lossless
+    assert {(r.image.spec.order, r.image.spec.sample) for r in engine.requests} == {("RGBA", "float")}  # lossless
     assert all(r.seed == 1 and r.work_size is None and r.mask is None for r in engine.requests)
     assert calls == [(i, 6 * 3) for i in range(1, 6 * 3 + 1)]
 
@@ -277,13 +278,35 @@ def test_tiled_mask_and_linear_transfer_follow_the_output_rule() -> None:
     mask[10:90, 20:130] = 255
     req = make_request(image, mask=Image(ImageSpec(150, 97, "L"), mask.tobytes()), feather=6.0, transfer="linear")
     out = engine.refine(req, lambda *a: None, lambda: False)
+    assert len(engine.requests) == 6  # the mask reaches into every tile
+    for sub, box in zip(engine.requests, plan_tiles(150, 97, 64, 16), strict=True):
+        assert sub.mask is not None and sub.feather == 0.0 and sub.transfer == "srgb"
+        sub_mask = pixels.mask_to_float(sub.mask)
+        assert np.array_equal(sub_mask, mask[box.y : box.bottom, box.x : box.right] / np.float32(255))
     alpha_in = pixels.samples(image)[..., 3]
     alpha_out = pixels.samples(out)[..., 3]
     assert np.all(alpha_out[mask == 0] == 0)
     assert np.array_equal(alpha_out[20:80, 30:120], alpha_in[20:80, 30:120])
     colour_in = pixels.samples(image)[..., :3].astype(np.int64)
     colour_out = pixels.samples(out)[..., :3].astype(np.int64)
-    assert np.abs(colour_out - colour_in).max() <= 2  # sRGB round trip of 16-bit samples
+    assert np.array_equal(colour_out[mask == 0], colour_in[mask == 0])  # exactly the input outside
+    assert np.abs(colour_out - colour_in).max() <= 2  # sRGB round trip of 16-bit samples inside
+
+
+def test_tiles_outside_the_mask_are_not_refined() -> None:
+    engine = IdentityTiles(TilingConfig(threshold=64 * 64, tile=64, overlap=16))
+    image = make_image(150, 97, "RGB")
+    mask = np.zeros((97, 150), np.uint8)
+    mask[5:20, 5:30] = 255  # only in the top-left tile
+    calls: list[tuple[int, int]] = []
+    req = make_request(image, mask=Image(ImageSpec(150, 97, "L"), mask.tobytes()))
+    out = engine.refine(req, lambda s, t, p: calls.append((s, t)), lambda: False)
+    assert [(r.image.spec.width, r.image.spec.height) for r in engine.requests] == [(64, 64)]
+    assert calls == [(1, 3), (2, 3), (3, 3)]  # progress counts the refined tiles only
+    assert bytes(out.data) == bytes(image.data)
+    unkept = IdentityTiles(engine.tiling)
+    unkept.refine(replace(req, keep_unmasked=False), lambda *a: None, lambda: False)
+    assert len(unkept.requests) == 1 and unkept.requests[0].mask is None  # the engine's other mask rule
 
 
 # --- the real pipeline (tiny demo model) --------------------------------------------------------
@@ -349,3 +372,33 @@ def test_an_engine_without_a_config_tiles_above_2048x2048_in_1024_tiles() -> Non
     assert out.spec == image.spec
     sizes = [(r.image.spec.width, r.image.spec.height) for r in above.requests]
     assert sizes == [(1024, 1024)] * 9
+
+
+def test_tiled_masked_refine_keeps_the_outside_on_the_demo_model(engine: Engine) -> None:
+    image = make_image(150, 97, "RGB", 8, "uint")
+    mask = np.zeros((97, 150), np.uint8)
+    mask[10:50, 10:40] = 255  # in the two left tiles of the top row's column: (0, 0) and (0, 33)
+    req = make_request(image, steps=5, strength=0.4, mask=Image(ImageSpec(150, 97, "L"), mask.tobytes()))
+    calls: list[tuple[int, int]] = []
+    out = engine.refine(req, lambda s, t, p: calls.append((s, t)), lambda: False)
+    assert calls == [(i, 4) for i in range(1, 5)]  # 2 of the 6 tiles, 2 steps each
+    before, after = pixels.samples(image).astype(int), pixels.samples(out).astype(int)
+    assert np.array_equal(after[mask == 0], before[mask == 0])
+    assert np.abs(after[15:45, 15:35] - before[15:45, 15:35]).mean() > 2.0
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def test_cli_flags_reach_the_tiling_config(capsys: Any) -> None:
+    from krita_sdxl.backend.cli import _settings, _tiling, build_parser, main
+
+    args = build_parser().parse_args(["serve", "--tile-threshold", "1024x1024", "--tile-size", "512"])
+    assert _tiling(_settings(args)) == TilingConfig(threshold=1024 * 1024, tile=512, overlap=128)
+    defaults = _tiling(_settings(build_parser().parse_args(["serve", "--config", "/dev/null"])))
+    assert defaults == TilingConfig(threshold=2048 * 2048, tile=1024, overlap=128)
+    # refused before any model loads: a clear message and exit status 2
+    assert main(["serve", "--config", "/dev/null", "--tile-size", "100"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--tile-threshold", "big"])

@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -168,8 +169,12 @@ class Bench:
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-    def peak(self) -> float | None:
-        return gib(torch.cuda.max_memory_allocated()) if self.device == "cuda" else None
+    def peak(self, offset: int = 0) -> float | None:
+        """Peak GPU memory since reset_peak, less ``offset`` bytes held by something else."""
+        return gib(torch.cuda.max_memory_allocated() - offset) if self.device == "cuda" else None
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated() if self.device == "cuda" else 0
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -238,7 +243,7 @@ def build_and_save(b: Bench, root: Path, is_tiny: bool, dtype: torch.dtype) -> d
 # --- stock diffusers --------------------------------------------------------------------------------
 
 
-def stock(b: Bench, pipes: dict[str, Any], size: int) -> None:
+def stock(b: Bench, pipes: dict[str, Any], size: int, ensemble_only: bool = False) -> None:
     refiner, base = pipes["refiner"], pipes["base"]
     dev = b.device
     g = torch.Generator(dev).manual_seed(0)
@@ -254,10 +259,12 @@ def stock(b: Bench, pipes: dict[str, Any], size: int) -> None:
         return refiner(PROMPT, negative_prompt=NEGATIVE, image=lat, num_inference_steps=steps, denoising_start=0.8,
                        output_type="np", generator=torch.Generator(dev).manual_seed(3))  # fmt: skip
 
-    refine(steps=10)
-    b.reset_peak()
-    b.record("stock.refine_s", b.timeit(refine, 3))
-    b.record("stock.refine_peak_GiB", b.peak())
+    if not ensemble_only:
+        refine(steps=10)
+        b.reset_peak()
+        b.record("stock.refine_s", b.timeit(refine, 3))
+        b.record("stock.refine_peak_GiB", b.peak())
+        return
     ensemble(steps=5)
     b.reset_peak()
     b.record("stock.ensemble_s", b.timeit(ensemble, 2))
@@ -294,20 +301,27 @@ def free_gpu() -> None:
         torch.cuda.empty_cache()
 
 
-def project_plain(b: Bench, root: Path, size: int, state: dict[str, Any]) -> None:
+def project_plain(b: Bench, root: Path, size: int, state: dict[str, Any], extras: bool = False) -> None:
+    """The plain path in process: refine (and its image, for the quality check); ``extras``: the
+    ensemble and the balanced memory mode instead."""
     from krita_sdxl.backend.engine import Engine
 
     noop = (lambda *a: None, lambda: False)
     image = make_image(size, size)
     req = make_request(image, REFINE)
+    other = b.allocated()  # the stock pipelines, still on the GPU in the first call
     t = time.monotonic()
     engine = Engine.load(model=str(root / "refiner"), base_model=str(root / "base"), device=b.device,
                          speed="off", memory="none", watermark=False, cache_dir=root / "cache")  # fmt: skip
     b.record("plain.load_s", round(time.monotonic() - t, 1))
-    state["plain_image"] = engine.refine(req, *noop)
-    b.reset_peak()
-    b.record("plain.refine_s", b.timeit(lambda: engine.refine(req, *noop), 3))
-    b.record("plain.refine_peak_GiB", b.peak())
+    if not extras:
+        state["plain_image"] = engine.refine(req, *noop)
+        b.reset_peak()
+        b.record("plain.refine_s", b.timeit(lambda: engine.refine(req, *noop), 3))
+        b.record("plain.refine_peak_GiB", b.peak(other))
+        engine = None
+        free_gpu()
+        return
     ens = make_request(image, ENSEMBLE)
     try:
         engine.refine(make_request(image, dict(ENSEMBLE, steps=5)), *noop)
@@ -354,7 +368,10 @@ class Service:
         while True:
             found = [ln for ln in list(self.svc.lines) if "speed: {" in ln]
             if len(found) >= jobs or time.monotonic() > deadline:
-                return json.loads(found[-1].split("speed: ", 1)[1]) if found else None
+                if not found:
+                    return None
+                line = found[-1]
+                return json.loads(line[line.index("speed: {") + len("speed: ") :])
             time.sleep(0.05)
 
     def stop(self, log_name: str) -> None:
@@ -364,7 +381,9 @@ class Service:
         (self.b.out / log_name).write_text(text[-200_000:])
 
 
-def service_runs(b: Bench, root: Path, size: int, is_tiny: bool, state: dict[str, Any]) -> None:
+def service_runs(
+    b: Bench, root: Path, size: int, is_tiny: bool, state: dict[str, Any], speed_options: str | None = None
+) -> None:
     from krita_sdxl.backend.client import ServiceClient
 
     cache = root / "compile-cache"
@@ -374,6 +393,10 @@ def service_runs(b: Bench, root: Path, size: int, is_tiny: bool, state: dict[str
     env = {"KRITA_SDXL_CACHE": str(root / "cache")}
     if is_tiny:  # no compilation on the CPU smoke test: buckets and the prompt cache still run
         env["KRITA_SDXL_SPEED_OPTIONS"] = json.dumps({"unet_mode": None, "vae_mode": None})
+    if speed_options:
+        env["KRITA_SDXL_SPEED_OPTIONS"] = speed_options
+    b.record("speed.options_env", env.get("KRITA_SDXL_SPEED_OPTIONS", "(defaults)"))
+    static = not is_tiny and '"dynamic": true' not in (speed_options or "")
     image = make_image(size, size)
     jobs = 0
 
@@ -383,7 +406,7 @@ def service_runs(b: Bench, root: Path, size: int, is_tiny: bool, state: dict[str
         return time.perf_counter() - t, done
 
     # --- cold: empty compile cache -------------------------------------------------------------
-    svc = Service(b, args, env, deadline_s=b.left() - 90)
+    svc = Service(b, args, env, deadline_s=b.left() - 50)
     b.record("cold.ready_s", round(svc.ready_s, 1))
     try:
         with ServiceClient(svc.svc.endpoint, timeout=60.0) as client:
@@ -417,10 +440,15 @@ def service_runs(b: Bench, root: Path, size: int, is_tiny: bool, state: dict[str
             before = stats or {}
             sweep = TINY_SWEEP if is_tiny else SWEEP
             rows = []
+            from krita_sdxl.backend.buckets import DEFAULT_POLICY
+
+            seen = {DEFAULT_POLICY.bucket(size, size)}
             for w, h in sweep:
-                if b.left() < 100:
+                new_bucket = DEFAULT_POLICY.bucket(w, h) not in seen
+                if b.left() < (200 if static and new_bucket else 45):  # static shapes: a new bucket compiles
                     rows.append({"size": f"{w}x{h}", "skipped": "time"})
                     continue
+                seen.add(DEFAULT_POLICY.bucket(w, h))
                 s, _ = run(client, make_image(w, h, seed=w + h), REFINE)
                 jobs += 1
                 st = svc.speed_stats(jobs) or {}
@@ -429,8 +457,6 @@ def service_runs(b: Bench, root: Path, size: int, is_tiny: bool, state: dict[str
                 )
             after = svc.speed_stats(jobs) or {}
             b.record("sweep.rows", rows)
-            from krita_sdxl.backend.buckets import DEFAULT_POLICY
-
             b.record("sweep.buckets", sorted(DEFAULT_POLICY.shapes(sweep)))
             b.record("sweep.distinct_sizes", len(set(sweep)))
             if "compiled_graphs" in after and "compiled_graphs" in before:
@@ -440,10 +466,10 @@ def service_runs(b: Bench, root: Path, size: int, is_tiny: bool, state: dict[str
     finally:
         svc.stop("service-cold.log")
     # --- warm restart: same compile cache -------------------------------------------------------
-    if b.left() < 60:
+    if b.left() < 40:
         b.record("warm.status", "skipped: time")
         return
-    svc = Service(b, args, env, deadline_s=b.left() - 15)
+    svc = Service(b, args, env, deadline_s=b.left() - 5)
     b.record("warm.ready_s", round(svc.ready_s, 1))
     try:
         with ServiceClient(svc.svc.endpoint, timeout=60.0) as client:
@@ -580,11 +606,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (smoke test of this script)")
-    ap.add_argument("--budget", type=float, default=500.0, help="seconds; stages that would not fit are skipped")
+    ap.add_argument("--budget", type=float, help="seconds; stages that would not fit are skipped (500; tiny: 1500)")
     ap.add_argument("--results-dir", type=Path, help="also write <date>-<card>-gpu.json/.md here")
+    ap.add_argument("--speed-options", help='KRITA_SDXL_SPEED_OPTIONS for the service, e.g. {"dynamic": true}')
     ap.add_argument("--vae-ab", action="store_true", help="stage 7 (VAE decoder NCHW vs channels_last) if time is left")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.budget is None:
+        args.budget = 1500.0 if args.tiny else 500.0
+    if args.tiny:  # tiny tensors: one thread avoids OpenMP spinning on a busy machine
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     size = 128 if args.tiny else 1024
@@ -603,12 +635,17 @@ def main() -> int:
     def build() -> None:
         pipes.update(build_and_save(b, root, args.tiny, dtype))
 
+    # The speed path first (the issue's goal), then what the time left allows.
     if b.stage("build", 0, build):
-        b.stage("stock", 60, lambda: stock(b, pipes, size))
+        b.stage("stock", 30, lambda: stock(b, pipes, size))
+    b.stage("plain", 30, lambda: project_plain(b, root, size, state))
+    need = 150 if not args.tiny else 0
+    b.stage("service", need, lambda: service_runs(b, root, size, args.tiny, state, args.speed_options))
+    if pipes:
+        b.stage("stock_ensemble", 25, lambda: stock(b, pipes, size, ensemble_only=True))
     pipes.clear()
     free_gpu()
-    b.stage("plain", 60, lambda: project_plain(b, root, size, state))
-    b.stage("service", 150 if not args.tiny else 0, lambda: service_runs(b, root, size, args.tiny, state))
+    b.stage("plain_extras", 45, lambda: project_plain(b, root, size, state, extras=True))
     if args.vae_ab and device == "cuda":
         b.stage("vae_ab", 60, lambda: vae_channels_last(b, size))
     b.record("total_s", round(time.monotonic() - b.t0, 1))

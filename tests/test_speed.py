@@ -1,0 +1,222 @@
+"""The speed path's CPU-testable parts: the setting, padding to buckets, the prompt cache, the compile cache,
+the fallback to eager, and the engine with the speed path on (compilation off, so it stays fast)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from krita_sdxl.backend import speed
+from krita_sdxl.backend.speed import SpeedOptions, SpeedPath, pad_to_size, resolve_speed
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "on"),
+    [("auto", "cuda", True), ("auto", "cuda:1", True), ("auto", "cpu", False), ("auto", "mps", False),
+     ("on", "cpu", True), ("off", "cuda", False)],
+)  # fmt: skip
+def test_resolve_speed(setting: str, device: str, on: bool) -> None:
+    assert resolve_speed(setting, device) is on
+
+
+def test_resolve_speed_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="speed"):
+        resolve_speed("fast", "cuda")
+
+
+def test_pad_to_size_mirrors_and_crops_back() -> None:
+    rgb = np.random.default_rng(0).random((100, 70, 3), dtype=np.float32)
+    padded = pad_to_size(rgb, 256, 256)
+    assert padded.shape == (256, 256, 3)
+    np.testing.assert_array_equal(padded[:100, :70], rgb)
+    np.testing.assert_array_equal(padded[100, :70], rgb[99])  # symmetric: the edge row repeats
+    assert pad_to_size(rgb, 100, 70) is rgb
+    with pytest.raises(ValueError):
+        pad_to_size(rgb, 64, 64)
+
+
+def test_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert SpeedOptions.from_env("cuda").unet_mode == "reduce-overhead"
+    assert SpeedOptions.from_env("cpu").unet_mode == "default"  # no CUDA graphs off CUDA
+    monkeypatch.setenv(speed.OPTIONS_ENV, '{"unet_mode": null, "channels_last": true}')
+    opts = SpeedOptions.from_env("cuda")
+    assert opts.unet_mode is None and opts.channels_last
+    monkeypatch.setenv(speed.OPTIONS_ENV, '{"no_such_option": 1}')
+    with pytest.raises(ValueError, match=speed.OPTIONS_ENV):
+        SpeedOptions.from_env("cuda")
+
+
+def test_configure_compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor.config as inductor_config
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    env = speed.configure_compile_cache(tmp_path / "cc")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "cc" / "inductor").resolve())
+    assert env["TRITON_CACHE_DIR"].startswith(str(tmp_path.resolve()))
+    assert inductor_config.fx_graph_cache is True
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert cache_dir() == env["TORCHINDUCTOR_CACHE_DIR"]
+
+
+class FakePipe:
+    """Just enough of a pipeline for the prompt cache and the padding."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.unet = torch.nn.Linear(2, 2)
+        self.vae = None
+
+    def encode_prompt(self, prompt: str, device: Any = None, negative_prompt: str | None = None,
+                      prompt_embeds: torch.Tensor | None = None, lora_scale: float | None = None) -> Any:  # fmt: skip
+        self.calls += 1
+        return (torch.full((1,), float(self.calls)),)
+
+
+def test_prompt_cache_reuses_embeddings_and_stays_bounded() -> None:
+    pipe = FakePipe()
+    path = SpeedPath(pipe, "cpu", SpeedOptions(unet_mode=None, vae_mode=None, prompt_cache=2))  # type: ignore[arg-type]
+    path.apply()
+    a = pipe.encode_prompt("cat", device=torch.device("cpu"), negative_prompt="blur")
+    assert pipe.encode_prompt(prompt="cat", device=torch.device("cpu"), negative_prompt="blur") is a
+    assert pipe.calls == 1
+    pipe.encode_prompt("dog")
+    pipe.encode_prompt("cow")  # evicts "cat"
+    pipe.encode_prompt("cat", device=torch.device("cpu"), negative_prompt="blur")
+    assert pipe.calls == 4
+    pipe.encode_prompt("cow", prompt_embeds=torch.zeros(1))  # tensors given: never cached
+    pipe.encode_prompt("cow", lora_scale=0.5)
+    assert pipe.calls == 6
+    assert path.stats()["prompt_cache_entries"] == 2
+
+
+class Boom(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+
+def test_a_failing_compiled_call_falls_back_to_eager_for_good() -> None:
+    module = Boom()
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("compiler exploded")
+
+    def fake_compile(**kwargs: Any) -> None:  # what nn.Module.compile does, with a compiler that fails
+        module._compiled_call_impl = broken
+
+    module.compile = fake_compile  # type: ignore[method-assign]
+    path = SpeedPath(FakePipe(), "cpu", SpeedOptions(unet_mode=None, vae_mode=None, prompt_cache=0))  # type: ignore[arg-type]
+    path._compile("boom", module, "default")
+    out = module(torch.zeros(2, 4, 8, 8))
+    assert torch.equal(out, torch.ones(2, 4, 8, 8))
+    assert path.fallback is not None and "compiler exploded" in path.fallback
+    assert module._compiled_call_impl is None  # eager from now on
+    assert path.describe()["enabled"] is False
+    assert torch.equal(module(torch.zeros(1)), torch.ones(1))
+
+
+def test_engine_with_the_speed_path_pads_to_buckets(demo_models: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Speed path on, compilation off (fast on the CPU): buckets, crop back, preview size, stats."""
+    from test_engine import Recorder, make_image, make_request
+
+    from krita_sdxl.backend.engine import Engine
+
+    monkeypatch.setenv(speed.OPTIONS_ENV, '{"unet_mode": null, "vae_mode": null}')
+    cache = demo_models.refiner.parent.parent
+    engine = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="on", compile_cache=cache / "cc")
+    assert engine.speed is not None and engine.describe()["speed"]["enabled"]
+    for w, h in [(100, 60), (200, 250), (300, 130)]:
+        rec = Recorder()
+        out = engine.refine(make_request(make_image(w, h), preview=True), rec.progress, rec.should_stop)
+        assert (out.spec.width, out.spec.height) == (w, h)
+        preview = rec.calls[-1][2]
+        assert preview is not None and (preview.spec.width, preview.spec.height) == (-(-w // 8), -(-h // 8))
+    stats = engine.speed.stats()
+    assert stats["jobs"] == 3
+    assert stats["buckets"] == [(256, 256), (384, 256)]
+    assert stats["prompt_cache_entries"] == 1
+    plain = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="off")
+    assert plain.speed is None and plain.describe()["speed"] == {"enabled": False}
+
+
+@pytest.mark.slow
+def test_dynamic_compile_needs_one_compilation_for_all_buckets(
+    demo_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.compile of the demo UNet and VAE (fullgraph, spatial dims dynamic): several buckets, no
+    recompilation. Traced with the aot_eager_decomp_partition backend (dynamo, AOT autograd and
+    inductor's decompositions, no code generation) to stay quick; KRITA_SDXL_TEST_COMPILE=inductor
+    compiles for real (minutes on a small CPU). On the CPU, the convolution backend choice guards on
+    size (mkldnn for inputs above 20480 elements per 16 channels), so the sizes here all stay above it."""
+    from test_engine import make_image, make_request
+
+    from krita_sdxl.backend.engine import Engine
+
+    backend = "inductor" if os.environ.get("KRITA_SDXL_TEST_COMPILE") == "inductor" else "aot_eager_decomp_partition"
+    monkeypatch.setenv(speed.OPTIONS_ENV, f'{{"backend": "{backend}", "dynamic": true}}')
+
+    cache = demo_models.refiner.parent.parent
+    engine = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="on", compile_cache=tmp_path / "cc")
+    assert engine.speed is not None
+    noop = (lambda *a: None, lambda: False)
+    engine.refine(make_request(make_image(300, 300)), *noop)
+    first = engine.speed.stats()
+    for w, h in [(400, 300), (500, 450), (390, 600)]:
+        engine.refine(make_request(make_image(w, h)), *noop)
+    last = engine.speed.stats()
+    assert last["fallback"] is None
+    assert len(last["buckets"]) == 4
+    assert last["compiled_graphs"] == first["compiled_graphs"]
+
+
+def test_prepare_cudagraph_thread_sets_up_a_new_thread() -> None:
+    """The service's worker thread is no thread inductor set up: reduce-overhead needs this there."""
+    import threading
+
+    from torch._inductor import cudagraph_trees as trees
+
+    seen: dict[str, bool] = {}
+
+    def body() -> None:
+        seen["before"] = hasattr(trees.local, "tree_manager_containers")
+        speed.prepare_cudagraph_thread()
+        seen["local"] = hasattr(trees.local, "tree_manager_containers")
+        seen["tls"] = torch._C._is_key_in_tls("tree_manager_containers")
+        speed.prepare_cudagraph_thread()  # idempotent
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == {"before": False, "local": True, "tls": True}
+
+
+@pytest.mark.slow
+def test_static_compile_is_one_compilation_per_bucket(
+    demo_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default (static shapes): a new bucket compiles the three modules again, a size in a bucket
+    already seen compiles nothing."""
+    from test_engine import make_image, make_request
+
+    from krita_sdxl.backend.engine import Engine
+
+    monkeypatch.setenv(speed.OPTIONS_ENV, '{"backend": "aot_eager_decomp_partition"}')
+    cache = demo_models.refiner.parent.parent
+    engine = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="on", compile_cache=tmp_path / "cc")
+    assert engine.speed is not None and not engine.speed.options.dynamic
+    noop = (lambda *a: None, lambda: False)
+    engine.refine(make_request(make_image(300, 300)), *noop)  # bucket 384x384
+    first = engine.speed.stats()["compiled_graphs"]
+    engine.refine(make_request(make_image(380, 330)), *noop)  # same bucket
+    assert engine.speed.stats()["compiled_graphs"] == first
+    engine.refine(make_request(make_image(500, 300)), *noop)  # bucket 512x384
+    stats = engine.speed.stats()
+    assert stats["compiled_graphs"] == first + 3  # UNet, VAE encoder, VAE decoder
+    assert stats["fallback"] is None and stats["buckets"] == [(384, 384), (512, 384)]
