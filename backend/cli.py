@@ -93,7 +93,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--speed",
         choices=["auto", "on", "off"],
-        help="compiled speed path: torch.compile + CUDA graphs + size buckets (default: auto = on with CUDA)",
+        help="compiled speed path: torch.compile + CUDA graphs + size buckets; auto = on with CUDA "
+        "(default: off, until it is measured on a GPU: the first job per size bucket compiles for minutes)",
     )
     g.add_argument(
         "--compile-cache",

@@ -54,7 +54,9 @@ class Settings:
     authorized_keys: str = ""  # folder of client public .key files allowed to connect
     insecure: bool = False  # allow a non-loopback endpoint without CURVE
     identity: bool = False  # benchmark only: no model, results are the input pixels
-    speed: str = "auto"  # the compiled speed path (backend/speed.py): auto (on CUDA), on, off
+    speed: str = (
+        "off"  # compiled speed path (backend/speed.py): off (default until measured on a GPU), auto (on CUDA), on
+    )
     compile_cache: str = ""  # torch.compile caches; "" = <cache_dir>/torch-compile
     tile_threshold: int = 2048 * 2048  # pixels; larger images are refined in tiles (backend/tiling.py); 0 = never
     tile_size: int = 1024  # tile side in pixels, a multiple of 8

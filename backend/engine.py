@@ -198,7 +198,15 @@ class Engine:
             "memory": self.models.placement.describe(),
             "oom_retry": self.oom_retry,
             "watermark": self.watermark.status,
+            "tiling": self._tiling_capability(),
         }
+
+    def _tiling_capability(self) -> dict[str, int] | None:
+        """Large images are refined at native size in tiles above ``threshold`` pixels (None: never)."""
+        from .tiling import TilingConfig
+
+        cfg = getattr(self, "tiling", None) or TilingConfig()
+        return {"threshold": cfg.threshold, "tile": cfg.tile, "overlap": cfg.overlap} if cfg.threshold else None
 
     def live_capabilities(self) -> dict[str, Any]:
         """What changes while the service runs (sent with every ``welcome``)."""

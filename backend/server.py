@@ -120,6 +120,8 @@ class Service:
     def _drop_vanished_clients(self) -> None:
         for client in self.peers.expired():
             removed = self.queue.cancel_client(client, reason="client_lost")
+            for job in removed:  # dropped if the client is really gone; a merely slow one learns why
+                self._send(job.client, "cancelled", job=job.id, reason="client_lost")
             if removed or self.queue.snapshot(client)[0] is not None:
                 log.warning(
                     "client %s vanished (no heartbeat for %.0f s): cancelled its %d queued job(s) and "

@@ -277,3 +277,14 @@ def test_describe_backend_from_welcome():
     assert "sdxl-refiner-1.0" in text
     assert describe_backend("", {"device": "cpu", "gpu_memory_total": None}) == "cpu"
     assert format_bytes(None) == "?" and format_bytes(5 * 2**20) == "5 MiB"
+
+
+def test_whole_layer_goes_native_when_the_backend_tiles():
+    big = plan_refine(Extent(4000, 3000), Box(0, 0, 4000, 3000), None, 0.3, 0.06, 0.1, native_large=True)
+    assert big.work == Extent(4000, 3000) and big.crop == Box(0, 0, 4000, 3000)
+    scaled = plan_refine(Extent(4000, 3000), Box(0, 0, 4000, 3000), None, 0.3, 0.06, 0.1)
+    assert scaled.work.width * scaled.work.height <= 1.1 * 1024 * 1024
+    sel = plan_refine(
+        Extent(4000, 3000), Box(0, 0, 4000, 3000), Box(10, 10, 100, 100), 0.3, 0.06, 0.1, native_large=True
+    )
+    assert sel.masked and sel.work != sel.crop.extent  # selections still go to the model's size

@@ -35,7 +35,7 @@ def service(cache):
             "--log-level",
             "warning",
             "--heartbeat-timeout",
-            "2",
+            "4",
             "--max-pixels",
             "262144",
             "--max-prompt-chars",

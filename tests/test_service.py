@@ -50,6 +50,7 @@ def test_hello_reports_capabilities(client):
     assert caps["device"] == "cpu"
     assert "refine" in caps["modes"]
     assert any(m["role"] == "refiner" for m in caps["models"])
+    assert caps["tiling"] == {"threshold": 2048 * 2048, "tile": 1024, "overlap": 128}
 
 
 def test_same_seed_same_pixels_other_seed_different(client):

@@ -161,6 +161,12 @@ class Controller(QObject):
         return s.changed(client_secret_key=str(secret))
 
     @property
+    def backend_tiles_large_images(self) -> bool:
+        """The connected backend refines large images at native size in tiles (capabilities.tiling)."""
+        caps = self.client.capabilities or {}
+        return bool(caps.get("tiling"))
+
+    @property
     def supported_modes(self) -> list[str]:
         modes = self.client.capabilities.get("modes") if self.client.capabilities else None
         return [m for m in modes if isinstance(m, str)] if isinstance(modes, list) else ["refine"]
@@ -176,7 +182,15 @@ class Controller(QObject):
             return None
 
         def planner(canvas: Extent, source_bounds: Box, selection: Box | None) -> RefinePlan:
-            return plan_refine(canvas, source_bounds, selection, s.strength, s.padding_fraction, s.feather_fraction)
+            return plan_refine(
+                canvas,
+                source_bounds,
+                selection,
+                s.strength,
+                s.padding_fraction,
+                s.feather_fraction,
+                native_large=self.backend_tiles_large_images,
+            )
 
         try:
             capture = self.adapter.capture(s.source, planner)

@@ -29,9 +29,12 @@ def plan_refine(
     strength: float,
     padding_fraction: float,
     feather_fraction: float,
+    native_large: bool = False,
 ) -> RefinePlan:
     """With a selection: its padded crop, at about one megapixel (small areas scaled up), feathered.
-    Without: the source's bounds on the canvas, at native size up to one megapixel, not masked."""
+    Without: the source's bounds on the canvas, at native size up to one megapixel, not masked; larger
+    layers are scaled down to about one megapixel, or, when the backend refines large images in tiles
+    (``native_large``), sent at native size so a 4K painting is refined without downscaling."""
     if selection is not None:
         if selection.clamp(canvas).is_empty:
             raise NothingToRefine("The selection lies outside the image.")
@@ -42,7 +45,8 @@ def plan_refine(
     area = source_bounds.clamp(canvas)
     if area.is_empty:
         raise NothingToRefine("The layer is empty inside the image: there is nothing to refine.")
-    return RefinePlan(area, work_size(area.extent, upscale=False), 0.0, False)
+    work = area.extent if native_large else work_size(area.extent, upscale=False)
+    return RefinePlan(area, work, 0.0, False)
 
 
 def short_prompt(prompt: str, limit: int = PROMPT_CHARS_IN_NAME) -> str:
