@@ -307,7 +307,8 @@ class Engine:
             latents = self._encode(padded)
             latents = self._denoise(latents, req, on_progress, should_stop, keep)
             out = self._decode(latents)[:h, :w]
-        out = self.watermark.apply(out)
+        if self._depth <= 1:  # a tile is marked once, after blending, by the tiling path
+            out = self.watermark.apply(out)
         if self.speed is not None:
             self.speed.after_job()
         if work is not None:

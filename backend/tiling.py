@@ -248,7 +248,9 @@ def refine_if_large(engine: Any, req: RefineRequest, on_progress: ProgressFn, sh
         return None
     if not config.applies(*run_size(req)):
         return None
-    return refine_in_tiles(engine.refine, req, config, on_progress, should_stop)
+    watermark = getattr(engine, "watermark", None)
+    finish = watermark.apply if watermark is not None else None
+    return refine_in_tiles(engine.refine, req, config, on_progress, should_stop, finish=finish)
 
 
 def _float_image(values: np.ndarray) -> Image:
@@ -269,6 +271,7 @@ def refine_in_tiles(
     config: TilingConfig,
     on_progress: ProgressFn,
     should_stop: StopFn,
+    finish: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Image:
     """Refine ``req`` tile by tile with ``refine`` (an engine's own, run whole on each tile) and
     return an image of the input's exact size and format, following ``Engine.refine``'s output
@@ -324,6 +327,8 @@ def refine_in_tiles(
         return out
 
     out = map_tiles(rgb, plan, run_tile)
+    if finish is not None:  # once on the blended whole (the invisible watermark), never per tile
+        out = finish(out)
     if work is not None:
         out = pixels.resize(out, (spec.width, spec.height))
     if req.transfer == "linear":

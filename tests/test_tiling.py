@@ -402,3 +402,33 @@ def test_cli_flags_reach_the_tiling_config(capsys: Any) -> None:
     assert "multiple of 8" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--tile-threshold", "big"])
+
+
+class MarkOnce:
+    """Stands in for the invisible watermark: records what it was applied to."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def apply(self, rgb: np.ndarray) -> np.ndarray:
+        self.shapes.append(rgb.shape)
+        return rgb
+
+
+def test_the_watermark_is_applied_once_to_the_blended_image_not_per_tile() -> None:
+    engine = IdentityTiles(TilingConfig(threshold=64 * 64, tile=64, overlap=16))
+    engine.watermark = MarkOnce()  # type: ignore[attr-defined]
+    engine.refine(make_request(make_image(150, 97)), lambda *a: None, lambda: False)
+    assert len(engine.requests) == len(plan_tiles(150, 97, 64, 16)) > 1
+    assert engine.watermark.shapes == [(97, 150, 3)]  # type: ignore[attr-defined]
+
+
+def test_the_demo_engine_marks_tiles_only_once(engine: Engine) -> None:
+    marks = MarkOnce()
+    saved, saved_tiling = engine.watermark, getattr(engine, "tiling", None)
+    engine.watermark, engine.tiling = marks, TilingConfig(threshold=64 * 64, tile=64, overlap=16)
+    try:
+        engine.refine(make_request(make_image(150, 97), steps=2, strength=0.5), lambda *a: None, lambda: False)
+    finally:
+        engine.watermark, engine.tiling = saved, saved_tiling
+    assert marks.shapes == [(97, 150, 3)]
