@@ -9,43 +9,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from builders import make_image, make_request
 
 from krita_sdxl.backend import pixels
 from krita_sdxl.backend.engine import Engine
 from krita_sdxl.backend.models import load_refiner
 from krita_sdxl.backend.request import JobCancelled, RefineRequest
-from krita_sdxl.protocol import Image, ImageSpec, plan_img2img
+from krita_sdxl.protocol import Image, ImageSpec
 
 
 @pytest.fixture(scope="module")
 def engine(demo_models: Any) -> Engine:
     return Engine.load(demo=True, device="cpu", cache_dir=demo_models.refiner.parent.parent)
-
-
-def make_image(width: int, height: int, order: str = "RGBA", depth: int = 8, sample: str = "uint") -> Image:
-    spec = ImageSpec(width, height, order, depth, sample)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    planes = [x / width, y / height, 0.5 + 0.5 * np.sin(x / 7.0) * np.cos(y / 5.0), 0.2 + 0.6 * (x > width / 2)]
-    values = np.stack(planes[: spec.channels], axis=-1)
-    if sample == "uint":
-        values = np.rint(values * (2**depth - 1))
-    return Image(spec, values.astype(pixels.numpy_dtype(spec)).tobytes())
-
-
-def make_request(image: Image, **kw: Any) -> RefineRequest:
-    steps, strength = kw.pop("steps", 10), kw.pop("strength", 0.3)
-    fields: dict[str, Any] = {
-        "prompt": "a photo of a cat",
-        "negative_prompt": "blurry",
-        "strength": strength,
-        "plan": plan_img2img(steps, strength),
-        "seed": 1,
-        "guidance_scale": 5.0,
-        "aesthetic_score": 6.0,
-        "negative_aesthetic_score": 2.5,
-    }
-    fields.update(kw)
-    return RefineRequest(image=image, **fields)
 
 
 class Recorder:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from builders import make_image, make_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +24,7 @@ from krita_sdxl.backend.tiling import (
     plan_tiles,
     refine_if_large,
 )
-from krita_sdxl.protocol import Image, ImageSpec, plan_img2img
+from krita_sdxl.protocol import Image, ImageSpec
 from krita_sdxl.protocol.geometry import Box
 
 # --- strategies ----------------------------------------------------------------------------------
@@ -182,31 +183,6 @@ def test_blend_weights_refuses_a_tile_outside_the_plan() -> None:
 
 
 # --- the engine hook without a model ----------------------------------------------------------------
-
-
-def make_image(width: int, height: int, order: str = "RGBA", depth: int = 8, sample: str = "uint") -> Image:
-    spec = ImageSpec(width, height, order, depth, sample)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    planes = [x / width, y / height, 0.5 + 0.5 * np.sin(x / 7.0) * np.cos(y / 5.0), 0.2 + 0.6 * (x > width / 2)]
-    values = np.stack(planes[: spec.channels], axis=-1)
-    if sample == "uint":
-        values = np.rint(values * (2**depth - 1))
-    return Image(spec, values.astype(pixels.numpy_dtype(spec)).tobytes())
-
-
-def make_request(image: Image, steps: int = 10, strength: float = 0.3, **kw: Any) -> RefineRequest:
-    fields: dict[str, Any] = {
-        "prompt": "a photo of a cat",
-        "negative_prompt": "blurry",
-        "strength": strength,
-        "plan": plan_img2img(steps, strength),
-        "seed": 1,
-        "guidance_scale": 5.0,
-        "aesthetic_score": 6.0,
-        "negative_aesthetic_score": 2.5,
-    }
-    fields.update(kw)
-    return RefineRequest(image=image, **fields)
 
 
 class IdentityTiles:

@@ -12,13 +12,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
+from timing import median_ms
 
 from krita_sdxl.backend.client import ServiceClient
 from krita_sdxl.backend.engine import Engine
@@ -28,17 +27,6 @@ from krita_sdxl.protocol import CLIENT, Image, ImageSpec, decode, encode
 
 RESULTS = Path(__file__).parent / "results"
 PARAMS = dict(prompt="a castle on a hill", strength=0.3, steps=10, seed=7)
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
 
 
 def main() -> None:
@@ -53,13 +41,13 @@ def main() -> None:
     engine = Engine.load(model=None, demo=True, allow_download=False, device="cpu", dtype="auto", cache_dir=Path(cache))
     msg = decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job="direct", **PARAMS))
     req = RefineRequest.from_message(msg, PARAMS["seed"])
-    direct = median_ms(lambda: engine.refine(req, lambda *a: None, lambda: False), args.repeats)
+    direct = median_ms(lambda: engine.refine(req, lambda *a: None, lambda: False), args.repeats, warmup=3)
 
     svc = start_service(["--demo", "--device", "cpu", "--cache-dir", cache, "--log-level", "warning"])
     try:
         with ServiceClient(svc.endpoint, timeout=60) as client:
             client.hello()
-            served = median_ms(lambda: client.run(image, **PARAMS), args.repeats)
+            served = median_ms(lambda: client.run(image, **PARAMS), args.repeats, warmup=3)
     finally:
         svc.stop()
     row = {

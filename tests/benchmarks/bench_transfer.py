@@ -15,14 +15,13 @@ import io
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
+from timing import median_ms
 
 from krita_sdxl.backend.client import ServiceClient
 from krita_sdxl.backend.launcher import start_service
@@ -51,16 +50,6 @@ def png_round_trip(img: Image) -> None:
         buf = io.BytesIO()
         pil.save(buf, format="PNG", compress_level=1)
         PILImage.open(io.BytesIO(buf.getvalue())).load()
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
 
 
 def main() -> None:
