@@ -93,8 +93,16 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--speed",
         choices=["auto", "on", "off"],
-        help="compiled speed path: torch.compile + CUDA graphs + size buckets; auto = on with CUDA "
-        "(default: off, until it is measured on a GPU: the first job per size bucket compiles for minutes)",
+        help="compiled speed path: torch.compile of the UNet's and the VAE's blocks, for every size at once; "
+        "auto = on with CUDA (default). serve compiles it at start-up (a warm-up job; clients can connect "
+        "meanwhile) and keeps the kernels in --compile-cache for quicker restarts",
+    )
+    g.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        default=None,
+        help="serve: do not compile the speed path at start-up (then the first job compiles)",
     )
     g.add_argument(
         "--compile-cache",
@@ -255,6 +263,7 @@ def _settings(args: argparse.Namespace):
         "tile_size",
         "tile_overlap",
         "speed",
+        "warmup",
         "compile_cache",
         "base_model",
         "model_config",
@@ -355,6 +364,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             heartbeat_timeout=settings.heartbeat_timeout,
             curve=curve,
             insecure=settings.insecure,
+            warm_up=settings.warmup,
         )
     except SecurityError as exc:
         raise ConfigError(str(exc)) from None

@@ -54,9 +54,8 @@ class Settings:
     authorized_keys: str = ""  # folder of client public .key files allowed to connect
     insecure: bool = False  # allow a non-loopback endpoint without CURVE
     identity: bool = False  # benchmark only: no model, results are the input pixels
-    speed: str = (
-        "off"  # compiled speed path (backend/speed.py): off (default until measured on a GPU), auto (on CUDA), on
-    )
+    speed: str = "off"  # compiled speed path (backend/speed.py): auto (on CUDA), on, off
+    warmup: bool = True  # serve: compile the speed path at start-up, before the first job
     compile_cache: str = ""  # torch.compile caches; "" = <cache_dir>/torch-compile
     tile_threshold: int = 2048 * 2048  # pixels; larger images are refined in tiles (backend/tiling.py); 0 = never
     tile_size: int = 1024  # tile side in pixels, a multiple of 8

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ import torch
 
 from krita_sdxl.protocol import Image
 
-from . import oom, pixels
+from . import oom, pixels, prompt_cache
 from .denoise import StepReporter, default_stages, run_stages
 from .latent_mask import LatentMask, fit_mask, keep_outside
 from .memory import Placement, lower_mode
@@ -58,6 +59,9 @@ def _placement(memory: str, device: str, refiner: Any, base: Any, unet_dtype: to
     mode, reason = choose_auto(device, free, models)
     log.info("memory mode auto: %s (%s)", mode, reason)
     return Placement(mode, device, requested="auto", reason=reason)
+
+
+WARMUP_SIZE = 1024  # px: the warm-up's square, SDXL's native size
 
 
 class Engine:
@@ -141,6 +145,7 @@ class Engine:
         placement = _placement(memory, chosen, refiner, base, unet_dtype)
         models = ModelSet(placement, unet_dtype, vae_dtype, refiner=refiner, base=base)
         pipe = models.refiner
+        prompt_cache.install(pipe)
         cache = compile_cache or default_compile_cache(cache_dir or default_cache_dir())
 
         def speed_setup(p: Any) -> Any:
@@ -169,6 +174,7 @@ class Engine:
         """A model was loaded during a job (the base the first time, or one that was unloaded)."""
         if self.simulated_oom is not None:
             self.simulated_oom.attach(pipe.unet)
+        prompt_cache.install(pipe)
         if role == "refiner" and self._speed_setup is not None:
             self.speed = self._speed_setup(pipe)
         elif self.speed is not None:  # the base: its UNet is compiled too (backend/speed.py)
@@ -233,7 +239,35 @@ class Engine:
     def _unload_now(self, role: str) -> bool:
         if role == "refiner":
             self.speed = None  # it holds the pipeline
+        elif self.speed is not None and self.models.loaded(role):
+            self.speed.forget(self.models.get(role))  # else its compiled UNet would stay referenced
         return self.models.unload(role)
+
+    def warm_up(self, size: int = WARMUP_SIZE, should_stop: StopFn = lambda: False) -> float | None:
+        """Compile the speed path before the first job: one refine of a ``size`` px grey square with a
+        single denoising step. Returns its seconds, or None when there is nothing to compile. With
+        the default regional compilation every size runs on the graphs this compiles; ``size`` also
+        gives inductor its size hints, so it is the typical work size. A failure is logged, not
+        raised: the first job then compiles, or runs eagerly."""
+        if self.speed is None or self.speed.fallback is not None:
+            return None
+        from krita_sdxl.protocol import ImageSpec, plan_img2img
+
+        t = time.monotonic()
+        grey = Image(ImageSpec(size, size, "RGB", 8), bytes([128]) * (size * size * 3))
+        req = RefineRequest(image=grey, prompt="", negative_prompt="", strength=1.0, plan=plan_img2img(1, 1.0),
+                            seed=0, guidance_scale=5.0, aesthetic_score=6.0, negative_aesthetic_score=2.5)  # fmt: skip
+        log.info("speed path: compiling (warm-up at %dx%d; the compile cache makes later starts quicker)", size, size)
+        try:
+            self.refine(req, lambda *a: None, should_stop)
+        except JobCancelled:
+            return None
+        except Exception:
+            log.exception("speed path: the warm-up failed; the first job compiles instead")
+            return None
+        seconds = time.monotonic() - t
+        log.info("speed path: warm-up done in %.1f s (%s)", seconds, self.speed.stats() if self.speed else "off")
+        return seconds
 
     # --- the job --------------------------------------------------------------------------------
 

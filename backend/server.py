@@ -42,7 +42,10 @@ class Service:
         curve: CurveConfig | None = None,
         insecure: bool = False,
         server_name: str = "krita-sdxl",
+        warm_up: bool = False,
     ) -> None:
+        """``warm_up``: the worker runs ``engine.warm_up`` before its first job (the speed path compiles
+        while clients can already connect; their jobs queue behind it)."""
         check_exposure(endpoint, curve, insecure)
         self.engine = engine
         self.ctx = ctx or zmq.Context.instance()
@@ -62,7 +65,14 @@ class Service:
         self.endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._events = self.ctx.socket(zmq.PULL)
         self._events.bind(EVENTS_ENDPOINT + "-" + secrets.token_hex(4))
-        self._worker = Worker(self.ctx, self._events.getsockopt_string(zmq.LAST_ENDPOINT), self.queue, engine)
+        warm = getattr(engine, "warm_up", None) if warm_up else None
+        self._worker = Worker(
+            self.ctx,
+            self._events.getsockopt_string(zmq.LAST_ENDPOINT),
+            self.queue,
+            engine,
+            warm_up=(lambda: warm(should_stop=self._stop.is_set)) if warm is not None else None,
+        )
         self._capabilities = dict(engine.describe())
         self._capabilities["protocol_version"] = PROTOCOL_VERSION
 

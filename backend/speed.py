@@ -1,41 +1,42 @@
-"""The speed path: ``torch.compile`` of the UNet and the VAE, CUDA graphs, size buckets, a compile cache.
+"""The speed path: ``torch.compile`` of the UNet and the VAE, a compile cache, few compilations.
 
-On by default on CUDA (``--speed auto``), off elsewhere; ``--speed on`` forces it (on the CPU it compiles
-without CUDA graphs, which the tests use), ``--speed off`` gives the plain eager path.
+``--speed auto`` (the default) turns it on for CUDA, off elsewhere; ``--speed on`` forces it (on the CPU
+it compiles C++ kernels, which the tests use), ``--speed off`` gives the plain eager path.
 
-What it does to a loaded pipeline, in place (``SpeedPath.apply``):
+What it does to a loaded pipeline, in place (``SpeedPath.apply``), in one of two scopes:
 
-- The UNet is compiled whole (``fullgraph=True``) in ``reduce-overhead`` mode, so every denoising step is
-  one CUDA-graph replay instead of about a thousand kernel launches from Python; the VAE encoder and
-  decoder are compiled in the default mode (each runs once per job and is bound by convolutions, so a graph
-  would buy little and cost a private memory pool). ``max-autotune`` is not used: it multiplies the cold
-  compile time for a few per cent.
-- Shapes are static: work images are padded to a size bucket (:mod:`.buckets`), so the number of distinct
-  shapes, and with it the compilations and CUDA graphs, stays small; each bucket compiles once per machine
-  (the compile cache keeps it across restarts). Dynamic spatial dimensions (``dynamic: true`` in
-  ``KRITA_SDXL_SPEED_OPTIONS``: one compilation for every bucket, duck sizing off so a square image does
-  not tie height to width) are an option, not the default: on an H100 (torch 2.11, 2026-11-26) the first
-  refine with them had not finished compiling the VAE encoder and the UNet after 3.5 minutes, against
-  105 s for a static compilation of the UNet (FACTS section 3); their run time was not measured.
+- ``regional`` (the default): every repeated block of the UNet and of the VAE encoder and decoder (the
+  transformer blocks and the ResNet blocks, :data:`REGIONS`) is compiled on its own; the glue between
+  them stays eager. Blocks of one configuration share one compiled graph, so a compilation is a few
+  dozen small graphs instead of one huge one, and their sizes are symbolic (``dynamic: true``; weights keep
+  static shapes). So every selection size runs on the same few graphs: no size buckets, work images are only
+  padded to a multiple of 64 px, and a new selection size compiles nothing.
+- ``whole``: the UNet is compiled whole (``fullgraph=True``) in ``reduce-overhead`` mode (CUDA graphs),
+  the VAE encoder and decoder in the default mode, with static shapes: work images are padded to a size
+  bucket (:mod:`.buckets`) and each bucket is one compilation (about two minutes for the refiner UNet on
+  an H100) and one CUDA graph. Its dynamic-shape variant (``dynamic: true``) had not finished compiling
+  after 3.5 minutes on an H100 (2026-11-26), so ``whole`` is for benchmarks and single-size services:
+
+      KRITA_SDXL_SPEED_OPTIONS='{"scope": "whole", "unet_mode": "reduce-overhead", "dynamic": false, "buckets": true}'
+
 - The compile caches (inductor's FX graph cache, the AOT autograd cache and Triton's kernels) live in a
   folder the service names (``--compile-cache``), so a restarted service skips inductor and Triton
   compilation and only re-traces the model.
-- Prompt embeddings are kept in a small LRU cache (a user refines many selections with one prompt).
 - If a compiled call fails for any reason but lack of memory, the speed path switches itself off for good,
   logs why, and the call runs again eagerly: a job never fails because of the speed path.
 
-The VAE already runs in bf16 on CUDA (the engine's choice, not this module's). Not applied to offloaded
-pipelines (their hooks move weights between calls, which compiled graphs cannot follow).
+The VAE already runs in bf16 on CUDA and prompt embeddings are cached for every path (the engine's
+choices, not this module's). Not applied to offloaded pipelines (their hooks move weights between calls,
+which compiled graphs cannot follow).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 import threading
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from . import prompt_cache
 from .buckets import DEFAULT_POLICY, BucketPolicy
 
 if TYPE_CHECKING:
@@ -53,6 +55,13 @@ log = logging.getLogger(__name__)
 SPEED_CHOICES = ("auto", "on", "off")
 OPTIONS_ENV = "KRITA_SDXL_SPEED_OPTIONS"  # JSON object overriding SpeedOptions fields (benchmarks, experts)
 COMPILED = ("unet", "vae_encoder", "vae_decoder")
+SCOPES = ("regional", "whole")
+RECOMPILE_LIMIT = 256  # dynamo cache entries per code object (torch's default: 8)
+_thread_state = threading.local()  # which SpeedPath configured torch's compiler in this thread
+# The repeated blocks compiled in the regional scope: the UNet's transformer blocks (its attention and
+# feed-forward, most of its time at 1024 px) and the ResNet blocks of the UNet and the VAE (convolutions
+# with their group norms and activations, which compilation fuses).
+REGIONS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
 def resolve_speed(setting: str, device: str) -> bool:
@@ -90,27 +99,37 @@ def configure_compile_cache(folder: Path) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class SpeedOptions:
-    unet_mode: str | None = "reduce-overhead"  # torch.compile mode for the UNet; None: not compiled
+    scope: str = "regional"  # "regional": each repeated block compiled on its own; "whole": each module whole
+    regions: tuple[str, ...] = REGIONS  # class names compiled in the regional scope
+    unet_mode: str | None = "default"  # torch.compile mode for the UNet; None: not compiled
     vae_mode: str | None = "default"  # for the VAE encoder and decoder; None: not compiled
     compile_encoder: bool = True
-    dynamic: bool = False  # True: spatial dims dynamic, one compilation for all buckets (slow, see above)
+    dynamic: bool | None = True  # True: sizes symbolic from the start; None: torch's automatic; False: static
     channels_last: bool = False  # eager NHWC was 10% (UNet) and 55% (VAE decoder) slower on an H100
     fuse_qkv: bool = False  # no gain in eager on an H100 (1.27 vs 1.26 s)
     conv_1x1_as_mm: bool = True
-    prompt_cache: int = 16  # prompt embeddings kept (0: off)
-    buckets: bool = True  # pad work images to size buckets (False: to a multiple of 64 px)
+    buckets: bool = False  # pad work images to size buckets (False: to a multiple of 64 px)
     backend: str = "inductor"  # torch.compile backend ("aot_eager": tracing only, for tests)
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {self.scope!r}")
+        object.__setattr__(self, "regions", tuple(self.regions))
+        if self.scope == "regional" and "reduce-overhead" in (self.unet_mode, self.vae_mode):
+            raise ValueError('mode "reduce-overhead" (CUDA graphs) needs scope "whole"')
 
     @classmethod
     def from_env(cls, device: str) -> SpeedOptions:
-        opts = cls() if device.split(":", 1)[0] == "cuda" else cls(unet_mode="default")
         raw = os.environ.get(OPTIONS_ENV, "").strip()
-        if raw:
-            try:
-                overrides = json.loads(raw)
-                opts = replace(opts, **overrides)
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"{OPTIONS_ENV} must be a JSON object of SpeedOptions fields: {exc}") from None
+        if not raw:
+            return cls()
+        try:
+            overrides = json.loads(raw)
+            opts = replace(cls(), **overrides)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{OPTIONS_ENV} must be a JSON object of SpeedOptions fields: {exc}") from None
+        if opts.unet_mode == "reduce-overhead" and not device.startswith("cuda"):
+            opts = replace(opts, unet_mode="default")  # CUDA graphs need CUDA
         return opts
 
 
@@ -185,8 +204,8 @@ class SpeedPath:
     policy: BucketPolicy = DEFAULT_POLICY
     fallback: str | None = None  # why the compiled path was switched off, if it was
     buckets_seen: set[tuple[int, int]] = field(default_factory=set)
-    _modules: dict[str, torch.nn.Module] = field(default_factory=dict)
-    _prompt_caches: list[OrderedDict[Any, Any]] = field(default_factory=list)
+    _modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # every compiled module (or block)
+    _owners: dict[str, int] = field(default_factory=dict)  # compiled name -> id of the pipeline's UNet/VAE
     _jobs: int = 0
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -199,49 +218,79 @@ class SpeedPath:
             return self
         if self.cache_folder is not None:
             configure_compile_cache(self.cache_folder)
-        import torch._dynamo
-        import torch._inductor.config as inductor_config
-        import torch.fx.experimental._config as fx_config
-
-        inductor_config.conv_1x1_as_mm = opts.conv_1x1_as_mm
-        if opts.dynamic:
-            fx_config.use_duck_shape = False  # height == width must not become a guard
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self._configure_thread()
         if opts.fuse_qkv:
             pipe.unet.fuse_qkv_projections()
         if opts.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
-        if opts.unet_mode:
-            self._compile("unet", pipe.unet, opts.unet_mode)
-        if opts.vae_mode:
-            self._compile("vae_decoder", pipe.vae.decoder, opts.vae_mode)
-            if opts.compile_encoder:
-                self._compile("vae_encoder", pipe.vae.encoder, opts.vae_mode)
-        if opts.prompt_cache > 0:
-            self._cache_prompts(pipe)
+        self._compile_pipe(pipe, "")
         log.info("speed path on: %s; compile cache %s", json.dumps(asdict(self.options)), self.cache_folder)
         return self
+
+    def _configure_thread(self) -> None:
+        """Set torch's compiler settings for the calling thread. Since torch 2.13 they are per thread
+        (a value set in one thread is not seen in another), and the service compiles in its worker
+        thread, not the one that loaded the model; so every compiled call makes sure, once per thread."""
+        if getattr(_thread_state, "configured", None) is self:
+            return
+        import torch._dynamo
+        import torch._functorch.config as functorch_config
+        import torch._inductor.config as inductor_config
+        import torch.fx.experimental._config as fx_config
+
+        inductor_config.conv_1x1_as_mm = self.options.conv_1x1_as_mm
+        if self.options.dynamic is not False:
+            fx_config.use_duck_shape = False  # height == width must not become a guard
+        # Blocks of one class, one graph per configuration (channels, flags): far more than 8 entries
+        # for the ResNet block's code, the default limit, after which it would fail (fullgraph).
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+        if self.cache_folder is not None:
+            inductor_config.fx_graph_cache = True
+            functorch_config.enable_autograd_cache = True
+        _thread_state.configured = self
 
     def add_pipe(self, pipe: Any, role: str) -> None:
         """Speed up another pipeline loaded later (the base, with the first ensemble job): its UNet is
         compiled like the refiner's, its VAE too unless it is the refiner's own (shared) VAE."""
-        opts = self.options
         if self.fallback is not None or getattr(pipe.unet, "_hf_hook", None) is not None:
             return
-        if opts.unet_mode and pipe.unet is not self.pipe.unet:
-            self._compile(f"{role}_unet", pipe.unet, opts.unet_mode)
-        if opts.vae_mode and pipe.vae is not self.pipe.vae:
-            self._compile(f"{role}_vae_decoder", pipe.vae.decoder, opts.vae_mode)
-            if opts.compile_encoder:
-                self._compile(f"{role}_vae_encoder", pipe.vae.encoder, opts.vae_mode)
-        if opts.prompt_cache > 0:
-            self._cache_prompts(pipe)
+        self._compile_pipe(pipe, f"{role}_")
 
-    def _compile(self, name: str, module: torch.nn.Module, mode: str) -> None:
+    def forget(self, pipe: Any) -> None:
+        """Drop every reference to ``pipe``'s compiled modules (the model is being unloaded)."""
+        owners = {id(pipe.unet), id(pipe.vae)} - {id(self.pipe.unet), id(self.pipe.vae)}
+        for name in [n for n, owner in self._owners.items() if owner in owners]:
+            self._modules.pop(name, None)
+            self._owners.pop(name, None)
+
+    def _compile_pipe(self, pipe: Any, prefix: str) -> None:
+        opts = self.options
+        targets: list[tuple[str, torch.nn.Module, str | None, torch.nn.Module]] = [
+            (f"{prefix}unet", pipe.unet, opts.unet_mode, pipe.unet)
+        ]
+        targets.append((f"{prefix}vae_decoder", pipe.vae.decoder, opts.vae_mode, pipe.vae))
+        if opts.compile_encoder:
+            targets.append((f"{prefix}vae_encoder", pipe.vae.encoder, opts.vae_mode, pipe.vae))
+        for name, module, mode, owner in targets:
+            if mode is None:
+                continue
+            if opts.scope == "whole":
+                self._compile(name, module, mode, owner)
+                continue
+            blocks = [(n, m) for n, m in module.named_modules() if type(m).__name__ in opts.regions]
+            if not blocks:
+                log.warning("speed path: no %s block in %s; compiling it whole", "/".join(opts.regions), name)
+                self._compile(name, module, mode, owner)
+            for sub, block in blocks:
+                self._compile(f"{name}.{sub}", block, mode, owner)
+
+    def _compile(self, name: str, module: torch.nn.Module, mode: str, owner: torch.nn.Module) -> None:
         if getattr(module, "_compiled_call_impl", None) is not None:
             return  # compiled already (a module shared between pipelines)
-        kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": None if self.options.dynamic else False}
+        whole = self.options.scope == "whole"
+        dynamic = self.options.dynamic
+        kwargs: dict[str, Any] = {"fullgraph": True, "dynamic": dynamic if not whole or dynamic is False else None}
         inductor = self.options.backend == "inductor"
         if inductor and mode != "default":
             kwargs["mode"] = mode
@@ -250,23 +299,24 @@ class SpeedPath:
         module.compile(**kwargs)
         compiled = module._compiled_call_impl
         cudagraphs = inductor and mode == "reduce-overhead" and self.device.startswith("cuda")
-        dynamic = self.options.dynamic
-
+        mark = whole and dynamic is True
         layout = torch.channels_last if self.options.channels_last else torch.contiguous_format
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            sample = args[0] if args else kwargs.get("sample")
-            if isinstance(sample, torch.Tensor) and sample.dim() == 4:
-                # One memory layout for every call: the engine's image tensor is a permuted view, and
-                # a graph traced for other strides fails or recompiles.
-                sample = sample.contiguous(memory_format=layout)
-                if args:
-                    args = (sample, *args[1:])
-                else:
-                    kwargs["sample"] = sample
-                if dynamic:
-                    torch._dynamo.maybe_mark_dynamic(sample, 2)
-                    torch._dynamo.maybe_mark_dynamic(sample, 3)
+            if whole:
+                sample = args[0] if args else kwargs.get("sample")
+                if isinstance(sample, torch.Tensor) and sample.dim() == 4:
+                    # One memory layout for every call: the engine's image tensor is a permuted view,
+                    # and a graph traced for other strides fails or recompiles.
+                    sample = sample.contiguous(memory_format=layout)
+                    if args:
+                        args = (sample, *args[1:])
+                    else:
+                        kwargs["sample"] = sample
+                    if mark:
+                        torch._dynamo.maybe_mark_dynamic(sample, 2)
+                        torch._dynamo.maybe_mark_dynamic(sample, 3)
+            self._configure_thread()
             if cudagraphs:
                 prepare_cudagraph_thread()
                 torch.compiler.cudagraph_mark_step_begin()
@@ -281,6 +331,7 @@ class SpeedPath:
 
         module._compiled_call_impl = call
         self._modules[name] = module
+        self._owners[name] = id(owner)
 
     def _switch_off(self, reason: str) -> None:
         if self.fallback is None:
@@ -288,49 +339,6 @@ class SpeedPath:
             log.exception("speed path: a compiled call failed; running eagerly from now on (%s)", reason[:300])
         for module in self._modules.values():
             module._compiled_call_impl = None
-
-    def _cache_prompts(self, pipe: Any) -> None:
-        original = pipe.encode_prompt
-        signature = inspect.signature(original)
-        cache: OrderedDict[Any, Any] = OrderedDict()
-        self._prompt_caches.append(cache)
-        size = self.options.prompt_cache
-
-        def key_of(bound: inspect.BoundArguments) -> Any:
-            items = []
-            for name, value in bound.arguments.items():
-                if isinstance(value, torch.Tensor) or (name == "lora_scale" and value is not None):
-                    return None
-                if isinstance(value, list):
-                    value = tuple(value)
-                elif isinstance(value, torch.device):
-                    value = str(value)
-                try:
-                    hash(value)
-                except TypeError:
-                    return None
-                items.append((name, value))
-            return tuple(items)
-
-        def encode_prompt(*args: Any, **kwargs: Any) -> Any:
-            try:
-                bound = signature.bind(*args, **kwargs)
-            except TypeError:
-                return original(*args, **kwargs)
-            bound.apply_defaults()
-            key = key_of(bound)
-            if key is None:
-                return original(*args, **kwargs)
-            if key in cache:
-                cache.move_to_end(key)
-                return cache[key]
-            out = original(*args, **kwargs)
-            cache[key] = out
-            while len(cache) > size:
-                cache.popitem(last=False)
-            return out
-
-        pipe.encode_prompt = encode_prompt
 
     # --- per job --------------------------------------------------------------------------------
 
@@ -357,17 +365,26 @@ class SpeedPath:
             **compile_counters(),
             "buckets": sorted(self.buckets_seen),
             "fallback": self.fallback,
-            "prompt_cache_entries": sum(len(c) for c in self._prompt_caches),
+            "prompt_cache_entries": prompt_cache.entries(self.pipe),
         }
         if self.device.startswith("cuda"):
             out["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
             out["reserved_gpu_bytes"] = int(torch.cuda.memory_reserved())
         return out
 
+    def compiled_counts(self) -> dict[str, int]:
+        """Compiled modules (whole scope) or blocks (regional scope) per model part."""
+        counts: dict[str, int] = {}
+        for name in self._modules:
+            part = name.split(".", 1)[0]
+            counts[part] = counts.get(part, 0) + 1
+        return counts
+
     def describe(self) -> dict[str, Any]:
         return {
             "enabled": self.fallback is None,
-            "compiled": sorted(self._modules),
+            "scope": self.options.scope,
+            "compiled": self.compiled_counts(),
             "options": asdict(self.options),
             "compile_cache": str(self.cache_folder) if self.cache_folder else None,
             "fallback": self.fallback,
@@ -390,6 +407,8 @@ def setup(
 
 __all__ = [
     "COMPILED",
+    "REGIONS",
+    "SCOPES",
     "SPEED_CHOICES",
     "SpeedOptions",
     "SpeedPath",

@@ -38,6 +38,7 @@ class Worker(threading.Thread):
         queue: JobQueue,
         engine: Engine,
         on_idle: Callable[[], None] | None = None,
+        warm_up: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__(name="krita-sdxl-worker", daemon=True)
         self._ctx = ctx
@@ -45,6 +46,7 @@ class Worker(threading.Thread):
         self._queue = queue
         self._engine = engine
         self._on_idle = on_idle
+        self._warm_up = warm_up  # runs once, in this thread, before the first job (jobs queue meanwhile)
         self._push: zmq.Socket | None = None
 
     def _emit(
@@ -64,6 +66,8 @@ class Worker(threading.Thread):
         self._push.setsockopt(zmq.LINGER, 2000)
         self._push.connect(self._endpoint)
         try:
+            if self._warm_up is not None:
+                self._warm_up()
             while True:
                 job = self._queue.take()
                 if job is None:

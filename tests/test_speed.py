@@ -3,7 +3,9 @@ the fallback to eager, and the engine with the speed path on (compilation off, s
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from krita_sdxl.backend import speed
+from krita_sdxl.backend import pixels, prompt_cache, speed
 from krita_sdxl.backend.speed import SpeedOptions, SpeedPath, pad_to_size, resolve_speed
 
 
@@ -41,8 +43,20 @@ def test_pad_to_size_mirrors_and_crops_back() -> None:
 
 
 def test_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert SpeedOptions.from_env("cuda") == SpeedOptions()
+    assert SpeedOptions().scope == "regional" and SpeedOptions().dynamic is True
+    whole = '{"scope": "whole", "unet_mode": "reduce-overhead", "dynamic": false, "buckets": true}'
+    monkeypatch.setenv(speed.OPTIONS_ENV, whole)
     assert SpeedOptions.from_env("cuda").unet_mode == "reduce-overhead"
     assert SpeedOptions.from_env("cpu").unet_mode == "default"  # no CUDA graphs off CUDA
+    monkeypatch.setenv(speed.OPTIONS_ENV, '{"regions": ["ResnetBlock2D"]}')
+    assert SpeedOptions.from_env("cuda").regions == ("ResnetBlock2D",)  # JSON lists become tuples
+    monkeypatch.setenv(speed.OPTIONS_ENV, '{"unet_mode": "reduce-overhead"}')
+    with pytest.raises(ValueError, match="scope"):  # CUDA graphs around single blocks: refused
+        SpeedOptions.from_env("cuda")
+    monkeypatch.setenv(speed.OPTIONS_ENV, '{"scope": "everything"}')
+    with pytest.raises(ValueError, match="regional, whole"):
+        SpeedOptions.from_env("cuda")
     monkeypatch.setenv(speed.OPTIONS_ENV, '{"unet_mode": null, "channels_last": true}')
     opts = SpeedOptions.from_env("cuda")
     assert opts.unet_mode is None and opts.channels_last
@@ -82,8 +96,8 @@ class FakePipe:
 
 def test_prompt_cache_reuses_embeddings_and_stays_bounded() -> None:
     pipe = FakePipe()
-    path = SpeedPath(pipe, "cpu", SpeedOptions(unet_mode=None, vae_mode=None, prompt_cache=2))  # type: ignore[arg-type]
-    path.apply()
+    cache = prompt_cache.install(pipe, size=2)
+    assert prompt_cache.install(pipe, size=2) is cache  # once per pipeline
     a = pipe.encode_prompt("cat", device=torch.device("cpu"), negative_prompt="blur")
     assert pipe.encode_prompt(prompt="cat", device=torch.device("cpu"), negative_prompt="blur") is a
     assert pipe.calls == 1
@@ -94,7 +108,8 @@ def test_prompt_cache_reuses_embeddings_and_stays_bounded() -> None:
     pipe.encode_prompt("cow", prompt_embeds=torch.zeros(1))  # tensors given: never cached
     pipe.encode_prompt("cow", lora_scale=0.5)
     assert pipe.calls == 6
-    assert path.stats()["prompt_cache_entries"] == 2
+    assert prompt_cache.entries(pipe) == 2
+    assert prompt_cache.install(FakePipe(), size=0) is None  # off
 
 
 class Boom(torch.nn.Module):
@@ -112,8 +127,8 @@ def test_a_failing_compiled_call_falls_back_to_eager_for_good() -> None:
         module._compiled_call_impl = broken
 
     module.compile = fake_compile  # type: ignore[method-assign]
-    path = SpeedPath(FakePipe(), "cpu", SpeedOptions(unet_mode=None, vae_mode=None, prompt_cache=0))  # type: ignore[arg-type]
-    path._compile("boom", module, "default")
+    path = SpeedPath(FakePipe(), "cpu", SpeedOptions(unet_mode=None, vae_mode=None))  # type: ignore[arg-type]
+    path._compile("boom", module, "default", module)
     out = module(torch.zeros(2, 4, 8, 8))
     assert torch.equal(out, torch.ones(2, 4, 8, 8))
     assert path.fallback is not None and "compiler exploded" in path.fallback
@@ -128,7 +143,7 @@ def test_engine_with_the_speed_path_pads_to_buckets(demo_models: Any, monkeypatc
 
     from krita_sdxl.backend.engine import Engine
 
-    monkeypatch.setenv(speed.OPTIONS_ENV, '{"unet_mode": null, "vae_mode": null}')
+    monkeypatch.setenv(speed.OPTIONS_ENV, '{"unet_mode": null, "vae_mode": null, "buckets": true}')
     cache = demo_models.refiner.parent.parent
     engine = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="on", compile_cache=cache / "cc")
     assert engine.speed is not None and engine.describe()["speed"]["enabled"]
@@ -146,34 +161,52 @@ def test_engine_with_the_speed_path_pads_to_buckets(demo_models: Any, monkeypatc
     assert plain.speed is None and plain.describe()["speed"] == {"enabled": False}
 
 
+def _compile_backend() -> str:
+    """aot_eager_decomp_partition: dynamo, AOT autograd and inductor's decompositions, no code
+    generation, to stay quick; KRITA_SDXL_TEST_COMPILE=inductor compiles for real (minutes here)."""
+    return "inductor" if os.environ.get("KRITA_SDXL_TEST_COMPILE") == "inductor" else "aot_eager_decomp_partition"
+
+
 @pytest.mark.slow
-def test_dynamic_compile_needs_one_compilation_for_all_buckets(
+def test_regional_compile_compiles_nothing_for_new_selection_sizes(
     demo_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """torch.compile of the demo UNet and VAE (fullgraph, spatial dims dynamic): several buckets, no
-    recompilation. Traced with the aot_eager_decomp_partition backend (dynamo, AOT autograd and
-    inductor's decompositions, no code generation) to stay quick; KRITA_SDXL_TEST_COMPILE=inductor
-    compiles for real (minutes on a small CPU). On the CPU, the convolution backend choice guards on
+    """The default scope: the demo UNet's and VAE's blocks compiled one by one, sizes symbolic. The
+    first job compiles a few graphs; jobs at other sizes, square or not, compile
+    none, and the pictures match the eager path's. On the CPU, the convolution backend choice guards on
     size (mkldnn for inputs above 20480 elements per 16 channels), so the sizes here all stay above it."""
     from test_engine import make_image, make_request
 
     from krita_sdxl.backend.engine import Engine
 
-    backend = "inductor" if os.environ.get("KRITA_SDXL_TEST_COMPILE") == "inductor" else "aot_eager_decomp_partition"
-    monkeypatch.setenv(speed.OPTIONS_ENV, f'{{"backend": "{backend}", "dynamic": true}}')
-
     cache = demo_models.refiner.parent.parent
+    monkeypatch.setenv(speed.OPTIONS_ENV, '{"unet_mode": null, "vae_mode": null}')  # same padding, eager
+    plain = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="on")
+    monkeypatch.setenv(speed.OPTIONS_ENV, f'{{"backend": "{_compile_backend()}"}}')
     engine = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="on", compile_cache=tmp_path / "cc")
-    assert engine.speed is not None
+    assert engine.speed is not None and engine.speed.options.scope == "regional"
+    described = engine.describe()["speed"]
+    assert described["scope"] == "regional"
+    assert described["compiled"]["unet"] > 2 and described["compiled"]["vae_decoder"] > 2  # blocks, not modules
     noop = (lambda *a: None, lambda: False)
-    engine.refine(make_request(make_image(300, 300)), *noop)
+    # The first job compiles in another thread, as in the service's worker: torch's compiler settings
+    # are per thread (torch 2.13), so the ones the speed path needs must be made there too.
+    worker = threading.Thread(target=engine.refine, args=(make_request(make_image(300, 300)), *noop))
+    worker.start()
+    worker.join()
     first = engine.speed.stats()
-    for w, h in [(400, 300), (500, 450), (390, 600)]:
-        engine.refine(make_request(make_image(w, h)), *noop)
+    assert first["fallback"] is None
+    assert 8 < first["compiled_graphs"] <= 30  # more than dynamo's default limit of 8 per code object
+    for w, h in [(400, 300), (500, 450), (390, 600), (330, 330)]:
+        req = make_request(make_image(w, h))
+        fast = pixels.samples(engine.refine(req, *noop)).astype(int)
+        slow = pixels.samples(plain.refine(req, *noop)).astype(int)
+        assert fast.shape == slow.shape == (h, w, 4)
+        assert np.abs(fast - slow).max() <= 2  # same picture (float rounding aside)
     last = engine.speed.stats()
     assert last["fallback"] is None
-    assert len(last["buckets"]) == 4
     assert last["compiled_graphs"] == first["compiled_graphs"]
+    assert last["buckets"] == [(320, 320), (384, 384), (448, 320), (448, 640), (512, 512)]  # multiples of 64
 
 
 def test_prepare_cudagraph_thread_sets_up_a_new_thread() -> None:
@@ -198,19 +231,21 @@ def test_prepare_cudagraph_thread_sets_up_a_new_thread() -> None:
 
 
 @pytest.mark.slow
-def test_static_compile_is_one_compilation_per_bucket(
+def test_whole_static_compile_is_one_compilation_per_bucket(
     demo_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The default (static shapes): a new bucket compiles the three modules again, a size in a bucket
-    already seen compiles nothing."""
+    """The whole scope with static shapes: a new bucket compiles the three modules again, a size in a
+    bucket already seen compiles nothing."""
     from test_engine import make_image, make_request
 
     from krita_sdxl.backend.engine import Engine
 
-    monkeypatch.setenv(speed.OPTIONS_ENV, '{"backend": "aot_eager_decomp_partition"}')
+    options = {"scope": "whole", "dynamic": False, "buckets": True, "backend": _compile_backend()}
+    monkeypatch.setenv(speed.OPTIONS_ENV, json.dumps(options))
     cache = demo_models.refiner.parent.parent
     engine = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="on", compile_cache=tmp_path / "cc")
-    assert engine.speed is not None and not engine.speed.options.dynamic
+    assert engine.speed is not None and engine.speed.options.dynamic is False
+    assert engine.describe()["speed"]["compiled"] == {"unet": 1, "vae_decoder": 1, "vae_encoder": 1}
     noop = (lambda *a: None, lambda: False)
     engine.refine(make_request(make_image(300, 300)), *noop)  # bucket 384x384
     first = engine.speed.stats()["compiled_graphs"]

@@ -12,12 +12,18 @@ off still returns what it measured:
 
  1. build + save the refiner and the base (fp16 weights, like the real fp16 variant)
  2. stock diffusers, eager: refine 1024x1024 (50 steps x 0.3) and the ensemble (40 steps, split 0.8)
- 3. this project, plain path (--speed off), in process: refine, ensemble, and the ``balanced`` memory mode
- 4. this project's service with the speed path, cold compile cache: request-to-result over ZeroMQ
-    (first = compile, warm, warm with new prompts), the quality check against the plain path's image
- 5. a sweep of 10 selection sizes through that service: compilations counted
- 6. a restarted service on the same compile cache: start to first result; then the speed-path ensemble
- 7. if time is left: the VAE decoder, compiled, NCHW vs channels_last
+ 3. this project, plain path (--speed off), in process: refine, and where its time goes (one UNet call,
+    VAE encode, VAE decode)
+ 4. this project's service with the speed path (default options: regional compilation, dynamic sizes),
+    cold compile cache: request-to-result over ZeroMQ (first = compile, warm, warm with new prompts),
+    the quality check against the plain path's image, then a sweep of 10 selection sizes with the
+    compilations counted
+ 5. a restarted service on the same compile cache: start to first result; then the speed-path ensemble
+ 6. the plain ensemble and the ``balanced`` memory mode (same and new prompts, peak memory, its pixels
+    against the plain path's: its VAE runs in tiles)
+ 7. the speed path in process on the warm cache: where its time goes
+ 8. if time is left: the whole-graph variant (static shapes, CUDA graphs), cold, for the A/B figure
+ 9. with --vae-ab, if time is left: the VAE decoder, compiled, NCHW vs channels_last
 
 Prints one table at the end and writes results.json and table.md under --out; with --results-dir also
 <date>-<card>-gpu.json and .md there (the repository's tests/benchmarks/results/).
@@ -301,6 +307,29 @@ def free_gpu() -> None:
         torch.cuda.empty_cache()
 
 
+def parts(b: Bench, engine: Any, size: int, prefix: str) -> None:
+    """Where a refine's time goes: one UNet call (CFG batch 2), one VAE encode, one VAE decode."""
+    unet = engine.pipe.unet
+    dev, dt = b.device, engine.unet_dtype
+    lat = size // 8
+    args = (torch.randn(2, 4, lat, lat, device=dev, dtype=dt), torch.tensor([500.0, 500.0], device=dev))
+    cond = unet.config.cross_attention_dim
+    extra = unet.config.projection_class_embeddings_input_dim - 5 * unet.config.addition_time_embed_dim
+    kwargs = dict(
+        encoder_hidden_states=torch.randn(2, 77, cond, device=dev, dtype=dt),
+        added_cond_kwargs={"text_embeds": torch.randn(2, extra, device=dev, dtype=dt),
+                           "time_ids": torch.randn(2, 5, device=dev, dtype=dt)},
+    )  # fmt: skip
+    rgb = np.random.default_rng(0).random((size, size, 3), dtype=np.float32)
+    with torch.inference_mode():
+        unet(*args, **kwargs)
+        b.record(f"{prefix}.unet_call_s", b.timeit(lambda: unet(*args, **kwargs), 10))
+        z = engine._encode(rgb)
+        b.record(f"{prefix}.vae_encode_s", b.timeit(lambda: engine._encode(rgb), 5))
+        engine._decode(z)
+        b.record(f"{prefix}.vae_decode_s", b.timeit(lambda: engine._decode(z), 5))
+
+
 def project_plain(b: Bench, root: Path, size: int, state: dict[str, Any], extras: bool = False) -> None:
     """The plain path in process: refine (and its image, for the quality check); ``extras``: the
     ensemble and the balanced memory mode instead."""
@@ -319,6 +348,7 @@ def project_plain(b: Bench, root: Path, size: int, state: dict[str, Any], extras
         b.reset_peak()
         b.record("plain.refine_s", b.timeit(lambda: engine.refine(req, *noop), 3))
         b.record("plain.refine_peak_GiB", b.peak(other))
+        parts(b, engine, size, "plain")
         engine = None
         free_gpu()
         return
@@ -339,13 +369,49 @@ def project_plain(b: Bench, root: Path, size: int, state: dict[str, Any], extras
     engine = Engine.load(model=str(root / "refiner"), device=b.device, speed="off", memory="balanced",
                          watermark=False, cache_dir=root / "cache")  # fmt: skip
     b.record("balanced.load_s", round(time.monotonic() - t, 1))
-    engine.refine(req, *noop)
+    state["balanced_image"] = engine.refine(req, *noop)
     b.reset_peak()
     b.record("balanced.refine_s", b.timeit(lambda: engine.refine(req, *noop), 3))
     b.record("balanced.refine_peak_GiB", b.peak())
+    quality(b, state, "balanced_image", "balanced.quality_vs_plain")  # its VAE runs in tiles
+    prompts = iter(range(100))
+    b.record("balanced.refine_new_prompt_s", b.timeit(
+        lambda: engine.refine(make_request(image, dict(REFINE, prompt=f"{PROMPT} {next(prompts)}")), *noop), 3))  # fmt: skip
+    b.record("balanced.refine_new_prompt_peak_GiB", b.peak())
     b.record("balanced.memory", engine.describe().get("memory"))
     engine = None
     free_gpu()
+
+
+def speed_in_process(b: Bench, root: Path, size: int, state: dict[str, Any], scope: str) -> None:
+    """The speed path in this process: ``regional`` (the default, on the service's warm compile cache:
+    where its time goes) or ``whole`` (whole-graph, static shapes, CUDA graphs; cold: the A/B figure)."""
+    from krita_sdxl.backend.engine import Engine
+
+    options = {} if scope == "regional" else {"scope": "whole", "unet_mode": "reduce-overhead", "dynamic": False,
+                                              "buckets": True}  # fmt: skip
+    os.environ["KRITA_SDXL_SPEED_OPTIONS"] = json.dumps(options)
+    torch._dynamo.reset()
+    noop = (lambda *a: None, lambda: False)
+    req = make_request(make_image(size, size), REFINE)
+    cache = root / ("compile-cache" if scope == "regional" else "compile-cache-whole")
+    engine = Engine.load(model=str(root / "refiner"), device=b.device, speed="on", memory="none",
+                         watermark=False, cache_dir=root / "cache", compile_cache=cache)  # fmt: skip
+    try:
+        t = time.monotonic()
+        state[f"{scope}_image"] = engine.refine(req, *noop)
+        b.record(f"{scope}.first_refine_s", round(time.monotonic() - t, 1))
+        b.reset_peak()
+        b.record(f"{scope}.refine_s", b.timeit(lambda: engine.refine(req, *noop), 5))
+        b.record(f"{scope}.refine_peak_GiB", b.peak())
+        quality(b, state, f"{scope}_image", f"{scope}.quality_vs_plain")
+        parts(b, engine, size, scope)
+        b.record(f"{scope}.stats", engine.speed.stats() if engine.speed else None)
+    finally:
+        os.environ.pop("KRITA_SDXL_SPEED_OPTIONS", None)
+        engine = None
+        torch._dynamo.reset()
+        free_gpu()
 
 
 class Service:
@@ -396,9 +462,9 @@ def service_runs(
     if speed_options:
         env["KRITA_SDXL_SPEED_OPTIONS"] = speed_options
     b.record("speed.options_env", env.get("KRITA_SDXL_SPEED_OPTIONS", "(defaults)"))
-    static = not is_tiny and '"dynamic": true' not in (speed_options or "")
+    static = not is_tiny and '"scope": "whole"' in (speed_options or "") and '"dynamic": true' not in speed_options
     image = make_image(size, size)
-    jobs = 0
+    jobs = 1  # the service's warm-up job logs its speed line too
 
     def run(client: ServiceClient, img: Any, params: dict[str, Any]) -> tuple[float, Any]:
         t = time.perf_counter()
@@ -416,6 +482,7 @@ def service_runs(
             b.record("cold.first_result_s", round(first, 2))
             b.record("cold.launch_to_first_result_s", round(time.monotonic() - svc.t_launch, 1))
             b.record("cold.stats_after_first", svc.speed_stats(jobs))
+            b.record("cold.warmup_log", [ln[-160:] for ln in list(svc.svc.lines) if "warm-up" in ln])
             warm = []
             for _ in range(5):
                 s, done = run(client, image, REFINE)
@@ -457,7 +524,7 @@ def service_runs(
                 )
             after = svc.speed_stats(jobs) or {}
             b.record("sweep.rows", rows)
-            b.record("sweep.buckets", sorted(DEFAULT_POLICY.shapes(sweep)))
+            b.record("sweep.shapes", after.get("buckets"))  # padded work sizes the speed path ran
             b.record("sweep.distinct_sizes", len(set(sweep)))
             if "compiled_graphs" in after and "compiled_graphs" in before:
                 b.record("sweep.new_compilations", after["compiled_graphs"] - before["compiled_graphs"])
@@ -477,7 +544,8 @@ def service_runs(
             first, _ = run(client, image, REFINE)
             b.record("warm.first_result_s", round(first, 2))
             b.record("warm.launch_to_first_result_s", round(time.monotonic() - svc.t_launch, 1))
-            b.record("warm.stats_after_first", svc.speed_stats(1))
+            b.record("warm.stats_after_first", svc.speed_stats(2))
+            b.record("warm.warmup_log", [ln[-160:] for ln in list(svc.svc.lines) if "warm-up" in ln])
             s, _ = run(client, image, REFINE)
             b.record("warm.second_request_s", round(s, 4))
             # --- the ensemble on the speed path (the base UNet compiles here, cold) -----------------
@@ -488,7 +556,7 @@ def service_runs(
             b.record("speed.ensemble_first_s", round(first, 2))
             times = [run(client, image, ENSEMBLE)[0] for _ in range(2)]
             b.record("speed.ensemble_request_s", round(statistics.median(times), 4))
-            stats = svc.speed_stats(4)
+            stats = svc.speed_stats(5)
             b.record("speed.stats_after_ensemble", stats)
             if stats and "peak_gpu_bytes" in stats:
                 b.record("speed.ensemble_peak_GiB", gib(stats["peak_gpu_bytes"]))
@@ -496,19 +564,19 @@ def service_runs(
         svc.stop("service-warm.log")
 
 
-def quality(b: Bench, state: dict[str, Any]) -> None:
-    """The speed path's image against the plain path's (same request, same seed)."""
+def quality(b: Bench, state: dict[str, Any], other: str = "speed_image", key: str = "quality") -> None:
+    """Another path's image (the speed path's by default) against the plain path's (same request, seed)."""
     from krita_sdxl.backend import pixels
 
-    a, c = state.get("plain_image"), state.get("speed_image")
+    a, c = state.get("plain_image"), state.get(other)
     if a is None or c is None:
-        b.record("quality", "not measured: an image is missing")
+        b.record(key, "not measured: an image is missing")
         return
     x = pixels.samples(a)[..., :3].astype(np.float64)
     y = pixels.samples(c)[..., :3].astype(np.float64)
     mse = float(np.mean((x - y) ** 2))
     b.record(
-        "quality",
+        key,
         {
             "psnr_db": round(10 * math.log10(255**2 / mse), 2) if mse > 0 else "inf (identical)",
             "max_abs_diff": int(np.max(np.abs(x - y))),
@@ -582,7 +650,7 @@ def table(r: dict[str, Any]) -> str:
         f"| compile, warm cache: restart to first result | | | {f('warm.launch_to_first_result_s')} "
         f"(first request {f('warm.first_result_s')}) | <= 20 s |",
         f"| compilations over a sweep of 10 selection sizes | | | {f('sweep.new_compilations', '')} new "
-        f"({len(r.get('sweep.buckets') or [])} buckets) | few |",
+        f"({len(r.get('sweep.shapes') or [])} padded shapes) | few |",
         f"| quality: speed vs plain image, same seed | | | {r.get('quality')} | |",
         "",
         f"stock diffusers with torch.compile (FACTS, not re-measured): {FACTS_H100['stock_refine_compiled_s']} s.",
@@ -646,6 +714,9 @@ def main() -> int:
     pipes.clear()
     free_gpu()
     b.stage("plain_extras", 45, lambda: project_plain(b, root, size, state, extras=True))
+    b.stage("regional", 40 if not args.tiny else 0, lambda: speed_in_process(b, root, size, state, "regional"))
+    if not args.tiny:  # a cold whole-graph compilation: minutes
+        b.stage("whole", 200, lambda: speed_in_process(b, root, size, state, "whole"))
     if args.vae_ab and device == "cuda":
         b.stage("vae_ab", 60, lambda: vae_channels_last(b, size))
     b.record("total_s", round(time.monotonic() - b.t0, 1))
