@@ -91,3 +91,26 @@ def test_generate_is_unsupported_without_a_base(demo_models: Any) -> None:
     finally:
         svc.stop()
         thread.join(30)
+
+
+def test_the_speed_path_warms_up_before_the_first_job(tmp_path: Any) -> None:
+    """``serve`` with the speed path compiles it in a warm-up job on the worker thread (traced with the
+    aot_eager backend here, to stay quick): the service answers meanwhile, and the first job runs after it
+    on the compiled blocks, with no fallback to eager."""
+    import json
+
+    env = {"KRITA_SDXL_SPEED_OPTIONS": json.dumps({"backend": "aot_eager_decomp_partition"})}
+    args = ["--demo", "--cache-dir", str(tmp_path / "cache"), "--log-level", "info", "--speed", "on",
+            "--compile-cache", str(tmp_path / "cc"), "--no-watermark"]  # fmt: skip
+    svc = start_service(args, env=env)
+    try:
+        with ServiceClient(svc.endpoint, timeout=120) as client:
+            speed = client.hello()["capabilities"]["speed"]
+            assert speed["enabled"] and speed["scope"] == "regional" and speed["compiled"]["unet"] > 2
+            done = client.run(rgba(), prompt="x", steps=4, strength=0.5, seed=1)
+            assert done.type == "result"
+    finally:
+        assert svc.stop() == 0, svc.log
+    log = svc.log
+    assert "warm-up done" in log and "failed" not in log, log[-3000:]
+    assert log.index("warm-up done") < log.index("refine 48x32"), log[-3000:]
