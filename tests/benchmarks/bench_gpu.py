@@ -129,6 +129,7 @@ class Bench:
     def __init__(self, out: Path, budget: float, device: str) -> None:
         self.out, self.budget, self.device = out, budget, device
         self.results: dict[str, Any] = {}
+        self.results_name = "results.json"
         self.t0 = time.monotonic()
 
     def left(self) -> float:
@@ -137,9 +138,9 @@ class Bench:
     def record(self, key: str, value: Any) -> None:
         self.results[key] = value
         print(f"[{time.monotonic() - self.t0:7.1f}s] {key} = {value}", flush=True)
-        tmp = self.out / "results.json.tmp"
+        tmp = self.out / f"{self.results_name}.tmp"
         tmp.write_text(json.dumps(self.results, indent=1, default=str))
-        tmp.replace(self.out / "results.json")
+        tmp.replace(self.out / self.results_name)
 
     def stage(self, name: str, need: float, fn: Callable[[], None]) -> bool:
         """Run one stage if ``need`` seconds are left; record its error instead of raising."""
