@@ -13,7 +13,6 @@ every figure and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gpu import REFINER_UNET, Bench, tiny  # noqa: E402
+from bench_gpu import REFINER_UNET, Bench, tiny
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "whole_static": {"scope": "whole", "unet_mode": "default", "dynamic": False},
