@@ -1,4 +1,6 @@
-"""Size buckets for the compiled speed path: few distinct shapes, so few compilations and CUDA graphs.
+"""Size buckets for the speed path's ``whole`` scope (static shapes): few shapes, so few compilations.
+
+The default ``regional`` scope compiles with symbolic sizes and needs no buckets (it pads to 64 px only).
 
 A compiled UNet (and each CUDA graph it records) is specialised to the shapes it has seen. Selections in
 Krita come in any size, so the speed path pads every work image up to one of a small set of bucket sizes

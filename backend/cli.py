@@ -93,9 +93,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--speed",
         choices=["auto", "on", "off"],
-        help="compiled speed path: torch.compile of the UNet's and the VAE's blocks, for every size at once; "
-        "auto = on with CUDA (default). serve compiles it at start-up (a warm-up job; clients can connect "
-        "meanwhile) and keeps the kernels in --compile-cache for quicker restarts",
+        help="compiled speed path: torch.compile of the UNet's and the VAE's blocks, one compilation for every "
+        "size; auto = on with CUDA. Default: off (on an H100 it saves up to 0.3 s a job, and costs 2.5 min of "
+        "compiling at the first start, 26 s at later ones). serve compiles it in a warm-up job at start-up "
+        "(clients can connect meanwhile) and keeps the kernels in --compile-cache",
     )
     g.add_argument(
         "--no-warmup",

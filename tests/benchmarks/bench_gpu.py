@@ -3,6 +3,10 @@
     python tests/benchmarks/bench_gpu.py --out DIR [--budget 500]   # on CUDA (one H100: about 8 minutes)
     python tests/benchmarks/bench_gpu.py --tiny --out DIR           # tiny shapes on the CPU: smoke test
 
+On a lent GPU machine without diffusers or pyzmq: put their wheels and this project's (``pip wheel
+--no-deps -w .whl .``) in ``.whl/``, carry it, install them with ``pip install --no-index --no-deps
+--target /tmp/site .whl/*.whl`` and run with ``PYTHONPATH=/tmp/site`` (2026-11-26: 425 s with --budget 550).
+
 Speed and memory do not depend on the weight values, so no checkpoint is needed. The refiner and the base
 are built in the real SDXL 1.0 architectures (configs copied from ../shared/bench/sdxl_baseline.py), saved
 with ``save_pretrained`` and loaded back through the project's own loading code (``Engine.load`` and
