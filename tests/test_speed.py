@@ -255,3 +255,34 @@ def test_whole_static_compile_is_one_compilation_per_bucket(
     stats = engine.speed.stats()
     assert stats["compiled_graphs"] == first + 3  # UNet, VAE encoder, VAE decoder
     assert stats["fallback"] is None and stats["buckets"] == [(384, 384), (512, 384)]
+
+
+class ResnetBlock2D(torch.nn.Linear):
+    """Named like diffusers' block, so the regional scope picks it."""
+
+
+def _fake_pipe(vae: Any = None) -> Any:
+    from types import SimpleNamespace
+
+    def blocks() -> torch.nn.Module:
+        return torch.nn.Sequential(ResnetBlock2D(2, 2), ResnetBlock2D(2, 2))
+
+    vae = vae or SimpleNamespace(decoder=blocks(), encoder=blocks())
+    return SimpleNamespace(unet=blocks(), vae=vae)
+
+
+def test_a_second_pipeline_shares_the_vae_and_is_forgotten_on_unload() -> None:
+    """The base (loaded later) gets its UNet's blocks compiled, not the VAE it shares with the refiner; on
+    unload the speed path drops every reference to the base's blocks, so its memory can be freed."""
+    refiner = _fake_pipe()
+    path = SpeedPath(refiner, "cpu", SpeedOptions(backend="eager")).apply()
+    assert path.compiled_counts() == {"unet": 2, "vae_decoder": 2, "vae_encoder": 2}
+    base = _fake_pipe(vae=refiner.vae)
+    path.add_pipe(base, "base")
+    assert path.compiled_counts() == {"unet": 2, "vae_decoder": 2, "vae_encoder": 2, "base_unet": 2}
+    assert all(m._compiled_call_impl is not None for m in base.unet)
+    path.forget(base)
+    assert path.compiled_counts() == {"unet": 2, "vae_decoder": 2, "vae_encoder": 2}  # the shared VAE stays
+    assert not any(m is block for m in path._modules.values() for block in base.unet)
+    x = torch.ones(1, 2)
+    assert torch.equal(refiner.unet(x), refiner.unet._call_impl(x))  # the compiled blocks still run
