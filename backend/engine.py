@@ -310,11 +310,7 @@ class Engine:
     def _refine(self, req: RefineRequest, on_progress: ProgressFn, should_stop: StopFn) -> Image:
         """One job, whole (or one tile of it)."""
         spec = req.image.spec
-        mask = pixels.mask_to_float(req.mask) if req.mask is not None else None
-        if mask is not None and mask.shape != (spec.height, spec.width):
-            raise ValueError(
-                f"mask is {mask.shape[1]}x{mask.shape[0]}, the image is {spec.width}x{spec.height}; they must match"
-            )
+        mask = pixels.image_mask(req.image, req.mask)
         if should_stop():
             raise JobCancelled()
         # --- large layers (backend/tiling.py): above self.tiling's threshold (a TilingConfig; unset

@@ -136,6 +136,19 @@ def mask_to_float(img: Image) -> np.ndarray:
     return _to_float(samples(img)[..., 0], img.spec)
 
 
+def image_mask(image: Image, mask: Image | None) -> np.ndarray | None:
+    """A job's mask as float32 HxW in [0, 1] (None without one), checked against its image's size."""
+    if mask is None:
+        return None
+    values = mask_to_float(mask)
+    spec = image.spec
+    if values.shape != (spec.height, spec.width):
+        raise ValueError(
+            f"mask is {values.shape[1]}x{values.shape[0]}, the image is {spec.width}x{spec.height}; they must match"
+        )
+    return values
+
+
 def _running_sum(values: np.ndarray, axis: int) -> None:
     """In-place cumulative sum. Along the first axis of an image numpy's cumsum walks memory with a
     large stride and is ~30x slower than adding whole rows, so add rows one by one."""

@@ -93,12 +93,18 @@ def configure_compile_cache(folder: Path) -> dict[str, str]:
         "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
     }
     os.environ.update(env)
+    _enable_compile_caches()
+    return env
+
+
+def _enable_compile_caches() -> None:
+    """Switch inductor's FX graph cache and the AOT autograd cache on (in the calling thread: since
+    torch 2.13 compiler settings are per thread)."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
-    return env
 
 
 @dataclass(frozen=True)
@@ -239,7 +245,6 @@ class SpeedPath:
         if getattr(_thread_state, "configured", None) is self:
             return
         import torch._dynamo
-        import torch._functorch.config as functorch_config
         import torch._inductor.config as inductor_config
         import torch.fx.experimental._config as fx_config
 
@@ -250,8 +255,7 @@ class SpeedPath:
         # for the ResNet block's code, the default limit, after which it would fail (fullgraph).
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
         if self.cache_folder is not None:
-            inductor_config.fx_graph_cache = True
-            functorch_config.enable_autograd_cache = True
+            _enable_compile_caches()
         _thread_state.configured = self
 
     def add_pipe(self, pipe: Any, role: str) -> None:

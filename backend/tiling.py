@@ -281,11 +281,7 @@ def refine_in_tiles(
     what lies outside it), tiles entirely outside the mask are not refined at all (progress counts
     only the tiles that are), and the result keeps the input's own pixels wherever the mask is 0."""
     spec = req.image.spec
-    mask = pixels.mask_to_float(req.mask) if req.mask is not None else None
-    if mask is not None and mask.shape != (spec.height, spec.width):
-        raise ValueError(
-            f"mask is {mask.shape[1]}x{mask.shape[0]}, the image is {spec.width}x{spec.height}; they must match"
-        )
+    mask = pixels.image_mask(req.image, req.mask)
     if should_stop():
         raise JobCancelled()
     source, _ = pixels.to_rgb_alpha(req.image)
