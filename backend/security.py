@@ -6,7 +6,6 @@ CURVE keys are the ones pyzmq's ``zmq.auth`` writes: ``NAME.key`` (public, share
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ import zmq.auth
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
+from krita_sdxl.protocol.endpoint import EndpointError, parse_endpoint
+
 log = logging.getLogger(__name__)
 
 
@@ -26,18 +27,10 @@ class SecurityError(ValueError):
 
 def is_local_endpoint(endpoint: str) -> bool:
     """True for ipc://, inproc:// and tcp:// on a loopback address."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = rest.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "*", an interface name or a host name: not provably loopback
+        return parse_endpoint(endpoint, bind=True).is_local
+    except EndpointError:
+        return False
 
 
 @dataclass(frozen=True)
