@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,6 +50,7 @@ class ServiceClient:
         self.heartbeat_interval = heartbeat_interval
         self._ctx = ctx or zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.ROUTING_ID, b"k" + secrets.token_bytes(16))  # unguessable: nobody takes our jobs
         self.socket.setsockopt(zmq.LINGER, 0)
         if server_key is not None and client_secret_file is not None:
             from .security import client_curve

@@ -1,133 +1,346 @@
-"""The job queue: FIFO order, queue positions, cancellation. Thread-safe, no sockets, no torch.
+"""The job queue: round robin between clients, job and byte budgets, positions, cancellation.
 
-The I/O thread submits and cancels; the single worker thread takes jobs one at a time.
-A job is keyed by (client identity, client-chosen job id), so two clients may use the same ids.
+Thread-safe, no sockets, no torch. The I/O thread submits and cancels; workers ``take()`` the next
+fair job (several may run at once: a pool of GPUs takes several; the single worker takes one).
+
+- A job belongs to an :class:`Owner`: the ZeroMQ routing id its events go to, and with CURVE the
+  client's public key. Job ids are per owner, so two clients may use the same ids.
+- Budgets and turns belong to an *account*: the CURVE key (one artist, however many sockets), or
+  the routing id without CURVE. Each account has its own FIFO; ``take`` serves the accounts round
+  robin, so a burst from one cannot starve another, and an account's own jobs keep their order.
+- Bytes: a job holds its image and mask frame bytes from submit until it is done; results the I/O
+  thread has sent but ZeroMQ has not yet taken off its hands are *held* bytes (``hold``/``release``).
+  Both count against the account's budget and the total.
+- When the total (jobs or bytes) is full, a client holding less than the biggest holder may still
+  submit: the biggest holder's newest queued jobs are dropped to make room (longest queue drop).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-JobKey = tuple[bytes, str]
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Owner:
+    routing: bytes  # ZeroMQ routing id: where the job's events go
+    key: bytes = b""  # the client's CURVE public key (Z85) when CURVE is on, else b""
+
+    @property
+    def account(self) -> bytes:
+        """Who budgets and turns belong to (keys and routing ids never mix: CURVE is on or off)."""
+        return self.key or self.routing
+
+
+JobKey = tuple[Owner, str]
 
 
 @dataclass(eq=False)
 class Job:
-    client: bytes  # ZeroMQ routing identity of the client that submitted it
+    owner: Owner
     id: str  # the client's job id
     payload: Any  # what the worker needs (a RefineRequest), opaque to the queue
+    nbytes: int = 0  # pixel bytes the job holds (image and mask frames)
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"
 
     @property
+    def client(self) -> bytes:
+        """The routing id the job's events go to."""
+        return self.owner.routing
+
+    @property
     def key(self) -> JobKey:
-        return (self.client, self.id)
+        return (self.owner, self.id)
 
 
 class QueueFull(Exception):
-    pass
+    """A job or byte budget is exhausted; the message says which, and the limit."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.1f} MiB"
 
 
 class JobQueue:
-    def __init__(self, max_total: int = 1000) -> None:
+    def __init__(
+        self,
+        max_total: int = 1000,
+        max_per_client: int | None = None,
+        max_client_bytes: int | None = None,
+        max_total_bytes: int | None = None,
+    ) -> None:
         self._lock = threading.Condition()
-        self._waiting: deque[Job] = deque()
-        self._running: Job | None = None
+        self._waiting: dict[bytes, deque[Job]] = {}  # account -> its queued jobs, oldest first
+        self._ring: deque[bytes] = deque()  # accounts with queued jobs, in the order of their next turn
+        self._running: list[Job] = []
+        self._held: dict[bytes, int] = {}  # account -> bytes of results not yet taken by ZeroMQ
         self._closed = False
         self.max_total = max_total
+        self.max_per_client = max_per_client
+        self.max_client_bytes = max_client_bytes
+        self.max_total_bytes = max_total_bytes
 
-    def submit(self, job: Job) -> int:
-        """Queue a job; returns its position (0 = runs next, i.e. nothing ahead of it)."""
+    # -- accounting (callers hold the lock) ---------------------------------------------------
+
+    def _jobs_of(self, account: bytes) -> int:
+        return len(self._waiting.get(account, ())) + sum(1 for j in self._running if j.owner.account == account)
+
+    def _bytes_of(self, account: bytes) -> int:
+        queued = sum(j.nbytes for j in self._waiting.get(account, ()))
+        return queued + sum(j.nbytes for j in self._running if j.owner.account == account) + self._held.get(account, 0)
+
+    def _total_jobs(self) -> int:
+        return sum(len(q) for q in self._waiting.values()) + len(self._running)
+
+    def _total_bytes(self) -> int:
+        queued = sum(j.nbytes for q in self._waiting.values() for j in q)
+        return queued + sum(j.nbytes for j in self._running) + sum(self._held.values())
+
+    def _order(self) -> list[Job]:
+        """Queued jobs in the order ``take`` will return them (round robin over the ring)."""
+        queues = [self._waiting[a] for a in self._ring]
+        out: list[Job] = []
+        depth = max((len(q) for q in queues), default=0)
+        for i in range(depth):
+            out.extend(q[i] for q in queues if i < len(q))
+        return out
+
+    def _find(self, key: JobKey) -> Job | None:
+        for job in self._running:
+            if job.key == key:
+                return job
+        for job in self._waiting.get(key[0].account, ()):
+            if job.key == key:
+                return job
+        return None
+
+    def _remove_waiting(self, job: Job) -> None:
+        account = job.owner.account
+        queue = self._waiting[account]
+        queue.remove(job)
+        if not queue:
+            del self._waiting[account]
+            self._ring.remove(account)
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def _check_client(self, job: Job) -> None:
+        account = job.owner.account
+        jobs = self._jobs_of(account)
+        if self.max_per_client is not None and jobs >= self.max_per_client:
+            raise QueueFull(
+                f"this client already has {jobs} jobs queued or running; the limit is {self.max_per_client}"
+            )
+        held = self._bytes_of(account)
+        if self.max_client_bytes is not None and held + job.nbytes > self.max_client_bytes:
+            raise QueueFull(
+                f"this client's queued images and undelivered results take {_mib(held)}; this job adds "
+                f"{_mib(job.nbytes)} and the limit is {_mib(self.max_client_bytes)} per client: wait for "
+                "its jobs to finish (and read their results)"
+            )
+
+    def _make_room(self, job: Job) -> list[Job]:
+        """The queued jobs to drop so that ``job`` fits the totals (longest queue drop); QueueFull if
+        the submitting account is itself the biggest holder. Nothing is changed here."""
+        total_jobs, total_bytes = self._total_jobs(), self._total_bytes()
+        me = job.owner.account
+        drop: list[Job] = []
+        jobs: dict[bytes, int] = {}
+        held: dict[bytes, int] = {}
+        queues: dict[bytes, list[Job]] = {}
+        while True:
+            over_jobs = total_jobs + 1 > self.max_total
+            over_bytes = self.max_total_bytes is not None and total_bytes + job.nbytes > self.max_total_bytes
+            if not (over_jobs or over_bytes):
+                return drop
+            if not queues:  # first time over: what every client holds, and what it could lose
+                queues = {a: list(q) for a, q in self._waiting.items() if a != me}
+                jobs = {a: self._jobs_of(a) for a in queues}
+                held = {a: self._bytes_of(a) for a in queues}
+            metric, mine = (jobs, self._jobs_of(me) + 1) if over_jobs else (held, self._bytes_of(me) + job.nbytes)
+            victim = max((a for a in queues if queues[a]), key=lambda a: metric[a], default=None)
+            if victim is None or metric[victim] <= mine:
+                if over_jobs:
+                    raise QueueFull(
+                        f"the service already has {total_jobs} jobs queued or running; the limit is {self.max_total}"
+                    )
+                raise QueueFull(
+                    f"the service's queued images and undelivered results take {_mib(total_bytes)}; this job adds "
+                    f"{_mib(job.nbytes)} and the limit is {_mib(self.max_total_bytes or 0)} in all"
+                )
+            dropped = queues[victim].pop()
+            drop.append(dropped)
+            jobs[victim] -= 1
+            held[victim] -= dropped.nbytes
+            total_jobs -= 1
+            total_bytes -= dropped.nbytes
+
+    def submit(self, job: Job, announce: Callable[[int], None] | None = None) -> list[Job]:
+        """Queue a job; returns the queued jobs of other clients dropped to make room for it.
+
+        ``announce(position)`` (jobs that run before it; 0 = runs next) is called under the lock
+        before any worker can see the job: if it raises, nothing is queued and nothing dropped.
+        Raises QueueFull (a budget), KeyError (the owner already has this job id), RuntimeError (closed).
+        """
         with self._lock:
             if self._closed:
                 raise RuntimeError("queue is closed")
-            if self.has(job.key):
+            if self._find(job.key) is not None:
                 raise KeyError(job.key)
-            if len(self._waiting) >= self.max_total:
-                raise QueueFull(f"{len(self._waiting)} jobs are already waiting; the limit is {self.max_total}")
-            position = len(self._waiting) + (1 if self._running else 0)
-            self._waiting.append(job)
+            self._check_client(job)
+            drop = self._make_room(job)
+            account = job.owner.account
+            touched = {account} | {victim.owner.account for victim in drop}
+            saved_ring = deque(self._ring)
+            saved = {a: deque(self._waiting[a]) for a in touched if a in self._waiting}
+            for victim in drop:
+                self._remove_waiting(victim)
+            if account not in self._waiting:
+                self._waiting[account] = deque()
+                self._ring.append(account)
+            self._waiting[account].append(job)
+            if announce is not None:
+                try:
+                    announce(self._position(job))
+                except BaseException:
+                    self._ring = saved_ring
+                    for a in touched:
+                        if a in saved:
+                            self._waiting[a] = saved[a]
+                        else:
+                            self._waiting.pop(a, None)
+                    raise
             self._lock.notify()
-            return position
+            return drop
 
-    def has(self, key: JobKey) -> bool:
-        with self._lock:
-            return (self._running is not None and self._running.key == key) or any(j.key == key for j in self._waiting)
+    def _position(self, job: Job) -> int:
+        return len(self._running) + self._order().index(job)
 
-    def count(self, client: bytes) -> int:
-        """Jobs of one client, queued or running."""
-        with self._lock:
-            running = 1 if self._running is not None and self._running.client == client else 0
-            return running + sum(1 for j in self._waiting if j.client == client)
+    # -- workers ------------------------------------------------------------------------------
 
     def take(self, timeout: float | None = None) -> Job | None:
-        """Worker: block until a job is available (returns it as running) or the queue closes (None)."""
+        """Worker: block until a job is available (returns it, now running) or the queue closes (None).
+        Jobs come round robin over the clients with queued jobs, each client's in its own order."""
         with self._lock:
-            while not self._waiting and not self._closed:
+            while not self._ring and not self._closed:
                 if not self._lock.wait(timeout):
                     return None
             if self._closed:
                 return None
-            self._running = self._waiting.popleft()
-            return self._running
+            account = self._ring.popleft()
+            queue = self._waiting[account]
+            job = queue.popleft()
+            if queue:
+                self._ring.append(account)
+            else:
+                del self._waiting[account]
+            self._running.append(job)
+            return job
 
     def done(self, job: Job) -> None:
         with self._lock:
-            if self._running is job:
-                self._running = None
+            if job in self._running:
+                self._running.remove(job)
+
+    def hold(self, account: bytes, nbytes: int) -> None:
+        """Count bytes of a sent result that ZeroMQ has not taken yet against ``account``."""
+        with self._lock:
+            self._held[account] = self._held.get(account, 0) + nbytes
+
+    def release(self, account: bytes, nbytes: int) -> None:
+        with self._lock:
+            left = self._held.get(account, 0) - nbytes
+            if left > 0:
+                self._held[account] = left
+            else:
+                self._held.pop(account, None)
+
+    # -- cancellation -------------------------------------------------------------------------
 
     def cancel(self, key: JobKey, reason: str = "cancelled") -> str | None:
         """'queued' if removed from the queue, 'running' if the running job was told to stop, else None."""
         with self._lock:
-            if self._running is not None and self._running.key == key:
-                self._running.cancel_reason = reason
-                self._running.cancel.set()
+            job = self._find(key)
+            if job is None:
+                return None
+            if job in self._running:
+                job.cancel_reason = reason
+                job.cancel.set()
                 return "running"
-            for job in self._waiting:
-                if job.key == key:
-                    self._waiting.remove(job)
-                    return "queued"
-            return None
+            self._remove_waiting(job)
+            return "queued"
 
-    def cancel_client(self, client: bytes, reason: str) -> list[Job]:
-        """Cancel every job of one client; returns the queued jobs that were removed."""
+    def cancel_where(self, match: Callable[[Owner], bool], reason: str) -> list[Job]:
+        """Cancel every job whose owner matches: running ones are told to stop, queued ones are
+        removed and returned."""
         with self._lock:
-            removed = [j for j in self._waiting if j.client == client]
+            removed = [j for q in self._waiting.values() for j in q if match(j.owner)]
             for job in removed:
-                self._waiting.remove(job)
-            if self._running is not None and self._running.client == client:
-                self._running.cancel_reason = reason
-                self._running.cancel.set()
+                self._remove_waiting(job)
+            for job in self._running:
+                if match(job.owner):
+                    job.cancel_reason = reason
+                    job.cancel.set()
             return removed
 
     def close(self, reason: str = "shutdown") -> list[Job]:
-        """Stop taking jobs: cancel the running one, remove and return the waiting ones."""
+        """Stop taking jobs: cancel the running ones, remove and return the waiting ones."""
         with self._lock:
             self._closed = True
-            removed = list(self._waiting)
+            removed = self._order()
             self._waiting.clear()
-            if self._running is not None:
-                self._running.cancel_reason = reason
-                self._running.cancel.set()
+            self._ring.clear()
+            for job in self._running:
+                job.cancel_reason = reason
+                job.cancel.set()
             self._lock.notify_all()
             return removed
 
-    @property
-    def running(self) -> Job | None:
-        with self._lock:
-            return self._running
+    # -- views --------------------------------------------------------------------------------
 
-    def snapshot(self, client: bytes | None = None) -> tuple[Job | None, list[tuple[int, Job]]]:
-        """(running job, [(position, waiting job)]), optionally only one client's jobs."""
+    def has(self, key: JobKey) -> bool:
         with self._lock:
-            offset = 1 if self._running else 0
-            waiting = [(i + offset, j) for i, j in enumerate(self._waiting) if client is None or j.client == client]
-            running = self._running if client is None or (self._running and self._running.client == client) else None
+            return self._find(key) is not None
+
+    def count(self, account: bytes) -> int:
+        """Jobs of one account, queued or running."""
+        with self._lock:
+            return self._jobs_of(account)
+
+    def bytes_of(self, account: bytes) -> int:
+        """Bytes one account holds: its jobs' images and its undelivered results."""
+        with self._lock:
+            return self._bytes_of(account)
+
+    @property
+    def total_bytes(self) -> int:
+        with self._lock:
+            return self._total_bytes()
+
+    @property
+    def running(self) -> list[Job]:
+        with self._lock:
+            return list(self._running)
+
+    def owners(self) -> set[Owner]:
+        with self._lock:
+            return {j.owner for j in self._running} | {j.owner for q in self._waiting.values() for j in q}
+
+    def snapshot(self, owner: Owner | None = None) -> tuple[list[Job], list[tuple[int, Job]]]:
+        """(running jobs, [(position, queued job)] in the order they will run), optionally of one owner.
+        A position counts the jobs that run before it: the running ones and the queued ones ahead."""
+        with self._lock:
+            offset = len(self._running)
+            waiting = [(i + offset, j) for i, j in enumerate(self._order()) if owner is None or j.owner == owner]
+            running = [j for j in self._running if owner is None or j.owner == owner]
             return running, waiting
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._waiting) + (1 if self._running else 0)
+            return self._total_jobs()

@@ -1,14 +1,20 @@
-"""Size and count limits of the service: checked on every submit before any work starts."""
+"""Size, count and byte limits of the service: the numbers, and the per-message checks of a submit.
+
+The job counts and byte budgets themselves are enforced by the queue (backend/jobs.py), which
+knows what every client holds; :meth:`Limits.queue_budgets` hands it these numbers.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from krita_sdxl.protocol import Message, ProtocolError
 from krita_sdxl.protocol import errors as codes
 from krita_sdxl.protocol.codec import MAX_HEADER_BYTES
 
 _MAX_BYTES_PER_PIXEL = 16  # RGBA float32
+GiB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -17,13 +23,42 @@ class Limits:
     max_prompt_chars: int = 4000
     max_jobs_per_client: int = 32  # queued + running
     max_jobs_total: int = 1000
+    # Bytes of queued images (image + mask frames) and undelivered results. None: derived from
+    # max_pixels (a client can always queue the largest valid submit; see the properties below).
+    max_client_bytes: int | None = None
+    max_total_bytes: int | None = None
 
     @property
     def max_frame_bytes(self) -> int:
         """ZMQ_MAXMSGSIZE: a frame larger than any valid one makes ZeroMQ drop the peer outright."""
         return max(self.max_pixels * _MAX_BYTES_PER_PIXEL, MAX_HEADER_BYTES) + 1024
 
-    def check_submit(self, msg: Message, client_jobs: int, total_jobs: int) -> None:
+    @property
+    def max_submit_bytes(self) -> int:
+        """Pixel bytes of the largest valid submit: an RGBA float32 image and an 8-bit mask."""
+        return self.max_pixels * (_MAX_BYTES_PER_PIXEL + 1)
+
+    @property
+    def client_bytes(self) -> int:
+        """Per client: the largest valid submit, and at least 1 GiB (many ordinary jobs)."""
+        return self.max_client_bytes if self.max_client_bytes is not None else max(self.max_submit_bytes, GiB)
+
+    @property
+    def total_bytes(self) -> int:
+        """All clients together: four clients' worth (a fifth client still gets in: the queue then
+        drops the biggest holder's newest queued job)."""
+        return self.max_total_bytes if self.max_total_bytes is not None else 4 * self.client_bytes
+
+    def queue_budgets(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~krita_sdxl.backend.jobs.JobQueue`."""
+        return {
+            "max_total": self.max_jobs_total,
+            "max_per_client": self.max_jobs_per_client,
+            "max_client_bytes": self.client_bytes,
+            "max_total_bytes": self.total_bytes,
+        }
+
+    def check_submit(self, msg: Message) -> None:
         job = msg.job
         for name in ("image", "mask"):
             spec = msg.fields.get(name)
@@ -47,18 +82,3 @@ class Limits:
                     name,
                     job,
                 )
-        if client_jobs >= self.max_jobs_per_client:
-            raise ProtocolError(
-                codes.LIMIT,
-                f"this client already has {client_jobs} jobs queued or running; "
-                f"the limit is {self.max_jobs_per_client}",
-                None,
-                job,
-            )
-        if total_jobs >= self.max_jobs_total:
-            raise ProtocolError(
-                codes.LIMIT,
-                f"the service already has {total_jobs} jobs queued or running; the limit is {self.max_jobs_total}",
-                None,
-                job,
-            )

@@ -1,7 +1,8 @@
 """Who may connect: loopback and ipc are open; any other address needs ZeroMQ CURVE (or --insecure).
 
 CURVE keys are the ones pyzmq's ``zmq.auth`` writes: ``NAME.key`` (public, shareable) and
-``NAME.key_secret`` (secret). The service authorizes every client public key found in a folder (ZAP).
+``NAME.key_secret`` (secret). The service authorizes every client public key found in a folder (ZAP,
+backend/authorized.py). CURVE needs libzmq 4.3.3 or later (CVE-2019-13132, CVE-2020-15166).
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from krita_sdxl.protocol.endpoint import EndpointError, parse_endpoint
 
+from .authorized import AuthorizedKeys
+
 log = logging.getLogger(__name__)
+
+MIN_LIBZMQ = (4, 3, 3)  # CURVE server stack overflow (< 4.3.2) and CURVE/ZAP denial of service (< 4.3.3)
 
 
 class SecurityError(ValueError):
@@ -39,9 +44,23 @@ class CurveConfig:
     authorized_keys: Path  # folder of client NAME.key files
 
     def check(self) -> None:
+        if zmq.zmq_version_info()[:3] < MIN_LIBZMQ:
+            raise SecurityError(
+                f"libzmq {zmq.zmq_version()} has known CURVE vulnerabilities; CURVE needs libzmq 4.3.3 or later "
+                "(upgrade pyzmq)"
+            )
         if not self.secret_key.is_file():
             raise SecurityError(
                 f"CURVE secret key {self.secret_key} does not exist; create one with: krita-sdxl keys --name server"
+            )
+        try:
+            _, secret = zmq.auth.load_certificate(str(self.secret_key))
+        except (OSError, ValueError) as exc:
+            raise SecurityError(f"CURVE secret key {self.secret_key} cannot be read: {exc}") from None
+        if not secret:
+            raise SecurityError(
+                f"{self.secret_key} is a public key file (it holds no secret key): pass the service's "
+                "NAME.key_secret file to --curve-secret-key, and give clients the NAME.key file"
             )
         if not self.authorized_keys.is_dir():
             raise SecurityError(
@@ -68,11 +87,12 @@ def check_exposure(endpoint: str, curve: CurveConfig | None, insecure: bool) -> 
     log.warning("!" * 72)
 
 
-def apply_curve(ctx: zmq.Context, socket: zmq.Socket, curve: CurveConfig) -> ThreadAuthenticator:
-    """Make ``socket`` a CURVE server that admits only the authorized client keys (ZAP)."""
+def apply_curve(ctx: zmq.Context, socket: zmq.Socket, curve: CurveConfig, keys: AuthorizedKeys) -> ThreadAuthenticator:
+    """Make ``socket`` a CURVE server that admits only the keys in ``keys`` (ZAP). Every message of
+    an admitted client carries its Z85 public key as the frame property ``User-Id``."""
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve(domain="*", location=str(curve.authorized_keys))
+    auth.configure_curve_callback(domain="*", credentials_provider=keys)
     public, secret = zmq.auth.load_certificate(str(curve.secret_key))
     socket.curve_secretkey = secret
     socket.curve_publickey = public

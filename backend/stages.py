@@ -14,16 +14,21 @@ Modes (``submit.mode``):
   ``steps``, then the refiner runs img2img on the base's result at ``strength``.
 
 Step counts follow diffusers' own arithmetic on the scheduler's timesteps, so the ``total`` in
-``progress`` events is exactly the number of UNet calls that run.
+``progress`` events is exactly the number of UNet calls that run. Scheduler steps never exceed
+``MAX_STEPS`` (the protocol's limit): a ``strength`` or ``denoising_end`` that would need more is
+refused with a ``bad_field`` error naming the smallest value that works.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from krita_sdxl.protocol import StepPlan, plan_img2img
+from krita_sdxl.protocol.errors import BAD_FIELD, ProtocolError, shown
+from krita_sdxl.protocol.policy import MAX_STEPS
 
 MODES = ("refine", "generate", "two_stage")
 BASE_MODES = ("generate", "two_stage")  # the modes that need the base model
@@ -55,7 +60,8 @@ def scheduler_timesteps(config: dict[str, Any] | None = None) -> TimestepsFn:
 
     from .demo_model import SCHEDULER_CONFIG
 
-    def timesteps(steps: int) -> list[int]:
+    @functools.lru_cache(maxsize=2 * MAX_STEPS)
+    def cached(steps: int) -> tuple[int, ...]:
         if config is None:
             scheduler: SchedulerMixin = EulerDiscreteScheduler(**SCHEDULER_CONFIG)
         else:
@@ -64,7 +70,10 @@ def scheduler_timesteps(config: dict[str, Any] | None = None) -> TimestepsFn:
             cls = getattr(diffusers, str(config.get("_class_name", "EulerDiscreteScheduler")))
             scheduler = cls.from_config(config)
         scheduler.set_timesteps(steps)
-        return [int(t) for t in scheduler.timesteps]
+        return tuple(int(t) for t in scheduler.timesteps)
+
+    def timesteps(steps: int) -> list[int]:
+        return list(cached(steps))
 
     return timesteps
 
@@ -81,13 +90,15 @@ def _refine(mode: str, steps: int, strength: float) -> tuple[StepPlan, Stages]:
 
 def _generate(steps: int, strength: float, split: float, timesteps: TimestepsFn) -> tuple[StepPlan, Stages]:
     cut = _cutoff(split)
-    if strength >= 1.0:  # from noise; raise steps until the base gets at least one
-        n = steps
+    if strength >= 1.0:  # from noise; raise steps (up to MAX_STEPS) until the base gets at least one
+        n, last = steps, max(steps, MAX_STEPS)
         while True:
             ts = timesteps(n)
             base = sum(1 for t in ts if t >= cut)
-            if base >= 1 or n >= 10 * steps + 1000:
+            if base >= 1:
                 break
+            if n >= last:
+                raise _split_too_small(split, steps, last, timesteps)
             n += 1
         refiner = len(ts) - base
         plan = StepPlan(n, base + refiner, n != steps)
@@ -102,6 +113,20 @@ def _generate(steps: int, strength: float, split: float, timesteps: TimestepsFn)
     refiner = sum(1 for t in ts if t < cut)
     stages = Stages("generate", img.steps, base, refiner, True, split if split < 1.0 else None, strength)
     return StepPlan(img.steps, base + refiner, img.adjusted), stages
+
+
+def _split_too_small(split: float, steps: int, last: int, timesteps: TimestepsFn) -> ProtocolError:
+    """The base gets no step at any count up to ``last``: name the smallest split that gives it one."""
+    first = max(timesteps(n)[0] for n in range(steps, last + 1))
+    smallest = (1000 - first) / 1000
+    while _cutoff(smallest) > first:
+        smallest += 1e-4
+    return ProtocolError(
+        BAD_FIELD,
+        f"denoising_end {shown(split)} is too small: the base model gets no step of the schedule even at "
+        f"{last} scheduler steps (the most a job may use); use denoising_end {smallest:.4g} or more",
+        "denoising_end",
+    )
 
 
 def _two_stage(steps: int, strength: float) -> tuple[StepPlan, Stages]:

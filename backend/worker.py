@@ -1,7 +1,9 @@
-"""The single GPU worker thread: takes jobs from the queue in order and runs them on the engine.
+"""The single GPU worker thread: takes the next fair job from the queue and runs it on the engine.
 
 It never touches the ROUTER socket (ZeroMQ sockets are not thread-safe): every event it produces
-goes to the I/O thread through an inproc PUSH socket as [client identity, *message frames].
+goes to the I/O thread through an inproc PUSH socket as [routing id, CURVE key, *message frames].
+Nothing a job does stops the thread: every job ends with exactly one final event, and an event
+that cannot be encoded becomes an ``internal`` error.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import zmq
 
 from krita_sdxl.protocol import SERVICE, Image, encode
 from krita_sdxl.protocol import errors as codes
+from krita_sdxl.protocol.codec import error_event
 
 from . import oom
 from .jobs import Job, JobQueue
@@ -59,7 +62,21 @@ class Worker(threading.Thread):
     ) -> None:
         assert self._push is not None
         frames = encode(SERVICE, msg_type, images=images, job=job.id, **(fields or {}), **more)
-        self._push.send_multipart([job.client, *frames], copy=False)
+        self._push.send_multipart([job.owner.routing, job.owner.key, *frames], copy=False)
+
+    def _finish(self, job: Job, msg_type: str, images: dict[str, Image] | None, fields: dict[str, Any]) -> None:
+        """The job's final event; if it cannot be sent as made, an ``internal`` error instead."""
+        if msg_type == "error":
+            code, message = fields.get("code", codes.INTERNAL), fields.get("message", "")
+            fields = error_event(job.id, code, message, fields.get("field"))
+            fields.pop("job")
+        try:
+            self._emit(job, msg_type, images, fields)
+        except Exception as exc:
+            log.exception("job %s: its %s event could not be sent", job.id, msg_type)
+            error = error_event(job.id, codes.INTERNAL, f"internal error: the {msg_type} event failed: {exc}")
+            error.pop("job")
+            self._emit(job, "error", None, error)
 
     def run(self) -> None:
         self._push = self._ctx.socket(zmq.PUSH)
@@ -67,18 +84,27 @@ class Worker(threading.Thread):
         self._push.connect(self._endpoint)
         try:
             if self._warm_up is not None:
-                self._warm_up()
+                try:
+                    self._warm_up()
+                except Exception:  # jobs still run, only without the warm-up
+                    log.exception("warm-up failed; serving jobs without it")
             while True:
                 job = self._queue.take()
                 if job is None:
                     return
                 try:
                     outcome = self._run_job(job)
+                except Exception as exc:  # a bug outside the engine: the job still gets its answer
+                    log.exception("job %s: internal error", job.id)
+                    outcome = ("error", None, {"code": codes.INTERNAL, "message": f"internal error: {exc!r}"})
                 finally:
                     self._queue.done(job)  # before the final event: a client that reacts sees it gone
-                self._emit(job, *outcome)
-                if self._on_idle is not None and len(self._queue) == 0:
-                    self._on_idle()
+                try:
+                    self._finish(job, *outcome)
+                    if self._on_idle is not None and len(self._queue) == 0:
+                        self._on_idle()
+                except Exception:
+                    log.exception("job %s: could not report its end", job.id)
         finally:
             self._push.close()
 
@@ -90,7 +116,10 @@ class Worker(threading.Thread):
 
         def on_progress(step: int, total: int, preview: Image | None) -> None:
             images = {"preview": preview} if preview is not None else None
-            self._emit(job, "progress", images=images, step=step, total=total)
+            try:
+                self._emit(job, "progress", images=images, step=step, total=total)
+            except Exception:  # a lost progress event must not fail the job
+                log.exception("job %s: a progress event could not be sent", job.id)
 
         t0 = time.perf_counter()
         log.info(

@@ -12,12 +12,16 @@ from typing import Any
 
 import msgpack
 
-from .errors import BAD_HEADER, FRAME_MISMATCH, VERSION_MISMATCH, ProtocolError
+from .errors import BAD_HEADER, FRAME_MISMATCH, VERSION_MISMATCH, ProtocolError, clip, shown
 from .images import Image, ImageSpec
-from .schema import CLIENT_MESSAGES, IMAGE_SLOTS, SERVICE_MESSAGES, Field, validate_fields
+from .schema import CLIENT_MESSAGES, IMAGE_SLOTS, MAX_JOB_ID_CHARS, SERVICE_MESSAGES, Field, validate_fields
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 256 * 1024
+MAX_HEADER_DEPTH = 32  # nesting of maps and lists in a header (a valid one needs 4 at most)
+# The most frames a client message may have: its header and one pixel frame per image slot
+# (the largest valid one is a submit with an image and a mask).
+MAX_CLIENT_FRAMES = 1 + max(len(IMAGE_SLOTS[name]) for name in CLIENT_MESSAGES)
 
 CLIENT = "client"  # messages a client sends (the service decodes these)
 SERVICE = "service"  # events the service sends (a client decodes these)
@@ -64,9 +68,28 @@ def encode(direction: str, msg_type: str, images: dict[str, Image] | None = None
 def _peek_job(header: Any) -> str | None:
     if isinstance(header, dict):
         job = header.get("job")
-        if isinstance(job, str) and 0 < len(job) <= 128:
+        if isinstance(job, str) and 0 < len(job) <= MAX_JOB_ID_CHARS:
             return job
     return None
+
+
+def peek_job(frame: Any) -> str | None:
+    """The job id of a header frame, if it has a readable one; never raises."""
+    try:
+        return _peek_job(decode_header(frame))
+    except ProtocolError:
+        return None
+
+
+def _check_depth(header: dict[str, Any]) -> None:
+    """Refuse deep nesting without recursion (a deep header would exhaust the stack of repr and co)."""
+    stack: list[tuple[Any, int]] = [(header, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_HEADER_DEPTH:
+            raise ProtocolError(BAD_HEADER, f"header is nested more than {MAX_HEADER_DEPTH} levels deep")
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list)))
 
 
 def decode_header(frame: Any) -> dict[str, Any]:
@@ -89,6 +112,7 @@ def decode_header(frame: Any) -> dict[str, Any]:
         raise ProtocolError(BAD_HEADER, f"header frame is not valid msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(BAD_HEADER, f"header must be a msgpack map, got {type(header).__name__}")
+    _check_depth(header)
     return header
 
 
@@ -108,7 +132,7 @@ def decode(direction: str, frames: Sequence[Any]) -> Message:
         if version != PROTOCOL_VERSION:
             raise ProtocolError(
                 VERSION_MISMATCH,
-                f"protocol version {version!r} received, this side speaks version {PROTOCOL_VERSION}; "
+                f"protocol version {shown(version)} received, this side speaks version {PROTOCOL_VERSION}; "
                 "install matching versions of the Krita plugin and the krita-sdxl service",
                 "v",
             )
@@ -148,14 +172,29 @@ def _attach_images(msg_type: str, fields: dict[str, Any], payload: Sequence[Any]
     return images
 
 
+def error_event(job: Any, code: str, message: str, field: Any = None) -> dict[str, Any]:
+    """Fields of an ``error`` event that always encode: every text is clipped to its schema limit
+    (echoed names and values can be anything a peer sent), a job id that is not valid is dropped."""
+    schema = SERVICE_MESSAGES["error"]
+    valid_job = isinstance(job, str) and 0 < len(job) <= MAX_JOB_ID_CHARS
+    return {
+        "job": job if valid_job else None,
+        "code": clip(str(code), schema["code"].max_len or 64),
+        "message": clip(str(message), schema["message"].max_len or 4000) or "error",
+        "field": None if field is None else clip(str(field), schema["field"].max_len or 200),
+    }
+
+
 def error_fields(err: ProtocolError) -> dict[str, Any]:
-    """The fields of the ``error`` event that reports ``err``."""
-    return {"job": err.job, "code": err.code, "message": err.message, "field": err.field}
+    """The fields of the ``error`` event that reports ``err`` (clipped: see :func:`error_event`)."""
+    return error_event(err.job, err.code, err.message, err.field)
 
 
 __all__ = [
     "CLIENT",
+    "MAX_CLIENT_FRAMES",
     "MAX_HEADER_BYTES",
+    "MAX_HEADER_DEPTH",
     "PROTOCOL_VERSION",
     "SERVICE",
     "Field",
@@ -163,5 +202,7 @@ __all__ = [
     "decode",
     "decode_header",
     "encode",
+    "error_event",
     "error_fields",
+    "peek_job",
 ]

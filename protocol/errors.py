@@ -1,6 +1,10 @@
-"""Error codes carried by ``error`` events, and the exception that produces them."""
+"""Error codes carried by ``error`` events, the exception that produces them, and the clipping of
+the untrusted text an error message echoes (so that no ``error`` event can ever fail to encode)."""
 
 from __future__ import annotations
+
+import reprlib
+from typing import Any
 
 # Machine-readable codes. Clients branch on these; the human message is for people.
 BAD_HEADER = "bad_header"  # header frame is not a msgpack map, or too large
@@ -17,6 +21,7 @@ MODEL_ERROR = "model_error"  # the pipeline failed while running the job
 OUT_OF_MEMORY = "out_of_memory"  # the accelerator ran out of memory
 SHUTTING_DOWN = "shutting_down"  # the service is stopping and takes no new jobs
 INTERNAL = "internal"  # a bug in the service; the message says what happened
+BAD_IDENTITY = "bad_identity"  # the client's ZeroMQ routing id is predictable, or another client's
 
 ALL_CODES = frozenset(
     {
@@ -34,8 +39,36 @@ ALL_CODES = frozenset(
         OUT_OF_MEMORY,
         SHUTTING_DOWN,
         INTERNAL,
+        BAD_IDENTITY,
     }
 )
+
+ELLIPSIS = "…"
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters; a cut text ends with an ellipsis."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - 1] + ELLIPSIS if limit > 0 else ""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlong = 40
+for _name in ("maxdict", "maxlist", "maxtuple", "maxset", "maxfrozenset", "maxdeque", "maxarray"):
+    setattr(_REPR, _name, 6)
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A short repr of an untrusted value for an error message: long strings, deep or long
+    containers and huge numbers are abbreviated (never a RecursionError, never megabytes)."""
+    try:
+        return clip(_REPR.repr(value), limit)
+    except Exception:  # a repr that fails: say what it was
+        return f"<{type(value).__name__}>"
 
 
 class ProtocolError(ValueError):

@@ -1,14 +1,21 @@
 """Strength and step policy for img2img: the one place that decides how many denoising steps run.
 
 diffusers' img2img runs ``int(steps * strength)`` of ``steps`` scheduler steps and crashes when that
-is zero. We never reject a slider value: when ``steps * strength`` rounds down to zero, ``steps`` is
-raised to the smallest count that gives exactly one denoising step, and the adjusted figures are
-reported back in the ``accepted`` event.
+is zero. A slider value is not rejected for that: when ``steps * strength`` rounds down to zero,
+``steps`` is raised to the smallest count that gives exactly one denoising step, and the adjusted
+figures are reported back in the ``accepted`` event. The raised count never exceeds ``MAX_STEPS``
+(the protocol's own limit on ``steps``): a strength so small that even ``MAX_STEPS`` steps give no
+denoising step is refused with a ``bad_field`` error that names the smallest strength that works.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from .errors import BAD_FIELD, ProtocolError, shown
+
+MAX_STEPS = 500  # scheduler steps: the most a submit may ask for, and the most the policy raises to
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,17 @@ def denoise_steps(steps: int, strength: float) -> int:
     return min(int(steps * strength), steps)
 
 
+def _smallest_strength() -> float:
+    """The smallest strength that gives one denoising step at ``MAX_STEPS`` scheduler steps."""
+    strength = 1.0 / MAX_STEPS
+    while denoise_steps(MAX_STEPS, strength) < 1:
+        strength = math.nextafter(strength, 2.0)
+    return strength
+
+
+MIN_STRENGTH = _smallest_strength()
+
+
 def plan_img2img(steps: int, strength: float) -> StepPlan:
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -31,7 +49,14 @@ def plan_img2img(steps: int, strength: float) -> StepPlan:
     n = denoise_steps(steps, strength)
     if n >= 1:
         return StepPlan(steps, n, False)
-    raised = max(steps, int(1.0 / strength))
+    if denoise_steps(MAX_STEPS, strength) < 1:  # int(steps * strength) only grows with steps
+        raise ProtocolError(
+            BAD_FIELD,
+            f"strength {shown(strength)} is too small: even {MAX_STEPS} scheduler steps (the most a job may use) "
+            f"give no denoising step; the smallest strength that works is {MIN_STRENGTH:g}",
+            "strength",
+        )
+    raised = max(steps, min(int(1.0 / strength), MAX_STEPS))
     while denoise_steps(raised, strength) < 1:
         raised += 1
     return StepPlan(raised, denoise_steps(raised, strength), True)

@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BAD_FIELD, MISSING_FIELD, UNKNOWN_TYPE, ProtocolError
+from .errors import BAD_FIELD, MISSING_FIELD, UNKNOWN_TYPE, ProtocolError, shown
 from .images import MAX_SIDE, ImageSpec
+from .policy import MAX_STEPS
 
 MAX_PROMPT_CHARS = 8000
 MAX_JOB_ID_CHARS = 128
@@ -114,7 +115,7 @@ CLIENT_MESSAGES: dict[str, dict[str, Field]] = {
         "prompt": _str("", max_len=MAX_PROMPT_CHARS),
         "negative_prompt": _str("", max_len=MAX_PROMPT_CHARS),
         "strength": Field("float", 0.3, lo=0.0, lo_open=True, hi=1.0),
-        "steps": Field("int", 50, lo=1, hi=500),
+        "steps": Field("int", 50, lo=1, hi=MAX_STEPS),
         "guidance_scale": Field("float", 5.0, lo=0.0, hi=50.0),
         "seed": Field("int", None, nullable=True, lo=0, hi=MAX_SEED),
         "aesthetic_score": Field("float", 6.0, lo=0.0, hi=10.0),
@@ -186,7 +187,7 @@ def schema_for(msg_type: Any, table: dict[str, dict[str, Field]]) -> dict[str, F
         raise ProtocolError(MISSING_FIELD, "type is required in every message", "type")
     if not isinstance(msg_type, str) or msg_type not in table:
         known = ", ".join(sorted(table))
-        raise ProtocolError(UNKNOWN_TYPE, f"unknown message type {msg_type!r}; expected one of {known}", "type")
+        raise ProtocolError(UNKNOWN_TYPE, f"unknown message type {shown(msg_type)}; expected one of {known}", "type")
     return table[msg_type]
 
 
@@ -197,7 +198,7 @@ def validate_fields(msg_type: str, raw: dict[str, Any], table: dict[str, dict[st
     for key in raw:
         if key not in schema:
             name = str(key)
-            raise ProtocolError(BAD_FIELD, f"unknown field {name!r} in a {msg_type} message", name)
+            raise ProtocolError(BAD_FIELD, f"unknown field {shown(name)} in a {msg_type} message", name)
     for name, spec in schema.items():
         if name in raw:
             out[name] = spec.check(name, raw[name])

@@ -21,7 +21,7 @@ from krita_sdxl.protocol import (
     encode,
     plan_img2img,
 )
-from krita_sdxl.protocol.policy import denoise_steps
+from krita_sdxl.protocol.policy import MAX_STEPS, MIN_STRENGTH, denoise_steps
 from krita_sdxl.protocol.schema import CLIENT_MESSAGES, SERVICE_MESSAGES
 
 
@@ -146,9 +146,15 @@ def test_step_policy_matches_diffusers_and_never_gives_zero():
 
 @given(steps=st.integers(1, 500), strength=st.floats(0.001, 1.0))
 def test_step_policy_property(steps, strength):
+    if strength < MIN_STRENGTH:  # would need more than MAX_STEPS scheduler steps: refused, naming the field
+        with pytest.raises(ProtocolError) as info:
+            plan_img2img(steps, strength)
+        assert (info.value.code, info.value.field) == ("bad_field", "strength")
+        assert f"{MIN_STRENGTH:g}" in info.value.message
+        return
     plan = plan_img2img(steps, strength)
     assert plan.denoise_steps == denoise_steps(plan.steps, strength) >= 1
-    assert plan.steps >= steps
+    assert steps <= plan.steps <= MAX_STEPS
     assert plan.adjusted == (plan.steps != steps)
     if plan.adjusted:  # the smallest step count that gives one denoising step
         assert denoise_steps(plan.steps - 1, strength) == 0
