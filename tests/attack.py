@@ -1,0 +1,157 @@
+"""Raw sockets for attack tests: a DEALER with any routing id (or none), any frames, and events
+decoded and validated with the protocol codec, exactly as a client would."""
+
+from __future__ import annotations
+
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.auth
+
+from krita_sdxl.backend.identity_engine import IdentityEngine
+from krita_sdxl.backend.request import JobCancelled, ProgressFn, RefineRequest, StopFn
+from krita_sdxl.backend.server import Service
+from krita_sdxl.protocol import SERVICE, Image, ImageSpec, Message, decode
+
+
+def good_id() -> bytes:
+    return b"t" + secrets.token_bytes(16)
+
+
+def rgba(w: int, h: int, seed: int = 0) -> Image:
+    return Image(ImageSpec(w, h, "RGBA", 8), random.Random(seed).randbytes(w * h * 4))
+
+
+def header(msg_type: str, **fields: Any) -> bytes:
+    return msgpack.packb({"v": 1, "type": msg_type, **fields}, use_bin_type=True)
+
+
+def submit_frames(job: str, image: Image | None = None, **fields: Any) -> list[Any]:
+    image = image or rgba(16, 16)
+    spec = {"width": image.spec.width, "height": image.spec.height}
+    return [header("submit", job=job, image=spec, **fields), bytes(image.data)]
+
+
+class Peer:
+    """One DEALER socket; ``routing_id`` None = libzmq's own (predictable) id."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        routing_id: bytes | None = b"",
+        curve: tuple[bytes, Path] | None = None,
+        ctx: zmq.Context | None = None,
+        rcvhwm: int | None = None,
+    ) -> None:
+        self.routing_id = good_id() if routing_id == b"" else routing_id
+        self.socket = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if rcvhwm is not None:
+            self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+            self.socket.setsockopt(zmq.RCVBUF, 4096)
+        if self.routing_id is not None:
+            self.socket.setsockopt(zmq.ROUTING_ID, self.routing_id)
+        if curve is not None:
+            server_public, secret_file = curve
+            public, secret = zmq.auth.load_certificate(str(secret_file))
+            self.socket.curve_publickey = public
+            self.socket.curve_secretkey = secret
+            self.socket.curve_serverkey = server_public
+        self.socket.connect(endpoint)
+
+    def send(self, frames: list[Any]) -> None:
+        self.socket.send_multipart(frames, copy=False)
+
+    def recv(self, timeout: float = 10.0) -> Message | None:
+        """The next event, decoded and validated as a client would (None on timeout)."""
+        if not self.socket.poll(int(timeout * 1000)):
+            return None
+        return decode(SERVICE, self.socket.recv_multipart(copy=False))
+
+    def ask(self, frames: list[Any], timeout: float = 10.0) -> Message | None:
+        self.send(frames)
+        return self.recv(timeout)
+
+    def events_until(self, done: Callable[[Message], bool], timeout: float = 30.0) -> list[Message]:
+        """Events until one for which ``done`` is true (included); stops at a silence of ``timeout``."""
+        out = []
+        while True:
+            event = self.recv(timeout)
+            if event is None:
+                return out
+            out.append(event)
+            if done(event):
+                return out
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def final(job: str) -> Callable[[Message], bool]:
+    return lambda e: e.job == job and e.type in ("result", "error", "cancelled")
+
+
+class SlowEngine(IdentityEngine):
+    """The identity engine, with ``steps`` denoising steps that each take ``step_s`` and report
+    progress, and an optional gate that holds every job until it is opened."""
+
+    def __init__(self, step_s: float = 0.0, modes: tuple[str, ...] = ("refine",), gate: bool = False) -> None:
+        self.step_s = step_s
+        self.modes = list(modes)
+        self.gate = threading.Event()
+        if not gate:
+            self.gate.set()
+        if len(modes) > 1:
+            from krita_sdxl.backend.stages import scheduler_timesteps
+
+            self.timesteps = scheduler_timesteps()  # the real SDXL scheduler's, for the generate split
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "modes": self.modes}
+
+    def refine(self, req: RefineRequest, on_progress: ProgressFn, should_stop: StopFn) -> Image:
+        while not self.gate.wait(0.01):
+            if should_stop():
+                raise JobCancelled()
+        total = req.plan.denoise_steps
+        for step in range(1, total + 1):
+            if should_stop():
+                raise JobCancelled()
+            if self.step_s:
+                time.sleep(self.step_s)
+            on_progress(step, total, None)
+        return req.image
+
+
+class Running:
+    """An in-process Service on its own thread (real sockets), stopped on exit."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.thread = threading.Thread(target=service.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return self.service.endpoint
+
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.service.stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
