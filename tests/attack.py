@@ -80,15 +80,22 @@ class Peer:
         return self.recv(timeout)
 
     def events_until(self, done: Callable[[Message], bool], timeout: float = 30.0) -> list[Message]:
-        """Events until one for which ``done`` is true (included); stops at a silence of ``timeout``."""
+        """Events until one for which ``done`` is true (included); stops at a silence of ``timeout``.
+        Like a live client it sends a heartbeat every second meanwhile (their replies are skipped)."""
         out = []
-        while True:
-            event = self.recv(timeout)
+        silent_until = time.monotonic() + timeout
+        while time.monotonic() < silent_until:
+            event = self.recv(1.0)
             if event is None:
-                return out
+                self.send([header("heartbeat")])
+                continue
+            silent_until = time.monotonic() + timeout
+            if event.type == "heartbeat":
+                continue
             out.append(event)
             if done(event):
                 return out
+        return out
 
     def close(self) -> None:
         self.socket.close(linger=0)
