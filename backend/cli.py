@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import demo_cmd
-from .cli_refine import add_connection_flags, client_keys, cmd_refine, say
+from .cli_refine import add_connection_flags, cmd_refine, connect, say
 from .config import EXIT_INTERRUPTED, EXIT_USAGE, CommandFailed, ConfigError, Settings
 from .job_options import add_job_flags
 from .loading import configure_logging, load_engine, tiling
@@ -192,15 +192,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from krita_sdxl.protocol.endpoint import EndpointError
+    from .client import JobFailed, ServiceUnavailable
 
-    from .client import JobFailed, ServiceClient, ServiceUnavailable
-
-    keys = client_keys(args)
-    try:
-        client = ServiceClient(args.endpoint, timeout=args.timeout, **keys)
-    except EndpointError as exc:
-        raise ConfigError(str(exc)) from None
+    client = connect(args)
     with client:
         try:
             welcome = client.hello()
@@ -265,7 +259,7 @@ def cmd_authorize(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level or "info")
+    configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     commands = {
         "serve": cmd_serve,
         "refine": cmd_refine,

@@ -121,8 +121,9 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
     local_flags = given_local_flags(args)
     if local_flags and not args.local:
+        verb = "applies" if len(local_flags) == 1 else "apply"
         raise ConfigError(
-            f"{', '.join(local_flags)} apply only with --local; a service runs its own model and device "
+            f"{', '.join(local_flags)} {verb} only with --local; a service runs its own model and device "
             "(set them on `krita-sdxl serve`)"
         )
     if args.local and (args.server_key or args.client_key):
@@ -154,16 +155,28 @@ def save(out: Output, result: Any, job: str) -> None:
         raise CommandFailed(f"cannot write {out.path} ({exc.strerror or exc}); the result is kept in {kept}") from None
 
 
-def _refine_remote(args: argparse.Namespace, picture: Picture, fields: dict[str, Any]) -> tuple[Any, int, str]:
-    from krita_sdxl.protocol.endpoint import EndpointError
+def connect(args: argparse.Namespace) -> Any:
+    """A ServiceClient for --endpoint and the keys: ConfigError for what was typed wrong (exit 2),
+    CommandFailed when the service cannot be used (its ipc socket is missing or not yours: exit 1)."""
+    from krita_sdxl.protocol.endpoint import EndpointError, parse_endpoint
 
-    from .client import JobLost, ServiceClient, ServiceUnavailable
+    from .client import ServiceClient
 
-    keys = client_keys(args)
     try:
-        client = ServiceClient(args.endpoint, timeout=args.timeout, **keys)
+        parse_endpoint(args.endpoint)
     except EndpointError as exc:
         raise ConfigError(str(exc)) from None
+    keys = client_keys(args)
+    try:
+        return ServiceClient(args.endpoint, timeout=args.timeout, **keys)
+    except EndpointError as exc:
+        raise CommandFailed(str(exc)) from None
+
+
+def _refine_remote(args: argparse.Namespace, picture: Picture, fields: dict[str, Any]) -> tuple[Any, int, str]:
+    from .client import JobLost, ServiceUnavailable
+
+    client = connect(args)
     progress = Progress()
     with client:
         job = client.submit(picture.image, **fields)
@@ -196,21 +209,23 @@ def _refine_remote(args: argparse.Namespace, picture: Picture, fields: dict[str,
     raise CommandFailed("the service ended the job without a result")
 
 
-def _interrupted(client: Any, job: str) -> CommandFailed:
-    """Ctrl-C: cancel the job on the service and wait a moment for its answer (Ctrl-C again: at once)."""
+def _interrupted(client: Any, job: str, wait: float = 10.0) -> CommandFailed:
+    """Ctrl-C: cancel the job on the service and wait for its answer (a second Ctrl-C: at once)."""
     from .client import ServiceUnavailable
 
-    how = "asked the service to cancel the job (no answer yet)"
+    how = f"asked the service to cancel job {job}; no answer within {wait:g} s"
     try:
         client.cancel(job)
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             event = client.receive(timeout=max(deadline - time.monotonic(), 0.01))
             if event.job == job and event.type in ("cancelled", "error", "result"):
                 how = f"job {job} cancelled on the service" if event.type != "result" else "the job had finished"
                 break
-    except (ServiceUnavailable, KeyboardInterrupt):
-        pass
+    except KeyboardInterrupt:
+        how = f"asked the service to cancel job {job} (not waiting for its answer)"
+    except ServiceUnavailable as exc:
+        how = f"could not ask the service to cancel job {job}: {exc}"
     return CommandFailed(f"interrupted: {how}", EXIT_INTERRUPTED)
 
 

@@ -68,10 +68,10 @@ class ServiceClient:
             from .security import client_curve
 
             client_curve(self.socket, server_key, client_secret_file)
-        self._connect(endpoint)
+        self._connect(endpoint, client_secret_file)
         self._prefix = f"{os.getpid()}-{id(self):x}-"
 
-    def _connect(self, endpoint: str) -> None:
+    def _connect(self, endpoint: str, client_secret_file: Path | None = None) -> None:
         """Check the endpoint (one place: protocol/endpoint.py), refuse an ipc socket another user owns,
         watch the connection (handshake failures, reconnects) and connect."""
         try:
@@ -84,6 +84,7 @@ class ServiceClient:
         self.endpoint = parsed.text
         self.status_interval = 5.0  # seconds without news of a job before asking the service about it
         self.handshake_error: str | None = None  # why the service turned this client away
+        self._secret_file = client_secret_file
         self._handshaken = self._dropped = self._reconnected = False
         self._last_heard = time.monotonic()
         self._monitor = self.socket.get_monitor_socket(_WATCHED)
@@ -109,21 +110,21 @@ class ServiceClient:
         curve = self.socket.getsockopt(zmq.MECHANISM) == zmq.CURVE
         where = f"the service at {self.endpoint}"
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            public = self.socket.curve_publickey.decode("ascii")
+            import zmq.auth
+
+            public = zmq.auth.load_certificate(str(self._secret_file))[0].decode("ascii")
             return (
                 f"{where} refused this client's key; on the service's machine run: "
                 f"krita-sdxl authorize {public} --dir <its authorized keys folder>"
             )
-        if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-            if curve:
-                return f"{where} does not use CURVE keys; leave out --server-key and --client-key"
-            return (
-                f"{where} requires CURVE keys: pass --server-key (its public key) and --client-key (your "
-                "NAME.key_secret file from `krita-sdxl keys`, authorized on the service)"
-            )
         if curve:
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                return f"{where} does not use CURVE keys; leave out --server-key and --client-key"
             return f"the CURVE handshake with {where} failed: is --server-key the service's public key?"
-        return f"the handshake with {where} failed (ZeroMQ event {kind}, {value}): is it a krita-sdxl service?"
+        return (
+            f"{where} requires CURVE keys (the handshake failed): pass --server-key (its public key) and "
+            "--client-key (your NAME.key_secret from `krita-sdxl keys`, authorized on the service)"
+        )
 
     def close(self) -> None:
         self.socket.disable_monitor()
@@ -234,8 +235,7 @@ class ServiceClient:
                 unknown += 1
                 if unknown >= 2:
                     raise JobLost(
-                        f"the service at {self.endpoint} no longer knows job {job}: it restarted (or dropped "
-                        "the job); job lost"
+                        f"the service restarted; job lost (the service at {self.endpoint} no longer knows job {job})"
                     )
                 ask_at = time.monotonic() + 0.5
                 continue

@@ -105,7 +105,7 @@ _MEMORY = ("auto", "none", "balanced", "model", "sequential")
 
 OPTIONS: tuple[Option, ...] = (
     Option("log_level", "how much to log; debug also shows the libraries' warnings and loading bars", SERVICE,
-           one_of(*_LOG_LEVELS), where="common", choices=_LOG_LEVELS),
+           one_of(*_LOG_LEVELS), where="common", choices=_LOG_LEVELS, shown="info for serve, else warning"),
     Option("endpoint", "where to listen: tcp://HOST:PORT (port * picks a free one), ipc://PATH, or ipc (your "
            "private socket)", SERVICE, bind_endpoint),
     Option("model", "the refiner: a Hugging Face repo id (from the local cache), a diffusers folder or a "
