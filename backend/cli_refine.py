@@ -199,7 +199,11 @@ def _refine_remote(args: argparse.Namespace, picture: Picture, fields: dict[str,
                     raise CommandFailed(f"{code}: {text}" + (f" (field {field})" if field else ""))
         except KeyboardInterrupt:
             progress.close()
-            raise _interrupted(client, job) from None
+            outcome = _interrupted(client, job)
+            if isinstance(outcome, CommandFailed):
+                raise outcome from None
+            say("interrupted, but the job had already finished: keeping its result")
+            return outcome.images["image"], outcome["seed"], job
         except JobLost as exc:
             raise CommandFailed(f"{exc}; run the command again", EXIT_JOB_LOST) from None
         except ServiceUnavailable as exc:
@@ -209,8 +213,9 @@ def _refine_remote(args: argparse.Namespace, picture: Picture, fields: dict[str,
     raise CommandFailed("the service ended the job without a result")
 
 
-def _interrupted(client: Any, job: str, wait: float = 10.0) -> CommandFailed:
-    """Ctrl-C: cancel the job on the service and wait for its answer (a second Ctrl-C: at once)."""
+def _interrupted(client: Any, job: str, wait: float = 10.0) -> Any:
+    """Ctrl-C: cancel the job on the service and wait for its answer (a second Ctrl-C: at once).
+    Returns the CommandFailed to raise, or the result event when the job finished meanwhile."""
     from .client import ServiceUnavailable
 
     how = f"asked the service to cancel job {job}; no answer within {wait:g} s"
@@ -219,8 +224,10 @@ def _interrupted(client: Any, job: str, wait: float = 10.0) -> CommandFailed:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             event = client.receive(timeout=max(deadline - time.monotonic(), 0.01))
-            if event.job == job and event.type in ("cancelled", "error", "result"):
-                how = f"job {job} cancelled on the service" if event.type != "result" else "the job had finished"
+            if event.job == job and event.type == "result":
+                return event
+            if event.job == job and event.type in ("cancelled", "error"):
+                how = f"job {job} cancelled on the service"
                 break
     except KeyboardInterrupt:
         how = f"asked the service to cancel job {job} (not waiting for its answer)"

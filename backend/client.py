@@ -110,9 +110,9 @@ class ServiceClient:
         curve = self.socket.getsockopt(zmq.MECHANISM) == zmq.CURVE
         where = f"the service at {self.endpoint}"
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            import zmq.auth
+            from zmq.auth import load_certificate
 
-            public = zmq.auth.load_certificate(str(self._secret_file))[0].decode("ascii")
+            public = load_certificate(str(self._secret_file))[0].decode("ascii")
             return (
                 f"{where} refused this client's key; on the service's machine run: "
                 f"krita-sdxl authorize {public} --dir <its authorized keys folder>"
