@@ -83,7 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument(
         "-o",
         "--output",
-        type=Path,
         required=True,
         help="where to write the result; its extension picks the format (.png keeps 16-bit, .tif float; "
         "a missing folder is created)",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 from krita_sdxl.protocol import Image, ImageSpec
@@ -94,8 +93,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Start a demo service in the background, refine a generated picture through it exactly as "
         "the Krita plugin would, write the result, stop the service. Writes only -o (and --save-input).",
     )
-    p.add_argument("-o", "--output", type=Path, default=Path("refined.png"), help="the result (default: refined.png)")
-    p.add_argument("--save-input", type=Path, metavar="FILE", help="also write the generated input picture here")
+    p.add_argument("-o", "--output", default="refined.png", help="the result (default: refined.png)")
+    p.add_argument("--save-input", metavar="FILE", help="also write the generated input picture here")
     p.add_argument("--prompt", default="a sunny landscape, oil painting", help="(default: %(default)r)")
     p.add_argument("--strength", type=float, default=0.3, help="how much to change, 0 < s <= 1 (default: 0.3)")
     p.add_argument("--steps", type=int, default=50, help="scheduler steps, 1 to 500 (default: 50)")

@@ -162,11 +162,11 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")
 
 
-def plan_output(path: Path, picture: Picture, source: Path | None = None) -> Output:
-    """Check the output file name against the result it will hold; ConfigError says what to change."""
+def plan_output(name: Path | str, picture: Picture, source: Path | None = None) -> Output:
+    """Check the output file name (as typed) against the result it will hold; ConfigError says what to change."""
     from PIL import Image as PILImage
 
-    text = str(path)
+    text, path = str(name), Path(name).expanduser()
     if path.is_dir() or text.endswith(("/", os.sep)):
         raise ConfigError(f"-o {text} is a folder; give a file name in it, such as {path / 'refined.png'}")
     ext = path.suffix.lower()

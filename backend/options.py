@@ -260,5 +260,6 @@ def resolve(args: argparse.Namespace) -> Settings:
     path = Path(config).expanduser() if config else default_config_path()
     if config or path.is_file():
         settings = merge(settings, load_toml(path), str(path), toml=True)
-    flags = {o.name: getattr(args, o.name, None) for o in OPTIONS}
+    serve = getattr(args, "command", "serve") == "serve"  # refine's --endpoint is where to connect, not a setting
+    flags = {o.name: getattr(args, o.name, None) for o in OPTIONS if serve or o.where != "serve"}
     return merge(settings, flags, "command line")

@@ -22,9 +22,7 @@ def krita_sdxl(*args: str, timeout: float = 180, **kw) -> subprocess.CompletedPr
 
 def spawn(*args: str, **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", **kw.pop("env", {}))
-    return subprocess.Popen(
-        [*COMMAND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw
-    )
+    return subprocess.Popen([*COMMAND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 
 def assert_refused(proc: subprocess.CompletedProcess, status: int, *words: str) -> str:

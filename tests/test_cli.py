@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import assert_refused, jobs_seen, krita_sdxl, rgba_picture, spawn
 from PIL import Image as PILImage
 
 from krita_sdxl.backend.launcher import ServiceProcess, start_service
-
-from cli_helpers import assert_refused, jobs_seen, krita_sdxl, rgba_picture, spawn
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +175,7 @@ def test_ctrl_c_cancels_the_job_on_the_service(service, picture, tmp_path):
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     sent = time.monotonic()
-    stdout, stderr = proc.communicate(timeout=30)
+    _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert re.search(r"interrupted: job \S+ cancelled on the service", stderr.splitlines()[-1]), stderr

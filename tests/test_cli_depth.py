@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cli_helpers import assert_refused, krita_sdxl, magick, magick_samples, ramp16
 from PIL import Image as PILImage
 
 from krita_sdxl.backend.launcher import start_service
-
-from cli_helpers import assert_refused, krita_sdxl, magick, magick_samples, ramp16
 
 W, H = 41, 30
 

@@ -7,11 +7,10 @@ import stat
 
 import pytest
 import zmq.auth
+from cli_helpers import assert_refused, krita_sdxl, rgba_picture
 from PIL import Image as PILImage
 
 from krita_sdxl.backend.launcher import start_service
-
-from cli_helpers import assert_refused, krita_sdxl, rgba_picture
 
 
 def mode(path) -> int:

@@ -8,11 +8,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_refused, krita_sdxl, rgba_picture
 from PIL import Image as PILImage
 
 from krita_sdxl.backend.launcher import start_service
-
-from cli_helpers import assert_refused, krita_sdxl, rgba_picture
 
 
 def test_refine_local_writes_same_size_png_with_alpha(demo_models, tmp_path):
@@ -31,13 +30,14 @@ def test_refine_local_writes_same_size_png_with_alpha(demo_models, tmp_path):
 @pytest.mark.slow
 def test_local_generate_plans_with_the_models_own_scheduler_like_the_service(demo_models, tmp_path):
     """A refiner whose scheduler spaces its timesteps otherwise than SDXL 1.0 splits a generate job
-    differently between base and refiner; --local must plan it as the service does."""
+    differently between base and refiner (here: base 1 step, refiner none; SDXL 1.0 spacing: the
+    reverse); --local must plan it as the service does."""
     refiner = tmp_path / "refiner"
     shutil.copytree(demo_models.refiner, refiner)
     config = refiner / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps(dict(json.loads(config.read_text()), timestep_spacing="trailing")))
     models = ["--model", str(refiner), "--base-model", str(demo_models.base)]
-    job = ["--mode", "generate", "--steps", "7", "--strength", "0.6", "--seed", "5", "--prompt", "a hill"]
+    job = ["--mode", "generate", "--steps", "2", "--strength", "0.5", "--seed", "5", "--prompt", "a hill"]
     picture = rgba_picture(tmp_path / "in.png")
     svc = start_service([*models, "--endpoint", f"ipc://{tmp_path}/s.sock"])
     try:

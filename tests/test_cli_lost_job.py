@@ -8,10 +8,9 @@ import socket
 import time
 
 import pytest
+from cli_helpers import jobs_seen, rgba_picture, spawn
 
 from krita_sdxl.backend.launcher import ServiceProcess, start_service
-
-from cli_helpers import jobs_seen, rgba_picture, spawn
 
 HEARTBEAT_TIMEOUT = 10.0  # the service's default
 

@@ -10,10 +10,9 @@ import socket
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_refused, krita_sdxl, rgba_picture
 
 from krita_sdxl.backend.launcher import start_service
-
-from cli_helpers import assert_refused, krita_sdxl, rgba_picture
 
 
 def refused_before_loading(tmp_path: Path, *args: str, status: int = 2, words: tuple[str, ...] = ()) -> str:
