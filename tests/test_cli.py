@@ -67,6 +67,8 @@ def test_refine_writes_where_asked_creating_the_folder(service, picture, tmp_pat
     info = krita_sdxl("info", "--endpoint", service.endpoint)
     assert info.returncode == 0, info.stderr
     assert "protocol    1" in info.stdout and "refine" in info.stdout
+    for noise in ("Loading pipeline", "Loading weights", "[transformers]", "Warning", "Traceback"):
+        assert noise not in service.log, service.log  # the service's log is quiet at the default level
 
 
 def test_jpeg_output_drops_alpha_with_a_note(service, picture, tmp_path):
@@ -199,3 +201,23 @@ def test_a_result_that_cannot_be_written_is_kept(tmp_path):
     with PILImage.open(kept) as im:
         assert np.array_equal(np.asarray(im), np.asarray(PILImage.open(tmp_path / "in.png")))
     kept.unlink()
+
+
+def test_the_model_refines_16_bit_and_float_pictures_at_their_depth(service, tmp_path):
+    """Through the demo model (not the identity service): 16-bit grey stays 16-bit grey and is not clipped
+    to white, float stays float and is not black."""
+    y, x = np.mgrid[0:67, 0:101]
+    grey16 = (x * 400 + y * 300 + 7).astype(np.uint16)
+    PILImage.fromarray(grey16).save(tmp_path / "g16.png")
+    PILImage.fromarray((grey16 / 65535).astype(np.float32), "F").save(tmp_path / "f.tif")
+    for src, out, mode in (("g16.png", "o16.png", "I;16"), ("f.tif", "of.tif", "F")):
+        proc = krita_sdxl("refine", str(tmp_path / src), "--endpoint", service.endpoint, "--steps", "4",
+                          "--strength", "0.3", "-o", str(tmp_path / out))  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        with PILImage.open(tmp_path / out) as im:
+            values = np.asarray(im).astype(np.float64) / (65535 if mode == "I;16" else 1)
+            assert im.mode == mode and im.size == (101, 67)
+        assert (values >= 0.999).mean() < 0.5 and (values <= 0.001).mean() < 0.5
+        assert 0.05 < values.mean() < 0.95
+        if mode == "I;16":
+            assert (np.asarray(PILImage.open(tmp_path / out)) % 257 != 0).mean() > 0.5  # real 16-bit values
