@@ -88,6 +88,7 @@ class ServiceClient:
         self._handshaken = self._dropped = self._reconnected = False
         self._last_heard = time.monotonic()
         self._monitor = self.socket.get_monitor_socket(_WATCHED)
+        self._monitor.setsockopt(zmq.LINGER, 0)
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -109,7 +110,7 @@ class ServiceClient:
     def _handshake_text(self, kind: int, value: int) -> str:
         curve = self.socket.getsockopt(zmq.MECHANISM) == zmq.CURVE
         where = f"the service at {self.endpoint}"
-        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self._secret_file is not None:
             from zmq.auth import load_certificate
 
             public = load_certificate(str(self._secret_file))[0].decode("ascii")

@@ -13,7 +13,6 @@ from PIL import Image as PILImage
 
 from krita_sdxl.backend.launcher import start_service
 
-
 LONG_PROMPT = " ".join(["a red hill"] * 100)  # far beyond CLIP's 77 tokens
 
 
