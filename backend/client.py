@@ -11,14 +11,27 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
+from krita_sdxl.protocol.endpoint import EndpointError, check_ipc_connect, parse_endpoint
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5588"
+_WATCHED = (
+    zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class ServiceUnavailable(ConnectionError):
     pass
+
+
+class JobLost(ServiceUnavailable):
+    """The service no longer knows the job (it restarted, or dropped it): running it again is safe."""
 
 
 class JobFailed(RuntimeError):
@@ -44,7 +57,8 @@ class ServiceClient:
         client_secret_file: Path | None = None,
     ) -> None:
         """``timeout``: longest silence (not even a heartbeat reply) before ServiceUnavailable.
-        ``server_key`` + ``client_secret_file``: CURVE, for a service beyond loopback."""
+        ``server_key`` + ``client_secret_file``: CURVE, for a service beyond loopback.
+        EndpointError (at once) for an endpoint that cannot work or another user's ipc socket."""
         self.endpoint = endpoint
         self.timeout = timeout
         self.heartbeat_interval = heartbeat_interval
@@ -56,10 +70,68 @@ class ServiceClient:
             from .security import client_curve
 
             client_curve(self.socket, server_key, client_secret_file)
-        self.socket.connect(endpoint)
+        self._connect(endpoint, client_secret_file)
         self._prefix = f"{os.getpid()}-{id(self):x}-"
 
+    def _connect(self, endpoint: str, client_secret_file: Path | None = None) -> None:
+        """Check the endpoint (one place: protocol/endpoint.py), refuse an ipc socket another user owns,
+        watch the connection (handshake failures, reconnects) and connect."""
+        try:
+            parsed = parse_endpoint(endpoint)
+            if parsed.scheme == "ipc":
+                check_ipc_connect(parsed)
+        except EndpointError:
+            self.socket.close(linger=0)
+            raise
+        self.endpoint = parsed.text
+        self.status_interval = 5.0  # seconds without news of a job before asking the service about it
+        self.handshake_error: str | None = None  # why the service turned this client away
+        self._secret_file = client_secret_file
+        self._handshaken = self._dropped = self._reconnected = False
+        self._last_heard = time.monotonic()
+        self._monitor = self.socket.get_monitor_socket(_WATCHED)
+        self._monitor.setsockopt(zmq.LINGER, 0)
+        self._poller = zmq.Poller()
+        self._poller.register(self.socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self.socket.connect(parsed.text)
+
+    def _watch(self) -> None:
+        """Connection events: a reconnect (the service may have restarted) or a refused handshake."""
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            kind, value = event["event"], event["value"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._reconnected = self._reconnected or self._dropped
+                self._handshaken, self._dropped = True, False
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self._dropped = self._dropped or self._handshaken
+            else:
+                self.handshake_error = self._handshake_text(kind, value)
+
+    def _handshake_text(self, kind: int, value: int) -> str:
+        curve = self.socket.getsockopt(zmq.MECHANISM) == zmq.CURVE
+        where = f"the service at {self.endpoint}"
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self._secret_file is not None:
+            from zmq.auth import load_certificate
+
+            public = load_certificate(str(self._secret_file))[0].decode("ascii")
+            return (
+                f"{where} refused this client's key; on the service's machine run: "
+                f"krita-sdxl authorize {public} --dir <its authorized keys folder>"
+            )
+        if curve:
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+                return f"{where} does not use CURVE keys; leave out --server-key and --client-key"
+            return f"the CURVE handshake with {where} failed: is --server-key the service's public key?"
+        return (
+            f"{where} requires CURVE keys (the handshake failed): pass --server-key (its public key) and "
+            "--client-key (your NAME.key_secret from `krita-sdxl keys`, authorized on the service)"
+        )
+
     def close(self) -> None:
+        self.socket.disable_monitor()
+        self._monitor.close(linger=0)
         self.socket.close(linger=0)
 
     def __enter__(self) -> ServiceClient:
@@ -82,25 +154,44 @@ class ServiceClient:
     def receive(self, timeout: float | None = None) -> Message:
         """Next event from the service (heartbeat replies are consumed here). While waiting, a heartbeat
         goes out every ``heartbeat_interval`` so the service knows this client is alive; ServiceUnavailable
-        when nothing at all, not even a heartbeat reply, arrives for ``timeout`` seconds."""
+        when nothing at all, not even a heartbeat reply, arrives for ``timeout`` seconds, or at once
+        when the service turns this client away (CURVE keys)."""
         wait = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + wait
+        start = time.monotonic()
         while True:
-            left = deadline - time.monotonic()
+            left = max(start, self._last_heard) + wait - time.monotonic()
             if left <= 0:
-                raise ServiceUnavailable(
-                    f"no answer from {self.endpoint} within {wait:g} s: is `krita-sdxl serve` running there?"
-                )
-            if self.socket.poll(int(min(left, self.heartbeat_interval) * 1000) + 1, zmq.POLLIN):
-                event = decode(SERVICE, self.socket.recv_multipart(copy=False))
-                if event.type != "heartbeat":
-                    return event
-                deadline = time.monotonic() + wait
-            else:
-                try:
-                    self.send("heartbeat")
-                except ServiceUnavailable:
-                    pass  # still connecting or reconnecting; the deadline decides
+                raise ServiceUnavailable(self._silence_text(wait))
+            event = self._next(left)
+            if event is not None:
+                return event
+
+    def _silence_text(self, wait: float) -> str:
+        if self._dropped:
+            return f"lost the connection to {self.endpoint}: no answer for {wait:g} s (did the service stop?)"
+        return f"no answer from {self.endpoint} within {wait:g} s: is `krita-sdxl serve` running there?"
+
+    def _next(self, left: float) -> Message | None:
+        """Wait up to one heartbeat interval (at most ``left`` s) for a message; None when nothing but a
+        heartbeat reply or a connection event came. A message after a silence of more than two
+        intervals marks a possible restart (checked by ``events``)."""
+        ready = dict(self._poller.poll(int(min(left, self.heartbeat_interval) * 1000) + 1))
+        if self._monitor in ready:
+            self._watch()
+        if self.handshake_error is not None:
+            raise ServiceUnavailable(self.handshake_error)
+        if self.socket not in ready:
+            try:
+                self.send("heartbeat")
+            except ServiceUnavailable:
+                pass  # still connecting or reconnecting; the deadline decides
+            return None
+        event = decode(SERVICE, self.socket.recv_multipart(copy=False))
+        now = time.monotonic()
+        if now - self._last_heard > 2 * self.heartbeat_interval + 0.5:
+            self._reconnected = True
+        self._last_heard = now
+        return None if event.type == "heartbeat" else event
 
     def hello(self, name: str = "krita-sdxl cli") -> dict[str, Any]:
         self.send("hello", client=name)
@@ -121,11 +212,39 @@ class ServiceClient:
 
     def events(self, job: str, timeout: float | None = None) -> Iterator[Message]:
         """Events of one job until its final one (result, error or cancelled), which is yielded last.
-        ``timeout`` bounds the silence between two events, not the whole job."""
+        ``timeout`` bounds the silence between two events, not the whole job. After a reconnect, a
+        silence, or ``status_interval`` s without news, the service is asked about the job; JobLost
+        when it no longer knows it (twice, half a second apart: a result may be on its way)."""
+        wait = self.timeout if timeout is None else timeout
+        start = time.monotonic()
+        ask_at, asked, unknown = start + self.status_interval, 0.0, 0
         while True:
-            event = self.receive(timeout)
+            now = time.monotonic()
+            if self._reconnected or (now >= ask_at and now - asked > self.status_interval):
+                self._reconnected = False
+                self.send("status", job=job)
+                ask_at, asked = now + self.status_interval, now
+            left = max(start, self._last_heard) + wait - now
+            if left <= 0:
+                raise ServiceUnavailable(self._silence_text(wait))
+            event = self._next(left)
+            if event is None:
+                continue
+            if event.type == "status":
+                asked = 0.0
+                if _mentions(event, job):
+                    ask_at, unknown = time.monotonic() + self.status_interval, 0
+                    continue
+                unknown += 1
+                if unknown >= 2:
+                    raise JobLost(
+                        f"the service restarted; job lost (the service at {self.endpoint} no longer knows job {job})"
+                    )
+                ask_at = time.monotonic() + 0.5
+                continue
             if event.job != job:
                 continue
+            ask_at, unknown = time.monotonic() + self.status_interval, 0
             yield event
             if event.type in ("result", "error", "cancelled"):
                 return
@@ -163,13 +282,19 @@ class ServiceClient:
                 raise JobFailed(event)
 
 
+def _mentions(status: Message, job: str) -> bool:
+    f = status.fields
+    return f.get("running") == job or any(isinstance(j, dict) and j.get("job") == job for j in f.get("jobs") or [])
+
+
 def wait_for_service(endpoint: str, timeout: float = 30.0) -> dict[str, Any]:
     """Hello until the service answers; returns its welcome fields."""
     deadline = time.monotonic() + timeout
     while True:
-        with ServiceClient(endpoint, timeout=1.0) as c:
-            try:
+        try:
+            with ServiceClient(endpoint, timeout=1.0) as c:
                 return c.hello()
-            except ServiceUnavailable:
-                if time.monotonic() > deadline:
-                    raise
+        except (ServiceUnavailable, EndpointError):  # EndpointError: its ipc socket is not there yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

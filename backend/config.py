@@ -1,10 +1,14 @@
-"""Service settings: defaults, then an optional TOML file, then command-line flags (highest)."""
+"""Service settings (defaults), where they live on disk, and the errors every command reports.
+
+The option table in ``options.py`` fills :class:`Settings` from an optional TOML file and then the
+command line (flags win), checking every value with the option's own validator.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,13 @@ else:  # pragma: no cover
 from .client import DEFAULT_ENDPOINT
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
+
+# Exit statuses of every command (listed in `krita-sdxl --help`).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job failed, or the service could not be reached
+EXIT_USAGE = 2  # a bad flag, setting, file or model: nothing was run
+EXIT_JOB_LOST = 3  # the service restarted or dropped the job: safe to run the command again
+EXIT_INTERRUPTED = 130  # Ctrl-C (a running job is cancelled on the service)
 
 
 def default_config_path() -> Path:
@@ -30,6 +41,8 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Settings:
+    """Types and defaults of every setting; help, flags and checks are in ``options.OPTIONS``."""
+
     endpoint: str = DEFAULT_ENDPOINT
     model: str = DEFAULT_MODEL  # Hugging Face repo id (local cache), a diffusers folder or a .safetensors file
     base_model: str = ""  # the same kinds; "" = the SDXL 1.0 base if it is in the local cache; "none" = no base
@@ -41,7 +54,7 @@ class Settings:
     simulate_oom: int = 0  # tests only: the first N UNet calls raise an out-of-memory error
     demo: bool = False  # the tiny random-weight demo model, built locally
     allow_download: bool = False
-    device: str = "auto"  # auto, cuda, mps, cpu
+    device: str = "auto"  # auto, cuda, cuda:N, mps, cpu
     dtype: str = "auto"  # auto, fp16, bf16, fp32
     cache_dir: str = ""  # "" = $KRITA_SDXL_CACHE or ~/.cache/krita-sdxl
     log_level: str = "info"
@@ -63,49 +76,35 @@ class Settings:
 
     @property
     def cache_path(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
 
 class ConfigError(ValueError):
-    pass
+    """A bad flag, setting, file or model, found before any work: one line, exit status 2."""
+
+
+class CommandFailed(RuntimeError):
+    """The work failed (the message says why): one line, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def load_toml(path: Path) -> dict[str, Any]:
+    """The ``[serve]`` table of a TOML settings file."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; give the .toml file") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} cannot be read (permission denied)") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     section = data.get("serve", {})
     if not isinstance(section, dict):
         raise ConfigError(f"config file {path}: [serve] must be a table")
     return section
-
-
-def merge(base: Settings, overrides: dict[str, Any], source: str) -> Settings:
-    """Apply overrides (None values are skipped), checking names and types against Settings."""
-    known = {f.name: f for f in fields(Settings)}
-    clean: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        name = key.replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"{source}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
-        expected = type(getattr(base, name))
-        if expected is float and type(value) is int:
-            value = float(value)
-        if (expected is int and type(value) is not int) or (expected is not int and not isinstance(value, expected)):
-            raise ConfigError(f"{source}: {key} must be {expected.__name__}, got {value!r}")
-        clean[name] = value
-    return replace(base, **clean)
-
-
-def resolve(config_file: str | None, flags: dict[str, Any]) -> Settings:
-    settings = Settings()
-    path = Path(config_file) if config_file else default_config_path()
-    if config_file or path.exists():
-        settings = merge(settings, load_toml(path), str(path))
-    return merge(settings, flags, "command line")

@@ -1,17 +1,19 @@
 """``krita-sdxl demo``: the whole system offline in one command.
 
 Starts ``krita-sdxl serve --demo`` in the background, makes a sample picture, refines it through the
-service exactly as the Krita plugin would (ZeroMQ, raw frames, progress events), writes both PNGs and
-stops the service.
+service exactly as the Krita plugin would (ZeroMQ, raw frames, progress events), writes the result
+(and the sample picture only when asked) and stops the service.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
+from typing import Any
 
 from krita_sdxl.protocol import Image, ImageSpec
+
+from .config import CommandFailed
 
 
 def sample_image(width: int = 512, height: int = 384) -> Image:
@@ -34,27 +36,22 @@ def sample_image(width: int = 512, height: int = 384) -> Image:
     return Image(ImageSpec(width, height, "RGBA", 8), img.tobytes())
 
 
-def save_png(img: Image, path: Path) -> None:
-    from PIL import Image as PILImage
-
-    s = img.spec
-    PILImage.frombuffer("RGBA", (s.width, s.height), bytes(img.data), "raw", s.order, 0, 1).save(path)
-
-
 def run_demo(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from .cli_refine import Progress, save
     from .client import ServiceClient
+    from .imageio import Picture, plan_output
+    from .job_options import check_job, step_note
     from .launcher import start_service
 
-    out: Path = args.output
-    out.parent.mkdir(parents=True, exist_ok=True)
-    source = sample_image()
-    sample_path = out.with_name(out.stem + "-input.png")
-    save_png(source, sample_path)
+    source = Picture(sample_image(), grey=False)
+    out = plan_output(args.output, source)  # checked before the service starts
+    sample = plan_output(args.save_input, source) if args.save_input else None
+    fields = dict(prompt=args.prompt, strength=args.strength, steps=args.steps, seed=args.seed)
+    check_job(source.image, fields)
     extra = ["--cache-dir", args.cache_dir] if args.cache_dir else []
     print("starting krita-sdxl serve --demo in the background ...", flush=True)
     service = start_service(["--demo", "--log-level", "warning", *extra])
+    progress = Progress()
     try:
         with ServiceClient(service.endpoint, timeout=120) as client:
             caps = client.hello()["capabilities"]
@@ -63,42 +60,45 @@ def run_demo(args: argparse.Namespace) -> int:
                 flush=True,
             )
             t0 = time.perf_counter()
-            with tqdm(total=0, unit="step", desc="refine") as bar:
-
-                def on_event(event) -> None:
-                    if event.type == "accepted":
-                        bar.reset(total=event["denoise_steps"])
-                    elif event.type == "progress":
-                        bar.n = event["step"]
-                        bar.refresh()
-
-                done = client.run(
-                    source,
-                    on_event=on_event,
-                    prompt=args.prompt,
-                    strength=args.strength,
-                    steps=args.steps,
-                    seed=args.seed,
-                )
+            job = client.submit(source.image, **fields)
+            for event in client.events(job):
+                if event.type == "accepted":
+                    note = step_note(args.steps, args.strength, event["steps"], event["denoise_steps"], "refine")
+                    if note:
+                        progress.note(note)
+                elif event.type == "progress":
+                    progress.step(event["step"], event["total"])
+                elif event.type != "result":
+                    raise CommandFailed(f"the demo job ended with {event.type}: {event.fields.get('message', '')}")
+                else:
+                    done = event
             elapsed = time.perf_counter() - t0
     finally:
+        progress.close()
         service.stop()
-    save_png(done.images["image"], out)
-    print(f"wrote {sample_path} (input) and {out} (refined, seed {done['seed']}, {elapsed:.2f} s)")
+    save(out, done.images["image"], job)
+    if sample is not None:
+        save(sample, source.image, "input")
+        print(f"wrote {sample.path} (the generated input picture)")
+    print(f"wrote {out.path} (refined, seed {done['seed']}, {elapsed:.2f} s)")
     print("the demo model has random weights: the refined pixels are noise-like by design")
     return 0
 
 
-def add_parser(sub, common: argparse.ArgumentParser) -> None:
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "demo",
         parents=[common],
         help="run the whole system offline on the tiny demo model",
-        description="Start a demo service, refine a generated picture through it, write PNGs.",
+        description="Start a demo service in the background, refine a generated picture through it exactly as "
+        "the Krita plugin would, write the result, stop the service. Writes only -o (and --save-input).",
     )
-    p.add_argument("-o", "--output", type=Path, default=Path("refined.png"), help="result PNG (default refined.png)")
-    p.add_argument("--prompt", default="a sunny landscape, oil painting")
-    p.add_argument("--strength", type=float, default=0.3)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--cache-dir", help="where the demo model is built (default: ~/.cache/krita-sdxl)")
+    p.add_argument("-o", "--output", default="refined.png", help="the result (default: refined.png)")
+    p.add_argument("--save-input", metavar="FILE", help="also write the generated input picture here")
+    p.add_argument("--prompt", default="a sunny landscape, oil painting", help="(default: %(default)r)")
+    p.add_argument("--strength", type=float, default=0.3, help="how much to change, 0 < s <= 1 (default: 0.3)")
+    p.add_argument("--steps", type=int, default=50, help="scheduler steps, 1 to 500 (default: 50)")
+    p.add_argument("--seed", type=int, default=1234, help="random seed (default: 1234)")
+    p.add_argument(
+        "--cache-dir", help="where the demo model is built (default: $KRITA_SDXL_CACHE or ~/.cache/krita-sdxl)"
+    )

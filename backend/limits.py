@@ -78,7 +78,7 @@ class Limits:
             if len(text) > self.max_prompt_chars:
                 raise ProtocolError(
                     codes.LIMIT,
-                    f"{name} is {len(text)} characters long; this service accepts at most {self.max_prompt_chars}",
+                    f"{name} is {len(text)} characters long; the limit is {self.max_prompt_chars}",
                     name,
                     job,
                 )

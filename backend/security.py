@@ -100,11 +100,30 @@ def apply_curve(ctx: zmq.Context, socket: zmq.Socket, curve: CurveConfig, keys: 
     return auth
 
 
-def write_keys(folder: Path, name: str) -> tuple[Path, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(folder), name)
-    os.chmod(secret, 0o600)
-    return Path(public), Path(secret)
+def write_keys(folder: Path, name: str, force: bool = False) -> tuple[Path, Path]:
+    """Write ``NAME.key`` (public) and ``NAME.key_secret`` (mode 0600 from its creation) in ``folder``
+    (created 0700), in the format zmq.auth reads. An existing pair is replaced only with ``force``."""
+    if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.startswith("."):
+        raise SecurityError(f"key name {name!r}: use letters, digits, -, _ and .")
+    public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
+    existing = [p for p in (public, secret) if os.path.lexists(p)]
+    if existing and not force:
+        raise SecurityError(
+            f"{existing[0]} already exists; pass --force to replace the key pair (everyone who trusts the old "
+            "public key must then be given the new one)"
+        )
+    import time
+
+    from .safe_files import write_atomic
+
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    pub, sec = (k.decode("ascii") for k in zmq.curve_keypair())
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    body = f'metadata\ncurve\n    public-key = "{pub}"\n'
+    write_atomic(public, f"#   krita-sdxl CURVE public key, {stamp}: give it to the other side\n\n{body}".encode())
+    secret_text = f'#   krita-sdxl CURVE SECRET key, {stamp}: keep it private\n\n{body}    secret-key = "{sec}"\n'
+    write_atomic(secret, secret_text.encode(), 0o600)
+    return public, secret
 
 
 def client_curve(socket: zmq.Socket, server_public_key: str | bytes, client_secret_file: Path) -> None:
@@ -115,18 +134,32 @@ def client_curve(socket: zmq.Socket, server_public_key: str | bytes, client_secr
     socket.curve_serverkey = server_public_key.encode() if isinstance(server_public_key, str) else server_public_key
 
 
-def authorize_key(folder: Path, public_key: str, name: str) -> Path:
-    """Write a client's Z85 public key as ``folder/NAME.key`` (the format zmq.auth reads)."""
-    key = public_key.strip()
+def authorize_key(folder: Path, public_key: str, name: str | None = None, force: bool = False) -> Path:
+    """Write a client's Z85 public key as ``folder/NAME.key`` (the format zmq.auth reads). ``name``
+    None: named after the key, so every client gets its own file. An existing file with another key
+    is replaced only with ``force``; the same key again is a no-op."""
+    key = public_key.strip().strip("'\"")
     if len(key) != 40:
         raise SecurityError(f"a CURVE public key is 40 Z85 characters, got {len(key)}")
     try:
-        zmq.utils.z85.decode(key)
+        raw = zmq.utils.z85.decode(key)
     except Exception:
         raise SecurityError("that is not a Z85-encoded key") from None
+    name = name or f"client-{raw.hex()[:16]}"
     if not name.replace("-", "").replace("_", "").isalnum():
         raise SecurityError(f"key name {name!r}: use letters, digits, - and _")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = folder / f"{name}.key"
-    path.write_text(f'#   krita-sdxl authorized client key\ncurve\n    public-key = "{key}"\n')
+    if os.path.lexists(path):
+        try:
+            same = zmq.auth.load_certificate(str(path))[0] == key.encode("ascii")
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return path
+        if not force:
+            raise SecurityError(f"{path} already holds another client's key; choose another --name or pass --force")
+    from .safe_files import write_atomic
+
+    write_atomic(path, f'#   krita-sdxl authorized client key\ncurve\n    public-key = "{key}"\n'.encode())
     return path

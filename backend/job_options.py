@@ -1,0 +1,118 @@
+"""The job flags of ``refine`` and ``demo``: one table; defaults and ranges come from the protocol's
+``submit`` schema, and a job is checked by the protocol codec before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from krita_sdxl.protocol import CLIENT, Image, Message, ProtocolError, decode, encode
+from krita_sdxl.protocol.schema import CLIENT_MESSAGES
+
+from .config import ConfigError
+
+SUBMIT = CLIENT_MESSAGES["submit"]
+MODES = ("refine", "generate", "two_stage")  # as backend/stages.py (which needs no torch, but pulls more)
+
+
+@dataclass(frozen=True)
+class JobOption:
+    field: str  # the submit field
+    flag: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+JOB_OPTIONS: tuple[JobOption, ...] = (
+    JobOption("prompt", "--prompt", "what the refined image shows", metavar="TEXT"),
+    JobOption("negative_prompt", "--negative-prompt", "what it should not show", metavar="TEXT"),
+    JobOption("strength", "--strength", "how much to change"),
+    JobOption("steps", "--steps", "scheduler steps; strength x steps of them run"),
+    JobOption("guidance_scale", "--guidance", "classifier-free guidance scale"),
+    JobOption("seed", "--seed", "the random seed; the one used is printed"),
+    JobOption("aesthetic_score", "--aesthetic-score", "SDXL refiner conditioning: the score to aim for"),
+    JobOption("negative_aesthetic_score", "--negative-aesthetic-score", "SDXL refiner conditioning: to avoid"),
+    JobOption(
+        "mode",
+        "--mode",
+        "refine (the refiner alone), generate (base then refiner; strength 1 = from noise) or two_stage (base "
+        "picture, then refiner img2img at --strength); the last two need a base model",
+        choices=MODES,
+    ),
+    JobOption("denoising_end", "--denoising-end", "generate: the fraction of the schedule the base runs"),
+)
+
+
+def _number(value: float) -> str:
+    return "2^64-1" if value == 2**64 - 1 else f"{value:g}"
+
+
+def _range(field: Any) -> str:
+    if field.lo is None and field.hi is None:
+        return ""
+    lo = "" if field.lo is None else f"{'>' if field.lo_open else '>='} {_number(field.lo)}"
+    hi = "" if field.hi is None else f"<= {_number(field.hi)}"
+    return ", " + " and ".join(p for p in (lo, hi) if p)
+
+
+def add_job_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """The job flags (all of them, or ``names``), with the protocol's defaults."""
+    group = parser.add_argument_group("job")
+    for opt in JOB_OPTIONS:
+        if names is not None and opt.field not in names:
+            continue
+        field = SUBMIT[opt.field]
+        shown = "random" if field.default is None else repr(field.default) if field.kind == "str" else field.default
+        group.add_argument(
+            opt.flag,
+            dest=opt.field,
+            type={"str": str, "int": int, "float": float}[field.kind],
+            default=field.default,
+            choices=opt.choices,
+            metavar=opt.metavar,
+            help=f"{opt.help} (default: {shown}{_range(field)})",
+        )
+    if names is None:
+        group.add_argument("--work-size", metavar="WxH", help="run the model at this size and scale back")
+
+
+def work_size(text: str | None) -> tuple[int | None, int | None]:
+    if not text:
+        return None, None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--work-size must look like 1024x768, got {text!r}") from None
+    return w, h
+
+
+def job_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The submit fields the flags give (without image and job id)."""
+    out = {opt.field: getattr(args, opt.field) for opt in JOB_OPTIONS if hasattr(args, opt.field)}
+    if hasattr(args, "work_size"):
+        out["work_width"], out["work_height"] = work_size(args.work_size)
+    return out
+
+
+def check_job(image: Image, fields: dict[str, Any], job: str = "local") -> Message:
+    """Check a job exactly as the service will (the protocol codec); ConfigError names the flag."""
+    try:
+        return decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job=job, **fields))
+    except ProtocolError as err:
+        flags = {opt.field: opt.flag for opt in JOB_OPTIONS}
+        flags.update(work_width="--work-size", work_height="--work-size")
+        name = (err.field or "").split(".")[0]
+        where = f"{flags[name]}: " if name in flags else ""
+        raise ConfigError(f"{where}{err.message}") from None
+
+
+def step_note(requested_steps: int, strength: float, steps: int, denoise_steps: int, mode: str) -> str | None:
+    """The line that says the service raised the steps (strength x steps gave no denoising step)."""
+    if mode != "refine" or steps == requested_steps:
+        return None
+    return (
+        f"note: strength {strength:g} x {requested_steps} steps gives no denoising step: "
+        f"ran {denoise_steps} of {steps} steps"
+    )
