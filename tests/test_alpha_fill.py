@@ -103,7 +103,7 @@ def test_the_model_sees_the_shape_colour_along_its_soft_edge(engine: Engine) -> 
     seen: list[np.ndarray] = []
 
     def grab(module: Any, args: Any) -> None:
-        seen.append(((args[0][0].permute(1, 2, 0).float().numpy() + 1.0) * 0.5))
+        seen.append((args[0][0].permute(1, 2, 0).float().numpy() + 1.0) * 0.5)
 
     hook = engine.vae.encoder.register_forward_pre_hook(grab)
     try:
