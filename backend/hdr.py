@@ -29,9 +29,11 @@ KNEE = 0.8  # the curve is the identity below this value
 HDR_MAX = 65504.0  # the largest finite half float (Krita's 16-bit float documents); +inf becomes this
 
 
-def sanitize(values: np.ndarray) -> np.ndarray:
-    """Finite float32 values: NaN becomes 0, +-inf +-HDR_MAX (negatives are kept)."""
-    return np.nan_to_num(np.asarray(values, np.float32), nan=0.0, posinf=HDR_MAX, neginf=-HDR_MAX)
+def sanitize(values: np.ndarray, copy: bool = True) -> np.ndarray:
+    """Finite float32 values: NaN becomes 0, +-inf +-HDR_MAX (negatives are kept); ``copy=False``
+    works in place on a float32 array."""
+    values = np.asarray(values, np.float32)
+    return np.nan_to_num(values, copy=copy, nan=0.0, posinf=HDR_MAX, neginf=-HDR_MAX)
 
 
 @dataclass(frozen=True)
@@ -50,33 +52,34 @@ class ToneMap:
         """How much the curve compresses the highlights (the slope of its inverse above the knee)."""
         return (self.peak - self.knee) / (1.0 - self.knee)
 
-    def _curve(self, m: np.ndarray) -> np.ndarray:
-        k = self.knee
-        return np.where(m <= k, m, k + (m - k) / self.gain)
-
-    def _inverse(self, m: np.ndarray) -> np.ndarray:
-        k = self.knee
-        return np.where(m <= k, m, k + (m - k) * self.gain)
-
-    def _apply(self, rgb: np.ndarray, curve: object) -> np.ndarray:
-        m = rgb.max(axis=-1, keepdims=True).astype(np.float64)
+    def _scaled(self, rgb: np.ndarray, forward: bool) -> np.ndarray:
+        """``rgb`` with every pixel whose brightest channel ``m`` is above the knee scaled by
+        ``curve(m) / m`` (forward) or ``inverse(m) / m``; the others as they are (a new array)."""
+        out = np.array(rgb, dtype=np.float32)
+        m = np.maximum(np.maximum(out[..., 0], out[..., 1]), out[..., 2])
+        k = np.float32(self.knee)
+        gain = np.float32(self.gain if not forward else 1.0 / self.gain)
+        target = (m - k) * gain
+        target += k
         scale = np.ones_like(m)
-        np.divide(curve(m), m, out=scale, where=m > self.knee)  # type: ignore[operator]
-        return (rgb * scale).astype(np.float32)
+        np.divide(target, m, out=scale, where=m > k)
+        out *= scale[..., None]
+        return out
 
     def apply(self, rgb: np.ndarray) -> np.ndarray:
         """HxWx3 values in [0, peak] -> [0, 1]."""
-        return np.clip(self._apply(rgb, self._curve), 0.0, 1.0)
+        out = self._scaled(rgb, forward=True)
+        return np.clip(out, 0.0, 1.0, out=out)
 
     def restore(self, rgb: np.ndarray) -> np.ndarray:
         """The model's HxWx3 result in [0, 1] -> the document's range [0, peak]."""
-        return self._apply(np.clip(rgb, 0.0, 1.0), self._inverse)
+        return self._scaled(np.clip(rgb, 0.0, 1.0), forward=False)
 
 
 def tone_map(rgb: np.ndarray) -> tuple[np.ndarray, ToneMap | None]:
     """(the picture for the model in [0, 1], the curve to undo or None when nothing exceeds 1).
     ``rgb``: HxWx3 float, negatives and NaN allowed (they become 0)."""
-    values = np.clip(sanitize(rgb), 0.0, HDR_MAX)
+    values = sanitize(np.clip(rgb, 0.0, HDR_MAX, dtype=np.float32), copy=False)
     peak = float(values.max(initial=0.0))
     if peak <= 1.0:
         return values, None

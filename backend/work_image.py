@@ -71,9 +71,13 @@ def work_size(req: RefineRequest) -> tuple[int, int] | None:
 def prepare(req: RefineRequest, mask: np.ndarray | None = None) -> WorkImage:
     """The model's input for ``req``; ``mask``: the job's mask as a float array (checked already by
     :func:`.pixels.image_mask`), None when it has none."""
-    raw, alpha = pixels.to_rgb_alpha(req.image, clip=False)
-    source = hdr.sanitize(raw)
-    rgb, tone = hdr.tone_map(fill_transparent(source, alpha))
+    source, alpha = pixels.to_rgb_alpha(req.image, clip=False)
+    float_samples = req.image.spec.sample == "float"  # integer samples are in [0, 1] already
+    if float_samples:
+        hdr.sanitize(source, copy=False)  # (a fresh array)
+    rgb, tone = fill_transparent(source, alpha), None
+    if float_samples:
+        rgb, tone = hdr.tone_map(rgb)
     if req.transfer == "linear":
         rgb = pixels.linear_to_srgb(rgb)
     work = work_size(req)

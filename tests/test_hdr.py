@@ -58,7 +58,8 @@ def test_the_curve_is_undone_exactly_keeps_hue_and_leaves_the_toe_alone(peak: fl
     rgb[0, 0] = (peak, peak / 2, 0.0)
     mapped, curve = hdr.tone_map(rgb)
     assert curve is not None and 0.0 <= mapped.min() and mapped.max() <= 1.0
-    assert np.allclose(curve.restore(mapped), rgb, rtol=1e-5, atol=1e-5)
+    ulp = float(np.finfo(np.float32).eps)  # the mapped values' precision, times the curve's gain on the way back
+    assert np.allclose(curve.restore(mapped), rgb, rtol=1e-5, atol=1e-6 + 2 * ulp * curve.gain)
     toe = rgb.max(axis=-1) <= hdr.KNEE
     assert np.array_equal(mapped[toe], rgb[toe])  # shadows and mid-tones reach the model as they are
     bright = rgb.max(axis=-1) > 0.1
