@@ -6,7 +6,10 @@ latents as its ``image`` and returns latents. One job at a time; ``unload`` may 
 another thread (it waits for the running job to end when there is one).
 
 Modes, masks, memory modes, model sources and the out-of-memory policy live in their own modules
-(stages, denoise, latent_mask, memory, sources, model_set, oom, watermark); this class wires them up.
+(stages, denoise, latent_mask, memory, sources, model_set, oom, watermark), and so does the colour
+path in and out of the model (work_image: transparent areas, float values above 1, work size,
+watermark); this class wires them up. Seeds follow stock diffusers: one CPU generator per job, the
+source's VAE latent sampled from it first (img2img from the source), then the pipelines' noise.
 """
 
 from __future__ import annotations
