@@ -8,6 +8,8 @@ honour the VAE's ``latents_mean``/``latents_std`` as stock's SDXL pipelines do. 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -89,6 +91,25 @@ def theirs(stock: dict[str, Any], rgb: np.ndarray, mode: str, steps: int, streng
     return stock["refiner"](image=latents, strength=strength, **refiner_args).images[0]
 
 
+@contextmanager
+def unet_calls(unets: list[Any]) -> Iterator[list[int]]:
+    """Counts the calls of each UNet (one per denoising step: the CFG pair is one batch)."""
+    counts = [0] * len(unets)
+
+    def counter(n: int) -> Any:
+        def hook(*_: Any) -> None:
+            counts[n] += 1
+
+        return hook
+
+    hooks = [unet.register_forward_pre_hook(counter(n)) for n, unet in enumerate(unets)]
+    try:
+        yield counts
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
@@ -102,11 +123,16 @@ def test_same_seed_gives_stock_diffusers_picture(
     engine: Engine, stock: dict[str, Any], mode: str, steps: int, strength: float
 ) -> None:
     rgb = picture()
-    mine, stocks = ours(engine, rgb, mode, steps, strength), theirs(stock, rgb, mode, steps, strength)
+    with unet_calls([engine.models.get("refiner").unet, engine.models.get("base").unet]) as mine_calls:
+        mine = ours(engine, rgb, mode, steps, strength)
+    with unet_calls([stock["refiner"].unet, stock["base"].unet]) as stock_calls:
+        stocks = theirs(stock, rgb, mode, steps, strength)
     assert mine.shape == stocks.shape
     value = psnr(mine, stocks)
-    print(f"parity {mode} steps={steps} strength={strength}: PSNR {value:.1f} dB")
+    print(f"parity {mode} steps={steps} strength={strength}: PSNR {value:.1f} dB, UNet calls (refiner, base) "
+          f"{mine_calls} here, {stock_calls} stock")  # fmt: skip
     assert value >= MIN_PSNR, f"{mode}: PSNR {value:.1f} dB against stock diffusers"
+    assert mine_calls == stock_calls
 
 
 @pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "DDIMScheduler"])
