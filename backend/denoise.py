@@ -3,6 +3,12 @@
 Every pipeline is called with ``output_type="latent"``; the engine runs the VAE itself. One
 :class:`StepReporter` spans all stages, so progress counts base and refiner steps in one total, and
 holds the unmasked latents to the source after every step when the job has a mask.
+
+One ``torch.Generator`` (CPU, seeded with the job's seed) serves the whole job, in stock diffusers'
+order: the engine samples the source's VAE latent from it first when the first model runs img2img
+on the source (as stock img2img does), then every pipeline draws its noise from it in turn. A masked
+job holds its unmasked area with the very noise its stage's pipeline draws: :func:`initial_noise`
+reads it from a copy of the generator's state just before the pipeline is called.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from .latent_mask import LatentMask
 from .preview import latents_to_preview
@@ -33,6 +40,7 @@ class StepReporter:
     crop: tuple[int, int] | None = None  # latent rows/cols of the work image (without padding)
     mask: LatentMask | None = None
     on_step: Callable[[], None] | None = None  # e.g. the memory placement's release()
+    dtype: torch.dtype = torch.float32  # the pipelines' latent dtype (their noise is drawn in it)
     done: int = 0
 
     def __call__(self, pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +48,7 @@ class StepReporter:
         out: dict[str, Any] = {}
         latents = kwargs["latents"]
         if self.mask is not None:
-            latents = out["latents"] = self.mask.blend(latents, pipe.scheduler)
+            latents = out["latents"] = self.mask.blend(latents, pipe.scheduler, i, t)
         if self.on_step is not None:
             self.on_step()
         preview = None
@@ -58,7 +66,21 @@ def default_stages(req: RefineRequest) -> Stages:
     return Stages("refine", req.plan.steps, 0, req.plan.denoise_steps, refiner_strength=req.strength)
 
 
-def _run(pipe: Any, reporter: StepReporter, expected: int, what: str, **kwargs: Any) -> torch.Tensor:
+def initial_noise(generator: torch.Generator, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The noise a pipeline called now with ``generator`` draws first (its ``prepare_latents``:
+    ``randn_tensor(latents' shape, generator, device, dtype)``), without consuming the generator."""
+    peek = torch.Generator(generator.device)
+    peek.set_state(generator.get_state())
+    return randn_tensor(tuple(like.shape), generator=peek, device=like.device, dtype=dtype)
+
+
+def _run(
+    pipe: Any, reporter: StepReporter, expected: int, what: str, draws_noise: bool = True, **kwargs: Any
+) -> torch.Tensor:
+    """Run one pipeline; ``draws_noise``: it starts by drawing its initial noise (every pipeline here
+    but the refiner that takes over at the split, which continues from the base's latents)."""
+    if reporter.mask is not None and draws_noise:
+        reporter.mask.use_noise(initial_noise(kwargs["generator"], reporter.mask.source, reporter.dtype))
     before = reporter.done
     result = pipe(callback_on_step_end=reporter, callback_on_step_end_tensor_inputs=["latents"], **kwargs)
     ran = reporter.done - before
@@ -67,12 +89,25 @@ def _run(pipe: Any, reporter: StepReporter, expected: int, what: str, **kwargs: 
     return result.images
 
 
+def job_generator(seed: int) -> torch.Generator:
+    """The job's generator (on the CPU, so a seed gives the same picture on every device)."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
 def run_stages(
-    models: Any, stages: Stages, source: torch.Tensor, req: RefineRequest, reporter: StepReporter, dtype: torch.dtype
+    models: Any,
+    stages: Stages,
+    source: torch.Tensor,
+    req: RefineRequest,
+    reporter: StepReporter,
+    dtype: torch.dtype,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Denoise: ``source`` are the scaled source latents (1, 4, h, w); returns the final latents.
-    ``models`` gives the pipelines (``refiner``, ``base``, ``base_img2img()``), loading them on demand."""
-    generator = torch.Generator("cpu").manual_seed(req.seed)
+    ``models`` gives the pipelines (``refiner``, ``base``, ``base_img2img()``), loading them on demand.
+    ``generator``: the job's (None: a fresh one from ``req.seed``), after any draw for the source."""
+    generator = generator if generator is not None else job_generator(req.seed)
+    reporter.dtype = dtype
     common: dict[str, Any] = {
         "prompt": req.prompt,
         "negative_prompt": req.negative_prompt or None,
@@ -116,8 +151,9 @@ def run_stages(
         "num_inference_steps": stages.steps,
         "image": latents.to(dtype),
     }
-    if stages.mode == "generate" and stages.base_steps:  # the ensemble's hand-over at the split
+    takes_over = stages.mode == "generate" and bool(stages.base_steps)
+    if takes_over:  # the ensemble's hand-over at the split: no new noise
         refiner_args.update(strength=1.0, denoising_start=split)
     else:  # img2img on the source (refine) or on the base's picture (two_stage)
         refiner_args.update(strength=stages.refiner_strength)
-    return _run(models.refiner, reporter, stages.refiner_steps, "refiner", **refiner_args, **common)
+    return _run(models.refiner, reporter, stages.refiner_steps, "refiner", not takes_over, **refiner_args, **common)

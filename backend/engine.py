@@ -6,7 +6,10 @@ latents as its ``image`` and returns latents. One job at a time; ``unload`` may 
 another thread (it waits for the running job to end when there is one).
 
 Modes, masks, memory modes, model sources and the out-of-memory policy live in their own modules
-(stages, denoise, latent_mask, memory, sources, model_set, oom, watermark); this class wires them up.
+(stages, denoise, latent_mask, memory, sources, model_set, oom, watermark), and so does the colour
+path in and out of the model (work_image: transparent areas, float values above 1, work size,
+watermark); this class wires them up. Seeds follow stock diffusers: one CPU generator per job, the
+source's VAE latent sampled from it first (img2img from the source), then the pipelines' noise.
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ import torch
 
 from krita_sdxl.protocol import Image
 
-from . import oom, pixels, prompt_cache
-from .denoise import StepReporter, default_stages, run_stages
-from .latent_mask import LatentMask, fit_mask, keep_outside
+from . import oom, pixels, prompt_cache, work_image
+from .denoise import StepReporter, default_stages, job_generator, run_stages
+from .latent_mask import LatentMask, fit_mask
 from .memory import Placement, lower_mode
 from .model_set import ModelSet
 from .models import pick_device, pick_dtypes
 from .request import JobCancelled, ProgressFn, RefineRequest, StopFn
-from .stages import BASE_MODES, MODES, TimestepsFn, scheduler_timesteps
+from .stages import BASE_MODES, MODES, Stages, TimestepsFn, scheduler_timesteps
 from .watermark import Watermark
 
 if TYPE_CHECKING:
@@ -308,8 +311,7 @@ class Engine:
         return lower
 
     def _refine(self, req: RefineRequest, on_progress: ProgressFn, should_stop: StopFn) -> Image:
-        """One job, whole (or one tile of it)."""
-        spec = req.image.spec
+        """One job, whole (or one tile of it). The colour path in and out: backend/work_image.py."""
         mask = pixels.image_mask(req.image, req.mask)
         if should_stop():
             raise JobCancelled()
@@ -320,43 +322,24 @@ class Engine:
         if (tiled := refine_if_large(self, req, on_progress, should_stop)) is not None:
             return tiled
         # --- end of the tiling hook
-        rgb, _ = pixels.to_rgb_alpha(req.image)
-        source = rgb  # the input's own pixels: kept outside the mask
-        if req.transfer == "linear":
-            rgb = pixels.linear_to_srgb(rgb)
-        work = req.work_size if req.work_size and req.work_size != (spec.width, spec.height) else None
-        if work is not None:
-            rgb = pixels.resize(rgb, work)
+        job = work_image.prepare(req, mask)
         if self.speed is not None:  # size buckets: few shapes, so few compilations and CUDA graphs
-            padded, (h, w) = self.speed.pad(rgb)
+            padded, (h, w) = self.speed.pad(job.rgb)
         else:
-            padded, (h, w) = pixels.pad_to_multiple(rgb, LATENT_MULTIPLE)
+            padded, (h, w) = pixels.pad_to_multiple(job.rgb, LATENT_MULTIPLE)
         self._preview_hw = (-(-h // LATENT_MULTIPLE), -(-w // LATENT_MULTIPLE))
-        keep = self._work_mask(mask, work, padded.shape[:2]) if mask is not None and req.keep_unmasked else None
+        run_mask = job.run_mask
+        keep = fit_mask(run_mask, *padded.shape[:2]) if run_mask is not None and req.keep_unmasked else None
+        stages = req.stages or default_stages(req)
+        generator = job_generator(req.seed)  # stock's draw order: the VAE sample first, then the noise
         with torch.inference_mode():
-            latents = self._encode(padded)
-            latents = self._denoise(latents, req, on_progress, should_stop, keep)
+            latents = self._encode(padded, generator if stages.from_source else None)
+            latents = self._denoise(latents, req, on_progress, should_stop, keep, stages, generator)
             out = self._decode(latents)[:h, :w]
-        if self._depth <= 1:  # a tile is marked once, after blending, by the tiling path
-            out = self.watermark.apply(out)
         if self.speed is not None:
             self.speed.after_job()
-        if work is not None:
-            out = pixels.resize(out, (spec.width, spec.height))
-        if req.transfer == "linear":
-            out = pixels.srgb_to_linear(out)
-        if mask is not None and req.keep_unmasked:
-            out = keep_outside(out, source, mask)
-        if mask is not None and req.feather > 0:
-            mask = pixels.feather_inward(mask, req.feather)
-        return Image(spec, pixels.merge_result(out, req.image, mask))
-
-    @staticmethod
-    def _work_mask(mask: np.ndarray, work: tuple[int, int] | None, shape: tuple[int, int]) -> np.ndarray:
-        """The mask at the padded work size the latents are encoded from."""
-        if work is not None:
-            mask = pixels.resize(mask, work)
-        return fit_mask(mask, shape[0], shape[1])
+        # a tile is marked once, after blending, by the tiling path
+        return work_image.finish(job, out, self.watermark if self._depth <= 1 else None)
 
     def _denoise(
         self,
@@ -365,6 +348,8 @@ class Engine:
         on_progress: ProgressFn,
         should_stop: StopFn,
         keep: np.ndarray | None = None,
+        stages: Stages | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Run the job's stages (backend/stages.py, backend/denoise.py) on the source latents.
         ``keep``: the mask at the latents' pixel size; outside it the source latents are held."""
@@ -374,11 +359,11 @@ class Engine:
             should_stop,
             preview=req.preview,
             crop=self._preview_hw,
-            mask=LatentMask(latents, keep, req.seed) if keep is not None else None,
+            mask=LatentMask(latents, keep) if keep is not None else None,
             on_step=self.models.placement.release,
         )
-        stages = req.stages or default_stages(req)
-        return run_stages(self.models, stages, latents, req, reporter, self.unet_dtype)
+        stages = stages or req.stages or default_stages(req)
+        return run_stages(self.models, stages, latents, req, reporter, self.unet_dtype, generator)
 
     @property
     def vae(self) -> Any:
@@ -388,16 +373,37 @@ class Engine:
                 return self.models.get(role).vae
         return self.pipe.vae
 
-    def _encode(self, rgb: np.ndarray) -> torch.Tensor:
-        """HxWx3 float [0, 1] -> scaled latents (1, 4, H/8, W/8), VAE in its own dtype."""
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The VAE's ``latents_mean`` and ``latents_std`` (1, C, 1, 1), when its config sets both."""
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is None or std is None:
+            return None
+        return tuple(torch.tensor(v).view(1, -1, 1, 1).to(like.device, like.dtype) for v in (mean, std))  # type: ignore[return-value]
+
+    def _encode(self, rgb: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
+        """HxWx3 float [0, 1] -> scaled latents (1, 4, H/8, W/8) in float32, VAE in its own dtype.
+
+        With ``generator`` the latent is *sampled* from the VAE's distribution with it, as stock
+        img2img does (``retrieve_latents(..., sample_mode="sample")``, in float32 as stock's
+        upcast VAE); without, its mean. Then normalised as stock: ``(z - latents_mean) *
+        scaling_factor / latents_std`` when the VAE's config has them, else ``z * scaling_factor``."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
         x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1).unsqueeze(0)
         x = x * 2.0 - 1.0
-        latents = self._run_vae(lambda vae, dtype: vae.encode(x.to(dtype)).latent_dist.mode(), "encode")
-        return latents * self.vae.config.scaling_factor
+        moments = self._run_vae(lambda vae, dtype: vae.encode(x.to(dtype)).latent_dist.parameters, "encode")
+        dist = DiagonalGaussianDistribution(moments.float())
+        z = dist.sample(generator) if generator is not None else dist.mode()
+        factor = self.vae.config.scaling_factor
+        stats = self._latent_stats(z)
+        return (z - stats[0]) * factor / stats[1] if stats is not None else z * factor
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Scaled latents -> HxWx3 float32 [0, 1] numpy array."""
-        z = latents / self.vae.config.scaling_factor
+        """Scaled latents -> HxWx3 float32 [0, 1] numpy array (stock's denormalisation)."""
+        factor = self.vae.config.scaling_factor
+        stats = self._latent_stats(latents)
+        z = latents * stats[1] / factor + stats[0] if stats is not None else latents / factor
         image = self._run_vae(lambda vae, dtype: vae.decode(z.to(dtype)).sample, "decode")
         image = ((image[0].float().clamp(-1.0, 1.0) + 1.0) * 0.5).permute(1, 2, 0)
         return image.cpu().numpy()

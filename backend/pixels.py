@@ -70,15 +70,16 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
     return (rgb @ _LUMA).astype(np.float32)
 
 
-def to_rgb_alpha(img: Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """(RGB float32 HxWx3 in [0, 1], alpha float32 HxW or None). Float samples are clipped to [0, 1]
-    (NaN becomes 0) because that is what the model takes; "L" images become grey RGB."""
+def to_rgb_alpha(img: Image, clip: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """(RGB float32 HxWx3 in [0, 1], alpha float32 HxW in [0, 1] or None); "L" images become grey
+    RGB. Float colour samples are clipped to [0, 1] (NaN becomes 0), or with ``clip=False`` come as
+    they are (above 1, negative, NaN: see :mod:`.hdr`)."""
     spec = img.spec
     raw = samples(img)
     rgb = np.empty((spec.height, spec.width, 3), dtype=np.float32)
     index = _color_index(spec.order)
     for c in range(3):
-        _to_float(raw[..., index[min(c, len(index) - 1)]], spec, out=rgb[..., c])
+        _to_float(raw[..., index[min(c, len(index) - 1)]], spec, clip=clip, out=rgb[..., c])
     alpha = _to_float(raw[..., spec.order.index("A")], spec) if spec.has_alpha else None
     return rgb, alpha
 

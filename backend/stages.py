@@ -53,6 +53,13 @@ class Stages:
     def total(self) -> int:
         return self.base_steps + self.refiner_steps
 
+    @property
+    def from_source(self) -> bool:
+        """The first model runs img2img on the source latents (refine; generate below strength 1).
+        Stock diffusers then *samples* the source's VAE latent with the job's generator before it
+        draws the noise; from noise (generate at strength 1, two_stage) it encodes nothing."""
+        return self.base_from_source or not self.base_steps
+
 
 def scheduler_timesteps(config: dict[str, Any] | None = None) -> TimestepsFn:
     """The timesteps function of a scheduler config (default: the SDXL 1.0 Euler scheduler)."""

@@ -43,7 +43,7 @@ import numpy as np
 from krita_sdxl.protocol import Image, ImageSpec
 from krita_sdxl.protocol.geometry import Box
 
-from . import pixels
+from . import pixels, work_image
 from .request import JobCancelled, ProgressFn, RefineRequest, StopFn
 
 log = logging.getLogger(__name__)
@@ -249,8 +249,7 @@ def refine_if_large(engine: Any, req: RefineRequest, on_progress: ProgressFn, sh
     if not config.applies(*run_size(req)):
         return None
     watermark = getattr(engine, "watermark", None)
-    finish = watermark.apply if watermark is not None else None
-    return refine_in_tiles(engine.refine, req, config, on_progress, should_stop, finish=finish)
+    return refine_in_tiles(engine.refine, req, config, on_progress, should_stop, watermark=watermark)
 
 
 def _float_image(values: np.ndarray) -> Image:
@@ -271,25 +270,22 @@ def refine_in_tiles(
     config: TilingConfig,
     on_progress: ProgressFn,
     should_stop: StopFn,
-    finish: Callable[[np.ndarray], np.ndarray] | None = None,
+    watermark: Any = None,
 ) -> Image:
     """Refine ``req`` tile by tile with ``refine`` (an engine's own, run whole on each tile) and
     return an image of the input's exact size and format, following ``Engine.refine``'s output
-    rule (alpha untouched, or multiplied by the feathered mask).
+    rule (alpha untouched, or multiplied by the feathered mask). The picture goes in and out by
+    the engine's colour path (backend/work_image.py); ``watermark`` (with an ``apply(rgb)``) marks
+    the returned picture once, after the tiles are blended.
 
     With a mask, each tile gets its part of the mask (with ``keep_unmasked``, so the engine keeps
     what lies outside it), tiles entirely outside the mask are not refined at all (progress counts
     only the tiles that are), and the result keeps the input's own pixels wherever the mask is 0."""
-    spec = req.image.spec
     mask = pixels.image_mask(req.image, req.mask)
     if should_stop():
         raise JobCancelled()
-    source, _ = pixels.to_rgb_alpha(req.image)
-    rgb = pixels.linear_to_srgb(source) if req.transfer == "linear" else source
-    work = req.work_size if req.work_size and req.work_size != (spec.width, spec.height) else None
-    if work is not None:
-        rgb = pixels.resize(rgb, work)
-    run_mask = mask if mask is None or work is None else pixels.resize(mask, work)
+    job = work_image.prepare(req, mask)
+    rgb, run_mask = job.rgb, job.run_mask
     keep = mask is not None and getattr(req, "keep_unmasked", False)
     plan = plan_tiles(rgb.shape[1], rgb.shape[0], config.tile, config.overlap, config.multiple)
     busy = [i for i, b in enumerate(plan) if run_mask is None or run_mask[b.y : b.bottom, b.x : b.right].max() > 0]
@@ -323,17 +319,8 @@ def refine_in_tiles(
         return out
 
     out = map_tiles(rgb, plan, run_tile)
-    if finish is not None:  # once on the blended whole (the invisible watermark), never per tile
-        out = finish(out)
-    if work is not None:
-        out = pixels.resize(out, (spec.width, spec.height))
-    if req.transfer == "linear":
-        out = pixels.srgb_to_linear(out)
-    if keep and mask is not None:  # the tiles kept the source outside the mask; make it exact
-        out = np.where((mask <= 0.0)[..., None], source, out).astype(np.float32)
-    if mask is not None and req.feather > 0:
-        mask = pixels.feather_inward(mask, req.feather)
-    return Image(spec, pixels.merge_result(out, req.image, mask))
+    # the watermark goes on the blended whole, never per tile (backend/work_image.py)
+    return work_image.finish(job, out, watermark, kept=True)
 
 
 __all__ = [

@@ -223,6 +223,18 @@ def test_tiled_identity_engine_returns_the_input_bytes(order: str, depth: int, s
     assert calls == [(i, 6 * 3) for i in range(1, 6 * 3 + 1)]
 
 
+def test_tiled_identity_engine_gives_back_float_values_above_1() -> None:
+    """A float document's highlights survive the tiled path (tone-mapped once for all tiles)."""
+    engine = IdentityTiles(TilingConfig(threshold=64 * 64, tile=64, overlap=16))
+    image = make_image(150, 97, "RGBA", 32, "float")
+    values = pixels.samples(image).copy()
+    values[20:60, 30:90, :3] *= 3.0  # up to 3.0
+    image = Image(image.spec, values.tobytes())
+    out = engine.refine(make_request(image), lambda *a: None, lambda: False)
+    assert max(float(pixels.samples(r.image).max()) for r in engine.requests) <= 1.0  # the tiles are tone-mapped
+    np.testing.assert_allclose(pixels.samples(out), values, rtol=1e-5, atol=1e-6)
+
+
 def test_which_jobs_are_tiled() -> None:
     config = TilingConfig(threshold=64 * 64, tile=64, overlap=16)
     image = make_image(150, 97)
