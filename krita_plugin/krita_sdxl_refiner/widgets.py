@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from PyQt5.QtCore import Qt
-from PyQt5.QtWidgets import QLabel, QSizePolicy, QToolButton, QVBoxLayout, QWidget
+from PyQt5.QtGui import QFontMetrics
+from PyQt5.QtWidgets import QLabel, QPlainTextEdit, QSizePolicy, QToolButton, QVBoxLayout, QWidget
+
+MESSAGES_KEPT = 200
 
 STATE_COLORS = {
+    "invalid": "#d04040",
     "connected": "#3fa34d",
     "connecting": "#d7a000",
     "disconnected": "#d04040",
@@ -38,13 +43,35 @@ class Collapsible(QWidget):
         layout.setSpacing(2)
         layout.addWidget(self.button)
         layout.addWidget(content)
-        self.button.toggled.connect(self.set_expanded)
+        self.button.toggled.connect(lambda checked: self.set_expanded(checked))
         self.set_expanded(expanded)
 
     def set_expanded(self, expanded: bool) -> None:
         self.button.setChecked(expanded)
         self.button.setArrowType(Qt.DownArrow if expanded else Qt.RightArrow)
         self.content.setVisible(expanded)
+
+
+class MessageLog(QPlainTextEdit):
+    """The docker's messages, newest last, each with its time: a new message never hides an older one."""
+
+    def __init__(self, lines: int = 3, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setReadOnly(True)
+        self.setMaximumBlockCount(MESSAGES_KEPT)
+        self.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.setFrameShape(QPlainTextEdit.NoFrame)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarAsNeeded)
+        self.setPlaceholderText("Messages appear here.")
+        line = QFontMetrics(self.font()).lineSpacing()
+        self.setFixedHeight(line * lines + 2 * self.frameWidth() + 8)
+        self.entries: list[tuple[str, str]] = []  # (level, text), for tests and tooltips
+
+    def add(self, text: str, level: str = "info") -> None:
+        self.entries = [*self.entries[-MESSAGES_KEPT + 1 :], (level, text)]
+        stamp = time.strftime("%H:%M")
+        self.appendHtml(f'<span style="color:#888888">{stamp}</span> {notice_html(text, level)}')
+        self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
 
 
 def state_text(state: str, detail: str = "") -> str:
@@ -84,7 +111,7 @@ def describe_backend(server: str, caps: dict[str, Any]) -> str:
     """One or two lines about the backend from its ``welcome``: device, GPU memory, models."""
     parts: list[str] = []
     device = " ".join(str(caps[k]) for k in ("device", "dtype") if caps.get(k))
-    gpu = caps.get("gpu_name")
+    gpu = caps.get("gpu") or caps.get("gpu_name")
     if gpu:
         device = f"{device} · {gpu}" if device else str(gpu)
     if device:
