@@ -138,7 +138,7 @@ class FakeAdapter:
 
     def apply_to_active(self, name, box, fmt, data):
         self.to_active.append(name)
-        return Placed("active-layer", "other.kra", True)
+        return Placed("active-layer", "other.kra", True, self.document)
 
     def open_as_document(self, name, box, fmt, profile, data):
         if self.open_error:

@@ -282,6 +282,10 @@ def test_kept_result_of_a_closed_document_stays_visible(online):
     assert any("kept in the history" in m for m in d.messages())
     d.controller.notice.emit("a later message", "info")
     assert any("kept in the history" in m for m in d.messages())  # not overwritten
+    click(row.apply_button)  # into the document shown now: the row stays there
+    assert d.adapter.to_active and d.controller.history.get(submit.job).applied
+    assert d.panel.history.result_rows[submit.job] is row and row.isVisible()
+    assert "seed 1234" in row.detail.text() and "not applied" not in row.detail.text()
 
 
 def test_results_follow_the_document_shown(online):

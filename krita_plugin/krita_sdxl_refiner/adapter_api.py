@@ -42,6 +42,7 @@ class Placed:
     layer_id: Any  # the new layer's id (opaque)
     document: str  # its document's name, for messages
     active: bool  # that document is the one shown now
+    handle: Any = None  # the document itself (opaque), so the history can show the result there
 
 
 class Planner(Protocol):

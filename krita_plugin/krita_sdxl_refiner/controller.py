@@ -323,6 +323,8 @@ class Controller(QObject):
         entry.applied = True
         if own_document:
             entry.layer_ids.append(placed.layer_id)
+        if placed.handle is not None and not entry.belongs_to(placed.handle):
+            entry.documents.append(placed.handle)
         entry.note = f"in {placed.document}"
         where = placed.document if placed.active else f"{placed.document} (not the document shown now)"
         self.notice.emit(f"Added layer “{entry.name}” to {where}.", "info")

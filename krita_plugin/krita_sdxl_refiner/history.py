@@ -56,6 +56,7 @@ class Entry:
     applied: bool = False  # added to a document at least once
     note: str = ""  # where it went, or why it was kept: for people
     layer_ids: list[Any] = field(default_factory=list)  # layers made from it in its own document, newest last
+    documents: list[Any] = field(default_factory=list)  # documents it was added to (opaque handles)
     thumbnail: Any = None  # a QImage, made by the view side
 
     @property
@@ -65,6 +66,10 @@ class Entry:
     @property
     def can_again(self) -> bool:
         return self.job is not None and bool(self.job.images)
+
+    def belongs_to(self, document: Any) -> bool:
+        """Made from, or added to, ``document``."""
+        return any(d is not None and d == document for d in (self.target.document, *self.documents))
 
     @property
     def capture_id(self) -> str:

@@ -18,7 +18,6 @@ from PyQt5.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QScrollArea,
-    QSizePolicy,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -29,6 +28,7 @@ from .history import Entry
 from .jobs import Job, JobState
 from .plan import MODE_LABELS, short_prompt
 from .slots import on_click
+from .widgets import ElidedLabel
 
 THUMB = 56  # px shown in a row
 
@@ -42,13 +42,6 @@ def _small_button(text: str, tip: str) -> QToolButton:
     return button
 
 
-def _elided(text: str = "") -> QLabel:
-    label = QLabel(text)
-    label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)  # clipped, never widens the docker
-    label.setTextFormat(Qt.PlainText)
-    return label
-
-
 class _Row(QFrame):
     def __init__(self) -> None:
         super().__init__()
@@ -57,11 +50,11 @@ class _Row(QFrame):
         self.thumb.setFixedSize(THUMB, THUMB)
         self.thumb.setAlignment(Qt.AlignCenter)
         self.thumb.setStyleSheet("background: rgba(128, 128, 128, 40)")
-        self.title = _elided()
+        self.title = ElidedLabel()
         font = self.title.font()
         font.setBold(True)
         self.title.setFont(font)
-        self.detail = _elided()
+        self.detail = ElidedLabel()
         self.buttons = QHBoxLayout()
         self.buttons.setSpacing(2)
         text = QVBoxLayout()
@@ -128,7 +121,9 @@ class ResultRow(_Row):
         self.title.setText(short_prompt(entry.prompt, 60) or MODE_LABELS.get(entry.mode, entry.mode))
         when = time.strftime("%H:%M", time.localtime(entry.created))
         seed = "?" if entry.seed is None else str(entry.seed)
-        self.detail.setText(f"seed {seed} · strength {entry.strength:.2f} · {when} · {entry.note}")
+        settings = f"{when} · seed {seed} · strength {entry.strength:.2f}"
+        self.detail.setText(settings if entry.applied else f"{entry.note} · {settings}")
+        self.detail.setStyleSheet("" if entry.applied else "color: #d7a000")
         took = f", {entry.elapsed:.1f} s" if entry.elapsed is not None else ""
         self.setToolTip(
             f"{entry.name}\n{entry.box.width}x{entry.box.height} px, {entry.fmt.label}{took}\n"
@@ -196,7 +191,7 @@ class HistoryView(QWidget):
         if self.all_documents.isChecked() or not entry.applied:
             return True
         document = self.document_of_view()
-        return document is None or entry.target.document == document
+        return document is None or entry.belongs_to(document)
 
     def refresh(self) -> None:
         self.update_jobs()

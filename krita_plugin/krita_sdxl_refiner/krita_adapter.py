@@ -149,7 +149,7 @@ def _insert_layer(doc: Document, parent: Node, above: Node | None, name: str, bo
 
 def _placed(doc: Document, layer: Node) -> Placed:
     active = Krita.instance().activeDocument()
-    return Placed(layer.uniqueId(), _doc_name(doc), active is not None and active == doc)
+    return Placed(layer.uniqueId(), _doc_name(doc), active is not None and active == doc, doc)
 
 
 def _source_layer(doc: Document) -> Node:

@@ -52,6 +52,33 @@ class Collapsible(QWidget):
         self.content.setVisible(expanded)
 
 
+class ElidedLabel(QLabel):
+    """One line of plain text that ends in "…" when it does not fit; never widens its container.
+    ``text()`` is the whole text (the tooltip too, unless one is set)."""
+
+    def __init__(self, text: str = "", parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._text = ""
+        self.setTextFormat(Qt.PlainText)
+        self.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+        self.setText(text)
+
+    def text(self) -> str:
+        return self._text
+
+    def setText(self, text: str) -> None:
+        self._text = text
+        self._elide()
+
+    def resizeEvent(self, event: Any) -> None:
+        super().resizeEvent(event)
+        self._elide()
+
+    def _elide(self) -> None:
+        width = self.width() if self.isVisible() else 10_000
+        super().setText(self.fontMetrics().elidedText(self._text, Qt.ElideRight, width))
+
+
 class MessageLog(QPlainTextEdit):
     """The docker's messages, newest last, each with its time: a new message never hides an older one."""
 
