@@ -348,6 +348,31 @@ def script(tmp_path: Path, body: str) -> str:
 
 
 @posix_only
+def test_typed_backend_command_survives_other_settings_and_starts(offline, tmp_path):
+    """Type the command and arguments (no Enter), then the endpoint with Enter: Start uses what was typed."""
+    d = offline
+    command = script(tmp_path, 'echo "ready on $3"\nexec sleep 30\n')
+    click(d.panel.settings_button)
+    dialog = d.panel.dialog
+    for field, text in ((dialog.backend_command, command), (dialog.backend_args, "serve --demo")):
+        field.setFocus()
+        field.selectAll()
+        QTest.keyClicks(field, text)
+    dialog.endpoint.selectAll()
+    QTest.keyClicks(dialog.endpoint, "tcp://127.0.0.1:7")
+    QTest.keyClick(dialog.endpoint, Qt.Key_Return)
+    assert d.controller.settings.endpoint == "tcp://127.0.0.1:7" and dialog.isVisible()  # Enter did not close it
+    assert dialog.backend_command.text() == command and dialog.backend_args.text() == "serve --demo"
+    dialog.close()
+    click(d.panel.backend_button)
+    d.pump(lambda: d.controller.backend.state.value == "running")
+    assert "serve --demo --endpoint tcp://127.0.0.1:7" in d.controller.backend.log_tail()
+    assert d.controller.settings.backend_command == command
+    click(d.panel.backend_button)
+    d.pump(lambda: d.controller.backend.state.value == "stopped")
+
+
+@posix_only
 def test_start_and_stop_backend_buttons(offline, tmp_path):
     d = offline
     command = script(tmp_path, 'echo "loading"\necho "ready on $3"\nexec sleep 30\n')

@@ -53,6 +53,7 @@ class AdvancedSettings(QWidget):
         super().__init__(parent)
         self.controller = controller
         self._loading = False
+        self._shown_seed: int | None = None
         self.negative = QLineEdit()
         self.negative.setPlaceholderText("Negative prompt")
         self.negative.setToolTip(TIPS["negative"])
@@ -159,8 +160,9 @@ class AdvancedSettings(QWidget):
             self.guidance.setValue(s.guidance)
             self.random_seed.setChecked(s.random_seed)
             self.seed.setEnabled(not s.random_seed)
-            if not s.random_seed and self.seed.text() != str(s.seed):
+            if not s.random_seed and s.seed != self._shown_seed:  # a seed being typed stays as typed
                 self.seed.setText(str(s.seed))
+            self._shown_seed = None if s.random_seed else s.seed
             self.feather.setValue(s.feather_fraction)
             self.padding.setValue(s.padding_fraction)
             self.denoising_end.setValue(s.denoising_end)

@@ -29,6 +29,7 @@ class SettingsDialog(QDialog):
         super().__init__(parent)
         self.controller = controller
         self._loading = False
+        self._shown: dict[str, str] = {}
         self.setWindowTitle("SDXL Refiner: connection")
         self.setMinimumWidth(460)
         root = QVBoxLayout(self)
@@ -37,6 +38,8 @@ class SettingsDialog(QDialog):
         root.addWidget(self._build_backend())
         close = QDialogButtonBox(QDialogButtonBox.Close)
         close.rejected.connect(self.close)
+        for button in close.buttons():
+            button.setAutoDefault(False)  # Enter in a field commits that field; it does not close the dialog
         root.addWidget(close)
         self._wire()
         self.show_settings(controller.settings)
@@ -82,6 +85,8 @@ class SettingsDialog(QDialog):
         row = QHBoxLayout()
         self.backend_start = QPushButton("Start")
         self.backend_stop = QPushButton("Stop")
+        for button in (self.backend_start, self.backend_stop):
+            button.setAutoDefault(False)
         row.addWidget(self.backend_start)
         row.addWidget(self.backend_stop)
         row.addStretch(1)
@@ -117,16 +122,19 @@ class SettingsDialog(QDialog):
         self.controller.start_backend()
 
     def show_settings(self, s: Settings) -> None:
+        """Show the values that changed since last shown; a field being typed into (not committed
+        yet) keeps what was typed when another setting changes."""
         self._loading = True
         try:
-            for field, value in (
-                (self.endpoint, s.endpoint),
-                (self.server_key, s.server_public_key),
-                (self.client_key, s.client_secret_key),
-                (self.backend_command, s.backend_command),
-                (self.backend_args, s.backend_args),
+            for name, field, value in (
+                ("endpoint", self.endpoint, s.endpoint),
+                ("server_key", self.server_key, s.server_public_key),
+                ("client_key", self.client_key, s.client_secret_key),
+                ("backend_command", self.backend_command, s.backend_command),
+                ("backend_args", self.backend_args, s.backend_args),
             ):
-                if field.text() != value and not field.hasFocus():
+                if self._shown.get(name) != value:
+                    self._shown[name] = value
                     field.setText(value)
         finally:
             self._loading = False

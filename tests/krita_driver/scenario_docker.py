@@ -1,22 +1,23 @@
 """E2E inside real Krita: the SDXL Refiner docker used as an artist uses it, every control clicked
-with the mouse (QTest) on the docker's own widgets, against real backends.
+with the mouse (QTest) on the docker's own widgets, against real backends. Phases (params "phases",
+default all, in this order):
 
-1. measure: a 640x480 8-bit document, a selection partly off the canvas, the prompt typed, Refine
+measure: a 640x480 8-bit document, a selection partly off the canvas, the prompt typed, Refine
    clicked; a new layer appears. A 10 ms QTimer runs meanwhile (its largest gap = how long Krita's
-   UI thread was blocked) and a probe times the plugin's own work on that thread. Screenshots before
-   and after, of the screen and of the docker.
-2. again: "Again" on the result: a second layer from the same captured pixels, stacked above the
-   first (the result layer is the active one now). A screenshot while it runs.
-3. queue: the endpoint typed in the settings dialog points nowhere; two jobs wait; one row's Cancel,
+   UI thread was blocked; also measured idle, before the click, for comparison) and a probe times the
+   plugin's own work on that thread. Screenshots before and after, of the screen and of the docker.
+again: "Again" on the result: a second layer from the same captured pixels, stacked above the
+   first (the result layer is the active one now). A picture of the docker while it runs.
+queue: the endpoint typed in the settings dialog points nowhere; two jobs wait; one row's Cancel,
    then the Cancel button.
-4. kept: a job of a second document, which is closed before the backend is back: its result is kept
+kept: a job of a second document, which is closed before the backend is back: its result is kept
    in the history; Apply (to the shown document), Open (as a new document), Discard.
-5. local backend: Start backend (the docker runs ``python -m krita_sdxl.backend.cli serve --demo``),
-   Refine, Stop backend while the job runs (the job is lost, not cancelled), Start again, Resubmit:
-   the layer appears.
+local: Start backend (the docker runs ``python -m krita_sdxl.backend.cli serve --demo``), Refine,
+   Stop backend while the job runs (the job is lost, not cancelled), Start again, Resubmit: the
+   layer appears.
 
 params: rect [x, y, w, h], prompt, good_endpoint, dead_endpoint, local_endpoint, python, backend_args,
-timeout_s, tick_ms, settle_ms
+timeout_s, tick_ms, settle_ms, idle_ms, slow_steps, phases
 """
 
 from __future__ import annotations
@@ -32,95 +33,148 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scenario_tools import Probe, Ticker, click, find_docker, pattern, type_into, until
 
 W, H = 640, 480
+PHASES = ("measure", "again", "queue", "kept", "local")
+
+
+class Session:
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.p = ctx.params
+        self.app = ctx.app
+        self.docker = find_docker(self.app)
+        self.docker.show()
+        self.docker.raise_()
+        self.panel = self.docker.widget()
+        self.controller = self.panel.controller
+        self.out: dict[str, Any] = {}
+        self.doc = ctx.new_document(W, H, "docker-e2e")
+        self.data = pattern(W, H)
+        self.source = ctx.add_paint_layer(self.doc, "Source", self.data)
+        self.doc.setActiveNode(self.source)
+        self.probe = Probe()
+        self.first: Any = None
+
+    def ids(self) -> set[str]:
+        return {self.ctx.node_id(n) for n in self.ctx.all_nodes(self.doc)}
+
+    def new_layers(self, before: set[str]) -> list[Any]:
+        ctx = self.ctx
+        return [
+            n
+            for n in ctx.all_nodes(self.doc)
+            if ctx.node_id(n) not in before and n.type().endswith("layer") and not n.bounds().isEmpty()
+        ]
+
+    def grab(self, label: str) -> None:
+        path = self.ctx.artifact_path(label)
+        if path is not None and self.docker.grab().save(str(path), "PNG"):
+            self.ctx.files.append(str(path))
+
+    def messages(self) -> list[str]:
+        return [text for _level, text in self.panel.messages.entries]
 
 
 def run(ctx: Any) -> Any:
-    p = ctx.params
-    app = ctx.app
-    docker = find_docker(app)
-    docker.show()
-    docker.raise_()
-    panel = docker.widget()
-    controller = panel.controller
-    out: dict[str, Any] = {}
-
-    doc = ctx.new_document(W, H, "docker-e2e")
-    data = pattern(W, H)
-    source = ctx.add_paint_layer(doc, "Source", data)
-    doc.setActiveNode(source)
-    x, y, w, h = p["rect"]
-    ctx.select_rect(doc, x, y, w, h)
-    doc.refreshProjection()
-    yield from until(ctx, lambda: controller.client.is_connected, 60, "the docker to connect to the backend")
+    s = Session(ctx)
+    x, y, w, h = s.p["rect"]
+    ctx.select_rect(s.doc, x, y, w, h)
+    s.doc.refreshProjection()
+    yield from until(ctx, lambda: s.controller.client.is_connected, 60, "the docker to connect to the backend")
     yield 500  # let the window, the views and the docker settle
-    doc.waitForDone()
-    out["layout"] = layout(app, docker, panel)
+    s.doc.waitForDone()
+    s.out["layout"] = layout(s)
+    for phase in s.p.get("phases", PHASES):
+        ctx.log(f"phase {phase}")
+        yield from globals()[f"phase_{phase}"](s)
+    s.out["messages"] = [f"{level}: {text}" for level, text in s.panel.messages.entries]
+    s.out["internal_errors"] = [t for t in s.messages() if "Internal error" in t]
+    s.grab("docker-end")
+    return s.out
 
-    # --- 1. measure ------------------------------------------------------------------------------
+
+def phase_measure(s: Session) -> Any:
+    ctx, panel, controller, p = s.ctx, s.panel, s.controller, s.p
+    x, y, w, h = p["rect"]
     type_into(panel.prompt, p["prompt"])
     if controller.settings.prompt != p["prompt"]:
         raise AssertionError(f"typed {p['prompt']!r}, the settings hold {controller.settings.prompt!r}")
     yield 300  # screenshots block Krita's UI thread: let it paint first
     ctx.screenshot("before")
-    grab(ctx, docker, "docker-before")
-    before = ids(ctx, doc)
-    probe = Probe()
+    s.grab("docker-before")
+    idle = Ticker(p.get("tick_ms", 10))
+    idle.start()
+    yield p.get("idle_ms", 2000)
+    idle_ui = idle.stop()
+    before = s.ids()
+    probe = s.probe
     probe.wrap(controller.adapter, "capture")
     probe.wrap(controller.adapter, "apply")
     probe.wrap(controller.client, "_handle", "message")
+    probe.wrap(controller.client, "send", "encode and send")
     probe.wrap(controller, "_thumbnail", "thumbnail")
     probe.wrap(panel.history, "update_results", "history view")
     probe.wrap(panel.history, "update_jobs", "queue view")
+    probe.wrap(panel.history, "set_preview", "preview view")
+    probe.wrap(sys.modules["krita_sdxl_refiner.controller"], "preview_image", "preview decode")
     ticker = Ticker(p.get("tick_ms", 10))
     ticker.start()
     started = time.monotonic()
     click(panel.refine_button)
-    waited = yield from until(ctx, lambda: new_layers(ctx, doc, before), p.get("timeout_s", 60), "the result layer")
+    timeout = p.get("timeout_s", 60)
+    waited = yield from until(ctx, lambda: s.new_layers(before), timeout, "the result layer")
     yield p.get("settle_ms", 750)
     ui = ticker.stop()
     ui["probe_slow_ms"] = probe.slow()
+    labels = {label for label, _t, _d in probe.records}
     ui["probe_worst_ms"] = {
-        label: round(max(d for lb, _t, d in probe.records if lb == label) * 1000, 1)
-        for label in {lb for lb, _t, _d in probe.records}
+        label: round(max(d for lb, _t, d in probe.records if lb == label) * 1000, 1) for label in sorted(labels)
     }
-    (first,) = new_layers(ctx, doc, before)
-    out["measure"] = {"time_to_layer_s": round(waited, 3), "total_s": round(time.monotonic() - started, 3), "ui": ui}
-    out["first"] = describe_layer(ctx, first, source)
-    out["first"]["alpha"] = alpha_check(first, x, y, w, h)
-    out["source_unchanged"] = (
-        hashlib.sha256(bytes(source.pixelData(0, 0, W, H))).digest() == hashlib.sha256(data).digest()
+    ui["idle"] = {k: idle_ui[k] for k in ("max_gap_ms", "p99_gap_ms", "over_100ms", "top_gaps_ms")}
+    (s.first,) = s.new_layers(before)
+    s.out["measure"] = {"time_to_layer_s": round(waited, 3), "total_s": round(time.monotonic() - started, 3), "ui": ui}
+    ctx.log(f"measure: {s.out['measure']}")
+    first = describe_layer(ctx, s.first, s.source)
+    first["alpha"] = alpha_check(s.first, x, y, w, h)
+    s.out["first"] = first
+    s.out["source_unchanged"] = (
+        hashlib.sha256(bytes(s.source.pixelData(0, 0, W, H))).digest() == hashlib.sha256(s.data).digest()
     )
-    out["active_after_refine"] = doc.activeNode().name() if doc.activeNode() else None
+    s.out["active_after_refine"] = s.doc.activeNode().name() if s.doc.activeNode() else None
     entry = controller.history.newest_first()[0]
     row = panel.history.result_rows[entry.id]
-    out["first_row"] = {
+    s.out["first_row"] = {
         "title": row.title.text(),
         "detail": row.detail.text(),
         "thumbnail": bool(row.thumb.pixmap() and not row.thumb.pixmap().isNull()),
     }
-    out["messages_after_refine"] = [text for _level, text in panel.messages.entries]
-    ctx.log(f"measure: {out['measure']}")
+    s.out["messages_after_refine"] = s.messages()
     yield 300
     ctx.screenshot("after")
-    grab(ctx, docker, "docker-after")
+    s.grab("docker-after")
 
-    # --- 2. again with a new seed ------------------------------------------------------------------
-    before = ids(ctx, doc)
-    captures = sum(1 for label, _t, _d in probe.records if label == "capture")
+
+def phase_again(s: Session) -> Any:
+    ctx, panel, controller = s.ctx, s.panel, s.controller
+    entry = controller.history.newest_first()[0]
+    row = panel.history.result_rows[entry.id]
+    before = s.ids()
+    captures = sum(1 for label, _t, _d in s.probe.records if label == "capture")
     click(row.again_button)
     yield from until(ctx, lambda: panel.history.job_rows, 10, "the Again job in the queue")
     yield from until(
-        ctx, lambda: new_layers(ctx, doc, before) or controller.jobs.current().step > 0, 60, "the Again job to run"
+        ctx, lambda: s.new_layers(before) or controller.jobs.current().step > 0, 60, "the Again job to run"
     )
-    grab(ctx, docker, "docker-during")
-    yield from until(ctx, lambda: new_layers(ctx, doc, before), p.get("timeout_s", 60), "the Again layer")
-    (second,) = new_layers(ctx, doc, before)
-    out["again"] = describe_layer(ctx, second, first)
-    out["again"]["captures"] = sum(1 for label, _t, _d in probe.records if label == "capture") - captures
+    s.grab("docker-during")
+    yield from until(ctx, lambda: s.new_layers(before), s.p.get("timeout_s", 60), "the Again layer")
+    (second,) = s.new_layers(before)
+    s.out["again"] = describe_layer(ctx, second, s.first)
+    s.out["again"]["captures"] = sum(1 for label, _t, _d in s.probe.records if label == "capture") - captures
 
-    # --- 3. the queue: per-job cancel and Cancel, with no backend ---------------------------------------
+
+def phase_queue(s: Session) -> Any:
+    ctx, panel, controller = s.ctx, s.panel, s.controller
     click(panel.settings_button)
-    type_into(panel.dialog.endpoint, p["dead_endpoint"], enter=True)
+    type_into(panel.dialog.endpoint, s.p["dead_endpoint"], enter=True)
     yield from until(ctx, lambda: not controller.client.is_connected, 10, "the docker to leave the backend")
     click(panel.refine_button)
     click(panel.refine_button)
@@ -133,10 +187,19 @@ def run(ctx: Any) -> Any:
     one = [waiting[0].state.value, waiting[1].state.value]
     click(panel.cancel_button)
     yield 50
-    out["queue"] = {"after_row_cancel": one, "after_cancel": [waiting[0].state.value, waiting[1].state.value]}
-    out["queue"]["rows_left"] = len(panel.history.job_rows)
+    s.out["queue"] = {
+        "after_row_cancel": one,
+        "after_cancel": [waiting[0].state.value, waiting[1].state.value],
+        "rows_left": len(panel.history.job_rows),
+    }
 
-    # --- 4. a result kept for a closed document: Apply, Open, Discard --------------------------------
+
+def phase_kept(s: Session) -> Any:
+    ctx, panel, controller, app = s.ctx, s.panel, s.controller, s.app
+    if not panel.dialog.isVisible():
+        click(panel.settings_button)
+    if controller.client.is_connected:
+        type_into(panel.dialog.endpoint, s.p["dead_endpoint"], enter=True)
     other = ctx.new_document(200, 150, "closed-before-result")
     other_layer = ctx.add_paint_layer(other, "Paint", pattern(200, 150))
     other.setActiveNode(other_layer)
@@ -145,76 +208,88 @@ def run(ctx: Any) -> Any:
     job = controller.jobs.current()
     other.setModified(False)
     other.close()
-    show(app, doc)
+    show(app, s.doc)
     yield 300
-    type_into(panel.dialog.endpoint, p["good_endpoint"], enter=True)
-    yield from until(ctx, lambda: controller.history.get(job.id), p.get("timeout_s", 60), "the kept result")
+    type_into(panel.dialog.endpoint, s.p["good_endpoint"], enter=True)
+    yield from until(ctx, lambda: controller.history.get(job.id), s.p.get("timeout_s", 60), "the kept result")
     kept = controller.history.get(job.id)
-    out["kept"] = {"applied": kept.applied, "note": kept.note}
-    out["kept"]["message"] = next((t for _lv, t in panel.messages.entries if "kept in the history" in t), None)
+    out: dict[str, Any] = {"applied": kept.applied, "note": kept.note}
+    out["message"] = next((t for t in s.messages() if "kept in the history" in t), None)
     yield 100
-    kept_row = panel.history.result_rows[job.id]
-    before = ids(ctx, doc)
-    click(kept_row.apply_button)
+    row = panel.history.result_rows[job.id]
+    before = s.ids()
+    click(row.apply_button)
     yield 200
-    applied = new_layers(ctx, doc, before)
-    out["kept"]["apply"] = [n.name() for n in applied]
+    out["apply"] = [n.name() for n in s.new_layers(before)]
     documents = len(app.documents())
-    click(kept_row.open_button)
+    click(row.open_button)
     yield from until(ctx, lambda: len(app.documents()) > documents, 10, "the result opened as a document")
     opened = app.activeDocument()
-    out["kept"]["open"] = {
-        "size": [opened.width(), opened.height()],
-        "layers": [n.name() for n in opened.topLevelNodes()],
-    }
+    out["open"] = {"size": [opened.width(), opened.height()], "layers": [n.name() for n in opened.topLevelNodes()]}
     opened.setModified(False)
-    show(app, doc)
-    click(kept_row.discard_button)
+    show(app, s.doc)
+    yield 200
+    row = panel.history.result_rows[job.id]  # applied here: the row is shown with this document
+    click(row.discard_button)
     yield 100
-    out["kept"]["rows_after_discard"] = job.id in panel.history.result_rows
+    out["row_after_discard"] = job.id in panel.history.result_rows
+    s.out["kept"] = out
 
-    # --- 5. Start/Stop backend and Resubmit ----------------------------------------------------------
+
+def phase_local(s: Session) -> Any:
+    ctx, panel, controller = s.ctx, s.panel, s.controller
     dialog = panel.dialog
-    type_into(dialog.backend_command, p["python"])
-    type_into(dialog.backend_args, p["backend_args"])
-    type_into(dialog.endpoint, p["local_endpoint"], enter=True)
+    if not dialog.isVisible():
+        click(panel.settings_button)
+    type_into(dialog.backend_command, s.p["python"])
+    type_into(dialog.backend_args, s.p["backend_args"])
+    type_into(dialog.endpoint, s.p["local_endpoint"], enter=True)
     dialog.close()
     panel.strength.setValue(100)
-    panel.advanced.steps.setValue(p.get("slow_steps", 40))
+    panel.advanced.steps.setValue(s.p.get("slow_steps", 40))
     yield 100
+    out: dict[str, Any] = {}
     click(panel.backend_button)  # "Start backend"
-    yield from until(ctx, lambda: controller.client.is_connected, 150, "the docker's own backend to start")
-    out["local"] = {"started": panel.backend_button.text()}
-    before = ids(ctx, doc)
+    yield from backend_up(s, "the docker's own backend to start")
+    out["started"] = panel.backend_button.text()
+    before = s.ids()
     click(panel.refine_button)
     yield from until(ctx, lambda: controller.jobs.current().step > 0, 60, "the job to run on the local backend")
     click(panel.backend_button)  # "Stop backend", mid-job
     yield from until(ctx, lambda: controller.jobs.lost(), 30, "the job to be lost when the backend stops")
     yield from until(ctx, lambda: controller.backend.state.value == "stopped", 30, "the backend to stop")
-    out["local"]["lost"] = controller.jobs.lost()[0].status_text
-    out["local"]["resubmit_visible"] = panel.resubmit_button.isVisible()
+    out["lost"] = controller.jobs.lost()[0].status_text
+    out["resubmit_visible"] = panel.resubmit_button.isVisible()
     click(panel.backend_button)  # "Start backend" again
-    yield from until(ctx, lambda: controller.client.is_connected, 150, "the backend to start again")
+    yield from backend_up(s, "the backend to start again")
     click(panel.resubmit_button)
-    yield from until(ctx, lambda: new_layers(ctx, doc, before), 120, "the resubmitted job's layer")
-    out["local"]["layers"] = [n.name() for n in new_layers(ctx, doc, before)]
+    yield from until(ctx, lambda: s.new_layers(before), 120, "the resubmitted job's layer")
+    out["layers"] = [n.name() for n in s.new_layers(before)]
     click(panel.backend_button)  # "Stop backend"
     yield from until(ctx, lambda: controller.backend.state.value == "stopped", 30, "the backend to stop")
-    out["messages"] = [f"{level}: {text}" for level, text in panel.messages.entries]
-    out["internal_errors"] = [t for _lv, t in panel.messages.entries if "Internal error" in t]
-    grab(ctx, docker, "docker-end")
-    return out
+    s.out["local"] = out
+
+
+def backend_up(s: Session, what: str) -> Any:
+    controller = s.controller
+    try:
+        yield from until(s.ctx, lambda: controller.client.is_connected, 150, what)
+    except TimeoutError as exc:
+        raise TimeoutError(
+            f"{exc}; backend {controller.backend.state.value}: {controller.backend.detail}; connection "
+            f"{controller.client.state.value}: {controller.client.detail}; log:\n{controller.backend.log_tail()}"
+        ) from None
 
 
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-def layout(app: Any, docker: Any, panel: Any) -> dict[str, Any]:
+def layout(s: Session) -> dict[str, Any]:
     from PyQt5.QtGui import QGuiApplication  # type: ignore[import-not-found]
 
+    docker, panel = s.docker, s.panel
     screen = QGuiApplication.primaryScreen().geometry()
     top_left = docker.mapToGlobal(docker.rect().topLeft())
-    bottom = panel.history.mapToGlobal(panel.history.rect().bottomLeft()).y()
     return {
         "screen": [screen.width(), screen.height()],
         "docker": [top_left.x(), top_left.y(), docker.width(), docker.height()],
@@ -223,47 +298,25 @@ def layout(app: Any, docker: Any, panel: Any) -> dict[str, Any]:
         "panel_size": [panel.width(), panel.height()],
         "history_height": panel.history.height(),
         "connection_bottom": panel.connection.mapToGlobal(panel.connection.rect().bottomLeft()).y(),
-        "history_bottom": bottom,
         "advanced_field_width": panel.advanced.steps.sizeHint().width(),
-        "docks_right": sorted(d.windowTitle() for d in app.dockers() if d.isVisible()),
+        "visible_dockers": sorted(d.windowTitle() for d in s.app.dockers() if d.isVisible()),
     }
 
 
-def grab(ctx: Any, docker: Any, label: str) -> None:
-    path = ctx.artifact_path(label)
-    if path is not None and docker.grab().save(str(path), "PNG"):
-        ctx.files.append(str(path))
-
-
-def ids(ctx: Any, doc: Any) -> set[str]:
-    return {ctx.node_id(n) for n in ctx.all_nodes(doc)}
-
-
-def new_layers(ctx: Any, doc: Any, before: set[str]) -> list[Any]:
-    return [
-        n
-        for n in ctx.all_nodes(doc)
-        if ctx.node_id(n) not in before and n.type().endswith("layer") and not n.bounds().isEmpty()
-    ]
-
-
 def describe_layer(ctx: Any, layer: Any, below: Any) -> dict[str, Any]:
-    parent = layer.parentNode()
-    siblings = [ctx.node_id(n) for n in parent.childNodes()]
+    siblings = [ctx.node_id(n) for n in layer.parentNode().childNodes()]
     b = layer.bounds()
+    below_id = ctx.node_id(below)
     return {
         "name": layer.name(),
         "bounds": [b.x(), b.y(), b.width(), b.height()],
-        "directly_above": siblings.index(ctx.node_id(layer)) == siblings.index(ctx.node_id(below)) + 1
-        if ctx.node_id(below) in siblings
-        else False,
+        "directly_above": below_id in siblings and siblings.index(ctx.node_id(layer)) == siblings.index(below_id) + 1,
         "visible": layer.visible(),
     }
 
 
 def alpha_check(layer: Any, x: int, y: int, w: int, h: int) -> dict[str, Any]:
-    pixels = bytes(layer.pixelData(0, 0, W, H))
-    alpha = pixels[3::4]
+    alpha = bytes(layer.pixelData(0, 0, W, H))[3::4]
     x1, y1 = min(W, x + w), min(H, y + h)
     outside = sum(1 for r in range(H) for c in range(W) if alpha[r * W + c] and not (x <= c < x1 and y <= r < y1))
     margin = 24
