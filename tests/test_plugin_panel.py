@@ -387,6 +387,7 @@ def test_start_and_stop_backend_buttons(offline, tmp_path):
     click(d.panel.backend_button)
     d.pump(lambda: d.controller.backend.state.value == "stopped")
     assert d.panel.backend_button.text() == "Start backend"
+    assert "the local backend stopped" in d.controller.client.detail  # shown now, not after a timeout
     # the same from the settings dialog
     click(d.panel.settings_button)
     dialog = d.panel.dialog

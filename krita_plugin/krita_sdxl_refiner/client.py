@@ -142,6 +142,12 @@ class Client(QObject):
         if self._timer.isActive():
             self._open(announce=True)
 
+    def reconnect(self, reason: str) -> None:
+        """The service is known to be gone (e.g. the local backend was stopped): show it now and
+        start over, instead of waiting for the heartbeat timeout."""
+        if self._timer.isActive():
+            self._reset(reason)
+
     def send(self, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> bool:
         """Encode (validating every field) and queue one message without blocking. Returns False,
         and emits ``problem``, when there is no socket or its queue is full."""

@@ -56,6 +56,7 @@ class Controller(QObject):
         self.client.problem.connect(lambda text: self.notice.emit(text, "warning"))
         self.backend = Backend(self)
         self.backend.state_changed.connect(self.backend_changed)
+        self.backend.state_changed.connect(self._on_backend_state)
         self.backend.output.connect(self.backend_output)
         self._status_pending: set[str] | None = None
         self._watch = QTimer(self)
@@ -415,6 +416,11 @@ class Controller(QObject):
         return None
 
     # --- local backend -----------------------------------------------------------------------
+
+    @guarded
+    def _on_backend_state(self, state: str, detail: str) -> None:
+        if state in ("stopped", "failed") and self.client.state.value != "invalid":
+            self.client.reconnect(f"the local backend {'stopped' if state == 'stopped' else 'failed'}; retrying")
 
     @guarded
     def start_backend(self) -> None:
