@@ -17,7 +17,6 @@ from PyQt5.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
-    QProgressBar,
     QPushButton,
     QSizePolicy,
     QSlider,
@@ -34,7 +33,7 @@ from .plan import MODE_LABELS
 from .settings import Settings
 from .settings_dialog import SettingsDialog
 from .slots import on_click
-from .widgets import Collapsible, MessageLog, describe_backend, state_text, wrap_label
+from .widgets import Collapsible, MessageLog, ProgressLine, describe_backend, state_text, wrap_label
 
 SOURCES = (("Layer", "layer"), ("Image", "canvas"))
 PROMPT_LINES = 3
@@ -140,10 +139,7 @@ class RefinerPanel(QWidget):
         root.addWidget(self.advanced_section)
 
         row = QHBoxLayout()
-        self.progress = QProgressBar()
-        self.progress.setTextVisible(True)
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
+        self.progress = ProgressLine()
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setToolTip(TIPS["cancel"])
         self.resubmit_button = QPushButton("Resubmit")
@@ -287,7 +283,7 @@ class RefinerPanel(QWidget):
     def _progress(self, lo: int, hi: int, value: int, text: str) -> None:
         self.progress.setRange(lo, hi)
         self.progress.setValue(value)
-        self.progress.setFormat(text.replace("%", "%%"))
+        self.progress.setFormat(text)
         self.progress.setToolTip(text)
 
     def _on_preview(self, job_id: str, image: QImage) -> None:

@@ -99,17 +99,15 @@ class RefinerDocker(DockWidget):
             from .panel import RefinerPanel
 
             self.panel = RefinerPanel(controller())
-            self.panel.history.document_of_view = self._document
+            # Krita 5.1: the docker's canvas().view() can lag behind a view switch; activeDocument() does not.
+            self.panel.history.document_of_view = lambda: Krita.instance().activeDocument()
             self.setWidget(self.panel)
-
-    def _document(self) -> Any:
-        canvas = self.canvas()
-        view = canvas.view() if canvas is not None else None
-        return view.document() if view is not None else Krita.instance().activeDocument()
 
     def canvasChanged(self, canvas: Any) -> None:
         if self.panel is not None:
-            self.panel.document_changed()
+            from PyQt5.QtCore import QTimer
+
+            QTimer.singleShot(0, self.panel.document_changed)  # once Krita has made the view active
 
 
 def register() -> None:

@@ -116,6 +116,10 @@ def phase_measure(s: Session) -> Any:
     probe.wrap(panel.history, "update_jobs", "queue view")
     probe.wrap(panel.history, "set_preview", "preview view")
     probe.wrap(sys.modules["krita_sdxl_refiner.controller"], "preview_image", "preview decode")
+    probe.wrap(sys.modules["krita_sdxl_refiner.client"], "decode", "decode")
+    probe.wrap(panel.progress, "setValue", "progress bar")
+    probe.wrap(panel.progress, "setFormat", "progress text")
+    probe.wrap(panel.messages, "add", "message log")
     ticker = Ticker(p.get("tick_ms", 10))
     ticker.start()
     started = time.monotonic()
@@ -228,8 +232,18 @@ def phase_kept(s: Session) -> Any:
     out["open"] = {"size": [opened.width(), opened.height()], "layers": [n.name() for n in opened.topLevelNodes()]}
     opened.setModified(False)
     show(app, s.doc)
-    yield 200
-    row = panel.history.result_rows[job.id]  # applied here: the row is shown with this document
+    try:  # applied here: the row is shown with this document
+        yield from until(ctx, lambda: job.id in panel.history.result_rows, 5, "the result's row in this document")
+    except TimeoutError as exc:
+        view = panel.history.document_of_view()
+        raise AssertionError(
+            f"{exc}: the view shows {view and view.name()!r}, the result belongs to "
+            f"{[d.name() if d else None for d in (kept.target.document, *kept.documents)]}, active document "
+            f"{app.activeDocument() and app.activeDocument().name()!r}, equal: "
+            f"{[d == view for d in kept.documents]}"
+        ) from None
+    yield 100  # a new row is shown by a queued event
+    row = panel.history.result_rows[job.id]
     click(row.discard_button)
     yield 100
     out["row_after_discard"] = job.id in panel.history.result_rows
@@ -325,8 +339,8 @@ def alpha_check(layer: Any, x: int, y: int, w: int, h: int) -> dict[str, Any]:
 
 
 def show(app: Any, doc: Any) -> None:
-    window = app.activeWindow()
-    for view in window.views():
+    """Bring ``doc``'s view to the front (``View.setVisible``; ``Window.showView`` does not switch in 5.1)."""
+    for view in app.activeWindow().views():
         if view.document() == doc:
-            window.showView(view)
+            view.setVisible()
     app.setActiveDocument(doc)
