@@ -85,7 +85,11 @@ def run(ctx: Any) -> Any:
     s.out["layout"] = layout(s)
     for phase in s.p.get("phases", PHASES):
         ctx.log(f"phase {phase}")
-        yield from globals()[f"phase_{phase}"](s)
+        try:
+            yield from globals()[f"phase_{phase}"](s)
+        except Exception as exc:
+            jobs = [(j.state.value, j.status_text) for j in s.controller.jobs]
+            raise AssertionError(f"phase {phase}: {exc}\nmessages: {s.messages()}\njobs: {jobs}") from exc
     s.out["messages"] = [f"{level}: {text}" for level, text in s.panel.messages.entries]
     s.out["internal_errors"] = [t for t in s.messages() if "Internal error" in t]
     s.grab("docker-end")
@@ -266,6 +270,8 @@ def phase_local(s: Session) -> Any:
     click(panel.backend_button)  # "Start backend"
     yield from backend_up(s, "the docker's own backend to start")
     out["started"] = panel.backend_button.text()
+    s.doc.setActiveNode(s.source)  # the active layer is a result layer now; refine the painting
+    yield 100
     before = s.ids()
     click(panel.refine_button)
     yield from until(ctx, lambda: controller.jobs.current().step > 0, 60, "the job to run on the local backend")
