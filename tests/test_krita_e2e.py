@@ -112,6 +112,7 @@ def test_docker_in_real_krita(tmp_path: Path, backend_endpoint: str, demo_cache:
     screen_h = lay["screen"][1]
     assert not lay["floating"] and lay["docker"][1] + lay["docker"][3] <= screen_h, f"docker off screen\n{story}"
     assert lay["connection_bottom"] <= screen_h and lay["history_height"] >= 60, f"results squeezed\n{story}"
+    assert value["advanced_visible"] and value["advanced_field_width"] >= 60, f"advanced settings squeezed\n{story}"
 
     first = value["first"]
     assert PROMPT[:20] in first["name"] and first["directly_above"] and first["visible"], story
@@ -137,17 +138,18 @@ def test_docker_in_real_krita(tmp_path: Path, backend_endpoint: str, demo_cache:
     kept = value["kept"]
     assert not kept["applied"] and "closed" in kept["note"] and kept["message"], story
     assert len(kept["apply"]) == 1 and kept["open"]["size"] and len(kept["open"]["layers"]) == 1, story
-    assert kept["rows_after_discard"] is False, story
+    assert kept["row_after_discard"] is False, story
 
     local = value["local"]
-    assert local["started"] == "Stop backend" and "stopped" in local["lost"] and local["resubmit_visible"], story
+    assert local["started"] == "■ Stop" and "stopped" in local["lost"] and local["resubmit_visible"], story
     assert len(local["layers"]) == 1, story
 
     ui = value["measure"]["ui"]
     print(
         f"docker E2E: layer after {value['measure']['time_to_layer_s']} s; UI thread: largest gap between 10 ms "
         f"ticks {ui['max_gap_ms']} ms at {ui['worst_at_s']} s, p99 {ui['p99_gap_ms']} ms, {ui['over_100ms']} over "
-        f"100 ms, top {ui['top_gaps_ms']}; plugin work on the UI thread (ms): {ui['probe_worst_ms']}; "
+        f"100 ms, top {ui['top_gaps_ms']}; idle before the click: largest gap {ui['idle']['max_gap_ms']} ms; "
+        f"plugin work on the UI thread (ms): {ui['probe_worst_ms']}; full docker repaint {lay['repaint_ms']} ms; "
         f"docker {lay['docker']} on a {lay['screen']} screen, panel minimum {lay['panel_min']}; "
         f"Krita run {run.duration_s:.0f} s"
     )

@@ -278,14 +278,14 @@ def test_kept_result_of_a_closed_document_stays_visible(online):
     d.adapter.document = "another document"  # the artist switched documents
     d.panel.document_changed()
     row = d.panel.history.result_rows[submit.job]  # never-applied results show in every document
-    assert "not applied: its document was closed" in row.detail.text()
+    assert "not applied: its document was closed" in row.where.text()
     assert any("kept in the history" in m for m in d.messages())
     d.controller.notice.emit("a later message", "info")
     assert any("kept in the history" in m for m in d.messages())  # not overwritten
     click(row.apply_button)  # into the document shown now: the row stays there
     assert d.adapter.to_active and d.controller.history.get(submit.job).applied
     assert d.panel.history.result_rows[submit.job] is row and row.isVisible()
-    assert "seed 1234" in row.detail.text() and "not applied" not in row.detail.text()
+    assert "seed 1234" in row.detail.text() and row.where.text().endswith("· in other.kra")
 
 
 def test_results_follow_the_document_shown(online):
@@ -378,15 +378,15 @@ def test_start_and_stop_backend_buttons(offline, tmp_path):
     command = script(tmp_path, 'echo "loading"\necho "ready on $3"\nexec sleep 30\n')
     d.controller.update_settings(backend_command=command, backend_args="serve")
     settle(d.app)
-    assert d.panel.backend_button.text() == "Start backend"
+    assert d.panel.backend_button.text() == "▶ Start" and "Start the local backend" in d.panel.backend_button.toolTip()
     click(d.panel.backend_button)
     d.pump(lambda: d.controller.backend.state.value == "running")
     d.no_internal_error()
-    assert d.panel.backend_button.text() == "Stop backend"
+    assert d.panel.backend_button.text() == "■ Stop"
     assert "ready on tcp://127.0.0.1:9" in d.controller.backend.log_tail()
     click(d.panel.backend_button)
     d.pump(lambda: d.controller.backend.state.value == "stopped")
-    assert d.panel.backend_button.text() == "Start backend"
+    assert d.panel.backend_button.text() == "▶ Start"
     assert "the local backend stopped" in d.controller.client.detail  # shown now, not after a timeout
     # the same from the settings dialog
     click(d.panel.settings_button)

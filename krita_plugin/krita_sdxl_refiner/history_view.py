@@ -55,12 +55,15 @@ class _Row(QFrame):
         font.setBold(True)
         self.title.setFont(font)
         self.detail = ElidedLabel()
+        self.where = ElidedLabel()  # results: when, and where it went (or why it was kept)
+        self.where.hide()
         self.buttons = QHBoxLayout()
         self.buttons.setSpacing(2)
         text = QVBoxLayout()
         text.setSpacing(1)
         text.addWidget(self.title)
         text.addWidget(self.detail)
+        text.addWidget(self.where)
         text.addLayout(self.buttons)
         layout = QHBoxLayout(self)
         layout.setContentsMargins(3, 3, 3, 3)
@@ -121,9 +124,10 @@ class ResultRow(_Row):
         self.title.setText(short_prompt(entry.prompt, 60) or MODE_LABELS.get(entry.mode, entry.mode))
         when = time.strftime("%H:%M", time.localtime(entry.created))
         seed = "?" if entry.seed is None else str(entry.seed)
-        settings = f"{when} · seed {seed} · strength {entry.strength:.2f}"
-        self.detail.setText(settings if entry.applied else f"{entry.note} · {settings}")
-        self.detail.setStyleSheet("" if entry.applied else "color: #d7a000")
+        self.detail.setText(f"seed {seed} · strength {entry.strength:.2f}")
+        self.where.setText(f"{when} · {entry.note}")
+        self.where.setStyleSheet("color: #888888" if entry.applied else "color: #d7a000")
+        self.where.show()
         took = f", {entry.elapsed:.1f} s" if entry.elapsed is not None else ""
         self.setToolTip(
             f"{entry.name}\n{entry.box.width}x{entry.box.height} px, {entry.fmt.label}{took}\n"

@@ -160,7 +160,7 @@ class RefinerPanel(QWidget):
         self.connection = wrap_label()
         self.connection.setWordWrap(False)
         self.connection.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
-        self.backend_button = QPushButton("Start backend")
+        self.backend_button = QPushButton("▶ Start")
         self.settings_button = QToolButton()
         self.settings_button.setText("⚙")
         self.settings_button.setToolTip(TIPS["settings"])
@@ -298,14 +298,14 @@ class RefinerPanel(QWidget):
 
     def _update_backend_button(self) -> None:
         ours = self.controller.backend.state.value in ("starting", "running", "stopping")
-        self.backend_button.setText("Stop backend" if ours else "Start backend")
+        self.backend_button.setText("■ Stop" if ours else "▶ Start")
         self.backend_button.setEnabled(self.controller.backend.state.value != "stopping")
         self.backend_button.setVisible(ours or self._connection[0] != "connected")
+        s = self.controller.settings
         self.backend_button.setToolTip(
-            "Stop the backend Krita started"
+            "Stop the local backend Krita started"
             if ours
-            else f"Start {self.controller.settings.backend_command} {self.controller.settings.backend_args} "
-            "on this computer (set the command in ⚙)"
+            else f"Start the local backend: {s.backend_command} {s.backend_args} (the command is set in ⚙)"
         )
 
 

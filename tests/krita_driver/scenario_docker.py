@@ -83,6 +83,7 @@ def run(ctx: Any) -> Any:
     yield 500  # let the window, the views and the docker settle
     s.doc.waitForDone()
     s.out["layout"] = layout(s)
+    s.out["layout"]["repaint_ms"] = repaint_ms(s.panel)
     for phase in s.p.get("phases", PHASES):
         ctx.log(f"phase {phase}")
         try:
@@ -159,6 +160,13 @@ def phase_measure(s: Session) -> Any:
     yield 300
     ctx.screenshot("after")
     s.grab("docker-after")
+    click(panel.advanced_section.button)
+    yield 300
+    s.grab("docker-advanced")
+    s.out["advanced_visible"] = panel.advanced.denoising_end.isVisible()
+    s.out["advanced_field_width"] = panel.advanced.denoising_end.width()
+    click(panel.advanced_section.button)
+    yield 100
 
 
 def phase_again(s: Session) -> Any:
@@ -321,6 +329,16 @@ def layout(s: Session) -> dict[str, Any]:
         "advanced_field_width": panel.advanced.steps.sizeHint().width(),
         "visible_dockers": sorted(d.windowTitle() for d in s.app.dockers() if d.isVisible()),
     }
+
+
+def repaint_ms(panel: Any) -> list[float]:
+    """How long a full, synchronous repaint of the docker's content takes (three tries)."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        panel.repaint()
+        times.append(round((time.perf_counter() - start) * 1000, 1))
+    return times
 
 
 def describe_layer(ctx: Any, layer: Any, below: Any) -> dict[str, Any]:
