@@ -539,6 +539,18 @@ def test_real_service_killed_mid_job_then_restarted_job_is_resubmitted(app, ctx,
         (box, data, name) = adapter.applied[-1]
         assert box == job.plan.crop and len(data) == box.width * box.height * 4
         assert "seed 77" in name
+
+        # the ensemble from a selection, as the docker's Generate mode sends it, on the same service
+        assert "generate" in c.supported_modes
+        c.update_settings(mode="generate", steps=6, denoising_end=0.5, keep_unmasked=False)
+        generated = c.refine()
+        pump(app, lambda: generated.state.finished, [], timeout=120)
+        assert generated.state is JobState.done, generated.status_text
+        assert generated.total == 6  # 3 base + 3 refiner steps
+        (box, data, name) = adapter.applied[-1]
+        assert name == "Generate · a red barn · seed 77" and box == generated.plan.crop
+        entry = c.history.get(generated.id)
+        assert entry.mode == "generate" and entry.can_again
     finally:
         c.shutdown()
         svc.stop()

@@ -333,6 +333,8 @@ def test_settings_dialog_endpoint_is_checked_and_shown_in_the_connection_line(of
     assert "did you mean tcp://localhost:5588" in d.panel.connection.toolTip()
     assert "invalid" in d.panel.connection.text() and "invalid" in dialog.connection.text()
     dialog.close()
+    click(d.panel.refine_button)
+    assert "The endpoint cannot be used (endpoint 'localhost:5588' has no scheme" in d.messages()[-1]
 
 
 # --- the local backend ---------------------------------------------------------------------------

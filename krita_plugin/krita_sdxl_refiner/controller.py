@@ -185,6 +185,10 @@ class Controller(QObject):
         self.jobs.add(job)
         if self.client.is_connected:
             self._send(job)
+        elif self.client.state.value == "invalid":
+            self.notice.emit(
+                f"The endpoint cannot be used ({self.client.detail}); the job starts once it is fixed in ⚙.", "warning"
+            )
         else:
             self.notice.emit("The backend is not connected; the job starts as soon as it is.", "warning")
         self.jobs_changed.emit()
