@@ -116,6 +116,7 @@ def phase_measure(s: Session) -> Any:
     probe.wrap(controller.adapter, "apply")
     probe.wrap(controller.client, "_handle", "message")
     probe.wrap(controller.client, "send", "encode and send")
+    probe.wrap(controller, "_submit", "submit (send, queue and progress views)")
     probe.wrap(controller, "_thumbnail", "thumbnail")
     probe.wrap(panel.history, "update_results", "history view")
     probe.wrap(panel.history, "update_jobs", "queue view")
@@ -129,6 +130,7 @@ def phase_measure(s: Session) -> Any:
     ticker.start()
     started = time.monotonic()
     click(panel.refine_button)
+    click_ms = round((time.monotonic() - started) * 1000, 1)  # press, release and everything Refine does at once
     timeout = p.get("timeout_s", 60)
     waited = yield from until(ctx, lambda: s.new_layers(before), timeout, "the result layer")
     yield p.get("settle_ms", 750)
@@ -139,6 +141,7 @@ def phase_measure(s: Session) -> Any:
         label: round(max(d for lb, _t, d in probe.records if lb == label) * 1000, 1) for label in sorted(labels)
     }
     ui["idle"] = {k: idle_ui[k] for k in ("max_gap_ms", "p99_gap_ms", "over_100ms", "top_gaps_ms")}
+    ui["click_ms"] = click_ms
     (s.first,) = s.new_layers(before)
     s.out["measure"] = {"time_to_layer_s": round(waited, 3), "total_s": round(time.monotonic() - started, 3), "ui": ui}
     ctx.log(f"measure: {s.out['measure']}")
