@@ -205,7 +205,7 @@ class HistoryView(QWidget):
         jobs = [j for j in self.controller.jobs if not j.state.finished or j.state is JobState.lost]
         ids = {j.id for j in jobs}
         for job_id in [i for i in self.job_rows if i not in ids]:
-            self.job_rows.pop(job_id).deleteLater()
+            self._drop(self.job_rows.pop(job_id))
         for index, job in enumerate(jobs):
             row = self.job_rows.get(job.id)
             if row is None:
@@ -218,15 +218,17 @@ class HistoryView(QWidget):
         entries = self.controller.history.newest_first(self.shows)
         ids = {e.id for e in entries}
         for entry_id in [i for i in self.result_rows if i not in ids]:
-            self.result_rows.pop(entry_id).deleteLater()
+            self._drop(self.result_rows.pop(entry_id))
         for index, entry in enumerate(entries):
             row = self.result_rows.get(entry.id)
             if row is None:
                 row = self.result_rows[entry.id] = ResultRow(self.controller, entry)
             else:
                 row.update_from(entry)
-            self.rows.removeWidget(row)
-            self.rows.insertWidget(len(self.job_rows) + index, row)
+            position = len(self.job_rows) + index
+            if self.rows.indexOf(row) != position:  # new, or moved down by a newer result
+                self.rows.removeWidget(row)
+                self.rows.insertWidget(position, row)
         hidden = len(self.controller.history) - len(entries)
         self.heading.setText(f"Results ({hidden} in other documents)" if hidden else "Results")
         self._update_empty()
@@ -235,6 +237,11 @@ class HistoryView(QWidget):
         row = self.job_rows.get(job_id)
         if row is not None:
             row.set_image(image)
+
+    def _drop(self, row: QWidget) -> None:
+        self.rows.removeWidget(row)  # now, so that the positions of the other rows are right at once
+        row.hide()
+        row.deleteLater()
 
     def _update_empty(self) -> None:
         self.empty.setVisible(not self.job_rows and not self.result_rows)
