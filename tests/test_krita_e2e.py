@@ -1,17 +1,24 @@
-"""End to end: the packaged plugin inside real Krita refines a selection through a running backend.
+"""End to end: the packaged plugin inside real Krita 5 under Xvfb, against real backends.
 
-A demo backend (``krita-sdxl serve --demo``: tiny random weights, CPU) serves jobs; the plugin zip
-is built with ``--no-vendor`` (Debian's Krita brings python3-zmq and python3-msgpack), installed
-as Krita's importer would, its settings pre-written to kritarc; the scenario
-(``krita_driver/scenario_refine.py``) triggers the ``krita_sdxl_refine`` action on a rectangular
-selection and reports what appeared. Set ``KRITA_SDXL_E2E_ENDPOINT`` to use an already running
-backend (a real GPU one, say) instead of starting the demo.
+A demo backend (``krita-sdxl serve --demo``: tiny random weights, CPU) serves jobs. Two Krita runs:
+
+- the docker (``krita_driver/scenario_docker.py``), with the ``--no-vendor`` zip on Debian's
+  python3-zmq and python3-msgpack: every control is clicked with the mouse on the docker's own
+  widgets (Refine, Again, per-job Cancel, Cancel, Apply, Open, Discard, Start/Stop backend, Resubmit),
+  the prompt and the endpoint are typed; the UI thread's largest stall while a job runs is printed;
+  screenshots go to tests/artifacts/ (``e2e-docker-*.png``);
+- the vendored zip Linux users get (``krita_driver/scenario_refine.py``): the menu action refines
+  a selection.
+
+Set ``KRITA_SDXL_E2E_ENDPOINT`` to use an already running backend (a real GPU one, say) instead of
+starting the demo.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,31 +30,39 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 build_plugin = krita_harness.load_build_plugin()
 require_krita = krita_harness.require_krita
-PLUGIN_PACKAGE = ROOT / "krita_plugin" / "krita_sdxl_refiner"
 
 SEED = 424242
-RECT = (100, 120, 300, 260)  # x0, y0, x1, y1
-INNER_MARGIN = 20  # px inside the rectangle that must be covered despite the feathered edge
-MAX_UI_GAP_MS = 250.0
+PROMPT = "a lighthouse on a cliff at dawn"
+SETTINGS = {"prompt": "a detailed test pattern", "strength": 0.5, "steps": 4, "seed": SEED, "source": "layer"}
+RECT = (100, 120, 300, 260)  # x0, y0, x1, y1 for the menu-action run
+DOCKER_RECT = (470, 300, 240, 260)  # x, y, w, h: partly off the 640x480 canvas
+MAX_UI_GAP_MS = 1000.0  # a stall this long is a bug even on a busy 2-core CI machine; the figure is printed
 
-pytestmark = [
-    pytest.mark.krita,
-    pytest.mark.slow,
-]
+pytestmark = [pytest.mark.krita, pytest.mark.slow]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def backend_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("demo-model")
+
+
+@pytest.fixture(scope="module")
+def backend_endpoint(demo_cache: Path) -> Iterator[str]:
     endpoint = os.environ.get("KRITA_SDXL_E2E_ENDPOINT")
     if endpoint:
         yield endpoint
         return
     from krita_sdxl.backend.launcher import start_service
 
-    cache = tmp_path_factory.mktemp("demo-model")
     # One torch thread: on a 2-core CI machine a busy backend must not starve Krita's UI thread.
     service = start_service(
-        ["--demo", "--cache-dir", str(cache), "--log-level", "info"],
+        ["--demo", "--cache-dir", str(demo_cache), "--log-level", "info"],
         timeout=180,
         env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
     )
@@ -58,75 +73,108 @@ def backend_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         print("--- backend log ---\n" + service.log[-4000:])
 
 
-def run_refine_e2e(
-    zip_path: Path, endpoint: str, workdir: Path, *, name: str = "e2e-refine", **params: Any
+def run_scenario(
+    scenario: str, zip_path: Path, endpoint: str, workdir: Path, name: str, params: dict[str, Any], timeout_s: float
 ) -> tuple[krita_harness.KritaRun, dict[str, Any]]:
-    """Run the refine scenario with ``zip_path`` installed; returns the run and the scenario's value."""
-    settings = {
-        "krita_sdxl": {
-            "endpoint": endpoint,
-            "prompt": "a detailed test pattern",
-            "strength": 0.5,
-            "steps": 4,
-            "seed": SEED,
-            "source": "layer",
-            "preview": False,
-        }
-    }
     run = krita_harness.run_krita(
-        "scenario_refine",
+        scenario,
         workdir,
         name=name,
-        params={
-            "rect": list(RECT),
-            "inner_margin": INNER_MARGIN,
-            "timeout_s": 60,
-            "action": "krita_sdxl_refine",
-            **params,
-        },
+        params=params,
         plugin_zips=[zip_path],
-        settings=settings,
-        timeout_s=150,
-        scenario_timeout_s=120,
+        settings={"krita_sdxl": {"endpoint": endpoint, "preview": True, **SETTINGS}},
+        timeout_s=timeout_s,
+        scenario_timeout_s=timeout_s - 30,
+        extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},  # for the backend the docker starts
     )
     return run, run.check()
 
 
-@pytest.mark.parametrize("packaging", ["system", "vendored"])
-def test_refine_selection_in_real_krita(tmp_path: Path, backend_endpoint: str, packaging: str) -> None:
-    """``system``: the --no-vendor zip on Krita's own pyzmq/msgpack (Debian's python3-zmq);
-    ``vendored``: the zip Linux users get, with the manylinux wheels (downloaded once into build/wheels)."""
+def test_docker_in_real_krita(tmp_path: Path, backend_endpoint: str, demo_cache: Path) -> None:
     require_krita()
-    if packaging == "vendored" and not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
-        pytest.skip("the vendored zip carries manylinux x86_64 wheels only")
-    zip_path = build_plugin.build(
-        tmp_path / "krita_sdxl_refiner.zip",
-        vendor=packaging == "vendored",
-        platforms=["*-manylinux_x86_64"],
-    )
-    run, value = run_refine_e2e(zip_path, backend_endpoint, tmp_path / "krita", name=f"e2e-refine-{packaging}")
+    zip_path = build_plugin.build(tmp_path / "krita_sdxl_refiner.zip", vendor=False)
+    params = {
+        "rect": list(DOCKER_RECT),
+        "prompt": PROMPT,
+        "good_endpoint": backend_endpoint,
+        "dead_endpoint": f"tcp://127.0.0.1:{free_port()}",
+        "local_endpoint": f"tcp://127.0.0.1:{free_port()}",
+        "python": sys.executable,
+        "backend_args": f"serve --demo --cache-dir {demo_cache} --log-level info",
+        "timeout_s": 90,
+    }
+    run, value = run_scenario("scenario_docker", zip_path, backend_endpoint, tmp_path / "krita", "e2e-docker",
+                              params, timeout_s=480)  # fmt: skip
     story = run.describe() + f"\nscenario value: {value}"
-    zmq_file = value["modules"]["zmq"] or ""
-    if packaging == "vendored":
-        py = run.result["python_version"].split(".")
-        assert f"/krita_sdxl_refiner/_vendor/cp{py[0]}{py[1]}-manylinux_x86_64/zmq/" in zmq_file, story
-    else:
-        assert zmq_file and "_vendor" not in zmq_file, story
-    assert "/krita_sdxl_refiner/_vendor/common/krita_sdxl/protocol/" in (value["modules"]["krita_sdxl.protocol"] or "")
+    assert run.result is not None and run.result["uncaught"] == [] and value["internal_errors"] == [], story
 
-    assert run.result is not None and run.result["uncaught"] == [], story
-    assert "SDXL Refiner" in value["dockers"], story
+    lay = value["layout"]
+    screen_h = lay["screen"][1]
+    assert not lay["floating"] and lay["docker"][1] + lay["docker"][3] <= screen_h, f"docker off screen\n{story}"
+    assert lay["connection_bottom"] <= screen_h and lay["history_height"] >= 60, f"results squeezed\n{story}"
+    assert value["advanced_visible"] and value["advanced_field_width"] >= 60, f"advanced settings squeezed\n{story}"
+
+    first = value["first"]
+    assert PROMPT[:20] in first["name"] and first["directly_above"] and first["visible"], story
+    x, y = DOCKER_RECT[:2]
+    bx, by, bw, bh = first["bounds"]
+    assert bx >= x - 1 and by >= y - 1 and bx + bw <= 640 and by + bh <= 480, f"layer not clipped to canvas\n{story}"
+    assert first["alpha"]["outside_nonzero"] == 0 and first["alpha"]["inner_min"] > 0, story
+    assert value["source_unchanged"], f"the Source layer changed\n{story}"
+    assert value["first_row"]["thumbnail"] and f"seed {SEED}" in value["first_row"]["detail"], story
+    assert any(m.startswith("Added layer") and "docker-e2e" in m for m in value["messages_after_refine"]), story
+
+    assert value["active_after_refine"] == first["name"], story  # Krita made the result active...
+    again = value["again"]
+    assert again["directly_above"] and again["captures"] == 0, f"Again re-read the document\n{story}"
+    assert again["name"] != first["name"], story  # ...yet Again ran the captured pixels, with a new seed
+
+    assert value["queue"] == {
+        "after_row_cancel": ["cancelled", "waiting"],
+        "after_cancel": ["cancelled", "cancelled"],
+        "rows_left": 0,
+    }, story
+
+    kept = value["kept"]
+    assert not kept["applied"] and "closed" in kept["note"] and kept["message"], story
+    assert len(kept["apply"]) == 1 and kept["open"]["size"] and len(kept["open"]["layers"]) == 1, story
+    assert kept["row_after_discard"] is False, story
+
+    local = value["local"]
+    assert local["started"] == "■ Stop" and "stopped" in local["lost"] and local["resubmit_visible"], story
+    assert len(local["layers"]) == 1, story
+
+    ui = value["measure"]["ui"]
+    print(
+        f"docker E2E: layer after {value['measure']['time_to_layer_s']} s; UI thread: largest gap between 10 ms "
+        f"ticks {ui['max_gap_ms']} ms at {ui['worst_at_s']} s, p99 {ui['p99_gap_ms']} ms, {ui['over_100ms']} over "
+        f"100 ms, top {ui['top_gaps_ms']}; idle before the click: largest gap {ui['idle']['max_gap_ms']} ms; "
+        f"plugin work on the UI thread (ms): {ui['probe_worst_ms']}; full docker repaint {lay['repaint_ms']} ms; "
+        f"docker {lay['docker']} on a {lay['screen']} screen, panel minimum {lay['panel_min']}; "
+        f"Krita run {run.duration_s:.0f} s"
+    )
+    assert ui["max_gap_ms"] < MAX_UI_GAP_MS, f"Krita's UI thread stalled\n{story}"
+
+
+def test_vendored_zip_refines_from_the_menu_action(tmp_path: Path, backend_endpoint: str) -> None:
+    """The zip Linux users get, with the manylinux wheels (downloaded once into build/wheels)."""
+    require_krita()
+    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
+        pytest.skip("the vendored zip carries manylinux x86_64 wheels only")
+    zip_path = build_plugin.build(tmp_path / "krita_sdxl_refiner.zip", vendor=True, platforms=["*-manylinux_x86_64"])
+    params = {"rect": list(RECT), "inner_margin": 20, "timeout_s": 60, "action": "krita_sdxl_refine"}
+    run, value = run_scenario("scenario_refine", zip_path, backend_endpoint, tmp_path / "krita", "e2e-refine-vendored",
+                              params, timeout_s=150)  # fmt: skip
+    story = run.describe() + f"\nscenario value: {value}"
+    py = run.result["python_version"].split(".")
+    assert f"/krita_sdxl_refiner/_vendor/cp{py[0]}{py[1]}-manylinux_x86_64/zmq/" in value["modules"]["zmq"], story
+    assert "/krita_sdxl_refiner/_vendor/common/krita_sdxl/protocol/" in (value["modules"]["krita_sdxl.protocol"] or "")
+    assert run.result["uncaught"] == [], story
     assert [t for _n, t in value["new_nodes"]] == ["paintlayer"], f"expected exactly one new paint layer\n{story}"
     layer = value["layer"]
     assert "Refine" in layer["name"] and str(SEED) in layer["name"], story
     assert layer["same_parent"] and layer["index"] == layer["source_index"] + 1, f"not directly above Source\n{story}"
-    assert layer["visible"], story
-    assert value["alpha"]["outside_max"] == 0, f"pixels outside the selection are not transparent\n{story}"
-    assert value["alpha"]["inner_min"] > 0, f"holes inside the selection\n{story}"
+    assert value["alpha"]["outside_max"] == 0 and value["alpha"]["inner_min"] > 0, story
     assert value["source_unchanged"], f"the Source layer changed\n{story}"
-    assert value["ui"]["max_gap_ms"] < MAX_UI_GAP_MS, f"Krita's UI thread stalled\n{story}"
     ui = value["ui"]
-    print(
-        f"refine E2E ({packaging}): layer after {value['time_to_layer_s']} s, UI max gap {ui['max_gap_ms']} ms "
-        f"at {ui['worst_at_s']} s ({ui['ticks']} ticks), Krita run {run.duration_s:.1f} s, warm HOME {run.warm}"
-    )
+    print(f"vendored zip, menu action: layer after {value['time_to_layer_s']} s, UI max gap {ui['max_gap_ms']} ms")

@@ -11,7 +11,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,88 +20,23 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 pytest.importorskip("PyQt5.QtWidgets")
 zmq = pytest.importorskip("zmq")
 
-from PyQt5.QtCore import QEventLoop  # noqa: E402
 from PyQt5.QtWidgets import QApplication  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
+from plugin_fakes import CAPS, FakeAdapter, FakeService, make_controller, pump  # noqa: E402
+
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, ImageSpec, Message, decode, encode  # noqa: E402
 from krita_sdxl.protocol.geometry import Box, Extent  # noqa: E402
+from krita_sdxl_refiner.adapter_api import Capture, Placed  # noqa: E402
 from krita_sdxl_refiner.client import Client  # noqa: E402
-from krita_sdxl_refiner.controller import AdapterError, Capture, Controller  # noqa: E402
 from krita_sdxl_refiner.jobs import JobState, Target  # noqa: E402
 from krita_sdxl_refiner.pixelformat import pixel_format  # noqa: E402
-
-CAPS = {"device": "cpu", "dtype": "float32", "models": [], "modes": ["refine"], "protocol_version": 1}
 
 
 @pytest.fixture(scope="module")
 def app():
     return QApplication.instance() or QApplication([])
-
-
-class FakeService:
-    """A ROUTER that answers hello and heartbeat (while ``alive``) and records everything."""
-
-    def __init__(self, ctx: zmq.Context, endpoint: str = "tcp://127.0.0.1:*", curve_secret: str | None = None) -> None:
-        self.router = ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        if curve_secret is not None:
-            from zmq import auth as zmq_auth
-
-            public, secret = zmq_auth.load_certificate(curve_secret)
-            self.router.curve_secretkey, self.router.curve_publickey = secret, public
-            self.router.curve_server = True
-        deadline = time.monotonic() + 5
-        while True:  # a just-closed listener on the same port is released asynchronously
-            try:
-                self.router.bind(endpoint)
-                break
-            except zmq.ZMQError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.alive = True
-        self.received: list[tuple[bytes, Message]] = []
-
-    def poll(self) -> None:
-        while True:
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            ident, msg = frames[0], decode(CLIENT, frames[1:])
-            self.received.append((ident, msg))
-            if not self.alive:
-                continue
-            if msg.type == "hello":
-                self.send(ident, "welcome", server="fake", capabilities=CAPS)
-            elif msg.type == "heartbeat":
-                self.send(ident, "heartbeat")
-
-    def send(self, ident: bytes, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> None:
-        self.router.send_multipart([ident, *encode(SERVICE, msg_type, images=images, **fields)])
-
-    def of_type(self, msg_type: str) -> list[tuple[bytes, Message]]:
-        return [(i, m) for i, m in self.received if m.type == msg_type]
-
-    def close(self) -> None:
-        self.router.close(linger=0)
-
-
-def pump(app: QApplication, until: Callable[[], bool], services: list[FakeService], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        for s in services:
-            s.poll()
-        app.processEvents(QEventLoop.AllEvents, 10)
-        if until():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.002)
 
 
 @pytest.fixture
@@ -182,14 +116,43 @@ def test_silence_means_disconnected_then_reconnects_with_the_same_identity(app, 
         service.close()
 
 
-def test_bad_endpoint_is_reported_not_raised(app, ctx):
+def test_bad_endpoint_is_reported_not_connected_to(app, ctx):
+    """The endpoint is checked as typed (protocol/endpoint.py): the connection line shows the problem."""
     client = Client("nonsense://x", interval=0.05, timeout=0.2, context=ctx)
     client.start()
     try:
-        assert client.state.value == "disconnected" and "cannot use endpoint" in client.detail
+        assert client.state.value == "invalid" and "unknown scheme 'nonsense'" in client.detail
         assert not client.send("heartbeat")
+        client.set_endpoint("127.0.0.1:5588")
+        assert client.state.value == "invalid" and "did you mean tcp://127.0.0.1:5588" in client.detail
     finally:
         client.stop()
+
+
+def test_ipc_socket_of_another_user_is_refused(app, ctx, tmp_path, monkeypatch):
+    """check_ipc_connect runs before connecting: a socket another user owns gets nothing."""
+    import krita_sdxl.protocol.endpoint as endpoint_mod
+
+    path = tmp_path / "service.sock"
+    service = FakeService(ctx, f"ipc://{path}")
+    client = Client(f"ipc://{path}", interval=0.05, timeout=1.0, context=ctx)
+    try:
+        real_uid = os.getuid()
+        monkeypatch.setattr(endpoint_mod, "_uid", lambda: real_uid + 1)  # as if the socket were not ours
+        client.start()
+        assert client.state.value == "disconnected" and "not to you" in client.detail
+        t_end = time.monotonic() + 0.3
+        pump(app, lambda: time.monotonic() > t_end, [service])
+        assert not service.received  # nothing was sent there
+        monkeypatch.setattr(endpoint_mod, "_uid", lambda: real_uid)
+        client.set_endpoint(f"ipc://{path}/")  # a new endpoint text: reconnect now
+        client.set_endpoint(f"ipc://{path}")
+        pump(app, lambda: client.is_connected, [service])
+        client.set_endpoint(f"ipc://{tmp_path / 'nobody.sock'}")
+        assert client.state.value == "disconnected" and "does not exist" in client.detail
+    finally:
+        client.stop()
+        service.close()
 
 
 def test_no_busy_waiting_while_connected(app, ctx):
@@ -219,58 +182,12 @@ def test_no_busy_waiting_while_connected(app, ctx):
 # --- the controller with a fake document ---------------------------------------------------------
 
 
-class FakeAdapter:
-    def __init__(self) -> None:
-        self.store = {"prompt": "a red barn", "seed": "-1", "preview": "true", "strength": "0.5"}
-        self.written: dict[str, str] = {}
-        self.applied: list[tuple[Box, bytes, str]] = []
-        self.apply_reason: str | None = None
-        self.to_active: list[str] = []
-        self.canvas = Extent(300, 200)
-        self.selection: Box | None = Box(100, 50, 60, 40)
-        self.fail_capture: Exception | None = None
-
-    def read_setting(self, key: str, default: str) -> str:
-        return self.store.get(key, default)
-
-    def write_setting(self, key: str, value: str) -> None:
-        self.written[key] = value
-
-    def capture(self, source: str, planner) -> Capture:
-        if self.fail_capture:
-            raise self.fail_capture
-        plan = planner(self.canvas, Box(0, 0, 300, 200), self.selection)
-        fmt = pixel_format("RGBA", "U8")
-        crop = plan.crop
-        pixels = bytes([7]) * (crop.width * crop.height * 4)
-        mask = bytes([255]) * (crop.width * crop.height) if plan.masked else None
-        target = Target("doc", "node", source, "layer 1")
-        return Capture(plan, fmt, "sRGB-elle-V2-srgbtrc.icc", "srgb", pixels, mask, target)
-
-    def apply(self, target, box, fmt, data, name):
-        if self.apply_reason is None:
-            self.applied.append((box, bytes(data), name))
-        return self.apply_reason
-
-    def apply_to_active(self, result) -> None:
-        self.to_active.append(result.job_id)
-
-    def open_as_document(self, result) -> None:
-        raise AdapterError("no window")
-
-
-def make_controller(ctx, endpoint: str, adapter: FakeAdapter) -> Controller:
-    adapter.store["endpoint"] = endpoint
-    client = Client(endpoint, interval=0.05, timeout=0.5, context=ctx)
-    return Controller(adapter, client=client)
-
-
 def test_refine_flow_submit_events_and_new_layer(app, ctx):
     service = FakeService(ctx)
     adapter = FakeAdapter()
     c = make_controller(ctx, service.endpoint, adapter)
     previews: list[Any] = []
-    c.preview_ready.connect(previews.append)
+    c.job_preview.connect(lambda job_id, image: previews.append(image))
     c.start()
     try:
         pump(app, lambda: c.client.is_connected, [service])
@@ -298,12 +215,14 @@ def test_refine_flow_submit_events_and_new_layer(app, ctx):
         out = Image(submit.images["image"].spec, bytes([9]) * submit.images["image"].spec.byte_length)
         service.send(ident, "result", images={"image": out}, job=job.id, seed=1234, elapsed=0.8)
         pump(app, lambda: job.state is JobState.done, [service])
-        assert not job.images  # released once the result is in
         assert len(adapter.applied) == 1
         box, data, name = adapter.applied[0]
         assert box == crop and data == bytes([9]) * len(data)
         assert name == "Refine · a red barn · seed 1234"
-        assert len(c.results) == 0
+        (entry,) = c.history
+        assert entry.applied and entry.layer_ids == ["layer-1"] and entry.note == "in barn.kra"
+        assert entry.job is job and job.images  # the source snapshot stays, for "Again"
+        assert entry.thumbnail is not None and entry.thumbnail.width() > 0
     finally:
         c.shutdown()
         service.close()
@@ -324,14 +243,16 @@ def test_result_for_a_closed_document_is_kept_in_results(app, ctx):
         ident, submit = service.of_type("submit")[0]
         out = Image(submit.images["image"].spec, bytes(submit.images["image"].spec.byte_length))
         service.send(ident, "result", images={"image": out}, job=job.id, seed=5, elapsed=0.1)
-        pump(app, lambda: len(c.results) == 1, [service])
-        kept = c.results.get(job.id)
-        assert kept.box == job.plan.crop and kept.seed == 5 and "closed" in kept.reason
-        assert any("Results" in text for text, _ in notices)
+        pump(app, lambda: len(c.history) == 1, [service])
+        kept = c.history.get(job.id)
+        assert kept.box == job.plan.crop and kept.seed == 5 and "closed" in kept.note and not kept.applied
+        assert any("kept in the history (its document was closed)" in text for text, _ in notices)
         c.open_result(job.id)  # the adapter refuses: the result stays
-        assert len(c.results) == 1 and notices[-1] == ("no window", "error")
+        assert len(c.history) == 1 and notices[-1] == ("no window", "error")
         c.apply_result(job.id)
-        assert adapter.to_active == [job.id] and len(c.results) == 0
+        assert adapter.to_active == [kept.name] and kept.applied and "other.kra" in kept.note
+        assert notices[-1] == (f"Added layer “{kept.name}” to other.kra.", "info")
+        assert len(c.history) == 1  # the history keeps every result
     finally:
         c.shutdown()
         service.close()
@@ -430,13 +351,14 @@ def test_lost_jobs_are_reconciled_after_a_service_restart(app, ctx):
         service.send(service.of_type("status")[0][0], "status", running=None, jobs=[], queue_length=0)
         pump(app, lambda: job.state is JobState.lost, [service])
         assert "no longer has this job" in job.message and job.images
+        captured = bytes(job.images["image"].data)
         (again,) = c.resubmit()
         pump(app, lambda: len(service.of_type("submit")) == 1, [service])
         resent = service.of_type("submit")[0][1]
         assert resent.job == again.id != job.id
         assert resent["prompt"] == "a red barn" and resent["strength"] == 0.5
-        assert bytes(resent.images["image"].data) == bytes(job.images["image"].data)
-        assert not c.jobs.lost()
+        assert bytes(resent.images["image"].data) == captured
+        assert not c.jobs.lost() and not job.images  # the old job's copy is released
     finally:
         c.shutdown()
         service.close()
@@ -512,7 +434,7 @@ def test_ui_ticks_keep_coming_during_a_4k_round_trip(app, ctx):
 
     def apply(target, box, fmt, data, name):
         received.append(to_qbytearray(data))  # the copy Krita's setPixelData needs
-        return None
+        return Placed("big", "big.kra", True)
 
     adapter.capture, adapter.apply = capture, apply
     c = make_controller(ctx, service.endpoint, adapter)
@@ -617,6 +539,18 @@ def test_real_service_killed_mid_job_then_restarted_job_is_resubmitted(app, ctx,
         (box, data, name) = adapter.applied[-1]
         assert box == job.plan.crop and len(data) == box.width * box.height * 4
         assert "seed 77" in name
+
+        # the ensemble from a selection, as the docker's Generate mode sends it, on the same service
+        assert "generate" in c.supported_modes
+        c.update_settings(mode="generate", steps=6, denoising_end=0.5, keep_unmasked=False)
+        generated = c.refine()
+        pump(app, lambda: generated.state.finished, [], timeout=120)
+        assert generated.state is JobState.done, generated.status_text
+        assert generated.total == 6  # 3 base + 3 refiner steps
+        (box, data, name) = adapter.applied[-1]
+        assert name == "Generate · a red barn · seed 77" and box == generated.plan.crop
+        entry = c.history.get(generated.id)
+        assert entry.mode == "generate" and entry.can_again
     finally:
         c.shutdown()
         svc.stop()

@@ -1,4 +1,6 @@
-"""The docker's panel (offscreen Qt, no Krita) and the local backend process."""
+"""The docker as a person uses it, offscreen (no Krita): every button is clicked with the mouse
+(``QTest.mouseClick``) and the prompt is typed into, against a real ZeroMQ ROUTER standing in for
+the service where a test needs one. Also the local backend process behind Start/Stop."""
 
 from __future__ import annotations
 
@@ -12,20 +14,19 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 pytest.importorskip("PyQt5.QtWidgets")
-pytest.importorskip("zmq")
-
-from PyQt5.QtCore import QEventLoop, Qt
-from PyQt5.QtGui import QImage
-from PyQt5.QtWidgets import QApplication
-
+zmq = pytest.importorskip("zmq")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
-from krita_sdxl.protocol.geometry import Box
-from krita_sdxl_refiner.backend import Backend
-from krita_sdxl_refiner.controller import Controller
-from krita_sdxl_refiner.jobs import StoredResult
-from krita_sdxl_refiner.panel import MessagePanel, RefinerPanel
-from krita_sdxl_refiner.pixelformat import pixel_format
+from plugin_fakes import FakeAdapter, FakeService, make_controller, pump  # noqa: E402
+from PyQt5.QtCore import QEventLoop, Qt  # noqa: E402
+from PyQt5.QtGui import QImage  # noqa: E402
+from PyQt5.QtTest import QTest  # noqa: E402
+from PyQt5.QtWidgets import QApplication, QLabel, QWidget  # noqa: E402
+
+from krita_sdxl.protocol import Image, ImageSpec  # noqa: E402
+from krita_sdxl_refiner.backend import Backend  # noqa: E402
+from krita_sdxl_refiner.jobs import JobState  # noqa: E402
+from krita_sdxl_refiner.panel import MessagePanel, RefinerPanel  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,103 +34,310 @@ def app():
     return QApplication.instance() or QApplication([])
 
 
-class Store:
-    def __init__(self, values: dict[str, str]) -> None:
-        self.values = dict(values)
-        self.written: dict[str, str] = {}
-
-    def read_setting(self, key: str, default: str) -> str:
-        return self.values.get(key, default)
-
-    def write_setting(self, key: str, value: str) -> None:
-        self.written[key] = value
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
 
 
-def wait(app, until, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not until():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        app.processEvents(QEventLoop.AllEvents, 20)
-        time.sleep(0.005)
+def settle(app: QApplication | None = None, seconds: float = 0.05) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        QApplication.processEvents(QEventLoop.AllEvents, 10)
+
+
+def click(widget: QWidget) -> None:
+    """A real mouse click in the middle of the widget (it must be visible and enabled to react)."""
+    settle(seconds=0.02)  # new rows are shown by a queued event
+    assert widget.isVisible(), f"{widget.text() if hasattr(widget, 'text') else widget} is not visible"
+    QTest.mouseClick(widget, Qt.LeftButton)
+    settle(seconds=0.02)
+
+
+class Docker:
+    """A panel on screen (offscreen platform) with its controller, adapter and optional service."""
+
+    def __init__(self, app, ctx, connected: bool) -> None:
+        self.app = app
+        self.service = FakeService(ctx) if connected else None
+        endpoint = self.service.endpoint if self.service else "tcp://127.0.0.1:9"  # nothing listens on 9
+        self.adapter = FakeAdapter()
+        self.controller = make_controller(ctx, endpoint, self.adapter)
+        self.panel = RefinerPanel(self.controller)
+        self.panel.resize(340, 900)
+        self.panel.show()
+        self.controller.start()
+        if self.service:
+            self.pump(lambda: self.controller.client.is_connected)
+        settle(app)
+
+    def pump(self, until, timeout: float = 5.0) -> None:
+        pump(self.app, until, [self.service] if self.service else [], timeout)
+
+    def submits(self):
+        return self.service.of_type("submit") if self.service else []
+
+    def messages(self) -> list[str]:
+        return [text for _level, text in self.panel.messages.entries]
+
+    def no_internal_error(self) -> None:
+        assert not [m for m in self.messages() if "Internal error" in m], self.messages()
+
+    def close(self) -> None:
+        self.panel.hide()
+        self.panel.deleteLater()
+        self.controller.shutdown()
+        if self.service:
+            self.service.close()
 
 
 @pytest.fixture
-def panel(app):
-    store = Store({"prompt": "a lighthouse", "strength": "0.4", "steps": "25", "seed": "77", "source": "canvas"})
-    controller = Controller(store)  # not started: no connection attempts
-    widget = RefinerPanel(controller)
-    yield widget, controller, store
-    widget.deleteLater()
-    controller.shutdown()
+def offline(app, ctx):
+    docker = Docker(app, ctx, connected=False)
+    yield docker
+    docker.close()
 
 
-def test_panel_shows_the_stored_settings(panel):
-    widget, _, _ = panel
-    assert widget.prompt.toPlainText() == "a lighthouse"
-    assert widget.strength.value() == 40 and widget.strength_value.text() == "0.40"
-    assert widget.steps.value() == 25
-    assert not widget.random_seed.isChecked() and widget.seed.text() == "77"
-    assert widget.source.currentData() == "canvas"
-    assert widget.mode.currentData() == "refine"
-    assert widget.progress.format() == "step %v/%m"
+@pytest.fixture
+def online(app, ctx):
+    docker = Docker(app, ctx, connected=True)
+    yield docker
+    docker.close()
 
 
-def test_edits_are_persisted(panel):
-    widget, controller, store = panel
-    widget.prompt.setPlainText("a lighthouse at night")
-    widget.strength.setValue(65)
-    widget.random_seed.setChecked(True)
-    widget.source.setCurrentIndex(widget.source.findData("layer"))
-    assert store.written["prompt"] == "a lighthouse at night"
-    assert store.written["strength"] == "0.65" and store.written["seed"] == "-1"
-    assert store.written["source"] == "layer"
-    assert controller.settings.prompt == "a lighthouse at night"
+def finish_job(d: Docker, index: int = -1, seed: int = 1234, value: int = 9):
+    """Let the service answer the ``index``-th submit with accepted and a result of ``value`` bytes."""
+    d.pump(lambda: len(d.submits()) > (index if index >= 0 else len(d.submits()) + index))
+    ident, submit = d.submits()[index]
+    d.service.send(ident, "accepted", job=submit.job, position=0, seed=seed, steps=30, denoise_steps=15)
+    spec = submit.images["image"].spec
+    d.service.send(ident, "result", images={"image": Image(spec, bytes([value]) * spec.byte_length)}, job=submit.job,
+                   seed=seed, elapsed=0.5)  # fmt: skip
+    d.pump(lambda: d.controller.history.get(submit.job) is not None)
+    settle(d.app)
+    return submit
 
 
-def test_modes_follow_the_backend_capabilities(panel):
-    widget, controller, _ = panel
-    controller.client.capabilities = {"modes": ["refine"], "device": "cuda", "gpu_name": "H100"}
-    widget._on_capabilities("krita-sdxl", controller.client.capabilities)
-    model = widget.mode.model()
-    enabled = {widget.mode.itemData(r): model.item(r).isEnabled() for r in range(widget.mode.count())}
-    assert enabled == {"refine": True, "generate": False, "two_stage": False}
-    assert "H100" in widget.backend_info.text()
+# --- the buttons ---------------------------------------------------------------------------------
 
 
-def test_results_list_and_preview(panel, app):
-    widget, controller, _ = panel
-    assert not widget.results_box.isVisibleTo(widget)
-    item = StoredResult("j1", "Refine · seed 3", Box(0, 0, 8, 8), pixel_format("RGBA", "U8"), b"", "closed", 3)
-    controller.results.add(item)
-    controller.results_changed.emit()
-    assert widget.results.count() == 1 and widget.results.item(0).data(Qt.UserRole) == "j1"
-    assert widget.results_box.isVisibleTo(widget)
-    controller.discard_result("j1")
-    assert widget.results.count() == 0
-
-    controller.update_settings(preview=True)
-    image = QImage(16, 8, QImage.Format_RGBA8888)
-    image.fill(Qt.red)
-    controller.preview_ready.emit(image)
-    assert widget.preview.pixmap() is not None and widget.preview.isVisibleTo(widget)
+def test_refine_button_captures_and_queues_a_job(offline):
+    d = offline
+    click(d.panel.refine_button)
+    d.no_internal_error()
+    assert d.adapter.captures == 1
+    (job,) = d.controller.jobs
+    assert job.state is JobState.waiting
+    assert "not connected" in d.messages()[-1]
+    row = d.panel.history.job_rows[job.id]
+    assert row.isVisible() and "Waiting" in row.detail.text()
+    assert "Waiting" in d.panel.progress.format()
 
 
-def test_connection_state_text(panel):
-    widget, controller, _ = panel
-    controller.connection_changed.emit("disconnected", "no reply from tcp://x for 5 s; retrying")
-    assert "disconnected" in widget.connection.text() and "retrying" in widget.connection.text()
+def test_cancel_button_cancels_every_waiting_job(offline):
+    d = offline
+    click(d.panel.refine_button)
+    click(d.panel.refine_button)
+    assert len(d.controller.jobs.unfinished()) == 2 and d.panel.cancel_button.isEnabled()
+    click(d.panel.cancel_button)
+    d.no_internal_error()
+    assert not d.controller.jobs.unfinished()
+    assert all(j.state is JobState.cancelled for j in d.controller.jobs)
+    assert not d.panel.history.job_rows and not d.panel.cancel_button.isEnabled()
 
 
-def test_message_panel(app):
-    from PyQt5.QtWidgets import QLabel
+def test_each_queued_job_has_its_own_cancel(offline):
+    d = offline
+    click(d.panel.refine_button)
+    click(d.panel.refine_button)
+    first, second = d.controller.jobs
+    click(d.panel.history.job_rows[first.id].cancel_button)
+    d.no_internal_error()
+    assert first.state is JobState.cancelled and second.state is JobState.waiting
+    assert list(d.panel.history.job_rows) == [second.id]
 
-    widget = MessagePanel("no pyzmq for Python 3.13")
-    texts = [label.text() for label in widget.findChildren(QLabel)]
-    assert texts == ["no pyzmq for Python 3.13"]
+
+def test_cancel_of_a_sent_job_asks_the_service(online):
+    d = online
+    click(d.panel.refine_button)
+    d.pump(lambda: bool(d.submits()))
+    (job,) = d.controller.jobs
+    click(d.panel.history.job_rows[job.id].cancel_button)
+    d.pump(lambda: bool(d.service.of_type("cancel")))
+    assert d.service.of_type("cancel")[0][1]["job"] == job.id
 
 
-# --- local backend process -----------------------------------------------------------------------
+def test_typing_the_prompt_and_ctrl_enter(online):
+    d = online
+    d.panel.prompt.clear()
+    QTest.keyClicks(d.panel.prompt, "a castle at dawn")
+    assert d.controller.settings.prompt == "a castle at dawn"
+    assert d.adapter.written["prompt"] == "a castle at dawn"
+    QTest.keyClick(d.panel.prompt, Qt.Key_Return, Qt.ControlModifier)
+    d.pump(lambda: bool(d.submits()))
+    assert d.submits()[0][1]["prompt"] == "a castle at dawn"
+    assert d.panel.prompt.toPlainText() == "a castle at dawn"  # Ctrl+Enter ran the job, added no line
+
+
+def test_generate_mode_and_advanced_settings_reach_the_service(app, ctx):
+    d = Docker(app, ctx, connected=False)
+    d.service = FakeService(ctx)
+    d.service.caps["modes"] = ["refine", "generate", "two_stage"]
+    try:
+        d.controller.update_settings(endpoint=d.service.endpoint)
+        d.pump(lambda: d.controller.client.is_connected)
+        settle(app)
+        d.panel.mode.setCurrentIndex(d.panel.mode.findData("generate"))
+        assert d.panel.refine_button.text() == "Generate"
+        click(d.panel.advanced_section.button)
+        adv = d.panel.advanced
+        assert adv.denoising_end.isVisible() and adv.denoising_end.width() >= 60  # never squeezed to 17 px
+        adv.denoising_end.setValue(0.7)
+        click(adv.keep_unmasked)  # was on
+        adv.steps.setValue(12)
+        click(d.panel.refine_button)
+        d.pump(lambda: bool(d.submits()))
+        submit = d.submits()[0][1]
+        assert submit["mode"] == "generate" and submit["denoising_end"] == pytest.approx(0.7)
+        assert submit["keep_unmasked"] is False and submit["steps"] == 12 and "mask" in submit.images
+    finally:
+        d.close()
+
+
+def test_resubmit_button_runs_a_job_the_backend_dropped_as_it_was(online):
+    d = online
+    click(d.panel.refine_button)
+    d.pump(lambda: bool(d.submits()))
+    ident, first = d.submits()[0]
+    d.service.send(ident, "cancelled", job=first.job, reason="shutdown")  # the service was stopped
+    d.pump(lambda: d.panel.resubmit_button.isVisible())
+    (job,) = d.controller.jobs
+    assert job.state is JobState.lost and "Drop" == d.panel.history.job_rows[job.id].cancel_button.text()
+    click(d.panel.resubmit_button)
+    d.no_internal_error()
+    d.pump(lambda: len(d.submits()) == 2)
+    again = d.submits()[1][1]
+    assert again.job != first.job and bytes(again.images["image"].data) == bytes(first.images["image"].data)
+    settle(d.app)
+    assert not d.panel.resubmit_button.isVisible()
+
+
+def test_result_row_apply_open_discard(online):
+    d = online
+    d.adapter.placed_active = False
+    click(d.panel.refine_button)
+    submit = finish_job(d, seed=4242)
+    assert d.messages()[-1] == "Added layer “Refine · a red barn · seed 4242” to barn.kra (not the document shown now)."
+    row = d.panel.history.result_rows[submit.job]
+    assert row.isVisible() and "seed 4242" in row.detail.text() and "strength 0.50" in row.detail.text()
+    assert row.thumb.pixmap() is not None and not row.thumb.pixmap().isNull()
+    click(row.apply_button)
+    assert d.adapter.to_active == ["Refine · a red barn · seed 4242"]
+    assert d.messages()[-1] == "Added layer “Refine · a red barn · seed 4242” to other.kra."
+    click(row.open_button)  # the fake refuses first: the message says why, the result stays
+    assert d.messages()[-1] == "no window" and submit.job in d.panel.history.result_rows
+    d.adapter.open_error = None
+    click(row.open_button)
+    assert d.adapter.opened == ["Refine · a red barn · seed 4242"] and "Untitled 2" in d.messages()[-1]
+    click(row.discard_button)
+    settle(d.app)
+    d.no_internal_error()
+    assert submit.job not in d.panel.history.result_rows and len(d.controller.history) == 0
+    assert d.panel.history.empty.isVisible()
+
+
+def test_again_reruns_the_captured_pixels_not_the_active_layer(online):
+    d = online
+    click(d.panel.refine_button)
+    first = finish_job(d, seed=11)
+    d.adapter.fill = 99  # the active layer is now something else (the result layer, say)
+    row = d.panel.history.result_rows[first.job]
+    click(row.again_button)
+    d.no_internal_error()
+    assert d.adapter.captures == 1  # nothing read from the document again
+    d.pump(lambda: len(d.submits()) == 2)
+    second = d.submits()[1][1]
+    assert bytes(second.images["image"].data) == bytes(first.images["image"].data)
+    assert bytes(second.images["mask"].data) == bytes(first.images["mask"].data)
+    assert second["seed"] is None and second["prompt"] == first["prompt"] and second["strength"] == first["strength"]
+    finish_job(d, index=1, seed=12)
+    assert d.adapter.targets[-1].above == ("layer-1",)  # stacked above the first result
+    rows = d.panel.history.result_rows
+    assert len(rows) == 2 and d.panel.history.rows.indexOf(rows[second.job]) < d.panel.history.rows.indexOf(
+        rows[first.job]
+    )  # newest first
+
+
+def test_kept_result_of_a_closed_document_stays_visible(online):
+    d = online
+    d.adapter.apply_reason = "its document was closed"
+    click(d.panel.refine_button)
+    submit = finish_job(d)
+    d.adapter.apply_reason = None
+    d.adapter.document = "another document"  # the artist switched documents
+    d.panel.document_changed()
+    row = d.panel.history.result_rows[submit.job]  # never-applied results show in every document
+    assert "not applied: its document was closed" in row.where.text()
+    assert any("kept in the history" in m for m in d.messages())
+    d.controller.notice.emit("a later message", "info")
+    assert any("kept in the history" in m for m in d.messages())  # not overwritten
+    click(row.apply_button)  # into the document shown now: the row stays there
+    assert d.adapter.to_active and d.controller.history.get(submit.job).applied
+    assert d.panel.history.result_rows[submit.job] is row and row.isVisible()
+    assert "seed 1234" in row.detail.text() and row.where.text().endswith("· in other.kra")
+
+
+def test_results_follow_the_document_shown(online):
+    d = online
+    click(d.panel.refine_button)
+    submit = finish_job(d)
+    history = d.panel.history
+    history.document_of_view = lambda: "another document"
+    d.panel.document_changed()
+    assert submit.job not in history.result_rows and "1 in other documents" in history.heading.text()
+    click(history.all_documents)
+    assert submit.job in history.result_rows
+    history.document_of_view = lambda: "doc"
+    click(history.all_documents)
+    assert submit.job in history.result_rows
+
+
+def test_last_seed_button_and_live_preview(online):
+    d = online
+    click(d.panel.refine_button)
+    d.pump(lambda: bool(d.submits()))
+    ident, submit = d.submits()[0]
+    d.service.send(ident, "accepted", job=submit.job, position=0, seed=31337, steps=30, denoise_steps=15)
+    preview = Image(ImageSpec(4, 4, "RGBA", 8, "uint"), bytes([0, 255, 0, 255] * 16))
+    d.service.send(ident, "progress", images={"preview": preview}, job=submit.job, step=2, total=15)
+    d.pump(lambda: d.panel.progress.value() == 2)
+    assert d.panel.progress.format() == "Step 2/15" and d.panel.progress.maximum() == 15
+    row = d.panel.history.job_rows[submit.job]
+    assert row.thumb.pixmap() is not None and not row.thumb.pixmap().isNull()  # the live preview
+    click(d.panel.advanced_section.button)
+    click(d.panel.advanced.last_seed)
+    assert d.controller.settings.seed == 31337 and not d.panel.advanced.random_seed.isChecked()
+
+
+def test_settings_dialog_endpoint_is_checked_and_shown_in_the_connection_line(offline):
+    d = offline
+    click(d.panel.settings_button)
+    dialog = d.panel.dialog
+    assert dialog.isVisible()
+    dialog.endpoint.clear()
+    QTest.keyClicks(dialog.endpoint, "localhost:5588")
+    QTest.keyClick(dialog.endpoint, Qt.Key_Return)
+    assert d.controller.settings.endpoint == "localhost:5588"
+    assert d.controller.client.state.value == "invalid"
+    assert "did you mean tcp://localhost:5588" in d.panel.connection.toolTip()
+    assert "invalid" in d.panel.connection.text() and "invalid" in dialog.connection.text()
+    dialog.close()
+    click(d.panel.refine_button)
+    assert "The endpoint cannot be used (endpoint 'localhost:5588' has no scheme" in d.messages()[-1]
+
+
+# --- the local backend ---------------------------------------------------------------------------
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="uses a shell script as the backend command")
 
@@ -142,14 +350,56 @@ def script(tmp_path: Path, body: str) -> str:
 
 
 @posix_only
-def test_backend_runs_until_stopped(app, tmp_path):
-    backend = Backend()
-    cmd = script(tmp_path, 'echo "loading"\necho "ready on $3"\nexec sleep 30\n')
-    backend.start(cmd, "serve", "tcp://127.0.0.1:5588")
-    wait(app, lambda: backend.state.value == "running")
-    assert "ready on tcp://127.0.0.1:5588" in backend.log_tail()
-    backend.stop()
-    wait(app, lambda: backend.state.value == "stopped")
+def test_typed_backend_command_survives_other_settings_and_starts(offline, tmp_path):
+    """Type the command and arguments (no Enter), then the endpoint with Enter: Start uses what was typed."""
+    d = offline
+    command = script(tmp_path, 'echo "ready on $3"\nexec sleep 30\n')
+    click(d.panel.settings_button)
+    dialog = d.panel.dialog
+    for field, text in ((dialog.backend_command, command), (dialog.backend_args, "serve --demo")):
+        field.setFocus()
+        field.selectAll()
+        QTest.keyClicks(field, text)
+    dialog.endpoint.selectAll()
+    QTest.keyClicks(dialog.endpoint, "tcp://127.0.0.1:7")
+    QTest.keyClick(dialog.endpoint, Qt.Key_Return)
+    assert d.controller.settings.endpoint == "tcp://127.0.0.1:7" and dialog.isVisible()  # Enter did not close it
+    assert dialog.backend_command.text() == command and dialog.backend_args.text() == "serve --demo"
+    dialog.close()
+    click(d.panel.backend_button)
+    d.pump(lambda: d.controller.backend.state.value == "running")
+    assert "serve --demo --endpoint tcp://127.0.0.1:7" in d.controller.backend.log_tail()
+    assert d.controller.settings.backend_command == command
+    click(d.panel.backend_button)
+    d.pump(lambda: d.controller.backend.state.value == "stopped")
+
+
+@posix_only
+def test_start_and_stop_backend_buttons(offline, tmp_path):
+    d = offline
+    command = script(tmp_path, 'echo "loading"\necho "ready on $3"\nexec sleep 30\n')
+    d.controller.update_settings(backend_command=command, backend_args="serve")
+    settle(d.app)
+    assert d.panel.backend_button.text() == "▶ Start" and "Start the local backend" in d.panel.backend_button.toolTip()
+    click(d.panel.backend_button)
+    d.pump(lambda: d.controller.backend.state.value == "running")
+    d.no_internal_error()
+    assert d.panel.backend_button.text() == "■ Stop"
+    assert "ready on tcp://127.0.0.1:9" in d.controller.backend.log_tail()
+    click(d.panel.backend_button)
+    d.pump(lambda: d.controller.backend.state.value == "stopped")
+    assert d.panel.backend_button.text() == "▶ Start"
+    assert "the local backend stopped" in d.controller.client.detail  # shown now, not after a timeout
+    # the same from the settings dialog
+    click(d.panel.settings_button)
+    dialog = d.panel.dialog
+    click(dialog.backend_start)
+    d.pump(lambda: d.controller.backend.state.value == "running")
+    assert "ready on" in dialog.backend_log.toPlainText() and not dialog.backend_start.isEnabled()
+    click(dialog.backend_stop)
+    d.pump(lambda: d.controller.backend.state.value == "stopped")
+    d.no_internal_error()
+    dialog.close()
 
 
 @posix_only
@@ -157,12 +407,56 @@ def test_backend_failure_keeps_the_log(app, tmp_path):
     backend = Backend()
     cmd = script(tmp_path, 'echo "Traceback: no CUDA device"\nexit 3\n')
     backend.start(cmd, "serve --demo", "tcp://127.0.0.1:5588")
-    wait(app, lambda: backend.state.value == "failed")
+    pump(app, lambda: backend.state.value == "failed", [])
     assert "code 3" in backend.detail and "no CUDA device" in backend.log_tail()
 
 
 def test_backend_missing_command(app, tmp_path):
     backend = Backend()
     backend.start(str(tmp_path / "does-not-exist"), "serve", "tcp://127.0.0.1:5588")
-    wait(app, lambda: backend.state.value == "failed")
+    pump(app, lambda: backend.state.value == "failed", [])
     assert "could not start" in backend.detail
+
+
+# --- layout --------------------------------------------------------------------------------------
+
+
+def test_the_panel_reads_top_down_and_stays_small(offline):
+    panel = offline.panel
+    order = [
+        panel.prompt,
+        panel.strength,
+        panel.refine_button,
+        panel.advanced_section,
+        panel.progress,
+        panel.messages,
+        panel.history,
+        panel.connection,
+    ]
+    tops = [w.mapTo(panel, w.rect().topLeft()).y() for w in order]
+    assert tops == sorted(tops), tops
+    assert not panel.advanced.isVisible() and not panel.dialog.isVisible()  # folded away
+    for widget in (panel.mode, panel.source, panel.strength, *_advanced_fields(panel)):
+        assert widget.toolTip(), widget
+    height = panel.minimumSizeHint().height()
+    print(f"docker panel minimum height: {height} px (width {panel.minimumSizeHint().width()} px)")
+    assert height < 520
+
+
+def _advanced_fields(panel):
+    a = panel.advanced
+    return (a.negative, a.steps, a.guidance, a.seed, a.random_seed, a.feather, a.padding, a.denoising_end,
+            a.keep_unmasked, a.preview)  # fmt: skip
+
+
+def test_message_panel(app):
+    widget = MessagePanel("no pyzmq for Python 3.13")
+    texts = [label.text() for label in widget.findChildren(QLabel)]
+    assert texts == ["no pyzmq for Python 3.13"]
+
+
+def test_preview_image_from_frames(app):
+    from krita_sdxl_refiner.buffers import preview_image
+
+    image = preview_image(ImageSpec(2, 1, "RGBA", 8, "uint"), bytes([255, 0, 0, 255, 0, 0, 255, 255]))
+    assert isinstance(image, QImage) and image.pixelColor(0, 0).red() == 255 and image.pixelColor(1, 0).blue() == 255

@@ -20,8 +20,6 @@ from krita_sdxl_refiner.jobs import (
     JobList,
     JobParams,
     JobState,
-    ResultList,
-    StoredResult,
     Target,
     status_job_ids,
 )
@@ -180,6 +178,7 @@ def test_job_fields_encode_as_a_valid_submit():
     job = make_job(seed=5)
     fields = job.submit_fields()
     assert fields["seed"] == 5 and fields["work_width"] % 8 == 0 and fields["feather"] > 0
+    assert fields["denoising_end"] == 0.8 and fields["keep_unmasked"] is True and fields["transfer"] == "srgb"
     crop = job.plan.crop
     spec = job.fmt.spec(crop.width, crop.height)
     from krita_sdxl.protocol import Image
@@ -210,8 +209,13 @@ def test_job_errors_and_cancels():
     job.on_event("error", {"code": "out_of_memory", "message": "CUDA out of memory"})
     assert job.state is JobState.failed and "out of memory" in job.status_text
     job = make_job()
-    job.on_event("cancelled", {"reason": "shutdown"})
-    assert job.state is JobState.cancelled and job.message == "shutdown"
+    job.images["image"] = b"pixels"
+    job.on_event("cancelled", {"reason": "cancelled"})
+    assert job.state is JobState.cancelled and job.message == "cancelled" and not job.images
+    job = make_job()
+    job.images["image"] = b"pixels"
+    job.on_event("cancelled", {"reason": "shutdown"})  # the service stopped, not the artist: resubmittable
+    assert job.state is JobState.lost and "stopped" in job.status_text and job.images
 
 
 def test_job_list_current_and_pruning():
@@ -229,15 +233,6 @@ def test_job_list_current_and_pruning():
     jobs.add(make_job("d"))
     assert [j.id for j in jobs] == ["b", "c", "d"]  # only the 2 newest finished kept
     assert jobs.get("zz") is None and jobs.get(None) is None
-
-
-def test_result_list():
-    results = ResultList()
-    item = StoredResult("j", "Refine · seed 1", Box(1, 2, 3, 4), pixel_format("RGBA", "U16"), b"", "gone", 1)
-    results.add(item)
-    assert len(results) == 1 and results.get("j") is item
-    assert "3x4" in item.label and "16-bit integer" in item.label
-    assert results.remove("j") is item and len(results) == 0 and results.remove("j") is None
 
 
 def test_status_ids_whatever_the_layout():
@@ -266,7 +261,7 @@ def test_describe_backend_from_welcome():
     caps = {
         "device": "cuda",
         "dtype": "float16",
-        "gpu_name": "NVIDIA H100",
+        "gpu": "NVIDIA H100",
         "gpu_memory_total": 80 * 2**30,
         "gpu_memory_free": 70 * 2**30,
         "models": [{"role": "refiner", "name": "sdxl-refiner-1.0", "path": "/m"}],

@@ -22,6 +22,7 @@ import zmq
 from PyQt5.QtCore import QObject, QSocketNotifier, QTimer, pyqtSignal
 
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, ProtocolError, decode, encode
+from krita_sdxl.protocol.endpoint import EndpointError, check_ipc_connect, parse_endpoint
 
 CLIENT_NAME = "krita-sdxl-refiner"
 
@@ -55,6 +56,7 @@ def _apply_curve(sock: zmq.Socket, keys: CurveKeys) -> None:
 
 
 class ConnectionState(str, Enum):
+    invalid = "invalid"  # the endpoint as typed cannot be used: not connecting until it is changed
     disconnected = "disconnected"  # no answer (yet); retrying by itself
     connecting = "connecting"  # socket open, hello sent, no welcome yet
     connected = "connected"  # welcome received, heartbeats answered
@@ -140,6 +142,12 @@ class Client(QObject):
         if self._timer.isActive():
             self._open(announce=True)
 
+    def reconnect(self, reason: str) -> None:
+        """The service is known to be gone (e.g. the local backend was stopped): show it now and
+        start over, instead of waiting for the heartbeat timeout."""
+        if self._timer.isActive():
+            self._reset(reason)
+
     def send(self, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> bool:
         """Encode (validating every field) and queue one message without blocking. Returns False,
         and emits ``problem``, when there is no socket or its queue is full."""
@@ -150,9 +158,21 @@ class Client(QObject):
 
     def _open(self, announce: bool = False) -> None:
         """(Re)open the socket and say hello. ``announce``: show "connecting" (a first start or a
-        new endpoint); a retry after a timeout keeps showing why the connection was lost."""
+        new endpoint); a retry after a timeout keeps showing why the connection was lost. The
+        endpoint is checked first (:mod:`krita_sdxl.protocol.endpoint`): a mistyped one is shown,
+        not connected to; an ``ipc`` socket must exist and belong to this user (no squatter)."""
         self._close()
         self._opened_at = time.monotonic()
+        try:
+            endpoint = parse_endpoint(self._endpoint)
+        except EndpointError as exc:
+            self._set_state(ConnectionState.invalid, str(exc))
+            return
+        try:
+            check_ipc_connect(endpoint)
+        except EndpointError as exc:
+            self._set_state(ConnectionState.disconnected, f"{exc}; retrying")
+            return
         sock = self._context.socket(zmq.DEALER)
         try:
             sock.setsockopt(zmq.LINGER, 0)
@@ -161,7 +181,7 @@ class Client(QObject):
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
             if self._curve is not None:
                 _apply_curve(sock, self._curve)
-            sock.connect(self._endpoint)
+            sock.connect(endpoint.text)
         except (zmq.ZMQError, OSError, ValueError) as exc:
             sock.close(linger=0)
             what = "CURVE keys" if self._curve is not None and not isinstance(exc, zmq.ZMQError) else "endpoint"
@@ -192,7 +212,7 @@ class Client(QObject):
         self._drain()
         now = time.monotonic()
         if self._socket is None:
-            if now - self._opened_at >= self._timeout:
+            if self._state is not ConnectionState.invalid and now - self._opened_at >= self._timeout:
                 self._open()
             return
         if self._state is ConnectionState.connected:

@@ -1,20 +1,15 @@
-"""The refine workflow: settings, connection, jobs and results, between the docker and Krita.
+"""The refine workflow: settings, connection, jobs and the results history, between the docker and Krita.
 
-No Krita import here: the document side goes through an adapter object (``krita_adapter.KritaAdapter``
-in Krita, a fake in tests) with ``read_setting``, ``write_setting``, ``capture``, ``apply``,
-``apply_to_active`` and ``open_as_document``. No socket here either: that is :class:`Client`.
+No Krita import here: the document side goes through an adapter (:mod:`adapter_api`;
+``krita_adapter.KritaAdapter`` in Krita, a fake in tests). No socket here either: that is :class:`Client`.
+Every public method a button calls takes no arguments or a job/entry id, and is :func:`guarded`.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
 import time
-import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from PyQt5.QtCore import QObject, QTimer, pyqtSignal
 
@@ -22,63 +17,18 @@ from krita_sdxl.protocol import Image, ImageSpec, Message, ProtocolError
 from krita_sdxl.protocol.geometry import Box, Extent
 
 from . import settings as settings_mod
+from .adapter_api import Adapter, AdapterError, Capture, NotApplied, Placed
 from .backend import Backend
-from .buffers import preview_image
+from .buffers import preview_image, thumbnail_image
 from .client import Client, CurveKeys
-from .jobs import Job, JobList, JobParams, JobState, ResultList, StoredResult, Target, new_job_id, status_job_ids
-from .pixelformat import PixelFormat, UnsupportedFormat
+from .history import Entry, History
+from .jobs import Job, JobList, JobParams, JobState, new_job_id, status_job_ids
+from .pixelformat import UnsupportedFormat
 from .plan import NothingToRefine, RefinePlan, plan_refine
 from .settings import Settings
+from .slots import guarded
 
 STATUS_AFTER_SILENCE = 15.0  # seconds without news of a job in the service before asking for status
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def guarded(method: F) -> F:
-    """For Qt slots: an exception escaping a slot opens Krita's modal error dialog. Report it as a
-    notice (and its traceback on stderr) instead."""
-
-    @functools.wraps(method)
-    def wrapper(self: Controller, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        except Exception as exc:
-            traceback.print_exc(file=sys.stderr)
-            self.notice.emit(f"Internal error in the SDXL Refiner: {type(exc).__name__}: {exc}", "error")
-            return None
-
-    return wrapper  # type: ignore[return-value]
-
-
-class AdapterError(Exception):
-    """The document side cannot do what was asked; the message is for the artist."""
-
-
-@dataclass
-class Capture:
-    """What the adapter read from the document for one job."""
-
-    plan: RefinePlan
-    fmt: PixelFormat
-    profile: str
-    transfer: str  # "srgb" or "linear"
-    pixels: Any  # buffer, fmt sized over plan.crop
-    mask: Any | None  # L8 buffer over plan.crop, or None
-    target: Target
-
-
-class Planner(Protocol):
-    def __call__(self, canvas: Extent, source_bounds: Box, selection: Box | None) -> RefinePlan: ...
-
-
-class Adapter(Protocol):
-    def read_setting(self, key: str, default: str) -> str: ...
-    def write_setting(self, key: str, value: str) -> None: ...
-    def capture(self, source: str, planner: Planner) -> Capture: ...
-    def apply(self, target: Target, box: Box, fmt: PixelFormat, data: Any, name: str) -> str | None: ...
-    def apply_to_active(self, result: StoredResult) -> None: ...
-    def open_as_document(self, result: StoredResult) -> None: ...
 
 
 class Controller(QObject):
@@ -86,9 +36,9 @@ class Controller(QObject):
     connection_changed = pyqtSignal(str, str)  # state, detail
     capabilities_changed = pyqtSignal(str, dict)  # server, capabilities
     jobs_changed = pyqtSignal()
-    preview_ready = pyqtSignal(object)  # QImage
+    job_preview = pyqtSignal(str, object)  # job id, QImage of its latest step
     notice = pyqtSignal(str, str)  # text, level: "info", "warning", "error"
-    results_changed = pyqtSignal()
+    history_changed = pyqtSignal()
     backend_changed = pyqtSignal(str, str)  # state, detail
     backend_output = pyqtSignal(str)
 
@@ -97,7 +47,7 @@ class Controller(QObject):
         self.adapter = adapter
         self.settings = settings_mod.load(adapter.read_setting)
         self.jobs = JobList()
-        self.results = ResultList()
+        self.history = History()
         self.last_seed: int | None = None
         self.client = client or Client(self.settings.endpoint, parent=self, curve=self._curve(self.settings))
         self.client.state_changed.connect(self.connection_changed)
@@ -106,6 +56,7 @@ class Controller(QObject):
         self.client.problem.connect(lambda text: self.notice.emit(text, "warning"))
         self.backend = Backend(self)
         self.backend.state_changed.connect(self.backend_changed)
+        self.backend.state_changed.connect(self._on_backend_state)
         self.backend.output.connect(self.backend_output)
         self._status_pending: set[str] | None = None
         self._watch = QTimer(self)
@@ -177,7 +128,7 @@ class Controller(QObject):
     def refine(self) -> Job | None:
         """Capture the active document and submit (or queue until connected). Never raises."""
         s = self.settings
-        if s.mode not in self.supported_modes:
+        if self.client.capabilities and s.mode not in self.supported_modes:
             self.notice.emit(f"The backend does not support the {s.mode!r} mode.", "error")
             return None
 
@@ -200,14 +151,7 @@ class Controller(QObject):
         except Exception as exc:  # a Krita surprise must never become a modal error dialog
             self.notice.emit(f"Could not read the document: {type(exc).__name__}: {exc}", "error")
             return None
-        job = self._make_job(s, capture)
-        self.jobs.add(job)
-        if self.client.is_connected:
-            self._send(job)
-        else:
-            self.notice.emit("The backend is not connected; the job starts as soon as it is.", "warning")
-        self.jobs_changed.emit()
-        return job
+        return self._submit(self._make_job(s, capture))
 
     def _make_job(self, s: Settings, capture: Capture) -> Job:
         crop = capture.plan.crop
@@ -223,6 +167,8 @@ class Controller(QObject):
             guidance=s.guidance,
             seed=None if s.random_seed else s.seed,
             preview=s.preview,
+            denoising_end=s.denoising_end,
+            keep_unmasked=s.keep_unmasked,
         )
         return Job(
             new_job_id(),
@@ -235,11 +181,22 @@ class Controller(QObject):
             images=images,
         )
 
+    def _submit(self, job: Job) -> Job:
+        self.jobs.add(job)
+        if self.client.is_connected:
+            self._send(job)
+        elif self.client.state.value == "invalid":
+            self.notice.emit(
+                f"The endpoint cannot be used ({self.client.detail}); the job starts once it is fixed in ⚙.", "warning"
+            )
+        else:
+            self.notice.emit("The backend is not connected; the job starts as soon as it is.", "warning")
+        self.jobs_changed.emit()
+        return job
+
     def _send(self, job: Job) -> None:
-        fields = job.submit_fields()
-        fields["transfer"] = job.transfer
         try:
-            ok = self.client.send("submit", images=job.images, **fields)
+            ok = self.client.send("submit", images=job.images, **job.submit_fields())
         except (ProtocolError, ValueError) as exc:
             job.fail(f"invalid request: {exc}")
             self.notice.emit(job.status_text, "error")
@@ -251,11 +208,42 @@ class Controller(QObject):
     def cancel(self) -> None:
         """Cancel every unfinished job (not sent yet: dropped here; else asked of the service)."""
         for job in self.jobs.unfinished():
-            if job.state is JobState.waiting:
-                job.cancel_locally()
-            elif self.client.is_connected:
-                self.client.send("cancel", job=job.id)
+            self._cancel(job)
         self.jobs_changed.emit()
+
+    @guarded
+    def cancel_job(self, job_id: str) -> None:
+        """Cancel one job; a lost one is dropped (it will not be resubmitted)."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        if job.state is JobState.lost:
+            job.cancel_locally("dropped")
+        elif not job.state.finished:
+            self._cancel(job)
+        self.jobs_changed.emit()
+
+    def _cancel(self, job: Job) -> None:
+        if job.state is JobState.waiting:
+            job.cancel_locally()
+        elif self.client.is_connected:
+            self.client.send("cancel", job=job.id)
+
+    @guarded
+    def resubmit(self) -> list[Job]:
+        """Send every lost job again, with its settings and pixels as they were captured."""
+        fresh = []
+        for job in self.jobs.lost():
+            new = job.resubmission()
+            job.message = "resubmitted"
+            job.state = JobState.cancelled
+            job.images = {}
+            self.jobs.add(new)
+            if self.client.is_connected:
+                self._send(new)
+            fresh.append(new)
+        self.jobs_changed.emit()
+        return fresh
 
     # --- events ------------------------------------------------------------------------------
 
@@ -287,31 +275,71 @@ class Controller(QObject):
         elif msg.type == "progress" and "preview" in msg.images:
             image = preview_image(msg.images["preview"].spec, msg.images["preview"].data)
             if image is not None:
-                self.preview_ready.emit(image)
+                self.job_preview.emit(job.id, image)
         elif msg.type == "result":
             self.last_seed = job.seed
-            self._apply(job, msg.images["image"])
+            self._on_result(job, msg.images["image"])
         elif msg.type == "error":
             self.notice.emit(job.status_text, "error")
+        elif msg.type == "cancelled" and job.state is JobState.lost:
+            self.notice.emit(job.status_text, "warning")
         self.jobs_changed.emit()
 
-    def _apply(self, job: Job, image: Image) -> None:
+    def _on_result(self, job: Job, image: Image) -> None:
         crop = job.plan.crop
         expected = job.fmt.spec(crop.width, crop.height)
         if image.spec != expected:
             job.fail(f"the backend returned {image.spec}, expected {expected}")
             self.notice.emit(job.status_text, "error")
             return
+        p = job.params
+        entry = Entry(
+            id=job.id,
+            name=job.layer_name,
+            job=job,
+            box=crop,
+            fmt=job.fmt,
+            profile=job.profile,
+            target=job.target,
+            data=image.data,
+            prompt=p.prompt,
+            seed=job.seed,
+            strength=p.strength,
+            mode=p.mode,
+            elapsed=job.elapsed,
+        )
         try:
-            reason = self.adapter.apply(job.target, crop, job.fmt, image.data, job.layer_name)
+            self._placed(entry, self.adapter.apply(job.target, crop, job.fmt, image.data, job.layer_name))
+        except NotApplied as exc:
+            entry.note = f"not applied: {exc}"
+            self.notice.emit(
+                f"“{entry.name}” is kept in the history ({exc}): apply it to the active document or open it "
+                "as a new document.",
+                "warning",
+            )
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-        if reason is None:
-            self.notice.emit(f"Added layer “{job.layer_name}”.", "info")
-            return
-        self.results.add(StoredResult(job.id, job.layer_name, crop, job.fmt, image.data, reason, job.seed, job.profile))
-        self.notice.emit(f"The result is kept in the Results list: {reason}.", "warning")
-        self.results_changed.emit()
+            entry.note = f"not applied: {type(exc).__name__}: {exc}"
+            self.notice.emit(f"“{entry.name}” is kept in the history; applying it failed: {exc}", "error")
+        self._thumbnail(entry, job.transfer)
+        self.history.add(entry)
+        self.history_changed.emit()
+
+    def _placed(self, entry: Entry, placed: Placed, own_document: bool = True) -> None:
+        entry.applied = True
+        if own_document:
+            entry.layer_ids.append(placed.layer_id)
+        if placed.handle is not None and not entry.belongs_to(placed.handle):
+            entry.documents.append(placed.handle)
+        entry.note = f"in {placed.document}"
+        where = placed.document if placed.active else f"{placed.document} (not the document shown now)"
+        self.notice.emit(f"Added layer “{entry.name}” to {where}.", "info")
+
+    @staticmethod
+    def _thumbnail(entry: Entry, transfer: str) -> None:
+        try:
+            entry.thumbnail = thumbnail_image(entry.fmt, transfer, entry.box.width, entry.box.height, entry.data)
+        except Exception:  # a thumbnail is a nicety: the entry stays without one
+            entry.thumbnail = None
 
     def _ask_status(self) -> None:
         self._status_pending = {j.id for j in self.jobs.in_service()}
@@ -329,21 +357,6 @@ class Controller(QObject):
         self.jobs_changed.emit()
 
     @guarded
-    def resubmit(self) -> list[Job]:
-        """Send every lost job again, with its settings and pixels as they were captured."""
-        fresh = []
-        for job in self.jobs.lost():
-            new = job.resubmission()
-            job.message = "resubmitted"
-            job.state = JobState.cancelled
-            self.jobs.add(new)
-            if self.client.is_connected:
-                self._send(new)
-            fresh.append(new)
-        self.jobs_changed.emit()
-        return fresh
-
-    @guarded
     def _check_silent_jobs(self) -> None:
         if not self.client.is_connected or self._status_pending is not None:
             return
@@ -351,38 +364,67 @@ class Controller(QObject):
         if any(now - job.touched > STATUS_AFTER_SILENCE for job in self.jobs.in_service()):
             self._ask_status()
 
-    # --- results list ------------------------------------------------------------------------
+    # --- results history ---------------------------------------------------------------------
 
     @guarded
-    def apply_result(self, job_id: str) -> None:
-        self._result_action(job_id, self.adapter.apply_to_active, "Applied to the active document.")
+    def apply_result(self, entry_id: str) -> None:
+        """Add the result as a new layer of the active document, above its active layer."""
+        entry = self._entry_with_pixels(entry_id)
+        if entry is not None:
+            placed = self._document_action(
+                lambda: self.adapter.apply_to_active(entry.name, entry.box, entry.fmt, entry.data)
+            )
+            if placed is not None:
+                self._placed(entry, placed, own_document=False)
+                self.history_changed.emit()
 
     @guarded
-    def open_result(self, job_id: str) -> None:
-        self._result_action(job_id, self.adapter.open_as_document, "Opened as a new document.")
+    def open_result(self, entry_id: str) -> None:
+        entry = self._entry_with_pixels(entry_id)
+        if entry is not None:
+            name = self._document_action(
+                lambda: self.adapter.open_as_document(entry.name, entry.box, entry.fmt, entry.profile, entry.data)
+            )
+            if name is not None:
+                self.notice.emit(f"Opened “{entry.name}” as the new document {name}.", "info")
 
     @guarded
-    def discard_result(self, job_id: str) -> None:
-        if self.results.remove(job_id) is not None:
-            self.results_changed.emit()
+    def discard_result(self, entry_id: str) -> None:
+        if self.history.remove(entry_id) is not None:
+            self.history_changed.emit()
 
-    def _result_action(self, job_id: str, action: Any, done: str) -> None:
-        item = self.results.get(job_id)
-        if item is None:
-            return
+    @guarded
+    def again(self, entry_id: str) -> Job | None:
+        """Run the job of a history entry once more with a new seed, from the pixels it was captured
+        with (not the layer that is active now), its result placed above the earlier ones."""
+        entry = self.history.get(entry_id)
+        if entry is None or entry.job is None or not entry.can_again:
+            self.notice.emit("The source pixels of this result were dropped to save memory.", "warning")
+            return None
+        return self._submit(entry.job.again(self.history.layers_of_capture(entry.capture_id)))
+
+    def _entry_with_pixels(self, entry_id: str) -> Entry | None:
+        entry = self.history.get(entry_id)
+        if entry is not None and not entry.has_pixels:
+            self.notice.emit("The pixels of this result were dropped to save memory.", "warning")
+            return None
+        return entry
+
+    def _document_action(self, action: Any) -> Any:
         try:
-            action(item)
-        except (AdapterError, UnsupportedFormat) as exc:
+            return action()
+        except (AdapterError, NotApplied, UnsupportedFormat) as exc:
             self.notice.emit(str(exc), "error")
-            return
         except Exception as exc:
             self.notice.emit(f"{type(exc).__name__}: {exc}", "error")
-            return
-        self.results.remove(job_id)
-        self.results_changed.emit()
-        self.notice.emit(done, "info")
+        return None
 
     # --- local backend -----------------------------------------------------------------------
+
+    @guarded
+    def _on_backend_state(self, state: str, detail: str) -> None:
+        if state in ("stopped", "failed") and self.client.state.value != "invalid":
+            self.client.reconnect(f"the local backend {'stopped' if state == 'stopped' else 'failed'}; retrying")
 
     @guarded
     def start_backend(self) -> None:

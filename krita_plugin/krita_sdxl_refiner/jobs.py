@@ -1,8 +1,9 @@
-"""Job records and their state machine, and the list of results kept for the artist. Pure Python.
+"""Job records and their state machine. Pure Python.
 
 A job goes waiting (captured, not sent yet: no backend) -> sent -> queued (``accepted``) ->
-running (first ``progress``) -> done / failed / cancelled. Results whose document or layer is gone
-when they arrive are kept in a :class:`ResultList` (the docker's "Results" list), never dropped.
+running (first ``progress``) -> done / failed / cancelled, or lost (the backend went away with it:
+it keeps its pixels and can be resubmitted). A job keeps the pixels it was captured with until it
+ends; a done job hands them to the results history (:mod:`history`) for "Again with a new seed".
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
 from krita_sdxl.protocol import Image
-from krita_sdxl.protocol.geometry import Box
 
 from .pixelformat import PixelFormat
 from .plan import RefinePlan, layer_name
@@ -46,17 +46,22 @@ class JobParams:
     guidance: float
     seed: int | None  # None: the service picks one
     preview: bool
+    denoising_end: float = 0.8  # generate mode: where the base hands over to the refiner
+    keep_unmasked: bool = True  # with a mask: hold the unselected area to the source
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where the result goes. ``document`` and ``node_id`` are opaque to this module (the Krita
-    adapter's handles); ``source`` is "layer" (above node ``node_id``) or "canvas" (top of the stack)."""
+    """Where the result goes. ``document`` and the node ids are opaque to this module (the Krita
+    adapter's handles); ``source`` is "layer" (above node ``node_id``) or "canvas" (top of the stack).
+    ``above``: result layers made earlier from the same capture, newest first; a new result goes
+    directly above the first of them that still exists (so "Again" stacks up instead of hiding)."""
 
     document: Any
     node_id: Any
     source: str
     description: str  # "Paint Layer 1 in castle.kra", for messages
+    above: tuple[Any, ...] = ()
 
 
 def new_job_id() -> str:
@@ -81,6 +86,7 @@ class Job:
     position: int | None = None
     message: str = ""
     elapsed: float | None = None
+    capture_id: str = field(default_factory=new_job_id)  # shared by resubmissions and "Again" of one capture
     created: float = field(default_factory=time.monotonic)
     touched: float = field(default_factory=time.monotonic)  # last event (or send) for this job
 
@@ -104,6 +110,9 @@ class Job:
             "work_width": self.plan.work.width,
             "work_height": self.plan.work.height,
             "feather": float(self.plan.feather),
+            "transfer": self.transfer,
+            "denoising_end": p.denoising_end,
+            "keep_unmasked": p.keep_unmasked,
         }
 
     def on_event(self, msg_type: str, fields: dict[str, Any]) -> bool:
@@ -122,17 +131,19 @@ class Job:
             self.step = fields.get("step", self.step)
             self.total = fields.get("total", self.total)
             return True
-        if msg_type == "result":
+        if msg_type == "result":  # the pixels stay: the controller hands them to the history
             self.state = JobState.done
             self.seed = fields.get("seed", self.seed)
             self.elapsed = fields.get("elapsed")
             self.step = self.total
-            self.images.clear()
             return True
         if msg_type == "error":
             self.state = JobState.failed
             self.message = str(fields.get("message") or fields.get("code") or "failed")
             self.images.clear()
+            return True
+        if msg_type == "cancelled" and fields.get("reason") == "shutdown":
+            self.lose("the backend stopped before it finished")  # not the artist's doing: resubmittable
             return True
         if msg_type == "cancelled":
             self.state = JobState.cancelled
@@ -152,16 +163,25 @@ class Job:
 
     def resubmission(self) -> Job:
         """A fresh job with the same settings, pixels, plan and target (a new id: the old one is gone)."""
+        return self.rerun(self.params, self.target)
+
+    def rerun(self, params: JobParams, target: Target) -> Job:
+        """A fresh job from the same captured pixels and plan (same capture), with these settings."""
         return Job(
             new_job_id(),
-            self.params,
+            params,
             self.plan,
             self.fmt,
-            self.target,
+            target,
             transfer=self.transfer,
             profile=self.profile,
             images=dict(self.images),
+            capture_id=self.capture_id,
         )
+
+    def again(self, above: tuple[Any, ...]) -> Job:
+        """The same capture once more with a new seed (chosen by the service), placed above ``above``."""
+        return self.rerun(replace(self.params, seed=None), replace(self.target, above=above))
 
     def fail(self, message: str) -> None:
         self.state = JobState.failed
@@ -240,47 +260,6 @@ class JobList:
         if unfinished:
             return unfinished[0]
         return jobs[-1] if jobs else None
-
-
-@dataclass
-class StoredResult:
-    """A result kept in the docker because it could not be applied where it was meant to go."""
-
-    job_id: str
-    name: str  # the layer name it would have had
-    box: Box  # where it was in its document
-    fmt: PixelFormat
-    data: Any  # the pixel bytes, in ``fmt``, ``box`` sized (bytes or QByteArray)
-    reason: str  # why it was not applied, for the list's tooltip
-    seed: int | None = None
-    profile: str = ""  # colour profile of the document it came from
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.box.width}x{self.box.height}, {self.fmt.label})"
-
-
-class ResultList:
-    def __init__(self) -> None:
-        self._items: list[StoredResult] = []
-
-    def __iter__(self) -> Iterator[StoredResult]:
-        return iter(list(self._items))
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def add(self, item: StoredResult) -> None:
-        self._items.append(item)
-
-    def get(self, job_id: str) -> StoredResult | None:
-        return next((r for r in self._items if r.job_id == job_id), None)
-
-    def remove(self, job_id: str) -> StoredResult | None:
-        item = self.get(job_id)
-        if item is not None:
-            self._items.remove(item)
-        return item
 
 
 def status_job_ids(fields: dict[str, Any]) -> set[str]:

@@ -15,9 +15,9 @@ from krita import Document, Krita, Node, Selection  # type: ignore[import-not-fo
 
 from krita_sdxl.protocol.geometry import Box, Extent
 
+from .adapter_api import AdapterError, Capture, NotApplied, Placed, Planner
 from .buffers import to_qbytearray
-from .controller import AdapterError, Capture, Planner
-from .jobs import StoredResult, Target
+from .jobs import Target
 from .pixelformat import PixelFormat, UnsupportedFormat, pixel_format, transfer_of
 from .settings import GROUP
 
@@ -80,57 +80,61 @@ class KritaAdapter:
 
     # --- writing -----------------------------------------------------------------------------
 
-    def apply(self, target: Target, box: Box, fmt: PixelFormat, data: Any, name: str) -> str | None:
-        """Insert the result above its source. Returns None, or why it could not (then nothing changed)."""
+    def apply(self, target: Target, box: Box, fmt: PixelFormat, data: Any, name: str) -> Placed:
+        """Insert the result above its source (or above the newest earlier result of the same
+        capture). Raises :class:`NotApplied` when it cannot; then nothing changed."""
         doc: Document = target.document
         if not _is_open(doc):
-            return "its document was closed"
+            raise NotApplied("its document was closed")
         if _format_of(doc) != fmt:
-            return "its document's colour space changed"
+            raise NotApplied("its document's colour space changed")
         root = doc.rootNode()
-        if target.source == "layer":
-            source = _find_node(root, target.node_id)
-            if source is None:
-                return "its source layer was deleted"
-            parent, above = source.parentNode(), source
-        else:
-            parent, above = root, None
-        _insert_layer(doc, parent, above, name, box, data)
-        return None
+        anchor = next((n for n in (_find_node(root, i) for i in target.above) if n is not None), None)
+        if anchor is None and target.source == "layer":
+            anchor = _find_node(root, target.node_id)
+            if anchor is None:
+                raise NotApplied("its source layer was deleted")
+        parent = anchor.parentNode() if anchor is not None else root
+        layer = _insert_layer(doc, parent, anchor, name, box, data)
+        return _placed(doc, layer)
 
-    def apply_to_active(self, result: StoredResult) -> None:
+    def apply_to_active(self, name: str, box: Box, fmt: PixelFormat, data: Any) -> Placed:
         doc = Krita.instance().activeDocument()
         if doc is None:
             raise AdapterError("Open a document first.")
-        if _format_of(doc) != result.fmt:
+        if _format_of(doc) != fmt:
             raise AdapterError(
                 f"The active document is {doc.colorModel()}/{doc.colorDepth()}; this result is "
-                f"{result.fmt.label}. Use “Open as document” instead."
+                f"{fmt.label}. Use “Open as document” instead."
             )
         active = doc.activeNode()
         if active is not None and active.type() in MASK_TYPES:
             active = active.parentNode()
         root = doc.rootNode()
         if active is None or active.parentNode() is None:
-            _insert_layer(doc, root, None, result.name, result.box, result.data)
+            layer = _insert_layer(doc, root, None, name, box, data)
         else:
-            _insert_layer(doc, active.parentNode(), active, result.name, result.box, result.data)
+            layer = _insert_layer(doc, active.parentNode(), active, name, box, data)
+        return _placed(doc, layer)
 
-    def open_as_document(self, result: StoredResult) -> None:
+    def open_as_document(self, name: str, box: Box, fmt: PixelFormat, profile: str, data: Any) -> str:
         app = Krita.instance()
-        box = result.box
-        doc = app.createDocument(
-            box.width, box.height, result.name, result.fmt.color_model, result.fmt.color_depth, result.profile, 72.0
-        )
+        doc = app.createDocument(box.width, box.height, name, fmt.color_model, fmt.color_depth, profile, 72.0)
+        if doc is None:
+            raise AdapterError(f"Krita could not create a {box.width}x{box.height} {fmt.label} document.")
         root = doc.rootNode()
         placed = Box(0, 0, box.width, box.height)
-        _insert_layer(doc, root, None, result.name, placed, result.data)
+        _insert_layer(doc, root, None, name, placed, data)
         for child in root.childNodes():
-            if child.name() != result.name:
+            if child.name() != name:
                 child.remove()  # the white background createDocument adds
         window = app.activeWindow()
         if window is not None:
             window.addView(doc)
+        return _doc_name(doc)
+
+    def active_document(self) -> Any:
+        return Krita.instance().activeDocument()
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -141,6 +145,11 @@ def _insert_layer(doc: Document, parent: Node, above: Node | None, name: str, bo
     layer.setPixelData(to_qbytearray(data), *box)  # detached: not an undo step of its own
     parent.addChildNode(layer, above)  # one undoable "add layer" step, pixels included
     return layer
+
+
+def _placed(doc: Document, layer: Node) -> Placed:
+    active = Krita.instance().activeDocument()
+    return Placed(layer.uniqueId(), _doc_name(doc), active is not None and active == doc, doc)
 
 
 def _source_layer(doc: Document) -> Node:

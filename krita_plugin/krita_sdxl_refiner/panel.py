@@ -1,41 +1,77 @@
-"""The docker's content: every control of the refiner, bound to a :class:`Controller`.
+"""The docker's content, top-down in the order an artist works: prompt, strength, mode / source /
+Refine; then what happens (progress, messages, queue and results); one connection line at the
+bottom. Advanced settings fold away; the connection settings live in a dialog (the ⚙ button).
 
 Pure PyQt5 (runs offscreen in tests). Edits go straight to the controller, which persists them.
+Buttons are connected with :func:`slots.on_click` only.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from PyQt5.QtCore import QRegularExpression, Qt
-from PyQt5.QtGui import QImage, QPixmap, QRegularExpressionValidator
+from PyQt5.QtCore import Qt
+from PyQt5.QtGui import QFontMetrics, QImage
 from PyQt5.QtWidgets import (
-    QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
-    QFormLayout,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
-    QListWidget,
-    QListWidgetItem,
     QPlainTextEdit,
-    QProgressBar,
     QPushButton,
+    QSizePolicy,
     QSlider,
-    QSpinBox,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
+from .advanced import AdvancedSettings
 from .controller import Controller
+from .history_view import HistoryView
 from .jobs import JobState
 from .plan import MODE_LABELS
 from .settings import Settings
-from .widgets import Collapsible, describe_backend, notice_html, state_text, wrap_label
+from .settings_dialog import SettingsDialog
+from .slots import on_click
+from .widgets import Collapsible, MessageLog, ProgressLine, describe_backend, state_text, wrap_label
 
-SOURCES = (("Active layer", "layer"), ("Visible image", "canvas"))
-PREVIEW_SIZE = 192
+SOURCES = (("Layer", "layer"), ("Image", "canvas"))
+PROMPT_LINES = 3
+
+TIPS = {
+    "mode": "Refine: the SDXL refiner redraws details of your pixels, as much as Strength says.\n"
+    "Generate: the SDXL base paints the selection (Strength 1 = from scratch, lower keeps more of your "
+    "pixels) and the refiner finishes it.\nTwo-stage: the base paints a new picture, then the refiner "
+    "refines it at Strength.\nGenerate and Two-stage need a backend with the base model.",
+    "source": "Layer: the pixels of the active layer (after a refine, that is the new result layer; "
+    "use Again in the results to rerun the original).\nImage: everything visible, all layers merged.\n"
+    "With a selection, only the selection (plus some context around it) is sent.",
+    "strength": "How much to change: 0.1 touches up details, 0.3 refines, 0.6 and more repaints. "
+    "Generate mode: 1 paints from scratch.",
+    "refine": "Send the selection (or the whole layer) to the backend; the result comes back as a new layer "
+    "above it (Ctrl+Enter in the prompt does the same)",
+    "cancel": "Cancel every job in the queue",
+    "resubmit": "Run again the jobs the backend lost when it went away or stopped, as they were",
+    "settings": "Connection settings: endpoint, keys for a remote backend, the local backend",
+}
+
+
+class PromptEdit(QPlainTextEdit):
+    """The prompt; Ctrl+Enter runs the job."""
+
+    def __init__(self, on_submit: Any) -> None:
+        super().__init__()
+        self._on_submit = on_submit
+        self.setPlaceholderText("Prompt: what the picture shows (optional for a refine)")
+        self.setTabChangesFocus(True)
+        line = QFontMetrics(self.font()).lineSpacing()
+        self.setFixedHeight(line * PROMPT_LINES + 2 * self.frameWidth() + 10)
+
+    def keyPressEvent(self, event: Any) -> None:
+        if event.key() in (Qt.Key_Return, Qt.Key_Enter) and event.modifiers() & Qt.ControlModifier:
+            self._on_submit()
+            return
+        super().keyPressEvent(event)
 
 
 class RefinerPanel(QWidget):
@@ -43,384 +79,234 @@ class RefinerPanel(QWidget):
         super().__init__(parent)
         self.controller = controller
         self._loading = False
+        self._connection = ("disconnected", "")
         self._build()
         self._connect()
-        self._show_settings(controller.settings)
+        self.show_settings(controller.settings)
         self._on_connection(controller.client.state.value, controller.client.detail)
         if controller.client.capabilities:
             self._on_capabilities(controller.client.server, controller.client.capabilities)
         self._on_backend(controller.backend.state.value, controller.backend.detail)
         self._on_jobs()
-        self._on_results()
+        self.history.update_results()
 
     # --- layout ------------------------------------------------------------------------------
 
     def _build(self) -> None:
         root = QVBoxLayout(self)
         root.setContentsMargins(4, 4, 4, 4)
+        root.setSpacing(4)
 
-        self.endpoint = QLineEdit()
-        self.endpoint.setPlaceholderText("tcp://127.0.0.1:5588")
-        self.connection = wrap_label()
-        self.backend_info = wrap_label()
-        font = self.backend_info.font()
-        font.setPointSizeF(font.pointSizeF() * 0.9)
-        self.backend_info.setFont(font)
-        conn = QFormLayout()
-        conn.addRow("Backend", self.endpoint)
-        root.addLayout(conn)
-        root.addWidget(self.connection)
-        root.addWidget(self.backend_info)
-        root.addWidget(self._build_local_backend())
-        root.addWidget(self._build_security())
-
-        form = QFormLayout()
-        self.mode = QComboBox()
-        for mode, label in MODE_LABELS.items():
-            self.mode.addItem(label, mode)
-        self.source = QComboBox()
-        for label, value in SOURCES:
-            self.source.addItem(label, value)
-        form.addRow("Mode", self.mode)
-        form.addRow("Source", self.source)
-        root.addLayout(form)
-
-        self.prompt = QPlainTextEdit()
-        self.prompt.setPlaceholderText("Prompt (optional): what the image shows")
-        self.prompt.setFixedHeight(64)
-        self.negative = QLineEdit()
-        self.negative.setPlaceholderText("Negative prompt")
+        self.prompt = PromptEdit(lambda: self.controller.refine())
         root.addWidget(self.prompt)
-        root.addWidget(self.negative)
 
-        params = QFormLayout()
+        row = QHBoxLayout()
+        label = QLabel("Strength")
+        label.setToolTip(TIPS["strength"])
         self.strength = QSlider(Qt.Horizontal)
         self.strength.setRange(1, 100)
+        self.strength.setToolTip(TIPS["strength"])
         self.strength_value = QLabel()
-        self.strength_value.setMinimumWidth(32)
-        row = QHBoxLayout()
-        row.addWidget(self.strength)
+        self.strength_value.setMinimumWidth(QFontMetrics(self.font()).horizontalAdvance("0.00") + 4)
+        row.addWidget(label)
+        row.addWidget(self.strength, 1)
         row.addWidget(self.strength_value)
-        params.addRow("Strength", row)
-        self.steps = QSpinBox()
-        self.steps.setRange(1, 500)
-        self.guidance = QDoubleSpinBox()
-        self.guidance.setRange(0.0, 50.0)
-        self.guidance.setSingleStep(0.5)
-        row = QHBoxLayout()
-        row.addWidget(self.steps)
-        row.addWidget(QLabel("Guidance"))
-        row.addWidget(self.guidance)
-        params.addRow("Steps", row)
-        self.random_seed = QCheckBox("Random")
-        self.seed = QLineEdit()
-        self.seed.setValidator(QRegularExpressionValidator(QRegularExpression(r"\d{0,20}")))
-        self.seed.setPlaceholderText("fixed seed")
-        self.last_seed = QPushButton("last: –")
-        self.last_seed.setFlat(True)
-        self.last_seed.setToolTip("The seed of the last job; click to use it as the fixed seed")
-        row = QHBoxLayout()
-        row.addWidget(self.random_seed)
-        row.addWidget(self.seed)
-        row.addWidget(self.last_seed)
-        params.addRow("Seed", row)
-        self.preview_toggle = QCheckBox("Show live preview")
-        params.addRow("", self.preview_toggle)
-        root.addLayout(params)
-        root.addWidget(self._build_advanced())
+        root.addLayout(row)
 
-        buttons = QHBoxLayout()
+        row = QHBoxLayout()
+        self.mode = QComboBox()
+        for mode, text in MODE_LABELS.items():
+            self.mode.addItem(text, mode)
+        self.mode.setToolTip(TIPS["mode"])
+        self.source = QComboBox()
+        for text, value in SOURCES:
+            self.source.addItem(text, value)
+        self.source.setToolTip(TIPS["source"])
         self.refine_button = QPushButton("Refine")
+        self.refine_button.setToolTip(TIPS["refine"])
         self.refine_button.setDefault(True)
+        self.refine_button.setMinimumHeight(self.refine_button.sizeHint().height() + 6)
+        font = self.refine_button.font()
+        font.setBold(True)
+        self.refine_button.setFont(font)
+        row.addWidget(self.mode)
+        row.addWidget(self.source)
+        row.addWidget(self.refine_button, 1)
+        root.addLayout(row)
+
+        self.advanced = AdvancedSettings(self.controller)
+        self.advanced_section = Collapsible("Advanced", self.advanced)
+        root.addWidget(self.advanced_section)
+
+        row = QHBoxLayout()
+        self.progress = ProgressLine()
         self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip(TIPS["cancel"])
         self.resubmit_button = QPushButton("Resubmit")
-        self.resubmit_button.setToolTip("Run again the jobs the backend lost when it went away, as they were")
+        self.resubmit_button.setToolTip(TIPS["resubmit"])
         self.resubmit_button.hide()
-        buttons.addWidget(self.refine_button, 2)
-        buttons.addWidget(self.cancel_button, 1)
-        buttons.addWidget(self.resubmit_button, 1)
-        root.addLayout(buttons)
-        self.progress = QProgressBar()
-        self.progress.setFormat("step %v/%m")
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        root.addWidget(self.progress)
-        self.status = wrap_label()
-        root.addWidget(self.status)
-        self.preview = QLabel()
-        self.preview.setAlignment(Qt.AlignCenter)
-        self.preview.setMinimumHeight(0)
-        self.preview.hide()
-        root.addWidget(self.preview)
-        root.addWidget(self._build_results())
-        root.addStretch(1)
+        row.addWidget(self.progress, 1)
+        row.addWidget(self.cancel_button)
+        row.addWidget(self.resubmit_button)
+        root.addLayout(row)
 
-    def _build_local_backend(self) -> QWidget:
-        box = QWidget()
-        form = QFormLayout(box)
-        form.setContentsMargins(0, 0, 0, 0)
-        self.backend_command = QLineEdit()
-        self.backend_command.setToolTip("The krita-sdxl command, or a Python that has krita-sdxl installed")
-        self.backend_args = QLineEdit()
-        self.backend_args.setToolTip("Arguments, e.g. serve --demo (the endpoint above is added)")
-        form.addRow("Command", self.backend_command)
-        form.addRow("Arguments", self.backend_args)
+        self.messages = MessageLog(lines=3)
+        root.addWidget(self.messages)
+
+        self.history = HistoryView(self.controller)
+        root.addWidget(self.history, 1)
+
         row = QHBoxLayout()
-        self.backend_start = QPushButton("Start")
-        self.backend_stop = QPushButton("Stop")
-        row.addWidget(self.backend_start)
-        row.addWidget(self.backend_stop)
-        form.addRow("", row)
-        self.backend_state = wrap_label()
-        form.addRow(self.backend_state)
-        self.backend_log = QPlainTextEdit()
-        self.backend_log.setReadOnly(True)
-        self.backend_log.setMaximumBlockCount(400)
-        self.backend_log.setFixedHeight(120)
-        self.backend_log.hide()
-        form.addRow(self.backend_log)
-        self.local_section = Collapsible("Local backend", box)
-        return self.local_section
+        self.connection = wrap_label()
+        self.connection.setWordWrap(False)
+        self.connection.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+        self.backend_button = QPushButton("▶ Start")
+        self.settings_button = QToolButton()
+        self.settings_button.setText("⚙")
+        self.settings_button.setToolTip(TIPS["settings"])
+        row.addWidget(self.connection, 1)
+        row.addWidget(self.backend_button)
+        row.addWidget(self.settings_button)
+        root.addLayout(row)
 
-    def _build_security(self) -> QWidget:
-        box = QWidget()
-        form = QFormLayout(box)
-        form.setContentsMargins(0, 0, 0, 0)
-        self.server_key = QLineEdit()
-        self.server_key.setPlaceholderText("40 characters, from the service's server.key")
-        self.server_key.setToolTip("Only for a backend on another machine (CURVE); empty for this machine")
-        self.client_key = QLineEdit()
-        self.client_key.setPlaceholderText("path of this client's .key_secret file")
-        form.addRow("Server key", self.server_key)
-        form.addRow("Client key", self.client_key)
-        return Collapsible("Remote backend keys", box)
-
-    def _build_advanced(self) -> QWidget:
-        box = QWidget()
-        form = QFormLayout(box)
-        form.setContentsMargins(0, 0, 0, 0)
-        self.feather = QDoubleSpinBox()
-        self.feather.setRange(0.0, 0.5)
-        self.feather.setSingleStep(0.01)
-        self.feather.setToolTip("Feather of the selection edge: share of the selection's diagonal (× strength)")
-        self.padding = QDoubleSpinBox()
-        self.padding.setRange(0.0, 1.0)
-        self.padding.setSingleStep(0.01)
-        self.padding.setToolTip("Context around the selection: share of its diagonal")
-        form.addRow("Feather", self.feather)
-        form.addRow("Padding", self.padding)
-        return Collapsible("Selection edges", box)
-
-    def _build_results(self) -> QWidget:
-        self.results_box = QWidget()
-        layout = QVBoxLayout(self.results_box)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(QLabel("Results not applied (their document or layer was gone):"))
-        self.results = QListWidget()
-        self.results.setMaximumHeight(110)
-        layout.addWidget(self.results)
-        row = QHBoxLayout()
-        self.result_apply = QPushButton("Apply here")
-        self.result_apply.setToolTip("Add as a layer of the active document, above the active layer")
-        self.result_open = QPushButton("Open")
-        self.result_open.setToolTip("Open as a new document (then save it as PNG, KRA...)")
-        self.result_discard = QPushButton("Discard")
-        for b in (self.result_apply, self.result_open, self.result_discard):
-            row.addWidget(b)
-        layout.addLayout(row)
-        return self.results_box
+        self.dialog = SettingsDialog(self.controller, self)
 
     # --- wiring ------------------------------------------------------------------------------
 
     def _connect(self) -> None:
         c = self.controller
-        self.endpoint.editingFinished.connect(lambda: self._set(endpoint=self.endpoint.text()))
-        self.mode.currentIndexChanged.connect(lambda _: self._set(mode=self.mode.currentData()))
-        self.source.currentIndexChanged.connect(lambda _: self._set(source=self.source.currentData()))
+        self.mode.currentIndexChanged.connect(lambda _index: self._on_mode())
+        self.source.currentIndexChanged.connect(lambda _index: self._set(source=self.source.currentData()))
         self.prompt.textChanged.connect(lambda: self._set(prompt=self.prompt.toPlainText()))
-        self.negative.textChanged.connect(lambda text: self._set(negative_prompt=text))
         self.strength.valueChanged.connect(self._on_strength)
-        self.steps.valueChanged.connect(lambda v: self._set(steps=v))
-        self.guidance.valueChanged.connect(lambda v: self._set(guidance=v))
-        self.random_seed.toggled.connect(self._on_seed_edit)
-        self.seed.editingFinished.connect(self._on_seed_edit)
-        self.last_seed.clicked.connect(self._use_last_seed)
-        self.preview_toggle.toggled.connect(lambda v: self._set(preview=v))
-        self.feather.valueChanged.connect(lambda v: self._set(feather_fraction=v))
-        self.padding.valueChanged.connect(lambda v: self._set(padding_fraction=v))
-        self.backend_command.editingFinished.connect(lambda: self._set(backend_command=self.backend_command.text()))
-        self.backend_args.editingFinished.connect(lambda: self._set(backend_args=self.backend_args.text()))
-        self.server_key.editingFinished.connect(lambda: self._set(server_public_key=self.server_key.text()))
-        self.client_key.editingFinished.connect(lambda: self._set(client_secret_key=self.client_key.text()))
-        self.refine_button.clicked.connect(c.refine)
-        self.cancel_button.clicked.connect(c.cancel)
-        self.resubmit_button.clicked.connect(c.resubmit)
-        self.backend_start.clicked.connect(self._start_backend)
-        self.backend_stop.clicked.connect(c.stop_backend)
-        self.result_apply.clicked.connect(lambda: self._on_result_action(c.apply_result))
-        self.result_open.clicked.connect(lambda: self._on_result_action(c.open_result))
-        self.result_discard.clicked.connect(lambda: self._on_result_action(c.discard_result))
+        on_click(self.refine_button.clicked, c.refine)
+        on_click(self.cancel_button.clicked, c.cancel)
+        on_click(self.resubmit_button.clicked, c.resubmit)
+        on_click(self.backend_button.clicked, self._toggle_backend)
+        on_click(self.settings_button.clicked, self.open_settings)
 
-        c.settings_changed.connect(self._show_settings)
+        c.settings_changed.connect(self.show_settings)
         c.connection_changed.connect(self._on_connection)
         c.capabilities_changed.connect(self._on_capabilities)
         c.jobs_changed.connect(self._on_jobs)
-        c.preview_ready.connect(self._on_preview)
-        c.notice.connect(self._on_notice)
-        c.results_changed.connect(self._on_results)
+        c.job_preview.connect(self._on_preview)
+        c.notice.connect(self.messages.add)
+        c.history_changed.connect(self.history.update_results)
         c.backend_changed.connect(self._on_backend)
-        c.backend_output.connect(self.backend_log.appendPlainText)
 
     def _set(self, **changes: Any) -> None:
         if not self._loading:
             self.controller.update_settings(**changes)
 
+    def _on_mode(self) -> None:
+        self.refine_button.setText(self.mode.currentText())
+        self._set(mode=self.mode.currentData())
+
     def _on_strength(self, value: int) -> None:
         self.strength_value.setText(f"{value / 100:.2f}")
         self._set(strength=value / 100)
 
-    def _on_seed_edit(self, *_: Any) -> None:
-        self.seed.setEnabled(not self.random_seed.isChecked())
-        if self.random_seed.isChecked():
-            self._set(seed=-1)
-        elif self.seed.text():
-            self._set(seed=int(self.seed.text()))
-        elif self.controller.last_seed is not None:
-            self._use_last_seed()
+    def _toggle_backend(self) -> None:
+        if self.controller.backend.state.value in ("starting", "running"):
+            self.controller.stop_backend()
         else:
-            self._set(seed=0)
+            self.dialog.start_backend()
 
-    def _use_last_seed(self) -> None:
-        if self.controller.last_seed is not None:
-            self.random_seed.setChecked(False)
-            self.seed.setText(str(self.controller.last_seed))
-            self._set(seed=self.controller.last_seed)
+    def open_settings(self) -> None:
+        self.dialog.show()
+        self.dialog.raise_()
 
-    def _start_backend(self) -> None:
-        self._set(backend_command=self.backend_command.text(), backend_args=self.backend_args.text())
-        self.backend_log.clear()
-        self.controller.start_backend()
-
-    def _on_result_action(self, action: Any) -> None:
-        item = self.results.currentItem() or self.results.item(0)
-        if item is not None:
-            action(item.data(Qt.UserRole))
+    def document_changed(self) -> None:
+        """The view shown in Krita changed: show that document's results."""
+        self.history.update_results()
 
     # --- controller -> view ------------------------------------------------------------------
 
-    def _show_settings(self, s: Settings) -> None:
+    def show_settings(self, s: Settings) -> None:
         self._loading = True
         try:
-            if self.endpoint.text() != s.endpoint and not self.endpoint.hasFocus():
-                self.endpoint.setText(s.endpoint)
             _select_data(self.mode, s.mode)
+            self.refine_button.setText(self.mode.currentText())
             _select_data(self.source, s.source)
             if self.prompt.toPlainText() != s.prompt:
                 self.prompt.setPlainText(s.prompt)
-            if self.negative.text() != s.negative_prompt:
-                self.negative.setText(s.negative_prompt)
             self.strength.setValue(round(s.strength * 100))
             self.strength_value.setText(f"{s.strength:.2f}")
-            self.steps.setValue(s.steps)
-            self.guidance.setValue(s.guidance)
-            self.random_seed.setChecked(s.random_seed)
-            self.seed.setEnabled(not s.random_seed)
-            if not s.random_seed and self.seed.text() != str(s.seed):
-                self.seed.setText(str(s.seed))
-            self.preview_toggle.setChecked(s.preview)
-            self.feather.setValue(s.feather_fraction)
-            self.padding.setValue(s.padding_fraction)
-            if self.backend_command.text() != s.backend_command:
-                self.backend_command.setText(s.backend_command)
-            if self.backend_args.text() != s.backend_args:
-                self.backend_args.setText(s.backend_args)
-            if self.server_key.text() != s.server_public_key:
-                self.server_key.setText(s.server_public_key)
-            if self.client_key.text() != s.client_secret_key:
-                self.client_key.setText(s.client_secret_key)
         finally:
             self._loading = False
-        if not s.preview:
-            self.preview.hide()
+        self.advanced.show_settings(s)
+        self.dialog.show_settings(s)
 
     def _on_connection(self, state: str, detail: str) -> None:
-        self.connection.setText(state_text(state, detail))
-        if state != "connected":
-            self.backend_info.setText("")
+        self._connection = (state, detail)
+        caps = self.controller.client.capabilities if state == "connected" else {}
+        short = _short_backend(caps) if caps else detail
+        self.connection.setText(state_text(state, short))
+        self.connection.setToolTip(f"{state}: {detail}")
+        self.dialog.show_connection(state, detail, describe_backend(self.controller.client.server, caps))
+        self._update_backend_button()
 
     def _on_capabilities(self, server: str, caps: dict) -> None:
-        self.backend_info.setText(describe_backend(server, caps))
+        self._on_connection(*self._connection)
         supported = set(self.controller.supported_modes)
         model = self.mode.model()
         for row in range(self.mode.count()):
             item = model.item(row)
             ok = self.mode.itemData(row) in supported
             item.setEnabled(ok)
-            item.setToolTip("" if ok else "This backend does not support this mode yet")
+            item.setToolTip("" if ok else "This backend has no base model for this mode")
         if self.mode.currentData() not in supported and "refine" in supported:
             _select_data(self.mode, "refine")
-            self._set(mode="refine")
 
     def _on_jobs(self) -> None:
-        job = self.controller.jobs.current()
-        busy = bool(self.controller.jobs.unfinished())
-        self.cancel_button.setEnabled(busy)
-        self.resubmit_button.setVisible(bool(self.controller.jobs.lost()))
-        if self.controller.last_seed is not None:
-            self.last_seed.setText(f"last: {self.controller.last_seed}")
+        jobs = self.controller.jobs
+        job = jobs.current()
+        unfinished = jobs.unfinished()
+        self.cancel_button.setEnabled(bool(unfinished))
+        self.resubmit_button.setVisible(bool(jobs.lost()))
+        self.advanced.show_last_seed()
+        self.history.update_jobs()
         if job is None:
-            self.progress.setRange(0, 1)
-            self.progress.setValue(0)
+            self._progress(0, 1, 0, "Ready")
             return
+        more = f" (+{len(unfinished) - 1} queued)" if len(unfinished) > 1 else ""
+        text = job.status_text + more
         if job.state is JobState.running and job.total:
-            self.progress.setRange(0, job.total)
-            self.progress.setValue(min(job.step, job.total))
+            self._progress(0, job.total, min(job.step, job.total), text)
         elif job.state is JobState.done:
-            self.progress.setRange(0, max(1, job.total))
-            self.progress.setValue(max(1, job.total))
-        elif busy:
-            self.progress.setRange(0, 0)  # busy: waiting, sent or queued
+            self._progress(0, max(1, job.total), max(1, job.total), text)
+        elif unfinished:
+            self._progress(0, 0, 0, text)  # busy: waiting, sent or queued
         else:
-            self.progress.setRange(0, 1)
-            self.progress.setValue(0)
-        queued = len(self.controller.jobs.unfinished())
-        more = f" (+{queued - 1} queued)" if queued > 1 else ""
-        if job.state is not JobState.failed:  # failures stay visible as notices
-            self.status.setText(notice_html(job.status_text + more, "info"))
+            self._progress(0, 1, 0, text)
 
-    def _on_preview(self, image: QImage) -> None:
-        if not self.controller.settings.preview:
-            return
-        pixmap = QPixmap.fromImage(image)
-        pixmap = pixmap.scaled(PREVIEW_SIZE, PREVIEW_SIZE, Qt.KeepAspectRatio, Qt.SmoothTransformation)
-        self.preview.setPixmap(pixmap)
-        self.preview.show()
+    def _progress(self, lo: int, hi: int, value: int, text: str) -> None:
+        self.progress.setRange(lo, hi)
+        self.progress.setValue(value)
+        self.progress.setFormat(text)
+        self.progress.setToolTip(text)
 
-    def _on_notice(self, text: str, level: str) -> None:
-        self.status.setText(notice_html(text, level))
-
-    def _on_results(self) -> None:
-        self.results.clear()
-        for item in self.controller.results:
-            entry = QListWidgetItem(item.label)
-            entry.setToolTip(f"Not applied: {item.reason}")
-            entry.setData(Qt.UserRole, item.job_id)
-            self.results.addItem(entry)
-        self.results_box.setVisible(len(self.controller.results) > 0)
-        if self.results.count():
-            self.results.setCurrentRow(self.results.count() - 1)
+    def _on_preview(self, job_id: str, image: QImage) -> None:
+        if self.controller.settings.preview:
+            self.history.set_preview(job_id, image)
 
     def _on_backend(self, state: str, detail: str) -> None:
-        self.backend_state.setText(state_text(state, detail))
-        running = state in ("starting", "running", "stopping")
-        self.backend_start.setEnabled(not running)
-        self.backend_stop.setEnabled(running)
+        self.dialog.show_backend(state, detail)
         if state == "failed":
-            self.backend_log.setPlainText(self.controller.backend.log_tail())
-            self.backend_log.show()
-            self.local_section.set_expanded(True)
-        elif state == "starting":
-            self.backend_log.show()
+            self.messages.add(f"Local backend: {detail}. Its output is in the connection settings (⚙).", "error")
+        self._update_backend_button()
+
+    def _update_backend_button(self) -> None:
+        ours = self.controller.backend.state.value in ("starting", "running", "stopping")
+        self.backend_button.setText("■ Stop" if ours else "▶ Start")
+        self.backend_button.setEnabled(self.controller.backend.state.value != "stopping")
+        self.backend_button.setVisible(ours or self._connection[0] != "connected")
+        s = self.controller.settings
+        self.backend_button.setToolTip(
+            "Stop the local backend Krita started"
+            if ours
+            else f"Start the local backend: {s.backend_command} {s.backend_args} (the command is set in ⚙)"
+        )
 
 
 class MessagePanel(QWidget):
@@ -433,6 +319,17 @@ class MessagePanel(QWidget):
         label.setStyleSheet("color: #e05050")
         layout.addWidget(label)
         layout.addStretch(1)
+
+
+def _short_backend(caps: dict) -> str:
+    """``cuda · NVIDIA H100`` / ``cpu · demo``: the connection line's summary of the backend."""
+    parts = [str(caps.get("device") or "")]
+    if caps.get("gpu"):
+        parts.append(str(caps["gpu"]))
+    models = caps.get("models")
+    if isinstance(models, list) and any(isinstance(m, dict) and m.get("source") == "demo" for m in models):
+        parts.append("demo model")
+    return " · ".join(p for p in parts if p)
 
 
 def _select_data(combo: QComboBox, value: Any) -> None:

@@ -75,7 +75,9 @@ class RefinerExtension(Extension):
     def createActions(self, window: Any) -> None:
         action = window.createAction(ACTION_ID, ACTION_TEXT, "tools/scripts")
         action.setToolTip("Refine the selection (or the active layer) with the SDXL refiner")
-        action.triggered.connect(self._refine)
+        from .slots import on_click
+
+        on_click(action.triggered, self._refine)
 
     def _refine(self) -> None:
         if _problem is not None:
@@ -88,6 +90,7 @@ class RefinerDocker(DockWidget):
     def __init__(self) -> None:
         super().__init__()
         self.setWindowTitle(DOCKER_TITLE)
+        self.panel: Any = None
         if _problem is not None:
             from .panel import MessagePanel
 
@@ -95,10 +98,16 @@ class RefinerDocker(DockWidget):
         else:
             from .panel import RefinerPanel
 
-            self.setWidget(RefinerPanel(controller()))
+            self.panel = RefinerPanel(controller())
+            # Krita 5.1: the docker's canvas().view() can lag behind a view switch; activeDocument() does not.
+            self.panel.history.document_of_view = lambda: Krita.instance().activeDocument()
+            self.setWidget(self.panel)
 
     def canvasChanged(self, canvas: Any) -> None:
-        pass
+        if self.panel is not None:
+            from PyQt5.QtCore import QTimer
+
+            QTimer.singleShot(0, self.panel.document_changed)  # once Krita has made the view active
 
 
 def register() -> None:

@@ -37,6 +37,8 @@ class Settings:
     preview: bool = False
     feather_fraction: float = 0.1  # share of the selection's diagonal, scaled by strength
     padding_fraction: float = 0.06  # context around the selection: share of its diagonal
+    denoising_end: float = 0.8  # generate: the share of the schedule the base runs before the refiner
+    keep_unmasked: bool = True  # with a selection: the area outside it is held to the source while denoising
     backend_command: str = "krita-sdxl"  # the krita-sdxl command, or a Python that has it installed
     backend_args: str = "serve"
     server_public_key: str = ""  # CURVE, for a backend on another machine: the service's public key
@@ -59,6 +61,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "seed": (-1, MAX_FIXED_SEED),
     "feather_fraction": (0.0, 0.5),
     "padding_fraction": (0.0, 1.0),
+    "denoising_end": (0.05, 1.0),
 }
 
 

@@ -13,58 +13,12 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from PyQt5.QtCore import Qt, QTimer  # type: ignore[import-not-found]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def pattern(width: int, height: int) -> bytes:
-    """Opaque BGRA8: B = x, G = y, R = (x * 3 + y * 5) % 256, A = 255."""
-    rows = []
-    for y in range(height):
-        row = bytearray(width * 4)
-        for x in range(width):
-            row[x * 4 : x * 4 + 4] = bytes((x & 255, y & 255, (x * 3 + y * 5) & 255, 255))
-        rows.append(bytes(row))
-    return b"".join(rows)
-
-
-class Ticker:
-    """A precise QTimer; records the largest gap between ticks (UI-thread stalls)."""
-
-    def __init__(self, interval_ms: int) -> None:
-        self.timer = QTimer()
-        self.timer.setTimerType(Qt.PreciseTimer)
-        self.timer.setInterval(interval_ms)
-        self.timer.timeout.connect(self.tick)
-        self.gaps: list[float] = []
-        self.last = 0.0
-        self.worst_at = 0.0
-        self.started = 0.0
-
-    def start(self) -> None:
-        self.started = self.last = time.perf_counter()
-        self.timer.start()
-
-    def tick(self) -> None:
-        now = time.perf_counter()
-        gap = now - self.last
-        if not self.gaps or gap > max(self.gaps):
-            self.worst_at = now - self.started
-        self.gaps.append(gap)
-        self.last = now
-
-    def stop(self) -> dict[str, Any]:
-        self.tick()  # a stall right before stopping counts too
-        self.timer.stop()
-        ordered = sorted(self.gaps)
-        return {
-            "ticks": len(self.gaps),
-            "max_gap_ms": round(ordered[-1] * 1000, 1),
-            "p99_gap_ms": round(ordered[int(0.99 * (len(ordered) - 1))] * 1000, 1),
-            "worst_at_s": round(self.worst_at, 3),
-            "over_100ms": sum(g > 0.1 for g in ordered),
-        }
+from scenario_tools import Ticker, pattern
 
 
 def run(ctx: Any) -> Any:

@@ -1,0 +1,59 @@
+"""What the controller needs from the document side, and what it gets back. No Krita import here:
+``krita_adapter.KritaAdapter`` implements this in Krita, tests use a fake."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from krita_sdxl.protocol.geometry import Box, Extent
+
+from .jobs import Target
+from .pixelformat import PixelFormat
+from .plan import RefinePlan
+
+
+class AdapterError(Exception):
+    """The document side cannot do what was asked; the message is for the artist."""
+
+
+class NotApplied(Exception):
+    """A result could not go where it was meant to (its document was closed, its layer deleted...).
+    The message says why, in words for the artist; nothing was changed."""
+
+
+@dataclass
+class Capture:
+    """What the adapter read from the document for one job."""
+
+    plan: RefinePlan
+    fmt: PixelFormat
+    profile: str
+    transfer: str  # "srgb" or "linear"
+    pixels: Any  # buffer, fmt sized over plan.crop
+    mask: Any | None  # L8 buffer over plan.crop, or None
+    target: Target
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where a result layer went."""
+
+    layer_id: Any  # the new layer's id (opaque)
+    document: str  # its document's name, for messages
+    active: bool  # that document is the one shown now
+    handle: Any = None  # the document itself (opaque), so the history can show the result there
+
+
+class Planner(Protocol):
+    def __call__(self, canvas: Extent, source_bounds: Box, selection: Box | None) -> RefinePlan: ...
+
+
+class Adapter(Protocol):
+    def read_setting(self, key: str, default: str) -> str: ...
+    def write_setting(self, key: str, value: str) -> None: ...
+    def capture(self, source: str, planner: Planner) -> Capture: ...
+    def apply(self, target: Target, box: Box, fmt: PixelFormat, data: Any, name: str) -> Placed: ...
+    def apply_to_active(self, name: str, box: Box, fmt: PixelFormat, data: Any) -> Placed: ...
+    def open_as_document(self, name: str, box: Box, fmt: PixelFormat, profile: str, data: Any) -> str: ...
+    def active_document(self) -> Any: ...

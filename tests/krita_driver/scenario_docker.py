@@ -1,0 +1,373 @@
+"""E2E inside real Krita: the SDXL Refiner docker used as an artist uses it, every control clicked
+with the mouse (QTest) on the docker's own widgets, against real backends. Phases (params "phases",
+default all, in this order):
+
+measure: a 640x480 8-bit document, a selection partly off the canvas, the prompt typed, Refine
+   clicked; a new layer appears. A 10 ms QTimer runs meanwhile (its largest gap = how long Krita's
+   UI thread was blocked; also measured idle, before the click, for comparison) and a probe times the
+   plugin's own work on that thread. Screenshots before and after, of the screen and of the docker.
+again: "Again" on the result: a second layer from the same captured pixels, stacked above the
+   first (the result layer is the active one now). A picture of the docker while it runs.
+queue: the endpoint typed in the settings dialog points nowhere; two jobs wait; one row's Cancel,
+   then the Cancel button.
+kept: a job of a second document, which is closed before the backend is back: its result is kept
+   in the history; Apply (to the shown document), Open (as a new document), Discard.
+local: Start backend (the docker runs ``python -m krita_sdxl.backend.cli serve --demo``), Refine,
+   Stop backend while the job runs (the job is lost, not cancelled), Start again, Resubmit: the
+   layer appears.
+
+params: rect [x, y, w, h], prompt, good_endpoint, dead_endpoint, local_endpoint, python, backend_args,
+timeout_s, tick_ms, settle_ms, idle_ms, slow_steps, phases
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scenario_tools import Probe, Ticker, click, find_docker, pattern, type_into, until
+
+W, H = 640, 480
+PHASES = ("measure", "again", "queue", "kept", "local")
+
+
+class Session:
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.p = ctx.params
+        self.app = ctx.app
+        self.docker = find_docker(self.app)
+        self.docker.show()
+        self.docker.raise_()
+        self.panel = self.docker.widget()
+        self.controller = self.panel.controller
+        self.out: dict[str, Any] = {}
+        self.doc = ctx.new_document(W, H, "docker-e2e")
+        self.data = pattern(W, H)
+        self.source = ctx.add_paint_layer(self.doc, "Source", self.data)
+        self.doc.setActiveNode(self.source)
+        self.probe = Probe()
+        self.first: Any = None
+
+    def ids(self) -> set[str]:
+        return {self.ctx.node_id(n) for n in self.ctx.all_nodes(self.doc)}
+
+    def new_layers(self, before: set[str]) -> list[Any]:
+        ctx = self.ctx
+        return [
+            n
+            for n in ctx.all_nodes(self.doc)
+            if ctx.node_id(n) not in before and n.type().endswith("layer") and not n.bounds().isEmpty()
+        ]
+
+    def grab(self, label: str) -> None:
+        path = self.ctx.artifact_path(label)
+        if path is not None and self.docker.grab().save(str(path), "PNG"):
+            self.ctx.files.append(str(path))
+
+    def messages(self) -> list[str]:
+        return [text for _level, text in self.panel.messages.entries]
+
+
+def run(ctx: Any) -> Any:
+    s = Session(ctx)
+    x, y, w, h = s.p["rect"]
+    ctx.select_rect(s.doc, x, y, w, h)
+    s.doc.refreshProjection()
+    yield from until(ctx, lambda: s.controller.client.is_connected, 60, "the docker to connect to the backend")
+    yield 500  # let the window, the views and the docker settle
+    s.doc.waitForDone()
+    s.out["layout"] = layout(s)
+    s.out["layout"]["repaint_ms"] = repaint_ms(s.panel)
+    for phase in s.p.get("phases", PHASES):
+        ctx.log(f"phase {phase}")
+        try:
+            yield from globals()[f"phase_{phase}"](s)
+        except Exception as exc:
+            jobs = [(j.state.value, j.status_text) for j in s.controller.jobs]
+            raise AssertionError(f"phase {phase}: {exc}\nmessages: {s.messages()}\njobs: {jobs}") from exc
+    s.out["messages"] = [f"{level}: {text}" for level, text in s.panel.messages.entries]
+    s.out["internal_errors"] = [t for t in s.messages() if "Internal error" in t]
+    s.grab("docker-end")
+    return s.out
+
+
+def phase_measure(s: Session) -> Any:
+    ctx, panel, controller, p = s.ctx, s.panel, s.controller, s.p
+    x, y, w, h = p["rect"]
+    type_into(panel.prompt, p["prompt"])
+    if controller.settings.prompt != p["prompt"]:
+        raise AssertionError(f"typed {p['prompt']!r}, the settings hold {controller.settings.prompt!r}")
+    yield 300  # screenshots block Krita's UI thread: let it paint first
+    ctx.screenshot("before")
+    s.grab("docker-before")
+    idle = Ticker(p.get("tick_ms", 10))
+    idle.start()
+    yield p.get("idle_ms", 2000)
+    idle_ui = idle.stop()
+    before = s.ids()
+    probe = s.probe
+    probe.wrap(controller.adapter, "capture")
+    probe.wrap(controller.adapter, "apply")
+    probe.wrap(controller.client, "_handle", "message")
+    probe.wrap(controller.client, "send", "encode and send")
+    probe.wrap(controller, "_submit", "submit (send, queue and progress views)")
+    probe.wrap(controller, "_thumbnail", "thumbnail")
+    probe.wrap(panel.history, "update_results", "history view")
+    probe.wrap(panel.history, "update_jobs", "queue view")
+    probe.wrap(panel.history, "set_preview", "preview view")
+    probe.wrap(sys.modules["krita_sdxl_refiner.controller"], "preview_image", "preview decode")
+    probe.wrap(sys.modules["krita_sdxl_refiner.client"], "decode", "decode")
+    probe.wrap(panel.progress, "setValue", "progress bar")
+    probe.wrap(panel.progress, "setFormat", "progress text")
+    probe.wrap(panel.messages, "add", "message log")
+    ticker = Ticker(p.get("tick_ms", 10))
+    ticker.start()
+    started = time.monotonic()
+    click(panel.refine_button)
+    click_ms = round((time.monotonic() - started) * 1000, 1)  # press, release and everything Refine does at once
+    timeout = p.get("timeout_s", 60)
+    waited = yield from until(ctx, lambda: s.new_layers(before), timeout, "the result layer")
+    yield p.get("settle_ms", 750)
+    ui = ticker.stop()
+    ui["probe_slow_ms"] = probe.slow()
+    labels = {label for label, _t, _d in probe.records}
+    ui["probe_worst_ms"] = {
+        label: round(max(d for lb, _t, d in probe.records if lb == label) * 1000, 1) for label in sorted(labels)
+    }
+    ui["idle"] = {k: idle_ui[k] for k in ("max_gap_ms", "p99_gap_ms", "over_100ms", "top_gaps_ms")}
+    ui["click_ms"] = click_ms
+    (s.first,) = s.new_layers(before)
+    s.out["measure"] = {"time_to_layer_s": round(waited, 3), "total_s": round(time.monotonic() - started, 3), "ui": ui}
+    ctx.log(f"measure: {s.out['measure']}")
+    first = describe_layer(ctx, s.first, s.source)
+    first["alpha"] = alpha_check(s.first, x, y, w, h)
+    s.out["first"] = first
+    s.out["source_unchanged"] = (
+        hashlib.sha256(bytes(s.source.pixelData(0, 0, W, H))).digest() == hashlib.sha256(s.data).digest()
+    )
+    s.out["active_after_refine"] = s.doc.activeNode().name() if s.doc.activeNode() else None
+    entry = controller.history.newest_first()[0]
+    row = panel.history.result_rows[entry.id]
+    s.out["first_row"] = {
+        "title": row.title.text(),
+        "detail": row.detail.text(),
+        "thumbnail": bool(row.thumb.pixmap() and not row.thumb.pixmap().isNull()),
+    }
+    s.out["messages_after_refine"] = s.messages()
+    yield 300
+    ctx.screenshot("after")
+    s.grab("docker-after")
+    click(panel.advanced_section.button)
+    yield 300
+    s.grab("docker-advanced")
+    s.out["advanced_visible"] = panel.advanced.denoising_end.isVisible()
+    s.out["advanced_field_width"] = panel.advanced.denoising_end.width()
+    click(panel.advanced_section.button)
+    yield 100
+
+
+def phase_again(s: Session) -> Any:
+    ctx, panel, controller = s.ctx, s.panel, s.controller
+    entry = controller.history.newest_first()[0]
+    row = panel.history.result_rows[entry.id]
+    before = s.ids()
+    captures = sum(1 for label, _t, _d in s.probe.records if label == "capture")
+    click(row.again_button)
+    yield from until(ctx, lambda: panel.history.job_rows, 10, "the Again job in the queue")
+    yield from until(
+        ctx, lambda: s.new_layers(before) or controller.jobs.current().step > 0, 60, "the Again job to run"
+    )
+    s.grab("docker-during")
+    yield from until(ctx, lambda: s.new_layers(before), s.p.get("timeout_s", 60), "the Again layer")
+    (second,) = s.new_layers(before)
+    s.out["again"] = describe_layer(ctx, second, s.first)
+    s.out["again"]["captures"] = sum(1 for label, _t, _d in s.probe.records if label == "capture") - captures
+
+
+def phase_queue(s: Session) -> Any:
+    ctx, panel, controller = s.ctx, s.panel, s.controller
+    click(panel.settings_button)
+    type_into(panel.dialog.endpoint, s.p["dead_endpoint"], enter=True)
+    yield from until(ctx, lambda: not controller.client.is_connected, 10, "the docker to leave the backend")
+    click(panel.refine_button)
+    click(panel.refine_button)
+    yield 50
+    waiting = [j for j in controller.jobs if j.state.value == "waiting"]
+    if len(waiting) != 2 or len(panel.history.job_rows) != 2:
+        raise AssertionError(f"expected 2 waiting jobs with rows: {[j.state for j in controller.jobs]}")
+    click(panel.history.job_rows[waiting[0].id].cancel_button)
+    yield 50
+    one = [waiting[0].state.value, waiting[1].state.value]
+    click(panel.cancel_button)
+    yield 50
+    s.out["queue"] = {
+        "after_row_cancel": one,
+        "after_cancel": [waiting[0].state.value, waiting[1].state.value],
+        "rows_left": len(panel.history.job_rows),
+    }
+
+
+def phase_kept(s: Session) -> Any:
+    ctx, panel, controller, app = s.ctx, s.panel, s.controller, s.app
+    if not panel.dialog.isVisible():
+        click(panel.settings_button)
+    if controller.client.is_connected:
+        type_into(panel.dialog.endpoint, s.p["dead_endpoint"], enter=True)
+    other = ctx.new_document(200, 150, "closed-before-result")
+    other_layer = ctx.add_paint_layer(other, "Paint", pattern(200, 150))
+    other.setActiveNode(other_layer)
+    yield 300
+    click(panel.refine_button)
+    job = controller.jobs.current()
+    other.setModified(False)
+    other.close()
+    show(app, s.doc)
+    yield 300
+    type_into(panel.dialog.endpoint, s.p["good_endpoint"], enter=True)
+    yield from until(ctx, lambda: controller.history.get(job.id), s.p.get("timeout_s", 60), "the kept result")
+    kept = controller.history.get(job.id)
+    out: dict[str, Any] = {"applied": kept.applied, "note": kept.note}
+    out["message"] = next((t for t in s.messages() if "kept in the history" in t), None)
+    yield 100
+    row = panel.history.result_rows[job.id]
+    before = s.ids()
+    click(row.apply_button)
+    yield 200
+    out["apply"] = [n.name() for n in s.new_layers(before)]
+    documents = len(app.documents())
+    click(row.open_button)
+    yield from until(ctx, lambda: len(app.documents()) > documents, 10, "the result opened as a document")
+    opened = app.activeDocument()
+    out["open"] = {"size": [opened.width(), opened.height()], "layers": [n.name() for n in opened.topLevelNodes()]}
+    opened.setModified(False)
+    show(app, s.doc)
+    try:  # applied here: the row is shown with this document
+        yield from until(ctx, lambda: job.id in panel.history.result_rows, 5, "the result's row in this document")
+    except TimeoutError as exc:
+        view = panel.history.document_of_view()
+        raise AssertionError(
+            f"{exc}: the view shows {view and view.name()!r}, the result belongs to "
+            f"{[d.name() if d else None for d in (kept.target.document, *kept.documents)]}, active document "
+            f"{app.activeDocument() and app.activeDocument().name()!r}, equal: "
+            f"{[d == view for d in kept.documents]}"
+        ) from None
+    yield 100  # a new row is shown by a queued event
+    row = panel.history.result_rows[job.id]
+    click(row.discard_button)
+    yield 100
+    out["row_after_discard"] = job.id in panel.history.result_rows
+    s.out["kept"] = out
+
+
+def phase_local(s: Session) -> Any:
+    ctx, panel, controller = s.ctx, s.panel, s.controller
+    dialog = panel.dialog
+    if not dialog.isVisible():
+        click(panel.settings_button)
+    type_into(dialog.backend_command, s.p["python"])
+    type_into(dialog.backend_args, s.p["backend_args"])
+    type_into(dialog.endpoint, s.p["local_endpoint"], enter=True)
+    dialog.close()
+    panel.strength.setValue(100)
+    panel.advanced.steps.setValue(s.p.get("slow_steps", 40))
+    yield 100
+    out: dict[str, Any] = {}
+    click(panel.backend_button)  # "Start backend"
+    yield from backend_up(s, "the docker's own backend to start")
+    out["started"] = panel.backend_button.text()
+    s.doc.setActiveNode(s.source)  # the active layer is a result layer now; refine the painting
+    yield 100
+    before = s.ids()
+    click(panel.refine_button)
+    yield from until(ctx, lambda: controller.jobs.current().step > 0, 60, "the job to run on the local backend")
+    click(panel.backend_button)  # "Stop backend", mid-job
+    yield from until(ctx, lambda: controller.jobs.lost(), 30, "the job to be lost when the backend stops")
+    yield from until(ctx, lambda: controller.backend.state.value == "stopped", 30, "the backend to stop")
+    out["lost"] = controller.jobs.lost()[0].status_text
+    out["resubmit_visible"] = panel.resubmit_button.isVisible()
+    click(panel.backend_button)  # "Start backend" again
+    yield from backend_up(s, "the backend to start again")
+    click(panel.resubmit_button)
+    yield from until(ctx, lambda: s.new_layers(before), 120, "the resubmitted job's layer")
+    out["layers"] = [n.name() for n in s.new_layers(before)]
+    click(panel.backend_button)  # "Stop backend"
+    yield from until(ctx, lambda: controller.backend.state.value == "stopped", 30, "the backend to stop")
+    s.out["local"] = out
+
+
+def backend_up(s: Session, what: str) -> Any:
+    controller = s.controller
+    try:
+        yield from until(s.ctx, lambda: controller.client.is_connected, 150, what)
+    except TimeoutError as exc:
+        raise TimeoutError(
+            f"{exc}; backend {controller.backend.state.value}: {controller.backend.detail}; connection "
+            f"{controller.client.state.value}: {controller.client.detail}; log:\n{controller.backend.log_tail()}"
+        ) from None
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def layout(s: Session) -> dict[str, Any]:
+    from PyQt5.QtGui import QGuiApplication  # type: ignore[import-not-found]
+
+    docker, panel = s.docker, s.panel
+    screen = QGuiApplication.primaryScreen().geometry()
+    top_left = docker.mapToGlobal(docker.rect().topLeft())
+    return {
+        "screen": [screen.width(), screen.height()],
+        "docker": [top_left.x(), top_left.y(), docker.width(), docker.height()],
+        "floating": docker.isFloating(),
+        "panel_min": [panel.minimumSizeHint().width(), panel.minimumSizeHint().height()],
+        "panel_size": [panel.width(), panel.height()],
+        "history_height": panel.history.height(),
+        "connection_bottom": panel.connection.mapToGlobal(panel.connection.rect().bottomLeft()).y(),
+        "advanced_field_width": panel.advanced.steps.sizeHint().width(),
+        "visible_dockers": sorted(d.windowTitle() for d in s.app.dockers() if d.isVisible()),
+    }
+
+
+def repaint_ms(panel: Any) -> list[float]:
+    """How long a full, synchronous repaint of the docker's content takes (three tries)."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        panel.repaint()
+        times.append(round((time.perf_counter() - start) * 1000, 1))
+    return times
+
+
+def describe_layer(ctx: Any, layer: Any, below: Any) -> dict[str, Any]:
+    siblings = [ctx.node_id(n) for n in layer.parentNode().childNodes()]
+    b = layer.bounds()
+    below_id = ctx.node_id(below)
+    return {
+        "name": layer.name(),
+        "bounds": [b.x(), b.y(), b.width(), b.height()],
+        "directly_above": below_id in siblings and siblings.index(ctx.node_id(layer)) == siblings.index(below_id) + 1,
+        "visible": layer.visible(),
+    }
+
+
+def alpha_check(layer: Any, x: int, y: int, w: int, h: int) -> dict[str, Any]:
+    alpha = bytes(layer.pixelData(0, 0, W, H))[3::4]
+    x1, y1 = min(W, x + w), min(H, y + h)
+    outside = sum(1 for r in range(H) for c in range(W) if alpha[r * W + c] and not (x <= c < x1 and y <= r < y1))
+    margin = 24
+    inner = [alpha[r * W + c] for r in range(y + margin, y1 - margin) for c in range(x + margin, x1 - margin)]
+    return {"outside_nonzero": outside, "inner_min": min(inner) if inner else None}
+
+
+def show(app: Any, doc: Any) -> None:
+    """Bring ``doc``'s view to the front (``View.setVisible``; ``Window.showView`` does not switch in 5.1)."""
+    for view in app.activeWindow().views():
+        if view.document() == doc:
+            view.setVisible()
+    app.setActiveDocument(doc)

@@ -1,0 +1,156 @@
+"""Fakes shared by the plugin's tests: a real ZeroMQ ROUTER standing in for the service (in the test's
+thread: :func:`pump` runs Qt's event loop in small slices and lets it answer ``hello``/``heartbeat``
+between them) and a fake document side (the adapter), so the controller and the docker run without Krita.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+from PyQt5.QtCore import QEventLoop
+from PyQt5.QtWidgets import QApplication
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
+
+from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
+from krita_sdxl.protocol.geometry import Box, Extent
+from krita_sdxl_refiner.adapter_api import AdapterError, Capture, NotApplied, Placed
+from krita_sdxl_refiner.client import Client
+from krita_sdxl_refiner.controller import Controller
+from krita_sdxl_refiner.jobs import Target
+from krita_sdxl_refiner.pixelformat import pixel_format
+
+CAPS = {"device": "cpu", "dtype": "float32", "models": [], "modes": ["refine"], "protocol_version": 1}
+
+
+class FakeService:
+    """A ROUTER that answers hello and heartbeat (while ``alive``) and records everything."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str = "tcp://127.0.0.1:*", curve_secret: str | None = None) -> None:
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if curve_secret is not None:
+            from zmq import auth as zmq_auth
+
+            public, secret = zmq_auth.load_certificate(curve_secret)
+            self.router.curve_secretkey, self.router.curve_publickey = secret, public
+            self.router.curve_server = True
+        deadline = time.monotonic() + 5
+        while True:  # a just-closed listener on the same port is released asynchronously
+            try:
+                self.router.bind(endpoint)
+                break
+            except zmq.ZMQError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.alive = True
+        self.caps = dict(CAPS)
+        self.received: list[tuple[bytes, Message]] = []
+
+    def poll(self) -> None:
+        while True:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            ident, msg = frames[0], decode(CLIENT, frames[1:])
+            self.received.append((ident, msg))
+            if not self.alive:
+                continue
+            if msg.type == "hello":
+                self.send(ident, "welcome", server="fake", capabilities=self.caps)
+            elif msg.type == "heartbeat":
+                self.send(ident, "heartbeat")
+
+    def send(self, ident: bytes, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> None:
+        self.router.send_multipart([ident, *encode(SERVICE, msg_type, images=images, **fields)])
+
+    def of_type(self, msg_type: str) -> list[tuple[bytes, Message]]:
+        return [(i, m) for i, m in self.received if m.type == msg_type]
+
+    def close(self) -> None:
+        self.router.close(linger=0)
+
+
+def pump(app: QApplication, until: Callable[[], bool], services: list[FakeService], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        for s in services:
+            s.poll()
+        app.processEvents(QEventLoop.AllEvents, 10)
+        if until():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.002)
+
+
+class FakeAdapter:
+    def __init__(self) -> None:
+        self.store = {"prompt": "a red barn", "seed": "-1", "preview": "true", "strength": "0.5"}
+        self.written: dict[str, str] = {}
+        self.applied: list[tuple[Box, bytes, str]] = []
+        self.apply_reason: str | None = None
+        self.to_active: list[str] = []
+        self.canvas = Extent(300, 200)
+        self.selection: Box | None = Box(100, 50, 60, 40)
+        self.fail_capture: Exception | None = None
+        self.targets: list[Target] = []
+        self.fill = 7  # the value of every captured byte (change it to "paint" the layer)
+        self.captures = 0
+        self.opened: list[str] = []
+        self.open_error: str | None = "no window"
+        self.document: Any = "doc"
+        self.placed_active = True  # the result's document is the one shown
+
+    def read_setting(self, key: str, default: str) -> str:
+        return self.store.get(key, default)
+
+    def write_setting(self, key: str, value: str) -> None:
+        self.written[key] = value
+
+    def capture(self, source: str, planner) -> Capture:
+        if self.fail_capture:
+            raise self.fail_capture
+        plan = planner(self.canvas, Box(0, 0, 300, 200), self.selection)
+        fmt = pixel_format("RGBA", "U8")
+        crop = plan.crop
+        self.captures += 1
+        pixels = bytes([self.fill]) * (crop.width * crop.height * 4)
+        mask = bytes([255]) * (crop.width * crop.height) if plan.masked else None
+        target = Target(self.document, "node", source, "layer 1")
+        return Capture(plan, fmt, "sRGB-elle-V2-srgbtrc.icc", "srgb", pixels, mask, target)
+
+    def apply(self, target, box, fmt, data, name):
+        if self.apply_reason is not None:
+            raise NotApplied(self.apply_reason)
+        self.applied.append((box, bytes(data), name))
+        self.targets.append(target)
+        return Placed(f"layer-{len(self.applied)}", "barn.kra", self.placed_active)
+
+    def apply_to_active(self, name, box, fmt, data):
+        self.to_active.append(name)
+        return Placed("active-layer", "other.kra", True, self.document)
+
+    def open_as_document(self, name, box, fmt, profile, data):
+        if self.open_error:
+            raise AdapterError(self.open_error)
+        self.opened.append(name)
+        return "Untitled 2"
+
+    def active_document(self):
+        return self.document
+
+
+def make_controller(ctx, endpoint: str, adapter: FakeAdapter) -> Controller:
+    adapter.store["endpoint"] = endpoint
+    client = Client(endpoint, interval=0.05, timeout=0.5, context=ctx)
+    return Controller(adapter, client=client)
