@@ -611,3 +611,27 @@ def test_plugin_creates_its_key_pair_and_connects_to_a_curve_service(app, ctx, t
         c.shutdown()
         svc.stop()
         thread.join(10)
+
+
+def test_reconnects_with_the_same_id_to_a_real_service_every_time(app, ctx):
+    """The real service refuses a routing id still in use (ROUTER_HANDOVER off). The plugin keeps its
+    id across reopenings, so a retry pauses after closing: 20 resets in a row each connect at once
+    (without the pause, about 1 in 15 waited a whole timeout cycle, unanswered)."""
+    from krita_sdxl.backend.identity_engine import IdentityEngine
+    from krita_sdxl.backend.server import Service
+
+    svc = Service(IdentityEngine(), "tcp://127.0.0.1:*", ctx=zmq.Context())
+    thread = threading.Thread(target=svc.serve_forever, daemon=True)
+    thread.start()
+    client = Client(svc.endpoint, interval=0.05, timeout=5.0, context=ctx)
+    try:
+        client.start()
+        pump(app, lambda: client.is_connected, [])
+        for _ in range(20):
+            client.reconnect("test: start over")
+            assert not client.is_connected
+            pump(app, lambda: client.is_connected, [], timeout=3.0)  # well inside the 5 s timeout
+    finally:
+        client.stop()
+        svc.stop()
+        thread.join(10)

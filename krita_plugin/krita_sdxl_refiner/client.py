@@ -55,6 +55,9 @@ def _apply_curve(sock: zmq.Socket, keys: CurveKeys) -> None:
     sock.curve_serverkey = keys.server_public_key.encode("ascii")
 
 
+REOPEN_PAUSE_MS = 150  # between closing a socket and reopening it with the same routing id
+
+
 class ConnectionState(str, Enum):
     invalid = "invalid"  # the endpoint as typed cannot be used: not connecting until it is changed
     disconnected = "disconnected"  # no answer (yet); retrying by itself
@@ -92,6 +95,7 @@ class Client(QObject):
         self._state = ConnectionState.disconnected
         self._detail = "not started"
         self._opened_at = 0.0
+        self._generation = 0
         self._last_received = 0.0
         self._draining = False
         self.server = ""
@@ -156,13 +160,28 @@ class Client(QObject):
 
     # --- socket lifecycle --------------------------------------------------------------------
 
-    def _open(self, announce: bool = False) -> None:
+    def _open(self, announce: bool = False, pause: bool = False) -> None:
         """(Re)open the socket and say hello. ``announce``: show "connecting" (a first start or a
         new endpoint); a retry after a timeout keeps showing why the connection was lost. The
         endpoint is checked first (:mod:`krita_sdxl.protocol.endpoint`): a mistyped one is shown,
-        not connected to; an ``ipc`` socket must exist and belong to this user (no squatter)."""
+        not connected to; an ``ipc`` socket must exist and belong to this user (no squatter).
+
+        ``pause``: a retry on the same endpoint waits REOPEN_PAUSE_MS after closing the old socket:
+        the service refuses a routing id that is still in use (no session takeover), and ours is kept
+        across reopenings so that the service's events for our jobs still reach us."""
+        had_socket = self._socket is not None
         self._close()
         self._opened_at = time.monotonic()
+        self._generation += 1
+        if had_socket and pause:
+            generation = self._generation
+            QTimer.singleShot(REOPEN_PAUSE_MS, lambda: self._connect_now(announce, generation))
+            return
+        self._connect_now(announce, self._generation)
+
+    def _connect_now(self, announce: bool, generation: int) -> None:
+        if generation != self._generation or self._socket is not None:
+            return  # superseded by a later open or close
         try:
             endpoint = parse_endpoint(self._endpoint)
         except EndpointError as exc:
@@ -195,6 +214,7 @@ class Client(QObject):
         self._send_frames(encode(CLIENT, "hello", client=CLIENT_NAME), "hello")
 
     def _close(self) -> None:
+        self._generation += 1  # a reopening still waiting for its pause is cancelled
         if self._notifier is not None:
             self._notifier.setEnabled(False)
             self._notifier.activated.disconnect()
@@ -206,7 +226,7 @@ class Client(QObject):
 
     def _reset(self, reason: str) -> None:
         self._set_state(ConnectionState.disconnected, reason)
-        self._open()
+        self._open(pause=True)
 
     def _tick(self) -> None:
         self._drain()
