@@ -89,6 +89,7 @@ class ServiceClient:
         self._secret_file = client_secret_file
         self._handshaken = self._dropped = self._reconnected = False
         self._last_heard = time.monotonic()
+        self._last_sent = 0.0  # when this client last sent anything (the service's proof of life)
         self._monitor = self.socket.get_monitor_socket(_WATCHED)
         self._monitor.setsockopt(zmq.LINGER, 0)
         self._poller = zmq.Poller()
@@ -150,6 +151,7 @@ class ServiceClient:
             self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             raise ServiceUnavailable(f"cannot reach {self.endpoint}: no connection to a service") from None
+        self._last_sent = time.monotonic()
 
     def receive(self, timeout: float | None = None) -> Message:
         """Next event from the service (heartbeat replies are consumed here). While waiting, a heartbeat
@@ -180,11 +182,14 @@ class ServiceClient:
             self._watch()
         if self.handshake_error is not None:
             raise ServiceUnavailable(self.handshake_error)
-        if self.socket not in ready:
+        if time.monotonic() - self._last_sent >= self.heartbeat_interval:
+            # On a schedule, whatever arrives: a job streaming progress faster than the interval
+            # would otherwise leave the service without news, and it cancels a silent client's jobs.
             try:
                 self.send("heartbeat")
             except ServiceUnavailable:
                 pass  # still connecting or reconnecting; the deadline decides
+        if self.socket not in ready:
             return None
         event = decode(SERVICE, self.socket.recv_multipart(copy=False))
         now = time.monotonic()

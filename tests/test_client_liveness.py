@@ -1,0 +1,52 @@
+"""The blocking client stays alive in the service's eyes while a long job streams progress.
+
+The service cancels the jobs of a client it has not heard from for ``heartbeat_timeout`` s. A client
+that only sent heartbeats when nothing arrived was silent during a job whose steps come faster than
+its heartbeat interval, so any such job longer than the timeout was cancelled as ``client_lost``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from krita_sdxl.backend.client import ServiceClient
+from krita_sdxl.backend.identity_engine import IdentityEngine
+from krita_sdxl.backend.request import JobCancelled
+from krita_sdxl.backend.server import Service
+from krita_sdxl.protocol import Image, ImageSpec
+
+
+class SteppingEngine(IdentityEngine):
+    """Identity pixels after ``steps`` progress events ``pause`` s apart."""
+
+    def __init__(self, steps: int, pause: float) -> None:
+        self.steps, self.pause = steps, pause
+
+    def refine(self, req: Any, on_progress: Any, should_stop: Any) -> Image:
+        for i in range(1, self.steps + 1):
+            time.sleep(self.pause)
+            if should_stop():
+                raise JobCancelled
+            on_progress(i, self.steps, None)
+        return req.image
+
+
+def test_a_job_longer_than_the_heartbeat_timeout_with_fast_steps_is_not_cancelled() -> None:
+    timeout = 1.0  # the service's; the job streams 3 s of progress, a step every 0.05 s
+    service = Service(SteppingEngine(60, 0.05), "tcp://127.0.0.1:*", ctx=zmq.Context(), heartbeat_timeout=timeout)
+    thread = threading.Thread(target=service.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with ServiceClient(service.endpoint, timeout=10.0, heartbeat_interval=0.3) as client:
+            image = Image(ImageSpec(16, 16, "RGBA", 8), bytes(16 * 16 * 4))
+            steps: list[int] = []
+            done = client.run(image, on_event=lambda e: steps.append(e["step"]) if e.type == "progress" else None)
+            assert done.type == "result"  # JobFailed(client_lost) before the fix
+            assert steps[-1] == 60
+    finally:
+        service.stop()
+        thread.join(10)
