@@ -151,8 +151,10 @@ class Engine:
         prompt_cache.install(pipe)
         cache = compile_cache or default_compile_cache(cache_dir or default_cache_dir())
 
+        offloaded = placement.mode in ("model", "sequential")
+
         def speed_setup(p: Any) -> Any:
-            return setup(p, chosen, speed, cache)
+            return setup(p, chosen, speed, cache, source=refiner, offloaded=offloaded)
 
         engine = cls(
             pipe,
