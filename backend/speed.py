@@ -329,9 +329,12 @@ class SpeedPath:
             return
         count, why = quantize_unet(unet, self.options.fp8_granularity)
         self.fp8_layers[name] = count
-        if why is not None:
-            self.notes.append(f"{name}: fp8 not applied, runs as compile: {why}")
-            log.warning("speed fp8 runs as compile for the %s: %s", name, why)
+        if why is not None and name == "unet" and self.plan is not None:  # the refiner's: the level steps down
+            self.plan = replace(self.plan, level="compile", unet="torch", reasons=(*self.plan.reasons, why))
+            log.warning("%s", self.plan.summary())
+        elif why is not None:
+            self.notes.append(f"{name}: fp8 not applied: {why}")
+            log.warning("speed fp8: the %s stays in its own precision: %s", name, why)
         else:
             log.info("speed fp8: %d linear layers of the %s in float8", count, name)
 
