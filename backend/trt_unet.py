@@ -212,7 +212,8 @@ class TrtRunner:
         self.device = torch.device(device)
         if self.device.index is not None:
             torch.cuda.set_device(self.device)
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.logger = trt.Logger(trt.Logger.WARNING)  # must outlive the runtime and the engine
+        self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(payload)
         if self.engine is None:
             raise RuntimeError("TensorRT could not deserialize the engine")
