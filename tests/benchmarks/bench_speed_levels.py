@@ -22,9 +22,14 @@ DIR/results.json is rewritten after every figure:
     steps down on this machine (library, GPU feature) is recorded as skipped with its one-line reason.
     ``draft`` is the ``compile`` engine with the step cache installed (what ``--speed draft`` sets up), so
     it costs no second compilation.
- 6. restart: a new process with each measured level on the warm cache: launch to first result
- 7. the ensemble on plain and on each level (the base UNet compiles on first use)
+ 6. the ensemble on plain and on each level (the base UNet compiles on first use; draft: the compile
+    engine's with the step cache on both UNets)
+ 7. restart: a new process with each measured level on the warm cache: launch to first result
  8. stock diffusers with ``torch.compile`` of the UNet (fullgraph): first call, refine
+
+With the default budget (480 s) an H100/H200 run gets through about stage 6's plain ensemble and the compile
+level's restart (the cold compilations take most of it: 153 s for compile on an H100); ``--skip`` leaves
+stages out for a second run, e.g. ``--levels compile,draft --skip stock,stock_ensemble,restart``.
 
 Prints a table and writes DIR/table.md; with --results-dir also <date>-<card>-speed-levels.json/.md there.
 """
@@ -62,6 +67,7 @@ from bench_gpu import (
 )
 
 LEVELS = ("compile", "draft", "fp8", "trt")
+SKIPPABLE = ("stock", "stock_ensemble", "ensemble", "restart", "stock_compiled")
 LIBRARIES = ("triton", "torchao", "tensorrt", "onnx", "onnxscript", "diffusers", "zmq")
 NOOP = (lambda *a: None, lambda: False)
 # Seconds a stage needs at least on an H100/H200 (cold compile 153 s measured 2026-11-26; TensorRT's
@@ -289,7 +295,7 @@ def stock_compiled(b: Bench, pipes: dict[str, Any], size: int) -> None:
 # --- report ----------------------------------------------------------------------------------------------
 
 
-def table(r: dict[str, Any], levels: list[str]) -> str:
+def table(r: dict[str, Any], levels: list[str], size: int) -> str:
     def v(key: str, unit: str = "") -> str:
         x = r.get(key)
         if x is None:
@@ -313,8 +319,10 @@ def table(r: dict[str, Any], levels: list[str]) -> str:
     lines = [
         f"# --speed levels, {r.get('device')} (compute capability {r.get('capability', '?')}), {r.get('date')}",
         "",
-        f"Random weights in the real SDXL 1.0 architectures; {r.get('versions')}. Refine 1024x1024, 50 steps x 0.3 "
-        "(15 UNet calls), engine call in process; quality = PSNR / max difference (0-255) against plain, same seed.",
+        f"Random weights in the real SDXL 1.0 architectures; {r.get('versions')}. Refine {size}x{size}, 50 steps x 0.3 "
+        "(15 UNet calls), engine call in process (ZeroMQ adds about 12 ms, 2026-11-26); quality = PSNR / max "
+        "difference (0-255) against plain, same seed (random weights: how far the numbers move, not picture "
+        "quality).",
         "",
         "| path | refine | UNet call | start-up (cold) | restart to first result | quality vs plain | ensemble | "
         "peak GiB | status |",
@@ -343,7 +351,11 @@ def main() -> int:
     ap.add_argument("--budget", type=float, help="seconds; stages that would not fit are skipped (480; tiny: 900)")
     ap.add_argument("--levels", default=",".join(LEVELS), help="comma-separated, in order (default: %(default)s)")
     ap.add_argument("--results-dir", type=Path, help="also write <date>-<card>-speed-levels.json/.md here")
+    ap.add_argument("--skip", default="", help=f"comma-separated stages to leave out: {', '.join(SKIPPABLE)}")
     args = ap.parse_args()
+    skip = {x for x in args.skip.split(",") if x}
+    if skip - set(SKIPPABLE):
+        ap.error(f"unknown stages {sorted(skip - set(SKIPPABLE))}; choose from {', '.join(SKIPPABLE)}")
     args.out.mkdir(parents=True, exist_ok=True)
     levels = [x for x in args.levels.split(",") if x]
     unknown = set(levels) - set(LEVELS)
@@ -363,20 +375,27 @@ def main() -> int:
     pipes: dict[str, Any] = {}
     b.stage("card", 0, lambda: card(b))
     if b.stage("build", 0, lambda: pipes.update(build_and_save(b, root, args.tiny, dtype))):
-        b.stage("stock", 30, lambda: stock(b, pipes, size))
-        b.stage("stock_ensemble", 25, lambda: stock(b, pipes, size, ensemble_only=True))
+        if "stock" not in skip:
+            b.stage("stock", 30, lambda: stock(b, pipes, size))
+        if "stock_ensemble" not in skip:
+            b.stage("stock_ensemble", 25, lambda: stock(b, pipes, size, ensemble_only=True))
+    if "stock_compiled" in skip:
+        pipes.clear()  # their GPU memory back
+        free_gpu()
     b.stage("plain", 30, lambda: plain(b, root, size, state))
     for name in levels:
         b.stage(name, 0 if args.tiny else NEED[name], lambda n=name: level(b, root, size, state, n))  # type: ignore[misc]
-    b.stage("restart", 0 if args.tiny else NEED["restart"], lambda: restart(b, root, size, state))
-    b.stage("ensemble", 0 if args.tiny else NEED["ensemble"], lambda: ensembles(b, size, state))
+    if "ensemble" not in skip:
+        b.stage("ensemble", 0 if args.tiny else NEED["ensemble"], lambda: ensembles(b, size, state))
     state["engines"].clear()
     free_gpu()
+    if "restart" not in skip:
+        b.stage("restart", 0 if args.tiny else NEED["restart"], lambda: restart(b, root, size, state))
     if pipes:
         b.stage("stock_compiled", 0 if args.tiny else NEED["stock_compiled"], lambda: stock_compiled(b, pipes, size))
     pipes.clear()
     b.record("total_s", round(time.monotonic() - b.t0, 1))
-    text = table(b.results, levels)
+    text = table(b.results, levels, size)
     (args.out / "table.md").write_text(text)
     print("\n" + text, flush=True)
     if args.results_dir:
