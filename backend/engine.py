@@ -243,6 +243,8 @@ class Engine:
 
     def _unload_now(self, role: str) -> bool:
         if role == "refiner":
+            if self.speed is not None:
+                self.speed.close()  # TensorRT engines and their thread
             self.speed = None  # it holds the pipeline
         elif self.speed is not None and self.models.loaded(role):
             self.speed.forget(self.models.get(role))  # else its compiled UNet would stay referenced
@@ -308,6 +310,7 @@ class Engine:
         if lower is None:
             return None
         if lower in ("model", "sequential") and self.speed is not None:
+            self.speed.close()
             self.speed = None  # compiled graphs cannot follow weights that move between calls
         placement.switch(lower, self.models.pipes(), reason=f"stepped down from {placement.mode} after out of memory")
         return lower

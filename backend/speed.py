@@ -292,6 +292,14 @@ class SpeedPath:
             self._modules.pop(name, None)
             self._owners.pop(name, None)
 
+    def close(self) -> None:
+        """The refiner is being unloaded (or the speed path dropped): free what outlives it, the TensorRT
+        engines and their background thread."""
+        if self.trt is not None:
+            self.trt.uninstall()
+            self.trt.engines.close()
+            self.trt = None
+
     def _compile_pipe(self, pipe: Any, prefix: str, vae: bool = True) -> None:
         opts, plan = self.options, self.plan
         if plan is not None and plan.unet == "fp8" and opts.unet_mode is not None:

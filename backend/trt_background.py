@@ -112,8 +112,16 @@ class BackgroundEngines:
             log.error("TensorRT: an engine call failed; the UNet runs eagerly from now on (%s)", reason[:300])
 
     def close(self) -> None:
-        """Stop the background thread after the build in progress (if any)."""
+        """Forget every engine (their GPU memory goes with them) and stop the background thread after the
+        build in progress, if any. Later calls run eager."""
+        self.disabled = self.disabled or "closed"
+        with self._lock:
+            self._state.clear()
         self._queue.put(None)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     # --- the background thread -----------------------------------------------------------------
 
@@ -156,7 +164,10 @@ class BackgroundEngines:
         timing["ready_s"] = time.monotonic() - started
         with self._done:
             self.timings[slot] = timing
-            self._state[slot] = state
+            if self.disabled != "closed":
+                self._state[slot] = state
+            else:
+                self._state.pop(slot, None)
             self._done.notify_all()
 
 

@@ -167,3 +167,27 @@ def test_the_cli_takes_every_level_and_refuses_others() -> None:
     assert merge(Settings(), {"speed": "draft"}, "config.toml", toml=True).speed == "draft"
     with pytest.raises(ConfigError, match=r"speed = 'tensorrt'.*one of auto, on, off, compile, trt, fp8, draft"):
         merge(Settings(), {"speed": "tensorrt"}, "config.toml", toml=True)
+
+
+def test_serve_with_a_level_this_machine_lacks(demo_models: Any, tmp_path: Any) -> None:
+    """As a person runs it: ``serve --speed trt`` on a machine without an NVIDIA GPU starts, logs once why it
+    runs as compile, ``info`` shows it, and a refine works; a level that does not exist is refused."""
+    from cli_helpers import assert_refused, krita_sdxl, rgba_picture
+
+    from krita_sdxl.backend import speed
+    from krita_sdxl.backend.launcher import start_service
+
+    env = {speed.OPTIONS_ENV: '{"unet_mode": null, "vae_mode": null}'}  # the compile level without compiling
+    svc = start_service(["--demo", "--speed", "trt", "--no-warmup"], env=env)
+    try:
+        info = krita_sdxl("info", "--endpoint", svc.endpoint).stdout
+        assert "speed       compile (asked for trt: TensorRT needs an NVIDIA GPU (device cpu))" in info
+        out = tmp_path / "out.png"
+        picture = rgba_picture(tmp_path / "in.png")
+        proc = krita_sdxl("refine", str(picture), "--endpoint", svc.endpoint, "--steps", "4", "-o", str(out))
+        assert proc.returncode == 0, proc.stderr
+        assert out.is_file()
+    finally:
+        assert svc.stop() == 0, svc.log
+    assert svc.log.count("runs as compile") == 1, svc.log
+    assert_refused(krita_sdxl("serve", "--demo", "--speed", "turbo"), 2, "--speed", "trt", "fp8", "draft")

@@ -313,6 +313,13 @@ def test_the_engine_runs_trt_jobs_eager_until_the_engine_is_ready(
     again = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="trt", compile_cache=tmp_path / "cc")
     assert again.speed is not None and again.speed.trt.engines.wait(256, 256, 2, timeout=30) is not None
     assert len(builds) == 1  # from the disk cache
+    engines = hook.engines
+    assert engine.unload("refiner") == (True, False)  # the engines and their thread go with the refiner
+    engines._thread.join(10)
+    assert not engines.running and engines.status() == {} and engine.speed is None
+    assert engine.pipe.unet._compiled_call_impl is not None  # reloaded: a new hook, served from the cache
+    assert engine.speed is not None and engine.speed.trt.engines.wait(256, 256, 2, timeout=30) is not None
+    assert len(builds) == 1
 
 
 def test_a_trt_level_that_cannot_start_compiles_the_unet_instead(
