@@ -256,7 +256,7 @@ class Engine:
         the default regional compilation every size runs on the graphs this compiles; ``size`` also
         gives inductor its size hints, so it is the typical work size. A failure is logged, not
         raised: the first job then compiles, or runs eagerly."""
-        if self.speed is None or self.speed.fallback is not None:
+        if self.speed is None or not self.speed.needs_warmup:
             return None
         from krita_sdxl.protocol import ImageSpec, plan_img2img
 

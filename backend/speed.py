@@ -253,6 +253,11 @@ class SpeedPath:
         return self
 
     @property
+    def needs_warmup(self) -> bool:
+        """Something to compile (or a TensorRT engine to ask for) before the first job."""
+        return self.fallback is None and (bool(self._modules) or self.trt is not None)
+
+    @property
     def level(self) -> str:
         return self.plan.level if self.plan is not None else "compile"
 

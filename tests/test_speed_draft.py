@@ -146,3 +146,21 @@ def test_fp8_that_cannot_quantise_runs_as_compile(demo_models: Any, monkeypatch:
     assert all(type(p) is torch.nn.Parameter for p in engine.pipe.unet.parameters())
     out = engine.refine(make_request(make_image(64, 64)), *NOOP)
     assert (out.spec.width, out.spec.height) == (64, 64)
+
+
+def test_draft_without_compilation_has_nothing_to_warm_up(demo_models: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch.compile cannot run (no Triton on a GPU), draft is the step cache alone: no warm-up job;
+    with compilation the warm-up job runs."""
+    from krita_sdxl.backend.speed_levels import Plan
+
+    cache = demo_models.refiner.parent.parent
+    monkeypatch.setattr(speed, "choose", lambda s, c: Plan("draft", "draft", step_cache=True, reasons=("no",)))
+    engine = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="draft")
+    assert engine.speed is not None and engine.speed.compiled_counts() == {}
+    assert engine.speed.stats()["step_cache"]["unet"]["full"] == 0
+    assert engine.warm_up(64) is None
+    monkeypatch.setattr(speed, "choose", lambda s, c: Plan("draft", "draft", compile=True, step_cache=True))
+    monkeypatch.setenv(speed.OPTIONS_ENV, '{"backend": "eager", "vae_mode": null}')
+    compiled = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="draft")
+    assert compiled.speed is not None and compiled.speed.compiled_counts()["unet"] > 0
+    assert compiled.warm_up(64) is not None
