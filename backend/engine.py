@@ -134,7 +134,8 @@ class Engine:
         from .demo_model import default_cache_dir
         from .memory import check_mode
         from .sources import resolve_base, resolve_source
-        from .speed import default_compile_cache, setup
+        from .speed import default_compile_cache
+        from .speed_setup import setup
 
         chosen = pick_device(device)
         unet_dtype, vae_dtype = pick_dtypes(chosen, dtype)

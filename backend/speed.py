@@ -3,10 +3,11 @@ levels above it (TensorRT, FP8, the draft step cache).
 
 ``--speed`` takes a level (backend/speed_levels.py: ``off``, ``compile``, ``trt``, ``fp8``, ``draft``) or
 ``auto`` (``compile`` for CUDA, off elsewhere) or ``on`` (``compile`` anywhere: on the CPU it compiles C++
-kernels, which the tests use); ``off``, the default, gives the plain eager path. :func:`setup` chooses the
-level that can run (one log line when it steps down) and applies it: ``trt`` hangs TensorRT engines on the
-refiner UNet (backend/trt_unet.py), ``fp8`` quantises its linear layers first (backend/fp8.py), ``draft``
-adds the step cache (backend/step_cache.py); all of them compile the VAE as below. Measured on an H100
+kernels, which the tests use); ``off``, the default, gives the plain eager path. backend/speed_setup.py
+chooses the level that can run (one log line when it steps down) and applies it: ``trt`` hangs TensorRT
+engines on the refiner UNet (backend/trt_unet.py), ``fp8`` quantises its linear layers first
+(backend/fp8.py), ``draft`` adds the step cache (backend/step_cache.py); all of them compile the VAE as
+below. Measured on an H100
 (tests/benchmarks/results/2026-11-26-h100-speed-path.md): a 1024 px refine in 0.86 s against 0.94 to 1.19 s
 plain, PSNR 48 dB against it, no compilation for new sizes; 2.5 minutes of compiling at the first start and
 26 s at later ones (the compile cache), which is why it is not the default.
@@ -55,7 +56,7 @@ import torch
 
 from . import prompt_cache
 from .buckets import DEFAULT_POLICY, BucketPolicy
-from .speed_levels import CHOICES, Plan, choose, probe
+from .speed_levels import CHOICES, Plan
 from .speed_levels import enabled as level_enabled
 
 if TYPE_CHECKING:
@@ -478,63 +479,6 @@ class SpeedPath:
         }
 
 
-def plan_options(plan: Plan, options: SpeedOptions) -> SpeedOptions:
-    """The compile options a level runs with."""
-    if not plan.compile:  # draft without compilation: the step cache alone
-        return replace(options, unet_mode=None, vae_mode=None)
-    if plan.unet == "trt":  # static engines per size bucket; the VAE compiled as usual
-        return replace(options, unet_mode=None, buckets=True)
-    return options
-
-
-def setup(
-    pipe: StableDiffusionXLImg2ImgPipeline,
-    device: str,
-    setting: str = "auto",
-    cache_folder: Path | None = None,
-    options: SpeedOptions | None = None,
-    source: Any = None,
-    offloaded: bool = False,
-    plan: Plan | None = None,
-) -> SpeedPath | None:
-    """The speed path applied to ``pipe``, or None when ``setting`` comes down to off on this machine.
-    ``source``: the refiner's ModelSource (the ``trt`` level builds its engines from its files)."""
-    if not resolve_speed(setting, device):
-        return None
-    plan = plan or choose(setting, probe(device, setting, offloaded))
-    if plan.summary():
-        log.warning("%s", plan.summary())
-    if not plan.enabled:
-        return None
-    options = options or SpeedOptions.from_env(device)
-    if plan.unet == "trt" and source is None:
-        plan = replace(plan, level="compile", unet="torch", buckets=False,
-                       reasons=(*plan.reasons, "trt needs the model's files"))  # fmt: skip
-        log.warning("%s", plan.summary())
-    path = SpeedPath(pipe, device, plan_options(plan, options), cache_folder, plan=plan)
-    path.apply()
-    if plan.unet == "trt" and path.fallback is None:
-        attach_trt(path, source)
-    return path
-
-
-def attach_trt(path: SpeedPath, source: Any) -> None:
-    """TensorRT engines for the refiner UNet (built in the background); if that cannot even start, the
-    UNet is compiled instead: the level runs as ``compile`` (one log line)."""
-    from .trt_unet import attach
-
-    folder = (path.cache_folder or Path(".")) / "tensorrt"
-    try:
-        path.trt = attach(path.pipe, source, path.device, folder)
-    except Exception as exc:
-        why = f"TensorRT could not start: {type(exc).__name__}: {exc}"[:500]
-        assert path.plan is not None
-        path.plan = replace(path.plan, level="compile", unet="torch", reasons=(*path.plan.reasons, why))
-        log.warning("%s", path.plan.summary())
-        path.options = replace(path.options, unet_mode="default", buckets=False)
-        path._compile_pipe(path.pipe, "", vae=False)
-
-
 __all__ = [
     "COMPILED",
     "REGIONS",
@@ -542,13 +486,10 @@ __all__ = [
     "SPEED_CHOICES",
     "SpeedOptions",
     "SpeedPath",
-    "attach_trt",
     "compile_counters",
     "configure_compile_cache",
     "default_compile_cache",
     "pad_to_size",
-    "plan_options",
     "prepare_cudagraph_thread",
     "resolve_speed",
-    "setup",
 ]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from builders import make_image, make_request
 
-from krita_sdxl.backend import pixels, speed
+from krita_sdxl.backend import pixels, speed, speed_setup
 from krita_sdxl.backend.engine import Engine
 from krita_sdxl.backend.fp8 import fp8_layers, is_fp8_linear, quantize_unet
 from krita_sdxl.backend.step_cache import StepCache
@@ -136,7 +136,7 @@ def test_fp8_that_cannot_quantise_runs_as_compile(demo_models: Any, monkeypatch:
     installed): one log line, the level runs as compile, the UNet keeps its own weights."""
     from krita_sdxl.backend.speed_levels import Plan
 
-    monkeypatch.setattr(speed, "choose", lambda s, c: Plan("fp8", "fp8", compile=True, unet="fp8"))
+    monkeypatch.setattr(speed_setup, "choose", lambda s, c: Plan("fp8", "fp8", compile=True, unet="fp8"))
     monkeypatch.setenv(speed.OPTIONS_ENV, '{"backend": "eager", "vae_mode": null}')
     with caplog.at_level(logging.WARNING, logger="krita_sdxl.backend.speed"):
         engine = Engine.load(demo=True, device="cpu", cache_dir=demo_models.refiner.parent.parent, speed="fp8")
@@ -154,12 +154,12 @@ def test_draft_without_compilation_has_nothing_to_warm_up(demo_models: Any, monk
     from krita_sdxl.backend.speed_levels import Plan
 
     cache = demo_models.refiner.parent.parent
-    monkeypatch.setattr(speed, "choose", lambda s, c: Plan("draft", "draft", step_cache=True, reasons=("no",)))
+    monkeypatch.setattr(speed_setup, "choose", lambda s, c: Plan("draft", "draft", step_cache=True, reasons=("no",)))
     engine = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="draft")
     assert engine.speed is not None and engine.speed.compiled_counts() == {}
     assert engine.speed.stats()["step_cache"]["unet"]["full"] == 0
     assert engine.warm_up(64) is None
-    monkeypatch.setattr(speed, "choose", lambda s, c: Plan("draft", "draft", compile=True, step_cache=True))
+    monkeypatch.setattr(speed_setup, "choose", lambda s, c: Plan("draft", "draft", compile=True, step_cache=True))
     monkeypatch.setenv(speed.OPTIONS_ENV, '{"backend": "eager", "vae_mode": null}')
     compiled = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="draft")
     assert compiled.speed is not None and compiled.speed.compiled_counts()["unet"] > 0

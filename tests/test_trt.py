@@ -269,7 +269,7 @@ def test_the_engine_runs_trt_jobs_eager_until_the_engine_is_ready(
     picture; a restarted engine loads it from the disk cache without building."""
     from test_engine import make_image, make_request
 
-    from krita_sdxl.backend import pixels, speed
+    from krita_sdxl.backend import pixels, speed, speed_setup
     from krita_sdxl.backend.engine import Engine
     from krita_sdxl.backend.speed_levels import Plan
 
@@ -292,7 +292,7 @@ def test_the_engine_runs_trt_jobs_eager_until_the_engine_is_ready(
     monkeypatch.setattr(trt_unet, "attach", fake_attach)
     monkeypatch.setenv(speed.OPTIONS_ENV, '{"vae_mode": null}')  # the VAE uncompiled: fast
     trt = Plan("trt", "trt", compile=True, unet="trt", buckets=True)
-    monkeypatch.setattr(speed, "choose", lambda setting, caps: trt)
+    monkeypatch.setattr(speed_setup, "choose", lambda setting, caps: trt)
     cache = demo_models.refiner.parent.parent
     noop = (lambda *a: None, lambda: False)
     req = make_request(make_image(120, 100))
@@ -325,7 +325,7 @@ def test_the_engine_runs_trt_jobs_eager_until_the_engine_is_ready(
 def test_a_trt_level_that_cannot_start_compiles_the_unet_instead(
     demo_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from krita_sdxl.backend import speed
+    from krita_sdxl.backend import speed, speed_setup
     from krita_sdxl.backend.engine import Engine
     from krita_sdxl.backend.speed_levels import Plan
 
@@ -334,7 +334,7 @@ def test_a_trt_level_that_cannot_start_compiles_the_unet_instead(
 
     monkeypatch.setattr(trt_unet, "attach", no_trt)
     monkeypatch.setenv(speed.OPTIONS_ENV, '{"backend": "eager", "vae_mode": null}')
-    monkeypatch.setattr(speed, "choose", lambda s, c: Plan("trt", "trt", compile=True, unet="trt", buckets=True))
+    monkeypatch.setattr(speed_setup, "choose", lambda s, c: Plan("trt", "trt", compile=True, unet="trt", buckets=True))
     cache = demo_models.refiner.parent.parent
     engine = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="trt", compile_cache=tmp_path / "cc")
     assert engine.speed is not None and engine.speed.level == "compile" and engine.speed.trt is None
