@@ -219,6 +219,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"memory      {memory.get('mode')}" + (f" (auto: {memory['reason']})" if memory.get("reason") else ""))
     if caps.get("watermark"):
         print(f"watermark   {caps['watermark']}")
+    speed = caps.get("speed") or {}
+    if speed.get("requested") or speed.get("enabled"):
+        why = "; ".join(speed.get("level_reasons") or [])
+        asked = f" (asked for {speed['requested']}: {why})" if why else ""
+        print(f"speed       {speed.get('level', 'compile') if speed.get('enabled') else 'off'}{asked}")
     return 0
 
 

@@ -67,7 +67,7 @@ class Settings:
     authorized_keys: str = ""  # folder of client public .key files allowed to connect
     insecure: bool = False  # allow a non-loopback endpoint without CURVE
     identity: bool = False  # benchmark only: no model, results are the input pixels
-    speed: str = "off"  # compiled speed path (backend/speed.py): auto (on CUDA), on, off
+    speed: str = "off"  # speed level (backend/speed_levels.py): off, compile, trt, fp8, draft; auto, on
     warmup: bool = True  # serve: compile the speed path at start-up, before the first job
     compile_cache: str = ""  # torch.compile caches; "" = <cache_dir>/torch-compile
     tile_threshold: int = 2048 * 2048  # pixels; larger images are refined in tiles (backend/tiling.py); 0 = never

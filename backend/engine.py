@@ -134,7 +134,8 @@ class Engine:
         from .demo_model import default_cache_dir
         from .memory import check_mode
         from .sources import resolve_base, resolve_source
-        from .speed import default_compile_cache, setup
+        from .speed import default_compile_cache
+        from .speed_setup import setup
 
         chosen = pick_device(device)
         unet_dtype, vae_dtype = pick_dtypes(chosen, dtype)
@@ -151,8 +152,10 @@ class Engine:
         prompt_cache.install(pipe)
         cache = compile_cache or default_compile_cache(cache_dir or default_cache_dir())
 
+        offloaded = placement.mode in ("model", "sequential")
+
         def speed_setup(p: Any) -> Any:
-            return setup(p, chosen, speed, cache)
+            return setup(p, chosen, speed, cache, source=refiner, offloaded=offloaded)
 
         engine = cls(
             pipe,
@@ -241,6 +244,8 @@ class Engine:
 
     def _unload_now(self, role: str) -> bool:
         if role == "refiner":
+            if self.speed is not None:
+                self.speed.close()  # TensorRT engines and their thread
             self.speed = None  # it holds the pipeline
         elif self.speed is not None and self.models.loaded(role):
             self.speed.forget(self.models.get(role))  # else its compiled UNet would stay referenced
@@ -252,7 +257,7 @@ class Engine:
         the default regional compilation every size runs on the graphs this compiles; ``size`` also
         gives inductor its size hints, so it is the typical work size. A failure is logged, not
         raised: the first job then compiles, or runs eagerly."""
-        if self.speed is None or self.speed.fallback is not None:
+        if self.speed is None or not self.speed.needs_warmup:
             return None
         from krita_sdxl.protocol import ImageSpec, plan_img2img
 
@@ -306,6 +311,7 @@ class Engine:
         if lower is None:
             return None
         if lower in ("model", "sequential") and self.speed is not None:
+            self.speed.close()
             self.speed = None  # compiled graphs cannot follow weights that move between calls
         placement.switch(lower, self.models.pipes(), reason=f"stepped down from {placement.mode} after out of memory")
         return lower

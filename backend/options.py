@@ -17,6 +17,7 @@ from krita_sdxl.protocol.images import MAX_SIDE
 from krita_sdxl.protocol.schema import MAX_PROMPT_CHARS
 
 from .config import ConfigError, Settings, default_config_path, load_toml
+from .speed_levels import CHOICES as SPEED_CHOICES
 
 Check = Callable[[Any], Any]  # returns the value (possibly normalised) or raises ValueError(why)
 MAX_PIXELS = MAX_SIDE * MAX_SIDE  # the protocol's largest image
@@ -135,10 +136,13 @@ OPTIONS: tuple[Option, ...] = (
            one_of("auto", "fp16", "bf16", "fp32"), where="local", choices=("auto", "fp16", "bf16", "fp32")),
     Option("cache_dir", "where the demo model is built", MODEL, where="local", metavar="DIR",
            shown="$KRITA_SDXL_CACHE or ~/.cache/krita-sdxl"),
-    Option("speed", "compiled speed path: torch.compile of the UNet's and the VAE's blocks, one compilation for "
-           "every size; auto = on with CUDA. On an H100 it saves up to 0.3 s a job and costs 2.5 min of "
-           "compiling at the first start, 26 s at later ones", MODEL, one_of("auto", "on", "off"),
-           where="local", choices=("auto", "on", "off")),
+    Option("speed", "speed level: off = plain; compile = torch.compile of the UNet's and the VAE's blocks (on an "
+           "H100 up to 0.3 s saved a job, 2.5 min of compiling at the first start, 26 s at later ones); trt = a "
+           "TensorRT engine for the refiner UNet per size bucket, built in the background (needs tensorrt); "
+           "fp8 = float8 linear layers under compile (needs torchao and an Ada or Hopper GPU); draft = compile "
+           "and a step cache (fastest, changes the picture). A level that cannot run steps down (fp8, trt, "
+           "compile, off) and says why. auto = compile with CUDA, on = compile", MODEL, one_of(*SPEED_CHOICES),
+           where="local", choices=SPEED_CHOICES),
     Option("warmup", "do not compile the speed path at start-up (then the first job compiles)", MODEL,
            off_flag="--no-warmup", shown=""),
     Option("compile_cache", "where compiled kernels are kept for fast restarts", MODEL, where="local",

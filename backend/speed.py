@@ -1,7 +1,13 @@
-"""The speed path: ``torch.compile`` of the UNet and the VAE, a compile cache, few compilations.
+"""The speed path: ``torch.compile`` of the UNet and the VAE, a compile cache, few compilations; and the
+levels above it (TensorRT, FP8, the draft step cache).
 
-``--speed auto`` turns it on for CUDA, off elsewhere; ``--speed on`` forces it (on the CPU it compiles C++
-kernels, which the tests use); ``--speed off``, the default, gives the plain eager path. Measured on an H100
+``--speed`` takes a level (backend/speed_levels.py: ``off``, ``compile``, ``trt``, ``fp8``, ``draft``) or
+``auto`` (``compile`` for CUDA, off elsewhere) or ``on`` (``compile`` anywhere: on the CPU it compiles C++
+kernels, which the tests use); ``off``, the default, gives the plain eager path. backend/speed_setup.py
+chooses the level that can run (one log line when it steps down) and applies it: ``trt`` hangs TensorRT
+engines on the refiner UNet (backend/trt_unet.py), ``fp8`` quantises its linear layers first
+(backend/fp8.py), ``draft`` adds the step cache (backend/step_cache.py); all of them compile the VAE as
+below. Measured on an H100
 (tests/benchmarks/results/2026-11-26-h100-speed-path.md): a 1024 px refine in 0.86 s against 0.94 to 1.19 s
 plain, PSNR 48 dB against it, no compilation for new sizes; 2.5 minutes of compiling at the first start and
 26 s at later ones (the compile cache), which is why it is not the default.
@@ -50,13 +56,15 @@ import torch
 
 from . import prompt_cache
 from .buckets import DEFAULT_POLICY, BucketPolicy
+from .speed_levels import CHOICES, Plan
+from .speed_levels import enabled as level_enabled
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
 log = logging.getLogger(__name__)
 
-SPEED_CHOICES = ("auto", "on", "off")
+SPEED_CHOICES = CHOICES  # auto, on, off, compile, trt, fp8, draft
 OPTIONS_ENV = "KRITA_SDXL_SPEED_OPTIONS"  # JSON object overriding SpeedOptions fields (benchmarks, experts)
 COMPILED = ("unet", "vae_encoder", "vae_decoder")
 SCOPES = ("regional", "whole")
@@ -69,12 +77,10 @@ REGIONS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
 def resolve_speed(setting: str, device: str) -> bool:
-    """Whether the speed path is on: ``auto`` means on CUDA only."""
+    """Whether any speed path is asked for: ``auto`` means on CUDA only, ``off`` never."""
     if setting not in SPEED_CHOICES:
         raise ValueError(f"speed must be one of {', '.join(SPEED_CHOICES)}; got {setting!r}")
-    if setting == "auto":
-        return device.split(":", 1)[0] == "cuda"
-    return setting == "on"
+    return level_enabled(setting, device)
 
 
 def default_compile_cache(cache_dir: Path) -> Path:
@@ -120,6 +126,9 @@ class SpeedOptions:
     conv_1x1_as_mm: bool = True
     buckets: bool = False  # pad work images to size buckets (False: to a multiple of 64 px)
     backend: str = "inductor"  # torch.compile backend ("aot_eager": tracing only, for tests)
+    fp8_granularity: str = "tensor"  # fp8 level: "tensor" or "row" scales (backend/fp8.py)
+    draft_interval: int = 3  # draft level: one full UNet step in this many (backend/step_cache.py)
+    draft_branch: int = 0  # draft level: the shallow blocks that always run (0: the outermost)
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -213,6 +222,11 @@ class SpeedPath:
     cache_folder: Path | None = None
     policy: BucketPolicy = DEFAULT_POLICY
     fallback: str | None = None  # why the compiled path was switched off, if it was
+    plan: Plan | None = None  # the level (backend/speed_levels.py); None: compile
+    trt: Any = None  # the TensorRT hook on the refiner UNet (backend/trt_background.py TrtUnet)
+    notes: list[str] = field(default_factory=list)  # what did not go as planned, e.g. fp8 not applied
+    fp8_layers: dict[str, int] = field(default_factory=dict)  # per UNet: linear layers in float8
+    _step_caches: dict[str, Any] = field(default_factory=dict)  # per UNet: the draft level's StepCache
     buckets_seen: set[tuple[int, int]] = field(default_factory=set)
     _modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # every compiled module (or block)
     _owners: dict[str, int] = field(default_factory=dict)  # compiled name -> id of the pipeline's UNet/VAE
@@ -235,8 +249,18 @@ class SpeedPath:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
         self._compile_pipe(pipe, "")
-        log.info("speed path on: %s; compile cache %s", json.dumps(asdict(self.options)), self.cache_folder)
+        log.info("speed path on (%s): %s; compile cache %s", self.level, json.dumps(asdict(self.options)),
+                 self.cache_folder)  # fmt: skip
         return self
+
+    @property
+    def needs_warmup(self) -> bool:
+        """Something to compile (or a TensorRT engine to ask for) before the first job."""
+        return self.fallback is None and (bool(self._modules) or self.trt is not None)
+
+    @property
+    def level(self) -> str:
+        return self.plan.level if self.plan is not None else "compile"
 
     def _configure_thread(self) -> None:
         """Set torch's compiler settings for the calling thread. Since torch 2.13 they are per thread
@@ -268,17 +292,34 @@ class SpeedPath:
     def forget(self, pipe: Any) -> None:
         """Drop every reference to ``pipe``'s compiled modules (the model is being unloaded)."""
         owners = {id(pipe.unet), id(pipe.vae)} - {id(self.pipe.unet), id(self.pipe.vae)}
+        for name in [n for n, cache in self._step_caches.items() if id(cache.unet) in owners]:
+            self._step_caches.pop(name).uninstall()
         for name in [n for n, owner in self._owners.items() if owner in owners]:
             self._modules.pop(name, None)
             self._owners.pop(name, None)
 
-    def _compile_pipe(self, pipe: Any, prefix: str) -> None:
-        opts = self.options
+    def close(self) -> None:
+        """The refiner is being unloaded (or the speed path dropped): free what outlives it, the TensorRT
+        engines and their background thread."""
+        if self.trt is not None:
+            self.trt.uninstall()
+            self.trt.engines.close()
+            self.trt = None
+
+    def _compile_pipe(self, pipe: Any, prefix: str, vae: bool = True) -> None:
+        opts, plan = self.options, self.plan
+        if plan is not None and plan.unet == "fp8" and opts.unet_mode is not None:
+            self._quantize(pipe.unet, f"{prefix}unet")
         targets: list[tuple[str, torch.nn.Module, str | None, torch.nn.Module]] = [
             (f"{prefix}unet", pipe.unet, opts.unet_mode, pipe.unet)
         ]
-        targets.append((f"{prefix}vae_decoder", pipe.vae.decoder, opts.vae_mode, pipe.vae))
-        if opts.compile_encoder:
+        if plan is not None and plan.step_cache:
+            self._add_step_cache(pipe.unet, f"{prefix}unet")
+        if not vae:
+            targets = targets[:1]
+        else:
+            targets.append((f"{prefix}vae_decoder", pipe.vae.decoder, opts.vae_mode, pipe.vae))
+        if vae and opts.compile_encoder:
             targets.append((f"{prefix}vae_encoder", pipe.vae.encoder, opts.vae_mode, pipe.vae))
         for name, module, mode, owner in targets:
             if mode is None:
@@ -292,6 +333,33 @@ class SpeedPath:
                 self._compile(name, module, mode, owner)
             for sub, block in blocks:
                 self._compile(f"{name}.{sub}", block, mode, owner)
+
+    def _quantize(self, unet: torch.nn.Module, name: str) -> None:
+        """fp8: the UNet's transformer linears in float8 (backend/fp8.py); on failure it stays in its
+        own precision and the level runs as ``compile`` (one log line)."""
+        from .fp8 import quantize_unet
+
+        if name in self.fp8_layers:
+            return
+        count, why = quantize_unet(unet, self.options.fp8_granularity)
+        self.fp8_layers[name] = count
+        if why is not None and name == "unet" and self.plan is not None:  # the refiner's: the level steps down
+            self.plan = replace(self.plan, level="compile", unet="torch", reasons=(*self.plan.reasons, why))
+            log.warning("%s", self.plan.summary())
+        elif why is not None:
+            self.notes.append(f"{name}: fp8 not applied: {why}")
+            log.warning("speed fp8: the %s stays in its own precision: %s", name, why)
+        else:
+            log.info("speed fp8: %d linear layers of the %s in float8", count, name)
+
+    def _add_step_cache(self, unet: torch.nn.Module, name: str) -> None:
+        from .step_cache import install
+
+        if self.options.scope != "regional":
+            self.notes.append(f"{name}: no step cache in the {self.options.scope} scope")
+            log.warning("speed draft: the step cache needs the regional scope; %s runs without it", name)
+            return
+        self._step_caches[name] = install(unet, self.options.draft_interval, self.options.draft_branch)
 
     def _compile(self, name: str, module: torch.nn.Module, mode: str, owner: torch.nn.Module) -> None:
         if getattr(module, "_compiled_call_impl", None) is not None:
@@ -374,7 +442,13 @@ class SpeedPath:
             "buckets": sorted(self.buckets_seen),
             "fallback": self.fallback,
             "prompt_cache_entries": prompt_cache.entries(self.pipe),
+            "level": self.level,
         }
+        if self.trt is not None:
+            out["trt_engines"] = self.trt.engines.status()
+            out["trt_calls"] = dict(self.trt.calls)
+        if self._step_caches:
+            out["step_cache"] = {name: cache.describe() for name, cache in self._step_caches.items()}
         if self.device.startswith("cuda"):
             out["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
             out["reserved_gpu_bytes"] = int(torch.cuda.memory_reserved())
@@ -391,26 +465,18 @@ class SpeedPath:
     def describe(self) -> dict[str, Any]:
         return {
             "enabled": self.fallback is None,
+            "level": self.level,
+            "requested": self.plan.requested if self.plan is not None else None,
+            "level_reasons": list(self.plan.reasons) if self.plan is not None else [],
+            "notes": list(self.notes),
+            "fp8_layers": dict(self.fp8_layers),
+            "tensorrt": self.trt.engines.status() if self.trt is not None else None,
             "scope": self.options.scope,
             "compiled": self.compiled_counts(),
             "options": asdict(self.options),
             "compile_cache": str(self.cache_folder) if self.cache_folder else None,
             "fallback": self.fallback,
         }
-
-
-def setup(
-    pipe: StableDiffusionXLImg2ImgPipeline,
-    device: str,
-    setting: str = "auto",
-    cache_folder: Path | None = None,
-    options: SpeedOptions | None = None,
-) -> SpeedPath | None:
-    """The speed path applied to ``pipe``, or None when ``setting`` resolves to off for ``device``."""
-    if not resolve_speed(setting, device):
-        return None
-    path = SpeedPath(pipe, device, options or SpeedOptions.from_env(device), cache_folder)
-    return path.apply()
 
 
 __all__ = [
@@ -426,5 +492,4 @@ __all__ = [
     "pad_to_size",
     "prepare_cudagraph_thread",
     "resolve_speed",
-    "setup",
 ]
