@@ -6,7 +6,9 @@ models resident). ``welcome.capabilities.pool`` (protocol/README.md):
 
     kind "ray"; replicas (running now); min_replicas, max_replicas; autoscaling; gpus_per_replica;
     gpus (held by running replicas); replica_states: list of {replica, state, node, pid, device, gpu,
-    models, jobs, cancelled, failed}, state one of idle, busy, starting, stopping, lost, ...
+    models, jobs, cancelled, failed, stopped_at}, state one of idle, busy, starting, stopping, lost, ...
+    The counts and models are as of the replica's last event (its last job's start or end); before its
+    first job, a replica has the models every replica loads at its start, and gpu null.
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ from typing import Any
 
 from .plan import PoolPlan
 
-PUBLIC = ("replica", "state", "node", "pid", "device", "gpu", "models", "jobs", "cancelled", "failed")
+PUBLIC = ("replica", "state", "node", "pid", "device", "gpu", "models", "jobs", "cancelled", "failed", "stopped_at")
 
 
 class ReplicaBook:
-    def __init__(self, plan: PoolPlan) -> None:
+    def __init__(self, plan: PoolPlan, models: list[str] | None = None) -> None:
+        """``models``: what every replica loads at its start (the refiner)."""
         self.plan = plan
         self._lock = threading.Lock()
         self._replicas: dict[str, dict[str, Any]] = {}
+        # what a replica that has not streamed an event yet is known to be (gpu: its name comes with it)
+        self._new = {"device": "cuda" if plan.gpus else "cpu", "models": list(models or []), "jobs": 0,
+                     "cancelled": 0, "failed": 0}  # fmt: skip
 
     def refresh(self, serve_view: list[dict[str, Any]]) -> None:
         """Ray Serve's replicas now: [{replica, state (RUNNING, STARTING, ...), node, pid}]. A replica it
@@ -34,7 +40,7 @@ class ReplicaBook:
             for row in serve_view:
                 rid = row["replica"]
                 seen.add(rid)
-                record = self._replicas.setdefault(rid, {"replica": rid, "busy": None})
+                record = self._replicas.setdefault(rid, {**self._new, "replica": rid, "busy": None})
                 if record.get("serve_state") != "LOST":
                     record.update(row, serve_state=str(row.get("state", "")).upper())
             for rid in set(self._replicas) - seen:
@@ -61,7 +67,7 @@ class ReplicaBook:
     def _update(self, state: dict[str, Any], busy: str | None) -> None:
         with self._lock:
             rid = state["replica"]
-            record = self._replicas.setdefault(rid, {"replica": rid, "serve_state": "RUNNING"})
+            record = self._replicas.setdefault(rid, {**self._new, "replica": rid, "serve_state": "RUNNING"})
             record.update({k: v for k, v in state.items() if k in PUBLIC and k != "state"}, busy=busy)
 
     def running(self) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -69,6 +70,27 @@ def serve_view() -> list[dict[str, Any]]:
     return rows
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """The cluster's head answers on its port: ``ray.init`` would wait for an unreachable one for many
+    minutes. ConfigError names the address (``auto``: the one ``ray start`` left on this machine)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if address.startswith("ray://"):
+        return  # Ray Client: its own connection, with its own timeout
+    hint = "start one with `ray start --head`, or leave out --ray-address to start a local Ray"
+    try:
+        resolved = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as exc:
+        raise ConfigError(f"--ray-address {address}: {exc} ({hint})") from None
+    if resolved is None:
+        raise ConfigError(f"--ray-address {address}: no running Ray cluster found on this machine ({hint})")
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {resolved}: {exc} ({hint})") from None
+
+
 def _quiet(settings: Settings) -> dict[str, Any]:
     """Serve's logging: no access log line per request unless debugging."""
     debug = settings.log_level == "debug"
@@ -87,6 +109,8 @@ def start_pool(settings: Settings) -> Pool:
     from .replica import Replica
 
     address = settings.ray_address or None
+    if address is not None:
+        check_reachable(address)
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -111,7 +135,7 @@ def start_pool(settings: Settings) -> Pool:
             lines = [line for line in str(exc).splitlines() if line.strip()]
             why = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
             raise ConfigError(f"the pool's replicas could not start: {why.strip()[:400]}") from None
-        book = ReplicaBook(plan)
+        book = ReplicaBook(plan, models=described["replica"]["models"])
         book.refresh(serve_view())
         book.finished(described["replica"])
         return Pool(handle, plan, book, PoolEngine(described, book), started_ray=address is None)

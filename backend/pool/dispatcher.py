@@ -37,7 +37,7 @@ from ..jobs import Job, JobQueue
 from ..worker import Outcome, Worker
 from . import transfer
 from .capabilities import ReplicaBook
-from .replica import routing_key
+from .plan import routing_key
 
 log = logging.getLogger("krita_sdxl.pool")
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError, Settings
+from ..request import RefineRequest
 
 APP = "krita-sdxl"  # the Ray Serve application's name
+BASE = "base"  # the multiplexed model id of jobs that run the base model (generate, two_stage)
 CPU_SHARE = 0.5  # Ray CPUs a replica reserves: a scheduling share (CPU replicas run torch on one thread)
 POOL_ONLY = {"replicas": "--replicas", "min_replicas": "--min-replicas", "max_replicas": "--max-replicas",
              "ray_address": "--ray-address"}  # fmt: skip
@@ -111,3 +113,11 @@ def shortfall(plan: PoolPlan, cluster_gpus: float) -> str | None:
             "hosts with GPUs join (ray start --address=...)"
         )
     return None
+
+
+def routing_key(req: RefineRequest) -> str:
+    """The multiplexed model id a job is routed by: Ray Serve sends the jobs that need the base to a
+    replica that already holds it (refine jobs name none: any replica holds the refiner)."""
+    from ..stages import BASE_MODES
+
+    return BASE if req.mode in BASE_MODES else ""

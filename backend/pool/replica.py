@@ -25,20 +25,10 @@ from typing import Any
 from ray import serve
 
 from ..config import Settings
-from ..request import RefineRequest
 from ..worker import Outcome, run_engine
 from . import transfer
 
 log = logging.getLogger("krita_sdxl.pool")
-
-BASE = "base"  # the multiplexed model id of jobs that run the base model (generate, two_stage)
-
-
-def routing_key(req: RefineRequest) -> str:
-    """The multiplexed model id a job is routed by: replicas holding the base get the jobs that need it."""
-    from ..stages import BASE_MODES
-
-    return BASE if req.mode in BASE_MODES else ""
 
 
 def load(settings: Settings, gpu: bool) -> Any:
