@@ -57,6 +57,7 @@ class PoolPlan:
                 "max_replicas": self.max_replicas,
                 "target_ongoing_requests": 1,
                 "upscale_delay_s": 3.0,
+                "look_back_period_s": 15.0,  # jobs last seconds: react to the last few (metrics come every 10 s)
                 "downscale_delay_s": 600.0,  # models stay resident through a coffee break
             }
         else:
