@@ -140,14 +140,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from krita_sdxl.protocol.endpoint import parse_endpoint
 
     from .limits import Limits
+    from .pool.plan import check_pool
     from .preflight import bind_problem, check_serve
     from .security import SecurityError
     from .server import Service
 
     settings = resolve(args)
     configure_logging(settings.log_level)
+    check_pool(settings)  # the pool settings fit together, Ray Serve is installed
     curve = check_serve(settings)  # endpoint, exposure, keys, a test bind, device, checkpoint: before the load
-    if settings.identity:
+    pool = None
+    if settings.pool == "ray":  # the same service; the jobs run on Ray Serve replicas (backend/pool)
+        from .pool.cluster import start_pool
+
+        say("starting the pool (Ray Serve) ...")
+        pool = start_pool(settings)
+        engine = pool.engine
+    elif settings.identity:
         from .identity_engine import IdentityEngine
 
         engine = IdentityEngine()
@@ -171,11 +180,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             curve=curve,
             insecure=settings.insecure,
             warm_up=settings.warmup,
+            worker=pool.dispatcher if pool is not None else None,
         )
     except SecurityError as exc:
         raise ConfigError(str(exc)) from None
     except zmq.ZMQError as exc:  # the address was taken while the model loaded
         raise ConfigError(bind_problem(parse_endpoint(settings.endpoint, bind=True), exc)) from None
+    finally:
+        if pool is not None and "service" not in locals():
+            pool.close()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: service.stop())
     caps = engine.describe()
@@ -185,8 +198,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         caps.get("dtype"),
         ", ".join(m.get("name", "?") for m in caps.get("models", [])),
     )
+    if pool is not None:
+        log.info("pool: %s", pool.plan.describe())
     print(f"krita-sdxl ready on {service.endpoint}", flush=True)
-    service.serve_forever()
+    try:
+        service.serve_forever()
+    finally:
+        if pool is not None:
+            pool.close()
     return 0
 
 
@@ -224,6 +243,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         why = "; ".join(speed.get("level_reasons") or [])
         asked = f" (asked for {speed['requested']}: {why})" if why else ""
         print(f"speed       {speed.get('level', 'compile') if speed.get('enabled') else 'off'}{asked}")
+    pool = caps.get("pool") or {}
+    if pool:
+        print(f"pool        {pool.get('kind')}: {pool.get('replicas')} replicas running, {pool.get('gpus')} GPUs")
+        for r in pool.get("replica_states") or []:
+            where = f"{r.get('replica')} on {r.get('node')}"
+            print(f"  replica   {where}: {r.get('state')}, {r.get('device')}, {r.get('jobs')} jobs")
     return 0
 
 

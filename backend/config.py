@@ -67,6 +67,11 @@ class Settings:
     authorized_keys: str = ""  # folder of client public .key files allowed to connect
     insecure: bool = False  # allow a non-loopback endpoint without CURVE
     identity: bool = False  # benchmark only: no model, results are the input pixels
+    pool: str = "none"  # none: one worker in this process; ray: a Ray Serve pool of replicas (backend/pool)
+    replicas: int = 0  # pool: fixed number of replicas; 0 = one per GPU of the Ray cluster (1 without GPUs)
+    min_replicas: int = 0  # pool autoscaling: fewest replicas (with max_replicas)
+    max_replicas: int = 0  # pool autoscaling: most replicas; 0 = a fixed number (replicas)
+    ray_address: str = ""  # pool: "" = start a local Ray here; auto or HOST:PORT = join a running cluster
     speed: str = "off"  # speed level (backend/speed_levels.py): off, compile, trt, fp8, draft; auto, on
     warmup: bool = True  # serve: compile the speed path at start-up, before the first job
     compile_cache: str = ""  # torch.compile caches; "" = <cache_dir>/torch-compile

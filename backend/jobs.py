@@ -48,6 +48,7 @@ class Job:
     nbytes: int = 0  # pixel bytes the job holds (image and mask frames)
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"
+    runner: str | None = None  # where it runs: a pool replica's id (backend/pool), None in this process
 
     @property
     def client(self) -> bytes:

@@ -101,6 +101,7 @@ MODEL, LIMITS, SECURITY, TILES, SERVICE = (
     "large images (refined at native size in overlapping tiles)",
     "service",
 )
+POOL = "GPU pool (several GPUs and hosts behind one endpoint, on Ray Serve: pip install 'krita-sdxl[pool]')"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _MEMORY = ("auto", "none", "balanced", "model", "sequential")
 
@@ -163,6 +164,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("insecure", "listen on a non-loopback address without authentication (not recommended)", SECURITY,
            shown=""),
     Option("identity", "", SERVICE, hidden=True),
+    Option("pool", "none = one worker in this process; ray = a Ray Serve deployment of replicas, one per GPU, "
+           "here or on every host of a Ray cluster", POOL, one_of("none", "ray"), choices=("none", "ray")),
+    Option("replicas", "how many replicas (0 = one per GPU of the cluster, 1 without GPUs)", POOL,
+           int_range(0, 1024), metavar="N"),
+    Option("min_replicas", "autoscaling: fewest replicas (with --max-replicas)", POOL, int_range(0, 1024),
+           metavar="N"),
+    Option("max_replicas", "autoscaling: most replicas (0 = no autoscaling)", POOL, int_range(0, 1024),
+           metavar="N"),
+    Option("ray_address", "the Ray cluster to join: auto (the one started with `ray start` on this machine) or "
+           "HOST:PORT of its head", POOL, metavar="ADDRESS", shown="start a local Ray"),
     Option("tile_threshold", "tile images larger than this many pixels, or WxH (0 = never tile)", TILES,
            int_range(0, MAX_PIXELS), where="local", parse=pixel_count, metavar="PIXELS", shown="2048x2048"),
     Option("tile_size", "tile side in pixels", TILES, int_range(64, MAX_SIDE, multiple=8), where="local",

@@ -31,7 +31,7 @@ from .ratelog import RateLimitedLog
 from .request import RefineRequest
 from .security import CurveConfig, SecurityError, apply_curve, check_exposure
 from .sessions import Sessions, routing_id_problem
-from .worker import Engine, Worker
+from .worker import Engine, Worker, WorkerFactory
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,11 @@ class Service:
         insecure: bool = False,
         server_name: str = "krita-sdxl",
         warm_up: bool = False,
+        worker: WorkerFactory | None = None,
     ) -> None:
         """``warm_up``: the worker runs ``engine.warm_up`` before its first job (the speed path compiles
-        while clients can already connect; their jobs queue behind it)."""
+        while clients can already connect; their jobs queue behind it). ``worker``: what runs the jobs
+        instead of the one worker thread, called as ``Worker`` is (the Ray pool: backend/pool)."""
         check_exposure(endpoint, curve, insecure)
         try:
             where = parse_endpoint(endpoint, bind=True)
@@ -104,7 +106,7 @@ class Service:
         self._events = self.ctx.socket(zmq.PULL)
         self._events.bind(EVENTS_ENDPOINT + "-" + secrets.token_hex(4))
         warm = getattr(engine, "warm_up", None) if warm_up else None
-        self._worker = Worker(
+        self._worker = (worker or Worker)(
             self.ctx,
             self._events.getsockopt_string(zmq.LAST_ENDPOINT),
             self.queue,
@@ -409,7 +411,7 @@ class Service:
 
     def _on_status(self, owner: Owner, msg: Message) -> None:
         running, waiting = self.queue.snapshot(owner)
-        jobs = [{"job": j.id, "state": "running", "position": 0} for j in running]
+        jobs = [{"job": j.id, "state": "running", "position": 0, **_where(j)} for j in running]
         jobs += [{"job": j.id, "state": "queued", "position": p} for p, j in waiting]
         if msg["job"] is not None:
             jobs = [j for j in jobs if j["job"] == msg["job"]]
@@ -420,6 +422,11 @@ class Service:
             jobs=jobs,
             queue_length=len(self.queue),
         )
+
+
+def _where(job: Job) -> dict[str, str]:
+    """A running job's ``replica`` (the pool's replica that runs it) for ``status``; none in one process."""
+    return {"replica": job.runner} if job.runner else {}
 
 
 def check_images(msg: Message) -> None:

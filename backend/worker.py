@@ -26,11 +26,24 @@ from .request import JobCancelled, ProgressFn, RefineRequest, StopFn
 
 log = logging.getLogger(__name__)
 
+Outcome = tuple[str, "dict[str, Image] | None", dict[str, Any]]  # a job's final event: type, images, fields
+
 
 class Engine(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
     def refine(self, req: RefineRequest, on_progress: ProgressFn, should_stop: StopFn) -> Image: ...
+
+
+class WorkerLike(Protocol):
+    """What the service starts and joins: the one worker thread, or the pool's dispatcher."""
+
+    def start(self) -> None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+WorkerFactory = Callable[..., WorkerLike]  # called as Worker(ctx, events_endpoint, queue, engine, warm_up=...)
 
 
 class Worker(threading.Thread):
@@ -108,9 +121,8 @@ class Worker(threading.Thread):
         finally:
             self._push.close()
 
-    def _run_job(self, job: Job) -> tuple[str, dict[str, Image] | None, dict[str, Any]]:
+    def _run_job(self, job: Job) -> Outcome:
         """Run one job; returns its final event (type, images, fields)."""
-        req: RefineRequest = job.payload
         if job.cancel.is_set():
             return "cancelled", None, {"reason": job.cancel_reason}
 
@@ -121,30 +133,43 @@ class Worker(threading.Thread):
             except Exception:  # a lost progress event must not fail the job
                 log.exception("job %s: a progress event could not be sent", job.id)
 
-        t0 = time.perf_counter()
-        log.info(
-            "job %s: refine %dx%d, %d of %d steps, seed %d",
-            job.id,
-            req.image.spec.width,
-            req.image.spec.height,
-            req.plan.denoise_steps,
-            req.plan.steps,
-            req.seed,
-        )
-        try:
-            result = self._engine.refine(req, on_progress, job.cancel.is_set)
-        except JobCancelled:
-            log.info("job %s cancelled (%s)", job.id, job.cancel_reason)
-            return "cancelled", None, {"reason": job.cancel_reason}
-        except Exception as exc:  # the service must keep serving whatever a job does
-            if oom.is_out_of_memory(exc):  # backend/oom.py: the advice, freeing memory, the retry policy
-                log.error("job %s ran out of memory: %s", job.id, exc)
-                message = oom.job_message(exc)
-                oom.free_memory()  # best effort here; the engine frees outside its except blocks
-                return "error", None, {"code": codes.OUT_OF_MEMORY, "field": None, "message": message}
-            log.exception("job %s failed", job.id)
-            message = f"the pipeline failed: {type(exc).__name__}: {exc}"
-            return "error", None, {"code": codes.MODEL_ERROR, "field": None, "message": message}
-        elapsed = time.perf_counter() - t0
-        log.info("job %s done in %.3f s", job.id, elapsed)
-        return "result", {"image": result}, {"seed": req.seed, "elapsed": elapsed}
+        return run_engine(self._engine, job.payload, on_progress, job.cancel.is_set, job.id, lambda: job.cancel_reason)
+
+
+def run_engine(
+    engine: Engine,
+    req: RefineRequest,
+    on_progress: ProgressFn,
+    should_stop: StopFn,
+    label: str,
+    cancel_reason: Callable[[], str] = lambda: "cancelled",
+) -> Outcome:
+    """One job on ``engine``, whatever it does: its final event (type, images, fields). Shared by the
+    worker thread and the pool's replicas (backend/pool/replica.py), so both classify failures alike."""
+    t0 = time.perf_counter()
+    log.info(
+        "job %s: refine %dx%d, %d of %d steps, seed %d",
+        label,
+        req.image.spec.width,
+        req.image.spec.height,
+        req.plan.denoise_steps,
+        req.plan.steps,
+        req.seed,
+    )
+    try:
+        result = engine.refine(req, on_progress, should_stop)
+    except JobCancelled:
+        log.info("job %s cancelled (%s)", label, cancel_reason())
+        return "cancelled", None, {"reason": cancel_reason()}
+    except Exception as exc:  # the service must keep serving whatever a job does
+        if oom.is_out_of_memory(exc):  # backend/oom.py: the advice, freeing memory, the retry policy
+            log.error("job %s ran out of memory: %s", label, exc)
+            message = oom.job_message(exc)
+            oom.free_memory()  # best effort here; the engine frees outside its except blocks
+            return "error", None, {"code": codes.OUT_OF_MEMORY, "field": None, "message": message}
+        log.exception("job %s failed", label)
+        message = f"the pipeline failed: {type(exc).__name__}: {exc}"
+        return "error", None, {"code": codes.MODEL_ERROR, "field": None, "message": message}
+    elapsed = time.perf_counter() - t0
+    log.info("job %s done in %.3f s", label, elapsed)
+    return "result", {"image": result}, {"seed": req.seed, "elapsed": elapsed}

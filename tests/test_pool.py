@@ -1,0 +1,306 @@
+"""Issue 14, the GPU pool: `krita-sdxl serve --pool ray` in a subprocess, joined to a local Ray cluster this
+test starts (2 CPUs), two CPU replicas of the demo model, real clients over real ZeroMQ sockets.
+
+One cluster and one service for the whole module (starting them is most of its time); the test that kills
+a replica runs last. Results are compared with the same job run by the single-process engine here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+from attack import Peer, header, rgba, submit_frames
+
+from krita_sdxl.backend.launcher import start_service
+from krita_sdxl.backend.request import RefineRequest
+from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
+
+ray = pytest.importorskip("ray")  # the pool extra: pip install 'krita-sdxl[pool]' (CI installs it)
+pytestmark = pytest.mark.slow
+
+FINAL = ("result", "error", "cancelled")
+JOB = {"prompt": "a castle on a hill", "steps": 4, "strength": 0.5}  # 2 denoising steps: quick on the demo model
+
+
+@pytest.fixture(scope="module")
+def cluster(krita_sdxl_cache):
+    """A local Ray cluster with a fixed number of CPUs, as `ray start --head --num-cpus 2` makes one."""
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(cluster, demo_models, krita_sdxl_cache):
+    args = ["--pool", "ray", "--replicas", "2", "--ray-address", cluster, "--demo", "--log-level", "info"]
+    svc = start_service([*args, "--cache-dir", str(krita_sdxl_cache)], timeout=300)
+    yield svc
+    assert svc.stop() == 0, svc.log[-4000:]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_models, krita_sdxl_cache) -> Callable[..., bytes]:
+    """The result the single-process engine gives for the same job (one torch thread, as in a replica)."""
+    import torch
+
+    from krita_sdxl.backend.engine import Engine
+
+    engine = Engine.load(model=None, demo=True, device="cpu", cache_dir=krita_sdxl_cache)
+
+    def run(image: Image, **fields: Any) -> bytes:
+        msg = decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job="ref", **fields))
+        req = RefineRequest.from_message(msg, fields["seed"], engine.timesteps)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return bytes(engine.refine(req, lambda *a: None, lambda: False).data)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+def collect(peers: dict[str, Peer], jobs: dict[str, set[str]], timeout: float = 120.0) -> list[tuple[str, Message]]:
+    """Every event (peer name, event) in arrival order until each peer's ``jobs`` have ended."""
+    poller = zmq.Poller()
+    for peer in peers.values():
+        poller.register(peer.socket, zmq.POLLIN)
+    open_jobs = {name: set(ids) for name, ids in jobs.items()}
+    out: list[tuple[str, Message]] = []
+    deadline, beat = time.monotonic() + timeout, 0.0
+    while any(open_jobs.values()):
+        assert time.monotonic() < deadline, f"jobs still open: {open_jobs}"
+        if time.monotonic() > beat:  # live clients: a heartbeat a second
+            for peer in peers.values():
+                peer.send([header("heartbeat")])
+            beat = time.monotonic() + 1.0
+        for sock, _ in poller.poll(200):
+            name = next(n for n, p in peers.items() if p.socket is sock)
+            event = decode(SERVICE, sock.recv_multipart())
+            if event.type == "heartbeat":
+                continue
+            out.append((name, event))
+            if event.type in FINAL:
+                open_jobs[name].discard(event.job)
+    return out
+
+
+def ask(peer: Peer, frames: list[Any], reply: str, keep: list[Message] | None) -> Message:
+    """Send a request and return its reply; other events that arrive first go to ``keep``."""
+    peer.send(frames)
+    while (event := peer.recv(30)) is not None:
+        if event.type == reply:
+            return event
+        if keep is not None and event.type != "heartbeat":
+            keep.append(event)
+    raise AssertionError(f"no {reply}")
+
+
+def welcome(peer: Peer, keep: list[Message] | None = None) -> dict[str, Any]:
+    return ask(peer, [header("hello", client="pool test")], "welcome", keep)["capabilities"]
+
+
+def status(peer: Peer, job: str | None = None, keep: list[Message] | None = None) -> dict[str, Any]:
+    return ask(peer, [header("status", job=job)], "status", keep).fields
+
+
+def jobs_per_replica(caps: dict[str, Any]) -> dict[str, int]:
+    return {r["replica"]: r["jobs"] or 0 for r in caps["pool"]["replica_states"]}
+
+
+def test_welcome_reports_the_pool(pool):
+    with Peer(pool.endpoint) as peer:
+        caps = welcome(peer)
+    p = caps["pool"]
+    assert (p["kind"], p["replicas"], p["gpus"], p["gpus_per_replica"], p["autoscaling"]) == ("ray", 2, 0, 0, False)
+    assert len(p["replica_states"]) == 2
+    for r in p["replica_states"]:
+        assert r["state"] in ("idle", "busy") and r["device"] == "cpu" and r["pid"] > 0, r
+        assert "refiner" in r["models"]
+    assert caps["device"] == "cpu" and "generate" in caps["modes"]  # a replica's engine, as one process has it
+
+
+def test_twelve_jobs_from_three_clients_correct_routed_and_fair(pool, reference):
+    """Client a submits 10 jobs, then b and c one each (distinct seeds and sizes): every result is the
+    single-process engine's for that job and reaches only its own client; b's and c's single jobs end
+    before a's 10th; both replicas work."""
+    sizes = [(48, 40), (64, 64), (40, 56), (72, 48), (56, 56), (64, 40), (40, 40), (48, 72), (80, 40), (56, 48)]
+    plan = {
+        "a": [(f"a{i}", sizes[i], 100 + i) for i in range(10)],
+        "b": [("b0", (64, 56), 200)],
+        "c": [("c0", (40, 64), 300)],
+    }
+    peers = {name: Peer(pool.endpoint) for name in plan}
+    try:
+        before = jobs_per_replica(welcome(peers["a"]))
+        for name in ("a", "b", "c"):  # in this order: a's burst first
+            for job, (w, h), seed in plan[name]:
+                peers[name].send(submit_frames(job, image=rgba(w, h, seed), seed=seed, **JOB))
+            if name == "a":
+                time.sleep(0.2)  # a's jobs are queued before b's
+        events = collect(peers, {name: {j for j, _, _ in jobs} for name, jobs in plan.items()})
+        after = jobs_per_replica(welcome(peers["a"]))
+    finally:
+        for peer in peers.values():
+            peer.close()
+    results = [(name, e) for name, e in events if e.type == "result"]
+    assert len(results) == 12, [(n, e.type, e.fields) for n, e in events if e.type in FINAL]
+    for name, event in events:  # nothing of another client's: every event names one of its own jobs
+        assert event.job in {j for j, _, _ in plan[name]}, (name, event.type, event.job)
+    expected = {job: (name, size, seed) for name, jobs in plan.items() for job, size, seed in jobs}
+    for name, event in results:
+        owner, (w, h), seed = expected[event.job]
+        assert name == owner and event["seed"] == seed
+        out = event.images["image"]
+        assert (out.spec.width, out.spec.height) == (w, h)
+        assert bytes(out.data) == reference(rgba(w, h, seed), seed=seed, **JOB), event.job
+    order = [e.job for _, e in results]
+    assert order.index("b0") < order.index("a9") and order.index("c0") < order.index("a9"), order
+    grown = {r: after.get(r, 0) - before.get(r, 0) for r in after}
+    assert sum(grown.values()) == 12 and all(n > 0 for n in grown.values()), grown
+
+
+def test_status_shows_position_and_replica_and_a_cancel_reaches_the_replica(pool):
+    """Three long jobs: two run (each on a replica, named in status), one waits at position 2. Cancelling
+    the running ones stops their replicas at the next step: their jobs end `cancelled`, and the replicas
+    report having stopped long before the last step."""
+    long = {"prompt": "x", "steps": 500, "strength": 1.0}
+    with Peer(pool.endpoint) as peer:
+        for i in range(3):
+            peer.send(submit_frames(f"long{i}", image=rgba(128, 128, i), seed=i, **long))
+        started: set[str] = set()
+        while len(started) < 2:  # both running jobs have made progress
+            event = peer.recv(60)
+            assert event is not None and event.type in ("accepted", "progress"), event
+            if event.type == "progress":
+                started.add(event.job)
+        report = status(peer)
+        running = [j for j in report["jobs"] if j["state"] == "running"]
+        queued = [j for j in report["jobs"] if j["state"] == "queued"]
+        assert sorted(j["job"] for j in running) == ["long0", "long1"] and all(j["position"] == 0 for j in running)
+        assert [(j["job"], j["position"]) for j in queued] == [("long2", 2)] and "replica" not in queued[0]
+        replicas = {r["replica"] for r in welcome(peer)["pool"]["replica_states"]}
+        where = {j["job"]: j["replica"] for j in running}
+        assert set(where.values()) == replicas, (where, replicas)  # one job on each replica
+        for job in ("long2", "long0", "long1"):
+            peer.send([header("cancel", job=job)])
+        finals = {}
+        for _ in range(400):
+            event = peer.recv(60)
+            assert event is not None
+            if event.type in FINAL:
+                finals[event.job] = (event.type, event.fields.get("reason"))
+                if len(finals) == 3:
+                    break
+        assert finals == {f"long{i}": ("cancelled", "cancelled") for i in range(3)}
+        # the replicas report their state with each job: run short jobs until both have reported again
+        seen: dict[str, dict[str, Any]] = {}
+        for i in range(40):
+            peer.send(submit_frames(f"after{i}", image=rgba(32, 32, i), seed=i, **JOB))
+            assert peer_final(peer, f"after{i}").type == "result"
+            states = {r["replica"]: r for r in welcome(peer)["pool"]["replica_states"]}
+            seen.update({r: s for r, s in states.items() if (s["cancelled"] or 0) >= 1})
+            if set(seen) == replicas:
+                break
+    assert set(seen) == replicas, seen
+    for state in seen.values():
+        assert 0 < state["stopped_at"] < 250, state  # stopped long before the 500th step
+
+
+def peer_final(peer: Peer, job: str, timeout: float = 60.0) -> Message:
+    return until_final(peer, job, timeout)[-1]
+
+
+def until_final(peer: Peer, job: str, timeout: float = 60.0) -> list[Message]:
+    """Events until ``job``'s final one (included), with a heartbeat a second as a live client sends."""
+    events = peer.events_until(lambda e: e.job == job and e.type in FINAL, timeout)
+    assert events and events[-1].job == job and events[-1].type in FINAL, f"no final event for {job}"
+    return events
+
+
+def test_generate_jobs_go_to_the_replica_that_holds_the_base(pool):
+    """A mix of refine and generate jobs, one after another: the base is loaded on one replica only, and
+    every generate job runs there (Ray Serve's multiplexed routing), so nothing is loaded twice."""
+    generate = {"prompt": "x", "steps": 4, "strength": 1.0, "mode": "generate"}
+    ran_on: list[str] = []
+    with Peer(pool.endpoint) as peer:
+        counts = jobs_per_replica(welcome(peer))
+        for i in range(6):
+            mode_fields = generate if i % 2 == 0 else JOB
+            peer.send(submit_frames(f"mix{i}", image=rgba(64, 64, i), seed=i, **mode_fields))
+            event = peer_final(peer, f"mix{i}")
+            assert event.type == "result", event.fields
+            now = jobs_per_replica(welcome(peer))
+            ran = [r for r in now if now[r] > counts.get(r, 0)]
+            assert len(ran) == 1, (counts, now)  # one job, one replica
+            counts = now
+            if i % 2 == 0:
+                ran_on.extend(ran)
+            if i == 0:
+                time.sleep(3.0)  # the replica's new model id reaches Ray Serve's routers (well under a second)
+        holders = [r["replica"] for r in welcome(peer)["pool"]["replica_states"] if "base" in r["models"]]
+    assert len(holders) == 1 and set(ran_on) == set(holders), (ran_on, holders)
+
+
+def test_pixels_go_through_the_object_store_once_and_are_read_without_a_copy(cluster):
+    """A 1024x1024 RGBA8 frame: one ray.put; a Ray worker reads a read-only view of the store (no copy)."""
+    from krita_sdxl.backend.pool import transfer
+
+    image = rgba(1024, 1024, 7)
+    msg = decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job="j", **JOB, seed=1))
+    shipped = transfer.ship(RefineRequest.from_message(msg, 1))
+
+    @ray.remote(num_cpus=0)
+    def land(s: dict[str, Any]) -> tuple[bool, bytes]:
+        req, zero_copy = transfer.land(s)
+        return zero_copy, bytes(memoryview(req.image.data)[:4096])
+
+    zero_copy, head = ray.get(land.remote(shipped))
+    assert zero_copy and head == bytes(image.data)[:4096]
+    here = ray.get(shipped["image"][1])
+    assert transfer.in_store(here) and np.array_equal(here, np.frombuffer(image.data, np.uint8))
+
+
+def test_a_replica_killed_mid_job_the_job_ends_and_the_next_ones_run(pool, reference):
+    """kill -9 of the replica's process while it runs a job: the job runs again on the other replica (its
+    result is the engine's, its progress never goes back), the next jobs succeed, Ray replaces the replica."""
+    fields = {"prompt": "x", "steps": 300, "strength": 1.0, "seed": 9}
+    with Peer(pool.endpoint) as peer:
+        peer.send(submit_frames("victim", image=rgba(64, 64, 9), **fields))
+        steps = []
+        while not steps:
+            event = peer.recv(60)
+            assert event is not None and event.type in ("accepted", "progress")
+            if event.type == "progress":
+                steps.append(event["step"])
+        kept: list[Message] = []
+        replica = status(peer, "victim", kept)["jobs"][0]["replica"]
+        pid = next(r["pid"] for r in welcome(peer, kept)["pool"]["replica_states"] if r["replica"] == replica)
+        os.kill(pid, signal.SIGKILL)
+        assert not [e for e in kept if e.type in FINAL], "the job ended before the kill: make it longer"
+        steps += [e["step"] for e in kept if e.type == "progress"]
+        rest = until_final(peer, "victim")
+        steps += [e["step"] for e in rest if e.type == "progress"]
+        event = rest[-1]
+        assert event.type == "result", event.fields
+        assert steps == sorted(set(steps)) and steps[-1] == 300, steps  # rising, no step twice
+        assert bytes(event.images["image"].data) == reference(rgba(64, 64, 9), **fields)
+        for i in range(3):
+            peer.send(submit_frames(f"next{i}", image=rgba(48, 48, i), seed=i, **JOB))
+            assert peer_final(peer, f"next{i}").type == "result"
+        deadline = time.monotonic() + 120
+        while True:  # Ray Serve starts a replacement replica
+            states = welcome(peer)["pool"]["replica_states"]
+            ids = {r["replica"] for r in states if r["state"] in ("idle", "busy")}
+            if len(ids) == 2 and replica not in ids:
+                break
+            assert time.monotonic() < deadline, states
+            time.sleep(1.0)
+    assert "died while running it; running it again on another" in pool.log
