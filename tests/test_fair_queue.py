@@ -125,7 +125,11 @@ def test_cancel_where_and_close():
 
 def test_one_clients_burst_does_not_starve_another(tmp_path):
     """The attack: one process fills the queue; a well-behaved client's job runs after one turn."""
-    svc = start_service(["--demo", "--cache-dir", str(tmp_path / "cache"), "--log-level", "warning"])
+    # The hog is a raw socket that sends no heartbeats while the artist waits: a long timeout keeps a slow
+    # machine from declaring it gone (and cancelling its jobs) before the order can be checked.
+    svc = start_service(
+        ["--demo", "--cache-dir", str(tmp_path / "cache"), "--log-level", "warning", "--heartbeat-timeout", "600"]
+    )
     try:
         with Peer(svc.endpoint) as hog, ServiceClient(svc.endpoint, timeout=60) as artist:
             for i in range(10):
