@@ -24,6 +24,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from soak import rss_kib
 
 from krita_sdxl.protocol import SERVICE, decode
 from krita_sdxl.protocol.errors import ALL_CODES
@@ -32,14 +33,6 @@ IMMEDIATE = {"error", "welcome", "status", "heartbeat", "unloaded", "accepted", 
 WEIRD_NUMBERS = [0, -1, 1, 2**31, 2**63 - 1, -(2**63), 2**64 - 1, 1e-300, 1e-30, -1e-9, 1e308, -1e308,
                  math.nan, math.inf, -math.inf, 0.5, 499, 500, 501, 16385]  # fmt: skip
 ORDERS = ["RGBA", "BGRA", "RGB", "BGR", "L"]
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 class Mutator:

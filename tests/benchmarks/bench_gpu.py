@@ -678,6 +678,17 @@ def card_slug(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())[:16] or "gpu"
 
 
+def save_tables(args: Any, results: dict, text: str, device: str, kind: str) -> None:
+    """table.md in ``args.out``; with ``args.results_dir``, DATE-CARD-KIND.json and .md there too."""
+    (args.out / "table.md").write_text(text)
+    print("\n" + text, flush=True)
+    if args.results_dir:
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{date.today()}-{card_slug(results['device']) if device == 'cuda' else 'cpu-tiny'}-{kind}"
+        (args.results_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
+        (args.results_dir / f"{stem}.md").write_text(text)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -728,14 +739,7 @@ def main() -> int:
     if args.vae_ab and device == "cuda":
         b.stage("vae_ab", 60, lambda: vae_channels_last(b, size))
     b.record("total_s", round(time.monotonic() - b.t0, 1))
-    text = table(b.results)
-    (args.out / "table.md").write_text(text)
-    print("\n" + text, flush=True)
-    if args.results_dir:
-        args.results_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"{date.today()}-{card_slug(b.results['device']) if device == 'cuda' else 'cpu-tiny'}-gpu"
-        (args.results_dir / f"{stem}.json").write_text(json.dumps(b.results, indent=1, default=str))
-        (args.results_dir / f"{stem}.md").write_text(text)
+    save_tables(args, b.results, table(b.results), device, "gpu")
     shutil.rmtree(root, ignore_errors=True)
     return 0
 

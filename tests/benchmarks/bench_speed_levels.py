@@ -57,12 +57,12 @@ from bench_gpu import (
     REFINE,
     Bench,
     build_and_save,
-    card_slug,
     free_gpu,
     make_image,
     make_request,
     parts,
     quality,
+    save_tables,
     stock,
 )
 
@@ -395,14 +395,7 @@ def main() -> int:
         b.stage("stock_compiled", 0 if args.tiny else NEED["stock_compiled"], lambda: stock_compiled(b, pipes, size))
     pipes.clear()
     b.record("total_s", round(time.monotonic() - b.t0, 1))
-    text = table(b.results, levels, size)
-    (args.out / "table.md").write_text(text)
-    print("\n" + text, flush=True)
-    if args.results_dir:
-        args.results_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"{date.today()}-{card_slug(b.results['device']) if device == 'cuda' else 'cpu-tiny'}-speed-levels"
-        (args.results_dir / f"{stem}.json").write_text(json.dumps(b.results, indent=1, default=str))
-        (args.results_dir / f"{stem}.md").write_text(text)
+    save_tables(args, b.results, table(b.results, levels, size), device, "speed-levels")
     shutil.rmtree(root, ignore_errors=True)
     return 0
 
