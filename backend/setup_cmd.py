@@ -60,8 +60,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _download_flags(parser: argparse.ArgumentParser, default: Any = False) -> None:
-    parser.add_argument("--base", action="store_true", default=default,
-                        help=f"also the SDXL base (Generate and Two-stage modes, about {human(hub.BASE.approx_bytes)})")
+    parser.add_argument(
+        "--base",
+        action="store_true",
+        default=default,
+        help=f"also the SDXL base (Generate and Two-stage modes, about {human(hub.BASE.approx_bytes)})",
+    )
     parser.add_argument("--verify", action="store_true", default=default,
                         help="also check the checksums of the files already downloaded")  # fmt: skip
 

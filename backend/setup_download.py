@@ -66,8 +66,10 @@ def list_repo(repo: str) -> tuple[str, list[RemoteFile]]:
     try:
         info = HfApi().model_info(repo, revision="main", files_metadata=True)
     except GatedRepoError:
-        raise DownloadFailed(f"{repo} needs you to accept its licence on the Hugging Face Hub.",
-                             "Accept it on its page, log in with `hf auth login`, then try again.") from None  # fmt: skip
+        raise DownloadFailed(
+            f"{repo} needs you to accept its licence on the Hugging Face Hub.",
+            "Accept it on its page, log in with `hf auth login`, then try again.",
+        ) from None
     except RepositoryNotFoundError:
         raise DownloadFailed(f"{repo} was not found at {_endpoint()}.", "Check the name (and HF_ENDPOINT).") from None
     except HfHubHTTPError as exc:
@@ -160,7 +162,8 @@ def fetch(url: str, partial: Path, size: int, on_bytes: Callable[[int], None]) -
             if exc.code == 416 and have:  # "range not satisfiable": the partial file is wrong
                 partial.unlink()
                 continue
-            raise DownloadFailed(f"the server answered {exc.code} {exc.reason} for {url}.", "Try again later.") from None
+            why = f"the server answered {exc.code} {exc.reason} for {url}."
+            raise DownloadFailed(why, "Try again later.") from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise

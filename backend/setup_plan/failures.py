@@ -80,8 +80,11 @@ def explain(step_key: str, step_title: str, code: int | None, output: str, log_p
         return Failure(step_title, "a downloaded package was damaged on the way.", "Click Repair to fetch it again."
                        + log)  # fmt: skip
     if _DENIED.search(output):
-        return Failure(step_title, "a file could not be written (permission denied).",
-                       "Choose a folder you can write to (or close programs using it), then click Repair." + log)
+        return Failure(
+            step_title,
+            "a file could not be written (permission denied).",
+            "Choose a folder you can write to (or close programs using it), then click Repair." + log,
+        )
     last = [t for t in output.strip().splitlines() if t.strip()][-1:] or [""]
     detail = f": {last[0].strip()[:300]}" if last[0] else ""
     return Failure(step_title, f"the command exited with code {code}{detail}.", "Click Repair to try again." + log)

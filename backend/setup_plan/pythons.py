@@ -138,7 +138,7 @@ def parse_probe(output: str) -> PythonInfo | None:
             version = tuple(int(v) for v in data["version"])[:3]
             return PythonInfo(
                 executable=str(data["executable"]),
-                version=(version + (0, 0, 0))[:3],  # type: ignore[arg-type]
+                version=(*version, 0, 0, 0)[:3],  # type: ignore[arg-type]
                 implementation=str(data.get("implementation", "")),
                 bits=int(data.get("bits", 0)),
                 has_venv=bool(data.get("venv")),

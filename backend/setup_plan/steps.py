@@ -145,7 +145,7 @@ def build_plan(
     where = "the PyTorch index" if torch.index_url else "pip's configured index"
     steps = [
         Step("venv", "Create the Python environment", f"{base.label} makes a virtual environment in {venv}",
-             (tuple(venv_args + [str(venv)]),), venv_fp),
+             ((*venv_args, str(venv)),), venv_fp),
         Step("torch", f"Install {torch.label}", f"pip installs {torch.requirement} from "
              f"{torch.index_url or where}", ((py, *PIP_INSTALL, *torch.pip_args), (py, "-c", TORCH_CHECK)),
              torch_fp, torch.download_bytes),
