@@ -14,6 +14,6 @@ Standard library only (Python 3.10+, no torch, diffusers, zmq or numpy): the plu
 * :mod:`.procenv`: the environment the steps and the service start with.
 """
 
-from .version import VERSION
+from .version import VERSION, mismatch
 
-__all__ = ["VERSION"]
+__all__ = ["VERSION", "mismatch"]

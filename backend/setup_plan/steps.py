@@ -10,6 +10,7 @@ Hugging Face cache, shared with other tools.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -20,9 +21,11 @@ from .hub import ModelSpec
 from .machine import Machine
 from .pythons import PythonInfo
 from .space import Need, human
-from .torch_builds import OTHER_PACKAGES, TorchChoice
+from .torch_builds import OTHER_PACKAGES, SetupProblem, TorchChoice
 from .version import VERSION
 
+BACKEND_WHEEL_ENV = "KRITA_SDXL_BACKEND_WHEEL"  # a krita-sdxl wheel (or source folder) to install instead
+WHEELS_DIR = "_wheels"  # in the plugin's folder: the backend wheel packaging/build_plugin.py put there
 STATE_FILE = "setup-state.json"
 LOG_FILE = "setup.log"
 VENV = "venv"
@@ -56,6 +59,39 @@ class BackendSource:
 
     path: str
     fingerprint: str | None  # the wheel's SHA-256; None for a folder (always reinstalled)
+
+
+def wheel_name(version: str = VERSION) -> str:
+    return f"krita_sdxl-{version}-py3-none-any.whl"
+
+
+def find_backend(plugin_dir: Path, env: Mapping[str, str]) -> BackendSource:
+    """What to install as the backend: ``$KRITA_SDXL_BACKEND_WHEEL``, else the wheel the plugin carries
+    (its own version), else, run from a source checkout, that checkout. SetupProblem when none."""
+    named = env.get(BACKEND_WHEEL_ENV, "").strip()
+    if named:
+        path = Path(named).expanduser()
+        if path.is_file() and path.suffix == ".whl":
+            return BackendSource(str(path), _sha256(path))
+        if path.is_dir() and (path / "pyproject.toml").is_file():
+            return BackendSource(str(path), None)
+        raise SetupProblem(f"{BACKEND_WHEEL_ENV}={named} is neither a .whl file nor a source folder.",
+                           "Point it at a krita-sdxl wheel, or unset it.")  # fmt: skip
+    wheel = Path(plugin_dir) / WHEELS_DIR / wheel_name()
+    if wheel.is_file():
+        return BackendSource(str(wheel), _sha256(wheel))
+    checkout = Path(plugin_dir).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "backend" / "setup_plan").is_dir():
+        return BackendSource(str(checkout), None)
+    raise SetupProblem(
+        f"This copy of the plugin carries no backend to install (no {WHEELS_DIR}/{wheel_name()}).",
+        f"Install the plugin zip from the release, which carries it, or set {BACKEND_WHEEL_ENV} to a krita-sdxl "
+        f"{VERSION} wheel.",
+    )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)

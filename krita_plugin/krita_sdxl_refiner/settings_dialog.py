@@ -1,5 +1,5 @@
-"""The connection settings, out of the docker's way: endpoint, keys for a remote backend, and the
-local backend process (command, arguments, Start/Stop, its output)."""
+"""The connection settings, out of the docker's way: endpoint, keys for a remote backend, setting up a
+local backend (:mod:`setup_view`) and the local backend process (command, arguments, Start/Stop, its output)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from PyQt5.QtWidgets import (
 
 from .controller import Controller
 from .settings import DEFAULT_ENDPOINT, Settings
+from .setup_view import SetupView
 from .slots import on_click
 from .widgets import state_text, wrap_label
 
@@ -34,8 +35,10 @@ class SettingsDialog(QDialog):
         self.setMinimumWidth(460)
         root = QVBoxLayout(self)
         root.addWidget(self._build_connection())
-        root.addWidget(self._build_keys())
+        self.setup = SetupView(controller)
+        root.addWidget(self.setup)
         root.addWidget(self._build_backend())
+        root.addWidget(self._build_keys())
         close = QDialogButtonBox(QDialogButtonBox.Close)
         close.rejected.connect(self.close)
         for button in close.buttons():
@@ -142,6 +145,7 @@ class SettingsDialog(QDialog):
     def show_connection(self, state: str, detail: str, backend: str) -> None:
         self.connection.setText(state_text(state, detail))
         self.backend_info.setText(backend)
+        self.setup.refresh()  # a backend of another version asks for Update
 
     def show_backend(self, state: str, detail: str) -> None:
         self.backend_state.setText(state_text(state, detail))
