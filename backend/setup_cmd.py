@@ -207,7 +207,14 @@ def cmd_setup(args: argparse.Namespace) -> int:
         ok, note = torch_builds.fits(_installed("torch"), choice, facts.system)
         print(f"PyTorch         {note}")
     status = EXIT_OK
-    if not args.no_download:
+    if args.no_download:
+        cache = hub.hf_cache_dir()
+        for model in hub.models(args.base):
+            there = hub.snapshot_ready(cache, model.repo)
+            print(f"model           {model.repo}: " + ("in the cache" if there else
+                  f"not in {cache} (about {human(model.approx_bytes)} to download: krita-sdxl setup)"))  # fmt: skip
+            status = status if there else EXIT_FAILED
+    else:
         status = cmd_download(argparse.Namespace(base=args.base, verify=args.verify, json_progress=False))
     if not ok:
         print(f"to fix PyTorch  {shlex.join(fix)}   (or: krita-sdxl setup --fix-torch)")

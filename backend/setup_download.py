@@ -30,7 +30,7 @@ Emit = Callable[..., None]  # emit(kind, **fields): one progress event
 ATTEMPTS = 5  # per file, each resuming where the last stopped
 TIMEOUT_S = 60
 EMIT_EVERY_S = 0.25
-_CHUNK = 1 << 20
+_CHUNK = 1 << 18
 
 
 class DownloadFailed(Exception):
@@ -141,6 +141,7 @@ def fetch(url: str, partial: Path, size: int, on_bytes: Callable[[int], None]) -
     opener, headers = _opener(), _headers()
     partial.parent.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
+    received = 0
     while True:
         have = partial.stat().st_size if partial.exists() else 0
         if have > size:
@@ -155,8 +156,9 @@ def fetch(url: str, partial: Path, size: int, on_bytes: Callable[[int], None]) -
                     on_bytes(-have)
                     have = 0
                 with partial.open("ab" if have else "wb") as out:
-                    while chunk := response.read(_CHUNK):
+                    while chunk := response.read1(_CHUNK):  # what has arrived: steady progress
                         out.write(chunk)
+                        received += len(chunk)
                         on_bytes(len(chunk))
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and have:  # "range not satisfiable": the partial file is wrong
@@ -169,9 +171,11 @@ def fetch(url: str, partial: Path, size: int, on_bytes: Callable[[int], None]) -
                 raise
             failures.append(f"{type(exc).__name__}: {exc}")
             if len(failures) >= ATTEMPTS:
+                how = f"broke off {len(failures)} times" if received else f"failed {len(failures)} times"
                 raise DownloadFailed(
-                    f"the download of {url} broke off {len(failures)} times (last: {failures[-1]}).",
-                    "Check the internet connection, then try again: it continues where it stopped.",
+                    f"the download of {url} {how} (last: {failures[-1]}).",
+                    "Check the internet connection (and HTTPS_PROXY behind a proxy), then try again: it continues "
+                    "where it stopped.",
                 ) from None
             time.sleep(min(2.0, 0.2 * len(failures)))
 
@@ -212,7 +216,9 @@ def _install(cache: Path, rp: RepoPlan, file: RemoteFile, progress: Progress, em
     if file in rp.missing:
         partial = blob.with_name(file.etag + ".incomplete")
         emit("file", name=file.name, size=file.size, resumed=hub.partial_bytes(cache, rp.repo, file))
-        fetch(hf_hub_url(rp.repo, file.name, revision=rp.commit), partial, file.size, progress.add)
+        fetch(
+            hf_hub_url(rp.repo, file.name, revision=rp.commit, endpoint=_endpoint()), partial, file.size, progress.add
+        )
         emit("verify", name=file.name)
         problem = hub.verify(partial, file)
         if problem:
@@ -241,7 +247,7 @@ def download(repos: list[str], emit: Emit, *, verify_all: bool = False, cache: P
     free = free_bytes(cache)
     emit("plan", repos=repos, files=sum(len(p.files) for p in plans), total=total, needed=needed, free=free,
          cache=str(cache))  # fmt: skip
-    problems = check_space([Need(cache, needed, "the models", "set HF_HOME to a folder on another disk")])
+    problems = check_space([Need(cache, needed, "the models", "set HF_HOME to a folder on another disk")], free_bytes)
     if problems:
         raise DownloadFailed(problems[0], "Nothing was downloaded.")
     progress = Progress(emit, needed)

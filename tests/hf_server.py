@@ -9,8 +9,8 @@ It serves model folders on disk under repo ids, the way huggingface_hub download
   ``Accept-Ranges``; a ``Range: bytes=N-`` request gets 206 with ``Content-Range``.
 
 Knobs for tests: ``rate`` (bytes per second for LFS files, to interrupt a download mid-way),
-``cut_after`` (drop the connection after that many bytes of one response), ``corrupt`` (file names
-served with a changed byte). Every request is recorded in ``requests``.
+``cut_after`` (drop the connection after that many bytes of an LFS file's response, ``cuts`` times),
+``corrupt`` (file names served with a changed byte). Every request is recorded in ``requests``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class HubState:
     repos: dict[str, dict[str, Served]]
     rate: float | None = None
     cut_after: int | None = None
+    cuts: int = 1_000_000  # how many responses cut_after cuts
     corrupt: set[str] = field(default_factory=set)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, Range
 
@@ -134,7 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
         chunk = 16384
         sent = 0
         for i in range(0, len(body), chunk):
-            if state.cut_after is not None and sent >= state.cut_after:
+            if lfs and state.cut_after is not None and state.cuts > 0 and sent >= state.cut_after:
+                state.cuts -= 1
                 self.close_connection = True
                 return  # the client sees a body shorter than Content-Length
             piece = body[i : i + chunk]

@@ -53,11 +53,13 @@ def margin(needed: int) -> int:
 
 def check_space(
     needs: Iterable[Need],
-    free: Callable[[Path], int] = free_bytes,
-    device: Callable[[Path], object] = device_of,
+    free: Callable[[Path], int] | None = None,
+    device: Callable[[Path], object] | None = None,
 ) -> list[str]:
     """One message per disk that lacks room (empty when all fit). ``free`` and ``device`` read the
-    disk (injected so a test can fake a full one)."""
+    disk (default: :func:`free_bytes`, :func:`device_of`; injected so a test can fake a full one)."""
+    free = free or free_bytes
+    device = device or device_of
     disks: dict[object, list[Need]] = {}
     for need in needs:
         if need.bytes > 0:
