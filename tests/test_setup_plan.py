@@ -413,6 +413,11 @@ ERROR: No matching distribution found for torch==2.13.0+cu128"""
         ("venv", 1, "Error: Command '['/x/venv/bin/python', '-m', 'ensurepip']' returned non-zero exit status 1.\n"
          "The virtual environment was not created successfully because ensurepip is not available.",
          "no ensurepip", "python3-venv"),
+        ("torch", 1, "ERROR: Cannot install torch==2.13.0 because these package versions have conflicting "
+         "dependencies.\n\nThe conflict is caused by:\n    The user requested torch==2.13.0\n    The user requested "
+         "(constraint) torch<=2.14.1\n\nTo fix this you could try to:\n1. loosen the range\n\nERROR: "
+         "ResolutionImpossible: for help visit https://pip.pypa.io", "pip could not install torch==2.13.0: no version "
+         "fits (The user requested torch==2.13.0; The user requested (constraint) torch<=2.14.1)", "constraints"),
         ("torch", 1, "ERROR: THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE.", "damaged",
          "Repair"),
         ("torch", None, "No such file or directory", "could not be started", "Repair"),

@@ -21,6 +21,8 @@ _UNREACHABLE = re.compile(
     r"ProxyError|Cannot connect to proxy|nodename nor servname",
     re.IGNORECASE,
 )
+_CONFLICT = re.compile(r"Cannot install (.+?) because these package versions have conflicting dependencies")
+_CAUSES = re.compile(r"The conflict is caused by:\n((?:[ \t]+\S.*\n?)+)")
 _SSL = re.compile(r"SSLError|CERTIFICATE_VERIFY_FAILED", re.IGNORECASE)
 _HASH = re.compile(r"DO NOT MATCH THE HASHES|hash mismatch", re.IGNORECASE)
 _NO_ENSUREPIP = re.compile(r"ensurepip is not available|No module named ensurepip", re.IGNORECASE)
@@ -68,6 +70,14 @@ def explain(step_key: str, step_title: str, code: int | None, output: str, log_p
         return Failure(step_title, f"pip found no {wanted} for this Python and computer at {_index(output)}.",
                        "Check that the computer is online and that the Python used is 3.10 to 3.13 (64-bit); "
                        "or choose another PyTorch build (CPU always exists), then click Repair." + log)  # fmt: skip
+    match = _CONFLICT.search(output)
+    if match:
+        causes = _CAUSES.search(output)
+        detail = "; ".join(c.strip() for c in causes.group(1).splitlines()) if causes else "see the log"
+        return Failure(step_title, f"pip could not install {match.group(1)}: no version fits ({detail}).",
+                       "Check that the computer is online and what pip is configured with (an index, find-links or "
+                       "constraints that leave no such version), or choose another PyTorch build; then click "
+                       "Repair." + log)  # fmt: skip
     if _SSL.search(output):
         return Failure(step_title, f"the secure connection to {_index(output)} failed (a proxy or antivirus "
                        "intercepting HTTPS?).", "Let Python reach the internet (pip's certificate settings), "

@@ -99,7 +99,7 @@ class SetupRunner(QObject):
         self.folder, self.include_base, self.torch_build = Path(folder), include_base, torch_build
         if self.facts is not None:
             self._make_plan("install")
-            self.changed.emit()
+        self.changed.emit()  # another folder may be set up already: Update instead of Set up
 
     def check(self, then: Callable[[], None] | None = None) -> None:
         """Find a Python and the GPU, then build the plan (nothing is written)."""

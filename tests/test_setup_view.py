@@ -1,0 +1,135 @@
+"""The docker's setup section, offscreen, clicked with the mouse: the docker offers Set up… until a
+backend exists; Check looks at this computer (real Pythons probed, real nvidia-smi if there is one)
+and shows what Set up will do and download, writing nothing; a full disk blocks Set up with the
+reason; a backend of another version asks for an update. The whole flow: test_setup_e2e.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+pytest.importorskip("PyQt5.QtWidgets")
+zmq = pytest.importorskip("zmq")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
+
+from plugin_fakes import FakeAdapter, FakeService, make_controller, pump  # noqa: E402
+from PyQt5.QtCore import Qt  # noqa: E402
+from PyQt5.QtTest import QTest  # noqa: E402
+from PyQt5.QtWidgets import QApplication  # noqa: E402
+
+from krita_sdxl.backend.setup_plan import VERSION, hub, space  # noqa: E402
+from krita_sdxl_refiner.panel import RefinerPanel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def app():
+    return QApplication.instance() or QApplication([])
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def click(app, widget) -> None:
+    pump(app, lambda: True, [], 1)
+    assert widget.isVisible() and widget.isEnabled(), widget.text()
+    QTest.mouseClick(widget, Qt.LeftButton)
+    pump(app, lambda: True, [], 1)
+
+
+def type_into(line_edit, text: str) -> None:
+    line_edit.selectAll()
+    QTest.keyClicks(line_edit, text)
+    QTest.keyClick(line_edit, Qt.Key_Return)
+
+
+class Docker:
+    def __init__(self, app, ctx, tmp_path: Path, service: FakeService | None = None) -> None:
+        self.app = app
+        self.service = service
+        self.adapter = FakeAdapter()
+        endpoint = service.endpoint if service else "tcp://127.0.0.1:9"
+        self.controller = make_controller(ctx, endpoint, self.adapter)
+        self.panel = RefinerPanel(self.controller)
+        self.panel.show()
+        self.controller.start()
+        self.setup = self.panel.dialog.setup
+        self.folder = tmp_path / "backend"
+
+    def pump(self, until, timeout: float = 60.0) -> None:
+        pump(self.app, until, [self.service] if self.service else [], timeout)
+
+    def open_setup(self) -> None:
+        assert self.panel.backend_button.text() == "Set up…"
+        click(self.app, self.panel.backend_button)
+        assert self.panel.dialog.isVisible() and self.setup.isVisible()
+        type_into(self.setup.folder, str(self.folder))
+
+    def close(self) -> None:
+        self.controller.shutdown()
+        self.panel.dialog.close()
+        self.panel.close()
+
+
+@pytest.fixture
+def docker(app, ctx, tmp_path, monkeypatch):
+    monkeypatch.setenv("KRITA_SDXL_TORCH_INDEX", "pip")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    d = Docker(app, ctx, tmp_path)
+    yield d
+    d.close()
+
+
+def test_check_shows_the_plan_and_writes_nothing(docker) -> None:
+    d = docker
+    d.open_setup()
+    assert d.controller.settings.setup_folder == str(d.folder)
+    assert "nothing runs before you click Set up" in d.setup.plan.text()
+    click(d.app, d.setup.check_button)
+    d.pump(lambda: d.controller.setup.phase not in ("checking",))
+    runner = d.controller.setup
+    assert runner.phase == "ready", (runner.problem and runner.problem.why, runner.facts)
+    text = d.setup.plan.text()
+    assert f"Python {sys.version_info[0]}." in text and "torch==2.13.0 from pip" in text
+    assert "Create the Python environment" in text and "Download the SDXL 1.0 refiner" in text
+    assert f"about {space.human(hub.REFINER.approx_bytes)}" in text and "In all it downloads about" in text
+    assert not d.folder.exists()  # Check writes nothing
+    assert d.setup.run_button.text() == "Set up" and d.setup.run_button.isEnabled()
+    before = runner.plan.download_bytes
+    click(d.app, d.setup.base)  # the base too: more to download, shown at once
+    assert d.controller.settings.setup_base and runner.plan.download_bytes == before + hub.BASE.approx_bytes
+    assert "SDXL 1.0 refiner and SDXL 1.0 base" in d.setup.plan.text()
+
+
+def test_a_full_disk_blocks_set_up_with_the_reason(docker, monkeypatch) -> None:
+    d = docker
+    d.open_setup()
+    monkeypatch.setattr(space, "free_bytes", lambda path: 2_000_000_000)  # 2 GB free: not enough
+    click(d.app, d.setup.run_button)  # checks first, then refuses before writing anything
+    d.pump(lambda: d.controller.setup.phase in ("blocked", "running", "failed"))
+    assert d.controller.setup.phase == "blocked"
+    text = d.setup.plan.text()
+    assert "Not enough disk space" in text and "2.00 GB is free" in text and "choose another folder" in text
+    assert not d.setup.run_button.isEnabled() and not d.folder.exists()
+
+
+def test_a_backend_of_another_version_asks_for_an_update(app, ctx, tmp_path) -> None:
+    service = FakeService(ctx)
+    service.caps = {**service.caps, "backend_version": "0.0.1"}
+    d = Docker(app, ctx, tmp_path, service)
+    try:
+        d.pump(lambda: d.controller.client.is_connected, timeout=5)
+        texts = lambda: " ".join(text for _level, text in d.panel.messages.entries)  # noqa: E731
+        d.pump(lambda: "0.0.1" in texts(), timeout=5)
+        assert f"version 0.0.1, this plugin {VERSION}" in texts()
+        assert "Update" in d.setup.message.text()
+    finally:
+        d.close()
+        service.close()
