@@ -145,6 +145,9 @@ class Plan:
             lines.append(f"{mark} {step.title}{size}: {step.detail}" + ("" if step.pending else " (done)"))
         total = self.download_bytes
         lines.append(f"In all it downloads about {human(total)}." if total else "Nothing to download.")
+        disk = [f"{human(n.bytes)} for {n.what} ({n.path})" for n in self.needs if n.bytes]
+        if disk:
+            lines.append("Disk space it needs: " + ", ".join(disk) + ".")
         return "\n".join(lines)
 
 
