@@ -124,7 +124,7 @@ def test_set_up_installs_downloads_starts_and_refines(app, ctx, world) -> None:
         click(app, d.setup.check_button)
         runner = d.controller.setup
         d.pump(lambda: runner.phase != "checking", timeout=60)
-        assert runner.phase == "ready" and "torch==2.13.0" in d.setup.plan.text()
+        assert runner.phase == "ready" and "torch==2.13.0" in d.setup.plan.toPlainText()
         started = time.monotonic()
         click(app, d.setup.run_button)
         seen: set[str] = set()

@@ -91,12 +91,12 @@ def test_check_shows_the_plan_and_writes_nothing(docker) -> None:
     d = docker
     d.open_setup()
     assert d.controller.settings.setup_folder == str(d.folder)
-    assert "nothing runs before you click Set up" in d.setup.plan.text()
+    assert "nothing runs before you click Set up" in d.setup.plan.toPlainText()
     click(d.app, d.setup.check_button)
     d.pump(lambda: d.controller.setup.phase not in ("checking",))
     runner = d.controller.setup
     assert runner.phase == "ready", (runner.problem and runner.problem.why, runner.facts)
-    text = d.setup.plan.text()
+    text = d.setup.plan.toPlainText()
     assert f"Python {sys.version_info[0]}." in text and "torch==2.13.0 from pip" in text
     assert "Create the Python environment" in text and "Download the SDXL 1.0 refiner" in text
     assert f"about {space.human(hub.REFINER.approx_bytes)}" in text and "In all it downloads about" in text
@@ -105,7 +105,7 @@ def test_check_shows_the_plan_and_writes_nothing(docker) -> None:
     before = runner.plan.download_bytes
     click(d.app, d.setup.base)  # the base too: more to download, shown at once
     assert d.controller.settings.setup_base and runner.plan.download_bytes == before + hub.BASE.approx_bytes
-    assert "SDXL 1.0 refiner and SDXL 1.0 base" in d.setup.plan.text()
+    assert "SDXL 1.0 refiner and SDXL 1.0 base" in d.setup.plan.toPlainText()
 
 
 def test_a_full_disk_blocks_set_up_with_the_reason(docker, monkeypatch) -> None:
@@ -115,7 +115,7 @@ def test_a_full_disk_blocks_set_up_with_the_reason(docker, monkeypatch) -> None:
     click(d.app, d.setup.run_button)  # checks first, then refuses before writing anything
     d.pump(lambda: d.controller.setup.phase in ("blocked", "running", "failed"))
     assert d.controller.setup.phase == "blocked"
-    text = d.setup.plan.text()
+    text = d.setup.plan.toPlainText()
     assert "Not enough disk space" in text and "2.00 GB is free" in text and "choose another folder" in text
     assert not d.setup.run_button.isEnabled() and not d.folder.exists()
 

@@ -20,6 +20,7 @@ from PyQt5.QtWidgets import (
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QTextBrowser,
     QWidget,
 )
 
@@ -58,7 +59,9 @@ class SetupView(QGroupBox):
             self.torch.addItem(BUILD_LABELS.get(build, build), build)
         self.torch.setToolTip("Which PyTorch build to install; Automatic reads the NVIDIA driver (nvidia-smi) or ROCm")
         form.addRow("PyTorch", self.torch)
-        self.plan = wrap_label()
+        self.plan = QTextBrowser()  # the plan is long: it scrolls in a box of its own
+        self.plan.setFixedHeight(170)
+        self.plan.setOpenLinks(False)
         form.addRow(self.plan)
         self.steps = wrap_label()
         form.addRow(self.steps)
@@ -69,7 +72,7 @@ class SetupView(QGroupBox):
         form.addRow(self.detail)
         self.message = wrap_label()
         form.addRow(self.message)
-        for label in (self.plan, self.steps, self.message):
+        for label in (self.steps, self.message):
             label.setTextFormat(Qt.RichText)
         row = QHBoxLayout()
         self.check_button = QPushButton("Check")
@@ -91,6 +94,7 @@ class SetupView(QGroupBox):
         self.log.setFixedHeight(160)
         self.log.hide()
         form.addRow(self.log)
+        self._plan_html = ""
         self._wire()
         self.show_settings()
         self.refresh()
@@ -169,14 +173,16 @@ class SetupView(QGroupBox):
         self.run_button.setText("Update" if r.set_up else "Set up")
         self.run_button.setToolTip("Run the steps that are not done (or out of date): nothing is downloaded twice")
         if r.problem is not None:
-            self.plan.setText(f"<b>Cannot set up:</b> {_html(r.problem.why)} {_html(r.problem.what)}")
+            html = f"<b>Cannot set up:</b> {_html(r.problem.why)} {_html(r.problem.what)}"
         elif r.plan is not None:
-            self.plan.setText(_html(r.plan.describe()).replace("\n", "<br>"))
+            html = _html(r.plan.describe()).replace("\n", "<br>")
         elif r.phase == "checking":
-            self.plan.setText("Looking at this computer …")
+            html = "Looking at this computer …"
         else:
-            self.plan.setText("Check shows what Set up will do and how much it downloads; nothing runs before you "
-                              "click Set up.")  # fmt: skip
+            html = "Check shows what Set up will do and how much it downloads; nothing runs before you click Set up."
+        if html != self._plan_html:  # keep the reader's scroll position while nothing changes
+            self._plan_html = html
+            self.plan.setHtml(html)
         self._show_steps()
         self._show_progress()
         self._show_message()
