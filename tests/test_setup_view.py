@@ -21,7 +21,7 @@ from PyQt5.QtCore import Qt  # noqa: E402
 from PyQt5.QtTest import QTest  # noqa: E402
 from PyQt5.QtWidgets import QApplication  # noqa: E402
 
-from krita_sdxl.backend.setup_plan import VERSION, hub, space  # noqa: E402
+from krita_sdxl.backend.setup_plan import VERSION, hub, space, steps  # noqa: E402
 from krita_sdxl_refiner.panel import RefinerPanel  # noqa: E402
 
 
@@ -82,6 +82,9 @@ class Docker:
 def docker(app, ctx, tmp_path, monkeypatch):
     monkeypatch.setenv("KRITA_SDXL_TORCH_INDEX", "pip")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    wheel = tmp_path / steps.wheel_name()  # as if the plugin came from the zip (only read for its checksum here)
+    wheel.write_bytes(b"wheel")
+    monkeypatch.setenv(steps.BACKEND_WHEEL_ENV, str(wheel))
     d = Docker(app, ctx, tmp_path)
     yield d
     d.close()
@@ -133,3 +136,86 @@ def test_a_backend_of_another_version_asks_for_an_update(app, ctx, tmp_path) -> 
     finally:
         d.close()
         service.close()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the fake environment's python is a shell script")
+def test_update_stops_the_running_backend_first_then_starts_the_environments(docker, tmp_path) -> None:
+    """All steps recorded as done: Update stops the backend Krita runs (its files could be replaced),
+    runs nothing else, and starts the environment's ``python -m krita_sdxl.backend.cli serve``."""
+    d = docker
+    d.open_setup()
+    click(d.app, d.setup.check_button)
+    runner = d.controller.setup
+    d.pump(lambda: runner.phase != "checking")
+    assert runner.plan is not None
+    # a finished setup, faked: the venv's python (a script that serves), the state file, the model cache
+    python = Path(runner.plan.python)
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/started"\necho "ready on tcp://x"\nexec sleep 30\n')
+    python.chmod(0o755)
+    steps.write_state(d.folder, {s.key: s.fingerprint for s in runner.plan.steps if s.fingerprint})
+    snap = hub.repo_folder(tmp_path / "hf" / "hub", hub.REFINER_REPO) / "snapshots" / "c0"
+    for name in ("model_index.json", "unet/w.safetensors", "vae/w.safetensors"):
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
+        (snap / name).write_text("{}")
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("c0")
+    old = tmp_path / "old-backend"
+    old.write_text('#!/bin/sh\necho "ready on tcp://y"\nexec sleep 30\n')
+    old.chmod(0o755)
+    d.controller.update_settings(backend_command=str(old), backend_args="serve")
+    d.controller.start_backend()
+    d.pump(lambda: d.controller.backend.state.value == "running", timeout=10)
+    d.setup.show_settings()  # the view reads the folder's state again: Update
+    assert d.setup.run_button.text() == "Update"
+
+    click(d.app, d.setup.run_button)
+    d.pump(lambda: runner.phase in ("done", "failed", "cancelled"), timeout=30)
+    assert runner.phase == "done", runner.log_text()
+    assert [s.key for s in runner.plan.pending] == ["service"]
+    log = runner.log_text()
+    assert "Stopping the running backend first." in log and "\n$ " not in log
+    assert d.controller.settings.backend_command == str(python)
+    assert (python.parent / "started").read_text().startswith("-m krita_sdxl.backend.cli serve --endpoint")
+    assert d.controller.backend.state.value == "running"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the fake backend is a shell script")
+def test_a_backend_started_when_the_last_one_stopped_is_not_orphaned(app, tmp_path) -> None:
+    """A listener of ``stopped`` that starts the next backend at once (as Update does) must get it
+    running: the old process was cleared after the signal, dropping the new one."""
+    from krita_sdxl_refiner.backend import Backend
+
+    fake = tmp_path / "fake-serve"
+    fake.write_text('#!/bin/sh\necho "ready on tcp://x"\nexec sleep 30\n')
+    fake.chmod(0o755)
+    backend = Backend()
+    starts: list[str] = []
+
+    def restart(state: str, _detail: str) -> None:
+        if state == "stopped" and not starts:
+            starts.append(state)
+            backend.start(str(fake), "serve", "tcp://127.0.0.1:9")
+
+    backend.start(str(fake), "serve", "tcp://127.0.0.1:9")
+    pump(app, lambda: backend.state.value == "running", [], 10)
+    backend.state_changed.connect(restart)
+    backend.stop()
+    pump(app, lambda: bool(starts) and backend.state.value == "running", [], 10)
+    backend.kill()
+
+
+@pytest.mark.parametrize(
+    "python",
+    [
+        r"C:\Users\ann\AppData\Roaming\krita\krita-sdxl-backend\venv\Scripts\python.exe",  # Windows
+        "/Users/ann/Library/Application Support/krita/krita-sdxl-backend/venv/bin/python",  # macOS
+        "/home/ann/.local/share/krita/krita-sdxl-backend/venv/bin/python",  # Linux
+    ],
+)
+def test_the_set_up_environment_starts_as_python_dash_m_on_every_platform(python: str) -> None:
+    from krita_sdxl_refiner.backend import invocation
+
+    program, args = invocation(python, "serve", "tcp://127.0.0.1:5588")
+    assert program == python
+    assert args == ["-m", "krita_sdxl.backend.cli", "serve", "--endpoint", "tcp://127.0.0.1:5588"]

@@ -30,6 +30,7 @@ STATE_FILE = "setup-state.json"
 LOG_FILE = "setup.log"
 VENV = "venv"
 STATE_FORMAT = 1
+ALWAYS = "always"  # recorded for a step without a fingerprint (a source folder): done, yet run every time
 MODES = ("install", "repair")  # install: Set up and Update (what is missing or stale); repair: every step
 KEYS = ("venv", "torch", "backend", "models", "service")
 CLI = ("-m", "krita_sdxl.backend.cli")

@@ -146,6 +146,7 @@ class Backend(QObject):
         if self._partial:
             self._log.append(self._partial)
             self._partial = ""
+        self._process = None  # before telling anyone: a listener may start the next backend at once
         if self._state is BackendState.stopping:
             self._set(BackendState.stopped, "stopped")
         elif status == QProcess.CrashExit or code != 0:
@@ -153,7 +154,6 @@ class Backend(QObject):
             self._set(BackendState.failed, f"the backend {how}")
         else:
             self._set(BackendState.stopped, "the backend exited")
-        self._process = None
 
     def _set(self, state: BackendState, detail: str) -> None:
         self._state, self._detail = state, detail

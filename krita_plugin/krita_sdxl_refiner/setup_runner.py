@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from PyQt5.QtCore import QObject, QStandardPaths, pyqtSignal
+from PyQt5.QtCore import QObject, QStandardPaths, QTimer, pyqtSignal
 
 from krita_sdxl.backend.setup_plan import events, failures, hub, procenv, pythons, steps, torch_builds
 from krita_sdxl.backend.setup_plan.failures import Failure
@@ -208,7 +208,7 @@ class SetupRunner(QObject):
             if self._cancelling:
                 self._end_cancelled()
             else:
-                self._next_step()
+                QTimer.singleShot(0, self._next_step)  # after the backend has finished with its old process
 
     def _next_step(self) -> None:
         assert self.plan is not None
@@ -285,7 +285,7 @@ class SetupRunner(QObject):
         if problem:
             self._fail(Failure(step.title, problem + ".", f"Click Repair. The output is in {self.log_path}."))
             return
-        steps.mark(self.folder, step.key, step.fingerprint, self.plan.python)
+        steps.mark(self.folder, step.key, step.fingerprint or steps.ALWAYS, self.plan.python)
         self.status[step.key] = "done"
         self._next_step()
 
