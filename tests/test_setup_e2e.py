@@ -25,7 +25,7 @@ pytest.importorskip("PyQt5.QtWidgets")
 zmq = pytest.importorskip("zmq")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
-from test_setup_view import Docker, click  # noqa: E402
+from test_setup_view import Docker, click, path_without_krita_sdxl  # noqa: E402
 
 from krita_sdxl.backend.setup_plan import VERSION, hub, steps  # noqa: E402
 
@@ -58,6 +58,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, demo_models) -> Iterator[dic
             steps.BACKEND_WHEEL_ENV: str(wheel),  # the wheel as the zip carries it (the plugin runs from source)
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
+            "PATH": path_without_krita_sdxl(),  # a fresh computer: no krita-sdxl command
         }
         for key, value in env.items():
             mp.setenv(key, value)

@@ -5,6 +5,7 @@ in test_setup_e2e.py; here what only Krita can show: its environment, its Python
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -14,6 +15,12 @@ import pytest
 from krita_sdxl.backend.setup_plan import VERSION, steps
 
 pytestmark = [pytest.mark.krita, pytest.mark.slow]
+
+
+def fresh_path() -> str:
+    """PATH without a krita-sdxl command (an activated dev venv has one): the docker offers Set up…."""
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(p for p in entries if p and not (Path(p) / "krita-sdxl").exists())
 
 
 def test_set_up_in_real_krita_checks_then_cancels_cleanly(tmp_path: Path) -> None:
@@ -32,7 +39,7 @@ def test_set_up_in_real_krita_checks_then_cancels_cleanly(tmp_path: Path) -> Non
         plugin_zips=[zip_path],
         settings={"krita_sdxl": {"endpoint": endpoint}},
         timeout_s=180,
-        extra_env={"KRITA_SDXL_TORCH_INDEX": "pip", "HF_HOME": str(tmp_path / "hf")},
+        extra_env={"KRITA_SDXL_TORCH_INDEX": "pip", "HF_HOME": str(tmp_path / "hf"), "PATH": fresh_path()},
     )
     value = run.check()
     story = run.describe() + f"\nscenario value: {value}"

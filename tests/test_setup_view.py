@@ -44,6 +44,12 @@ def click(app, widget) -> None:
     pump(app, lambda: True, [], 1)
 
 
+def path_without_krita_sdxl() -> str:
+    """PATH as on a fresh computer: no krita-sdxl command (an activated dev venv has one)."""
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(p for p in entries if p and not (Path(p) / "krita-sdxl").exists())
+
+
 def type_into(line_edit, text: str) -> None:
     line_edit.selectAll()
     QTest.keyClicks(line_edit, text)
@@ -82,6 +88,7 @@ class Docker:
 def docker(app, ctx, tmp_path, monkeypatch):
     monkeypatch.setenv("KRITA_SDXL_TORCH_INDEX", "pip")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("PATH", path_without_krita_sdxl())
     wheel = tmp_path / steps.wheel_name()  # as if the plugin came from the zip (only read for its checksum here)
     wheel.write_bytes(b"wheel")
     monkeypatch.setenv(steps.BACKEND_WHEEL_ENV, str(wheel))
@@ -121,6 +128,19 @@ def test_a_full_disk_blocks_set_up_with_the_reason(docker, monkeypatch) -> None:
     text = d.setup.plan.toPlainText()
     assert "Not enough disk space" in text and "2.00 GB is free" in text and "choose another folder" in text
     assert not d.setup.run_button.isEnabled() and not d.folder.exists()
+
+
+def test_the_docker_offers_start_when_krita_sdxl_is_installed(app, ctx, tmp_path, monkeypatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "krita-sdxl").write_text("#!/bin/sh\n")
+    (bin_dir / "krita-sdxl").chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(bin_dir), path_without_krita_sdxl()]))
+    d = Docker(app, ctx, tmp_path)
+    try:
+        assert d.panel.backend_button.text() == "▶ Start"  # the default command exists: nothing to set up
+    finally:
+        d.close()
 
 
 def test_a_backend_of_another_version_asks_for_an_update(app, ctx, tmp_path) -> None:

@@ -8,6 +8,7 @@ Buttons are connected with :func:`slots.on_click` only.
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 from PyQt5.QtCore import Qt
@@ -216,9 +217,11 @@ class RefinerPanel(QWidget):
             self.dialog.start_backend()
 
     def _needs_setup(self) -> bool:
-        """Nothing to start yet: the command was never changed and no setup was made."""
-        s = self.controller.settings
-        return s.backend_command == Settings().backend_command and not self.controller.setup.set_up
+        """Nothing to start yet: the command (as typed in ⚙, or saved) is the default one, which is not
+        installed on this computer, and no setup was made."""
+        command = self.dialog.backend_command.text().strip() or self.controller.settings.backend_command
+        default = Settings().backend_command
+        return command == default and not self.controller.setup.set_up and shutil.which(default) is None
 
     def open_settings(self) -> None:
         self.dialog.show()
