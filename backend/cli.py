@@ -1,4 +1,4 @@
-"""Command line: ``krita-sdxl serve | refine | demo | info | keys | authorize``.
+"""Command line: ``krita-sdxl serve | refine | demo | info | keys | authorize | setup``.
 
 Every command checks what it was given before any work (a model load, a connection, a job) and
 reports a problem in one line: exit status 2 for a bad flag, setting, file or model, 1 when the work
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import demo_cmd
+from . import demo_cmd, setup_cmd
 from .cli_refine import add_connection_flags, cmd_refine, connect, say
 from .config import EXIT_INTERRUPTED, EXIT_USAGE, CommandFailed, ConfigError, Settings
 from .job_options import add_job_flags
@@ -39,6 +39,7 @@ EPILOG = f"""examples:
   krita-sdxl refine in.png --prompt "oil painting" --strength 0.3 -o out.png
   krita-sdxl refine in.png --local --demo -o out.png      no service: run the pipeline here
   krita-sdxl info
+  krita-sdxl setup                             check PyTorch's build for this machine, download the refiner
 
 {EXIT_STATUSES}"""
 
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_connection_flags(info, timeout=5.0)
     info.add_argument("--json", action="store_true", help="machine-readable output")
+
+    setup_cmd.add_parser(sub, common)
     return parser
 
 
@@ -296,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": demo_cmd.run_demo,
         "keys": cmd_keys,
         "authorize": cmd_authorize,
+        "setup": setup_cmd.run,
     }
     prog = f"krita-sdxl {args.command}"
     try:

@@ -7,7 +7,6 @@ and the tiny offline demo model: ``StableDiffusionXLImg2ImgPipeline.from_pretrai
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,19 +14,18 @@ from typing import TYPE_CHECKING
 import torch
 
 from .demo_model import ensure_demo_models
+from .setup_plan import hub
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
+DEFAULT_REFINER = hub.REFINER_REPO
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# What a refiner folder needs: configs, tokenizer files and one set of weights. Either the fp16
-# variant (half the download, fine for every dtype) or the plain fp32 files.
-_META_PATTERNS = ["*.json", "*.txt"]
-FP16_PATTERNS = [*_META_PATTERNS, "*/*.fp16.safetensors"]
-PLAIN_PATTERNS = [*_META_PATTERNS, "*/*.safetensors"]
+# What a refiner folder needs (one rule with `krita-sdxl setup`'s downloads: setup_plan/hub.py).
+FP16_PATTERNS = hub.FP16_PATTERNS
+PLAIN_PATTERNS = hub.PLAIN_PATTERNS
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -90,14 +88,7 @@ def pick_dtypes(device: str, requested: str = "auto") -> tuple[torch.dtype, torc
 
 def hf_cache_dir() -> Path:
     """The Hugging Face hub cache, read from the environment now (not at import time)."""
-    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if env:
-        return Path(os.path.expandvars(env)).expanduser()
-    home = os.environ.get("HF_HOME")
-    if home:
-        return Path(os.path.expandvars(home)).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+    return hub.hf_cache_dir()
 
 
 _WAYS_OUT = (

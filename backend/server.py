@@ -31,6 +31,7 @@ from .ratelog import RateLimitedLog
 from .request import RefineRequest
 from .security import CurveConfig, SecurityError, apply_curve, check_exposure
 from .sessions import Sessions, routing_id_problem
+from .setup_plan import VERSION
 from .worker import Engine, Worker, WorkerFactory
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class Service:
         )
         self._capabilities = dict(engine.describe())
         self._capabilities["protocol_version"] = PROTOCOL_VERSION
+        self._capabilities["backend_version"] = VERSION  # the plugin says "Update the backend" when it differs
         self._next_housekeeping = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------

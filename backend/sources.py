@@ -17,10 +17,11 @@ from typing import Any
 
 from .demo_model import ensure_demo_models
 from .models import DEFAULT_REFINER, ModelNotFound, _check_folder, _looks_like_path, _snapshot, hf_cache_dir
+from .setup_plan import hub
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_BASE = hub.BASE_REPO
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SHIPPED_CONFIGS = {"refiner": CONFIGS / "sdxl-refiner-1.0", "base": CONFIGS / "sdxl-base-1.0"}
 SINGLE_FILE_SUFFIXES = (".safetensors",)

@@ -11,11 +11,19 @@ that library with an ``__init__.py`` inside; it copies the desktop file and that
     krita_sdxl_refiner/__init__.py ...             the plugin, without __pycache__
     krita_sdxl_refiner/_vendor/common/krita_sdxl/__init__.py
     krita_sdxl_refiner/_vendor/common/krita_sdxl/protocol/...     copy of protocol/
+    krita_sdxl_refiner/_vendor/common/krita_sdxl/backend/__init__.py, setup_plan/...
+                                                   the setup's pure decisions (stdlib only), shared with the backend
+    krita_sdxl_refiner/_wheels/krita_sdxl-VERSION-py3-none-any.whl
+                                                   the backend the docker's Set up installs (same version)
     krita_sdxl_refiner/_vendor/cp311-manylinux_x86_64/zmq/...     pyzmq + msgpack wheels, unpacked
     krita_sdxl_refiner/_vendor/cp310-win_amd64/...
     ...
 
 ``krita_sdxl_refiner/vendor.py`` picks the ``_vendor/<tag>`` folder at run time.
+
+The backend wheel is built from this checkout (``pip wheel``, reproducible with SOURCE_DATE_EPOCH) and
+also written beside the zip, for ``pip install`` on a headless machine; its version must be the one in
+``backend/setup_plan/version.py``, which the plugin compares with the service's.
 
 Wheels are pinned (:data:`PACKAGES`), fetched with ``pip download`` into a cache folder (default
 ``build/wheels``) and checked against ``packaging/vendor-wheels.sha256``; a re-run with a filled
@@ -24,16 +32,20 @@ cache never calls pip. The zip is deterministic: sorted entries, fixed timestamp
     python packaging/build_plugin.py                      # every platform, dist/krita_sdxl_refiner.zip
     python packaging/build_plugin.py --no-vendor          # no wheels: Krita must have pyzmq/msgpack
     python packaging/build_plugin.py --platforms 'cp311-*' cp310-win_amd64
+    python packaging/build_plugin.py --no-backend-wheel   # Set up then needs KRITA_SDXL_BACKEND_WHEEL
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import configparser
 import fnmatch
 import hashlib
+import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +58,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_NAME = "krita_sdxl_refiner"
 DEFAULT_PLUGIN_DIR = ROOT / "krita_plugin"
 DEFAULT_PROTOCOL_DIR = ROOT / "protocol"
+DEFAULT_SOURCE_DIR = ROOT  # pyproject.toml, README.md, backend/, protocol/: the backend wheel's sources
+WHEELS_DIR = "_wheels"  # in the plugin: the backend wheel
+SHARED_BACKEND = ("__init__.py", "setup_plan")  # of backend/: what the plugin runs (stdlib only)
+SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01, the zip format's first day: a reproducible wheel
 DEFAULT_OUTPUT = ROOT / "dist" / f"{PLUGIN_NAME}.zip"
 DEFAULT_CACHE = ROOT / "build" / "wheels"
 DEFAULT_LOCK = ROOT / "packaging" / "vendor-wheels.sha256"
@@ -260,6 +276,59 @@ def wheel_files(path: Path) -> Iterator[tuple[str, bytes, bool]]:
             yield "/".join(parts), zf.read(info), bool((info.external_attr >> 16) & 0o111)
 
 
+# ----------------------------------------------------------------------------- the backend wheel
+
+
+def source_version(source_dir: Path) -> str:
+    """``VERSION`` from backend/setup_plan/version.py (read, not imported)."""
+    path = source_dir / "backend" / "setup_plan" / "version.py"
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError) as exc:
+        raise BuildError(f"cannot read the version from {path}: {exc}") from exc
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "VERSION" for t in node.targets):
+            if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                return node.value.value
+    raise BuildError(f'{path} has no VERSION = "..."')
+
+
+def build_backend_wheel(source_dir: Path, dest: Path) -> Path:
+    """``pip wheel`` the backend from a clean copy of its sources (no stale build/ folder, no caches)."""
+    version = source_version(source_dir)
+    with tempfile.TemporaryDirectory(prefix="krita-sdxl-wheel-") as tmp:
+        src = Path(tmp) / "src"
+        for name in ("pyproject.toml", "README.md"):
+            if not (source_dir / name).is_file():
+                raise BuildError(f"no {name} in {source_dir}: not a krita-sdxl checkout")
+            src.mkdir(exist_ok=True)
+            shutil.copyfile(source_dir / name, src / name)
+        for package in ("backend", "protocol"):
+            for rel, path in source_files(source_dir / package):
+                target = src / package / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+        out = Path(tmp) / "out"
+        cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--disable-pip-version-check"]
+        if importlib.util.find_spec("setuptools") is not None:
+            cmd.append("--no-build-isolation")  # seconds instead of fetching setuptools again
+        cmd += ["--wheel-dir", str(out), str(src)]
+        print("  pip wheel the backend", flush=True)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH}
+        )
+        wheels = sorted(out.glob("*.whl"))
+        if proc.returncode != 0 or len(wheels) != 1:
+            raise BuildError(f"pip wheel failed for the backend ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+        parsed = WheelName.parse(wheels[0])
+        if parsed is None or parsed.project != "krita-sdxl" or parsed.version != version:
+            raise BuildError(f"the backend wheel {wheels[0].name} is not krita-sdxl {version}")
+        dest.mkdir(parents=True, exist_ok=True)
+        final = dest / wheels[0].name
+        shutil.copyfile(wheels[0], final)
+        return final
+
+
 # ----------------------------------------------------------------------------- sources
 
 
@@ -295,7 +364,13 @@ class Entry:
     executable: bool = False
 
 
-def collect(plugin_dir: Path, protocol_dir: Path, wheels: dict[Target, list[Path]] | None) -> dict[str, Entry]:
+def collect(
+    plugin_dir: Path,
+    protocol_dir: Path,
+    wheels: dict[Target, list[Path]] | None,
+    source_dir: Path = DEFAULT_SOURCE_DIR,
+    backend_wheel: Path | None = None,
+) -> dict[str, Entry]:
     package = plugin_dir / PLUGIN_NAME
     desktop = plugin_dir / f"{PLUGIN_NAME}.desktop"
     if not (package / "__init__.py").is_file():
@@ -318,6 +393,18 @@ def collect(plugin_dir: Path, protocol_dir: Path, wheels: dict[Target, list[Path
     entries[f"{common}/__init__.py"] = Entry(b'"""krita-sdxl code bundled with the Krita plugin."""\n')
     for rel, path in source_files(protocol_dir):
         entries[f"{common}/protocol/{rel}"] = Entry(path.read_bytes())
+    backend = source_dir / "backend"
+    for name in SHARED_BACKEND:
+        path = backend / name
+        if path.is_file():
+            entries[f"{common}/backend/{name}"] = Entry(path.read_bytes())
+        elif path.is_dir():
+            for rel, file in source_files(path):
+                entries[f"{common}/backend/{name}/{rel}"] = Entry(file.read_bytes())
+        else:
+            raise BuildError(f"no {path}: the plugin needs the setup's shared code")
+    if backend_wheel is not None:
+        entries[f"{PLUGIN_NAME}/{WHEELS_DIR}/{backend_wheel.name}"] = Entry(backend_wheel.read_bytes())
 
     for target, paths in (wheels or {}).items():
         prefix = f"{PLUGIN_NAME}/_vendor/{target.tag}"
@@ -369,8 +456,10 @@ def build(
     lock_file: Path = DEFAULT_LOCK,
     offline: bool = False,
     update_lock: bool = False,
+    source_dir: Path = DEFAULT_SOURCE_DIR,
+    backend_wheel: bool = True,
 ) -> Path:
-    """Build the plugin zip at ``output`` and return its path."""
+    """Build the plugin zip at ``output`` (and, with ``backend_wheel``, the backend wheel beside it)."""
     wheels = None
     if vendor:
         lock = read_lock(lock_file)
@@ -378,11 +467,14 @@ def build(
         wheels = resolve_wheels(targets, wheels_cache, lock, offline=offline, update_lock=update_lock)
         if update_lock:
             write_lock(lock_file, lock)
-    entries = collect(plugin_dir, protocol_dir, wheels)
+    wheel = build_backend_wheel(source_dir, output.parent) if backend_wheel else None
+    entries = collect(plugin_dir, protocol_dir, wheels, source_dir, wheel)
     count = write_zip(entries, output)
     size = output.stat().st_size
     vendored = ", ".join(t.tag for t in wheels) if wheels else "none"
     print(f"wrote {output}: {size / 1e6:.2f} MB ({size} bytes), {count} entries; vendored: {vendored}")
+    if wheel is not None:
+        print(f"wrote {wheel} (also inside the zip, for the docker's Set up)")
     return output
 
 
@@ -400,6 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-vendor", action="store_true", help="no pyzmq/msgpack wheels: Krita's Python has them")
     parser.add_argument("--offline", action="store_true", help="never run pip; every wheel must be in the cache")
+    parser.add_argument(
+        "--no-backend-wheel", action="store_true", help="leave the backend wheel out (Set up then needs one named)"
+    )
     parser.add_argument("--update-lock", action="store_true", help=f"record the wheels' sha256 in {DEFAULT_LOCK.name}")
     parser.add_argument("--lock", type=Path, default=DEFAULT_LOCK, help=argparse.SUPPRESS)
     parser.add_argument("--plugin-dir", type=Path, default=DEFAULT_PLUGIN_DIR, help=argparse.SUPPRESS)
@@ -416,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lock_file=args.lock,
             offline=args.offline,
             update_lock=args.update_lock,
+            backend_wheel=not args.no_backend_wheel,
         )
     except BuildError as exc:
         print(f"build_plugin: error: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ from PyQt5.QtWidgets import QApplication
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
+from krita_sdxl.backend.setup_plan import VERSION
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
 from krita_sdxl.protocol.geometry import Box, Extent
 from krita_sdxl_refiner.adapter_api import AdapterError, Capture, NotApplied, Placed
@@ -25,7 +26,8 @@ from krita_sdxl_refiner.controller import Controller
 from krita_sdxl_refiner.jobs import Target
 from krita_sdxl_refiner.pixelformat import pixel_format
 
-CAPS = {"device": "cpu", "dtype": "float32", "models": [], "modes": ["refine"], "protocol_version": 1}
+CAPS = {"device": "cpu", "dtype": "float32", "models": [], "modes": ["refine"], "protocol_version": 1,
+        "backend_version": VERSION}  # fmt: skip
 
 
 class FakeService:

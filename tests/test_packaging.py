@@ -287,6 +287,62 @@ def test_cli_writes_the_zip_and_reports_its_size(tmp_path: Path, capsys: pytest.
     assert "no plugin package" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- the backend wheel and setup_plan
+
+
+def test_the_zip_carries_the_backend_wheel_of_its_own_version_and_the_setup_code(tmp_path: Path) -> None:
+    import subprocess
+
+    from krita_sdxl.backend.setup_plan import VERSION
+
+    zip_path = build(tmp_path, vendor=False)
+    names = zipfile.ZipFile(zip_path).namelist()
+    wheel_entry = f"krita_sdxl_refiner/_wheels/krita_sdxl-{VERSION}-py3-none-any.whl"
+    assert wheel_entry in names
+    beside = tmp_path / f"krita_sdxl-{VERSION}-py3-none-any.whl"  # also beside the zip, for pip on a server
+    assert beside.read_bytes() == zipfile.ZipFile(zip_path).read(wheel_entry)
+    wheel = zipfile.ZipFile(beside)
+    metadata = wheel.read(f"krita_sdxl-{VERSION}.dist-info/METADATA").decode()
+    assert f"Version: {VERSION}" in metadata and "Requires-Dist: torch" in metadata
+    assert (
+        "krita_sdxl/backend/setup_plan/steps.py" in wheel.namelist() and "krita_sdxl/backend/cli.py" in wheel.namelist()
+    )
+    assert not [n for n in wheel.namelist() if "__pycache__" in n]
+    common = "krita_sdxl_refiner/_vendor/common/krita_sdxl/backend"
+    assert f"{common}/__init__.py" in names and f"{common}/setup_plan/torch_builds.py" in names
+    shared = (f"{common}/setup_plan", f"{common}/__init__.py", f"{common}/")
+    assert not [
+        n for n in names if n.startswith(f"{common}/") and not n.startswith(shared[:2]) and n not in shared
+    ]  # not the service
+    # In Krita the vendored copy imports with the standard library alone (no torch, numpy, zmq).
+    zipfile.ZipFile(zip_path).extractall(tmp_path / "x")
+    check = (
+        "import sys; import krita_sdxl.backend.setup_plan as p; from krita_sdxl.backend.setup_plan import steps, "
+        "pythons, torch_builds, hub, failures, events, procenv, space, machine; "
+        "heavy = {'torch', 'numpy', 'zmq', 'msgpack', 'diffusers', 'huggingface_hub'} & set(sys.modules); "
+        "print(p.__file__, p.VERSION, sorted(heavy))"
+    )
+    env = {"PYTHONPATH": str(tmp_path / "x" / "krita_sdxl_refiner" / "_vendor" / "common")}
+    out = subprocess.run([sys.executable, "-S", "-c", check], env=env, capture_output=True, text=True, check=True)
+    path, version, heavy = out.stdout.split(" ", 2)
+    assert "_vendor/common/krita_sdxl/backend/setup_plan" in path and version == VERSION and heavy.strip() == "[]"
+
+
+def test_a_wheel_of_another_version_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes((ROOT / name).read_bytes())
+    import shutil
+
+    for package in ("backend", "protocol"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert bp.source_version(source) == bp.source_version(ROOT)
+    (source / "backend" / "setup_plan" / "version.py").write_text("VERSION = 1\n")
+    with pytest.raises(bp.BuildError, match="has no VERSION"):
+        bp.build_backend_wheel(source, tmp_path / "out")
+
+
 # ----------------------------------------------------------------------------- vendor.py
 
 

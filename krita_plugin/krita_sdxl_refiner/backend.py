@@ -3,17 +3,21 @@
 The command is either the ``krita-sdxl`` program or a Python interpreter that has the ``krita-sdxl``
 package installed (then ``-m krita_sdxl.backend.cli`` runs the same CLI). The service prints "ready" once it listens;
 until then the state is "starting". Its merged output is kept (last lines) to show when it fails.
+It starts without Krita's Python variables (``setup_plan.procenv``): they would break another Python.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shlex
 from collections import deque
 from enum import Enum
 
-from PyQt5.QtCore import QObject, QProcess, QTimer, pyqtSignal
+from PyQt5.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
+
+from krita_sdxl.backend.setup_plan.procenv import clean_env
 
 READY_PATTERN = re.compile(r"\bready\b", re.IGNORECASE)
 LOG_LINES = 200
@@ -30,7 +34,8 @@ class BackendState(str, Enum):
 
 
 def is_python(command: str) -> bool:
-    return bool(_PYTHON.match(os.path.basename(command.strip())))
+    """``python3``, ``/venv/bin/python``, ``C:\\venv\\Scripts\\python.exe``: a Python (whichever the OS)."""
+    return bool(_PYTHON.match(re.split(r"[\\/]", command.strip())[-1]))
 
 
 def split_args(text: str) -> list[str]:
@@ -86,6 +91,10 @@ class Backend(QObject):
         self._partial = ""
         self._log.append("$ " + " ".join(shlex.quote(a) for a in [program, *argv]))
         proc = QProcess(self)
+        environment = QProcessEnvironment()
+        for key, value in clean_env(os.environ, platform.system()).items():
+            environment.insert(key, value)
+        proc.setProcessEnvironment(environment)
         proc.setProcessChannelMode(QProcess.MergedChannels)
         proc.readyReadStandardOutput.connect(self._read)
         proc.errorOccurred.connect(self._error)
@@ -137,6 +146,7 @@ class Backend(QObject):
         if self._partial:
             self._log.append(self._partial)
             self._partial = ""
+        self._process = None  # before telling anyone: a listener may start the next backend at once
         if self._state is BackendState.stopping:
             self._set(BackendState.stopped, "stopped")
         elif status == QProcess.CrashExit or code != 0:
@@ -144,7 +154,6 @@ class Backend(QObject):
             self._set(BackendState.failed, f"the backend {how}")
         else:
             self._set(BackendState.stopped, "the backend exited")
-        self._process = None
 
     def _set(self, state: BackendState, detail: str) -> None:
         self._state, self._detail = state, detail

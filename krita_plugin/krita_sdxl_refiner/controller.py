@@ -13,6 +13,7 @@ from typing import Any
 
 from PyQt5.QtCore import QObject, QTimer, pyqtSignal
 
+from krita_sdxl.backend.setup_plan import mismatch
 from krita_sdxl.protocol import Image, ImageSpec, Message, ProtocolError
 from krita_sdxl.protocol.geometry import Box, Extent
 
@@ -26,6 +27,7 @@ from .jobs import Job, JobList, JobParams, JobState, new_job_id, status_job_ids
 from .pixelformat import UnsupportedFormat
 from .plan import NothingToRefine, RefinePlan, plan_refine
 from .settings import Settings
+from .setup_runner import SetupRunner, folder_of
 from .slots import guarded
 
 STATUS_AFTER_SILENCE = 15.0  # seconds without news of a job in the service before asking for status
@@ -58,6 +60,10 @@ class Controller(QObject):
         self.backend.state_changed.connect(self.backend_changed)
         self.backend.state_changed.connect(self._on_backend_state)
         self.backend.output.connect(self.backend_output)
+        self.setup = SetupRunner(self.backend, self._start_set_up_backend, self)
+        s = self.settings
+        self.setup.configure(folder_of(s.setup_folder), s.setup_base, s.setup_torch)
+        self.backend_mismatch: str | None = None  # the connected backend is not this plugin's version
         self._status_pending: set[str] | None = None
         self._watch = QTimer(self)
         self._watch.setInterval(5000)
@@ -71,6 +77,7 @@ class Controller(QObject):
 
     def shutdown(self) -> None:
         self._watch.stop()
+        self.setup.cancel()
         self.client.stop()
         self.backend.kill()
 
@@ -250,6 +257,9 @@ class Controller(QObject):
     @guarded
     def _on_welcome(self, server: str, capabilities: dict) -> None:
         self._status_pending = None  # a status asked of an earlier connection will not come
+        self.backend_mismatch = mismatch(capabilities.get("backend_version"))
+        if self.backend_mismatch:
+            self.notice.emit(self.backend_mismatch, "warning")
         self.capabilities_changed.emit(server, capabilities)
         for job in self.jobs.waiting():
             self._send(job)
@@ -434,3 +444,8 @@ class Controller(QObject):
     @guarded
     def stop_backend(self) -> None:
         self.backend.stop()
+
+    def _start_set_up_backend(self, python: str) -> None:
+        """The setup's last step: its environment's Python serves as the local backend from now on."""
+        self.update_settings(backend_command=python, backend_args="serve")
+        self.start_backend()

@@ -8,6 +8,7 @@ Buttons are connected with :func:`slots.on_click` only.
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 from PyQt5.QtCore import Qt
@@ -193,6 +194,7 @@ class RefinerPanel(QWidget):
         c.notice.connect(self.messages.add)
         c.history_changed.connect(self.history.update_results)
         c.backend_changed.connect(self._on_backend)
+        c.setup.finished.connect(lambda _ok, _text: self._update_backend_button())
 
     def _set(self, **changes: Any) -> None:
         if not self._loading:
@@ -209,8 +211,17 @@ class RefinerPanel(QWidget):
     def _toggle_backend(self) -> None:
         if self.controller.backend.state.value in ("starting", "running"):
             self.controller.stop_backend()
+        elif self._needs_setup():
+            self.open_settings()
         else:
             self.dialog.start_backend()
+
+    def _needs_setup(self) -> bool:
+        """Nothing to start yet: the command (as typed in ⚙, or saved) is the default one, which is not
+        installed on this computer, and no setup was made."""
+        command = self.dialog.backend_command.text().strip() or self.controller.settings.backend_command
+        default = Settings().backend_command
+        return command == default and not self.controller.setup.set_up and shutil.which(default) is None
 
     def open_settings(self) -> None:
         self.dialog.show()
@@ -236,6 +247,7 @@ class RefinerPanel(QWidget):
             self._loading = False
         self.advanced.show_settings(s)
         self.dialog.show_settings(s)
+        self._update_backend_button()  # "Set up…" until a backend command is set
 
     def _on_connection(self, state: str, detail: str) -> None:
         self._connection = (state, detail)
@@ -298,13 +310,16 @@ class RefinerPanel(QWidget):
 
     def _update_backend_button(self) -> None:
         ours = self.controller.backend.state.value in ("starting", "running", "stopping")
-        self.backend_button.setText("■ Stop" if ours else "▶ Start")
+        setup = not ours and self._needs_setup()
+        self.backend_button.setText("■ Stop" if ours else "Set up…" if setup else "▶ Start")
         self.backend_button.setEnabled(self.controller.backend.state.value != "stopping")
         self.backend_button.setVisible(ours or self._connection[0] != "connected")
         s = self.controller.settings
         self.backend_button.setToolTip(
             "Stop the local backend Krita started"
             if ours
+            else "Set up a local backend on this computer (Python, PyTorch, the models): shows what it does first"
+            if setup
             else f"Start the local backend: {s.backend_command} {s.backend_args} (the command is set in ⚙)"
         )
 

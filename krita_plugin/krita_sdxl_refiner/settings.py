@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from krita_sdxl.backend.setup_plan.torch_builds import BUILDS
+
 GROUP = "krita_sdxl"
 
 SOURCES = ("layer", "canvas")
@@ -43,6 +45,9 @@ class Settings:
     backend_args: str = "serve"
     server_public_key: str = ""  # CURVE, for a backend on another machine: the service's public key
     client_secret_key: str = ""  # CURVE: path of this client's NAME.key_secret file
+    setup_folder: str = ""  # Set up: where the backend's environment and log go ("" = in Krita's app data)
+    setup_base: bool = False  # Set up: also download the SDXL base
+    setup_torch: str = "auto"  # Set up: the PyTorch build (auto = from the GPU found)
 
     @property
     def random_seed(self) -> bool:
@@ -105,6 +110,8 @@ def from_strings(read: ReadFn) -> Settings:
         values[f.name] = value
     if values["source"] not in SOURCES:
         values["source"] = defaults.source
+    if values["setup_torch"] not in BUILDS:
+        values["setup_torch"] = defaults.setup_torch
     if not values["endpoint"].strip():
         values["endpoint"] = defaults.endpoint
     values["endpoint"] = values["endpoint"].strip()

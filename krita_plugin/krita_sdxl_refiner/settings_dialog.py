@@ -1,25 +1,29 @@
-"""The connection settings, out of the docker's way: endpoint, keys for a remote backend, and the
-local backend process (command, arguments, Start/Stop, its output)."""
+"""The connection settings, out of the docker's way: endpoint, keys for a remote backend, setting up a
+local backend (:mod:`setup_view`) and the local backend process (command, arguments, Start/Stop, its output)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from PyQt5.QtGui import QGuiApplication
 from PyQt5.QtWidgets import (
     QDialog,
     QDialogButtonBox,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
+    QScrollArea,
     QVBoxLayout,
     QWidget,
 )
 
 from .controller import Controller
 from .settings import DEFAULT_ENDPOINT, Settings
+from .setup_view import SetupView
 from .slots import on_click
 from .widgets import state_text, wrap_label
 
@@ -32,15 +36,31 @@ class SettingsDialog(QDialog):
         self._shown: dict[str, str] = {}
         self.setWindowTitle("SDXL Refiner: connection")
         self.setMinimumWidth(460)
-        root = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        scroll = QScrollArea()  # the sections are taller than a laptop's screen: they scroll, Close stays
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.NoFrame)
+        content = QWidget()
+        root = QVBoxLayout(content)
+        root.setContentsMargins(0, 0, 0, 0)
         root.addWidget(self._build_connection())
-        root.addWidget(self._build_keys())
+        self.setup = SetupView(controller)
+        root.addWidget(self.setup)
         root.addWidget(self._build_backend())
+        root.addWidget(self._build_keys())
+        root.addStretch(1)
+        scroll.setWidget(content)
+        outer.addWidget(scroll, 1)
+        screen = QGuiApplication.primaryScreen()
+        height = content.sizeHint().height() + 60
+        if screen is not None:
+            height = min(height, int(screen.availableGeometry().height() * 0.9))
+        self.resize(max(520, content.sizeHint().width() + 40), height)
         close = QDialogButtonBox(QDialogButtonBox.Close)
         close.rejected.connect(self.close)
         for button in close.buttons():
             button.setAutoDefault(False)  # Enter in a field commits that field; it does not close the dialog
-        root.addWidget(close)
+        outer.addWidget(close)
         self._wire()
         self.show_settings(controller.settings)
 
@@ -142,6 +162,7 @@ class SettingsDialog(QDialog):
     def show_connection(self, state: str, detail: str, backend: str) -> None:
         self.connection.setText(state_text(state, detail))
         self.backend_info.setText(backend)
+        self.setup.refresh()  # a backend of another version asks for Update
 
     def show_backend(self, state: str, detail: str) -> None:
         self.backend_state.setText(state_text(state, detail))
