@@ -28,3 +28,21 @@ def demo_models(krita_sdxl_cache: Path):  # -> krita_sdxl.backend.demo_model.Dem
 @pytest.fixture(scope="session")
 def demo_refiner_path(demo_models) -> Path:
     return demo_models.refiner
+
+
+@pytest.fixture(scope="module")
+def app():
+    """The offscreen QApplication of the plugin tests (QT_QPA_PLATFORM=offscreen is set by them)."""
+    from PyQt5.QtWidgets import QApplication
+
+    return QApplication.instance() or QApplication([])
+
+
+@pytest.fixture
+def ctx() -> Iterator[object]:
+    """A private ZeroMQ context, destroyed after the test."""
+    import zmq
+
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)

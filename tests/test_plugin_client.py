@@ -20,7 +20,6 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 pytest.importorskip("PyQt5.QtWidgets")
 zmq = pytest.importorskip("zmq")
 
-from PyQt5.QtWidgets import QApplication  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
@@ -32,19 +31,6 @@ from krita_sdxl_refiner.adapter_api import Capture, Placed  # noqa: E402
 from krita_sdxl_refiner.client import Client  # noqa: E402
 from krita_sdxl_refiner.jobs import JobState, Target  # noqa: E402
 from krita_sdxl_refiner.pixelformat import pixel_format  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def app():
-    return QApplication.instance() or QApplication([])
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
 
 # --- the client alone ----------------------------------------------------------------------------
 

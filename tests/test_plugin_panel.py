@@ -29,18 +29,6 @@ from krita_sdxl_refiner.jobs import JobState  # noqa: E402
 from krita_sdxl_refiner.panel import MessagePanel, RefinerPanel  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def app():
-    return QApplication.instance() or QApplication([])
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
 def settle(app: QApplication | None = None, seconds: float = 0.05) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:

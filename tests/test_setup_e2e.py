@@ -35,13 +35,6 @@ TIMES: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def app():
-    from PyQt5.QtWidgets import QApplication
-
-    return QApplication.instance() or QApplication([])
-
-
-@pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, demo_models) -> Iterator[dict]:
     """The plugin zip installed as Krita would, the Hub server, the environment Krita would start with."""
     tmp = tmp_path_factory.mktemp("setup-e2e")
@@ -64,13 +57,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, demo_models) -> Iterator[dic
             mp.setenv(key, value)
         yield {"tmp": tmp, "server": server, "folder": tmp / "backend", "mp": mp}
     print("setup timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMES.items()))
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def docker(app, ctx, world: dict) -> Docker:

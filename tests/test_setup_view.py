@@ -19,22 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 from plugin_fakes import FakeAdapter, FakeService, make_controller, pump  # noqa: E402
 from PyQt5.QtCore import Qt  # noqa: E402
 from PyQt5.QtTest import QTest  # noqa: E402
-from PyQt5.QtWidgets import QApplication  # noqa: E402
 
 from krita_sdxl.backend.setup_plan import VERSION, hub, space, steps  # noqa: E402
 from krita_sdxl_refiner.panel import RefinerPanel  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def app():
-    return QApplication.instance() or QApplication([])
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def click(app, widget) -> None:

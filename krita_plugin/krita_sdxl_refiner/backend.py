@@ -15,9 +15,11 @@ import shlex
 from collections import deque
 from enum import Enum
 
-from PyQt5.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
+from PyQt5.QtCore import QObject, QProcess, QTimer, pyqtSignal
 
 from krita_sdxl.backend.setup_plan.procenv import clean_env
+
+from .procrun import merged_process
 
 READY_PATTERN = re.compile(r"\bready\b", re.IGNORECASE)
 LOG_LINES = 200
@@ -90,15 +92,7 @@ class Backend(QObject):
         self._log.clear()
         self._partial = ""
         self._log.append("$ " + " ".join(shlex.quote(a) for a in [program, *argv]))
-        proc = QProcess(self)
-        environment = QProcessEnvironment()
-        for key, value in clean_env(os.environ, platform.system()).items():
-            environment.insert(key, value)
-        proc.setProcessEnvironment(environment)
-        proc.setProcessChannelMode(QProcess.MergedChannels)
-        proc.readyReadStandardOutput.connect(self._read)
-        proc.errorOccurred.connect(self._error)
-        proc.finished.connect(self._finished)
+        proc = merged_process(self, clean_env(os.environ, platform.system()), self)
         self._process = proc
         self._set(BackendState.starting, f"starting {os.path.basename(program)}…")
         proc.start(program, argv)

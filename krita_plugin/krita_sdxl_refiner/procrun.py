@@ -9,6 +9,21 @@ from PyQt5.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, pyqtSig
 KEPT_CHARS = 200_000  # of a command's output, for explaining a failure (the log file has it all)
 
 
+def merged_process(parent: QObject, env: Mapping[str, str], owner: QObject) -> QProcess:
+    """A QProcess with exactly ``env``, stdout and stderr merged, wired to ``owner``'s ``_read``,
+    ``_error`` and ``_finished`` slots (the one way the plugin starts a program)."""
+    proc = QProcess(parent)
+    environment = QProcessEnvironment()
+    for key, value in env.items():
+        environment.insert(key, value)
+    proc.setProcessEnvironment(environment)
+    proc.setProcessChannelMode(QProcess.MergedChannels)
+    proc.readyReadStandardOutput.connect(owner._read)  # type: ignore[attr-defined]
+    proc.errorOccurred.connect(owner._error)  # type: ignore[attr-defined]
+    proc.finished.connect(owner._finished)  # type: ignore[attr-defined]
+    return proc
+
+
 class Command(QObject):
     """``start()`` runs ``argv`` with ``env``; ``line`` carries each output line (stdout and stderr
     merged); ``done`` the exit code (None: it did not start; -1: it crashed or was killed, see
@@ -40,15 +55,7 @@ class Command(QObject):
         return "\n".join(self._output)
 
     def start(self) -> None:
-        proc = QProcess(self)
-        environment = QProcessEnvironment()
-        for key, value in self._env.items():
-            environment.insert(key, value)
-        proc.setProcessEnvironment(environment)
-        proc.setProcessChannelMode(QProcess.MergedChannels)
-        proc.readyReadStandardOutput.connect(self._read)
-        proc.errorOccurred.connect(self._error)
-        proc.finished.connect(self._finished)
+        proc = merged_process(self, self._env, self)
         self._process = proc
         if self._timeout_ms:
             QTimer.singleShot(self._timeout_ms, self.kill)
