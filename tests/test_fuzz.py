@@ -28,7 +28,8 @@ def test_fuzzed_messages_never_break_the_service():
             f"errors {report['error_codes']}"
         )
         assert report["problems"] == [], report["problems"][:20]
-        assert report["messages"] == FUZZ_COUNT and report["results"] == report["accepted"] > 0
+        assert report["messages"] == FUZZ_COUNT and report["ended"] == report["accepted"] > 0
+        assert report["results"] > 0.9 * report["accepted"]  # cancellations are rare
         assert svc.proc.poll() is None
         for code in ("bad_identity", "bad_header", "bad_field", "frame_mismatch", "version_mismatch"):
             assert report["error_codes"].get(code, 0) > 0, code  # the fuzzer reached every kind of refusal
