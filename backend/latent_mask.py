@@ -18,7 +18,7 @@ Two details make it right for any scheduler and along soft edges:
   ``sqrt(m**2 + (1 - m)**2)`` of it (0.71 at m = 0.5: an under-noised band along the edge).
 
 The VAE decoder still smears latents a few pixels across the mask edge and its round trip is not
-lossless, so :func:`keep_outside` finally puts the source pixels back where the mask is 0.
+lossless, so the job's finish (backend/work_image.py) puts the source pixels back where the mask is 0.
 """
 
 from __future__ import annotations
@@ -92,10 +92,3 @@ class LatentMask:
     def blend(self, latents: torch.Tensor, scheduler: Any, i: int, t: Any) -> torch.Tensor:
         change = self.change.to(device=latents.device, dtype=latents.dtype)
         return latents * change + self.target(scheduler, i, t, latents) * (1.0 - change)
-
-
-def keep_outside(result: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``source + mask * (result - source)``: the source pixels where the mask is 0, exactly."""
-    m = mask[..., None] if result.ndim == 3 else mask
-    out = source + m * (result - source)
-    return np.where(m <= 0.0, source, out).astype(np.float32)

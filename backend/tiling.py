@@ -320,7 +320,7 @@ def refine_in_tiles(
 
     out = map_tiles(rgb, plan, run_tile)
     # the watermark goes on the blended whole, never per tile (backend/work_image.py)
-    return work_image.finish(job, out, watermark, kept=True)
+    return work_image.finish(job, out, watermark)
 
 
 __all__ = [

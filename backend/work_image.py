@@ -39,7 +39,6 @@ from krita_sdxl.protocol import Image
 
 from . import hdr, pixels
 from .alpha_fill import fill_transparent
-from .latent_mask import keep_outside
 from .request import RefineRequest
 
 
@@ -86,12 +85,11 @@ def prepare(req: RefineRequest, mask: np.ndarray | None = None) -> WorkImage:
     return WorkImage(req, rgb, source, mask, work, tone)
 
 
-def finish(job: WorkImage, out: np.ndarray, watermark: Any = None, kept: bool = False) -> Image:
+def finish(job: WorkImage, out: np.ndarray, watermark: Any = None) -> Image:
     """The result in the document's size and format from the model's result ``out`` (HxWx3 in
     [0, 1] at the work size). ``watermark``: a :class:`.watermark.Watermark` to mark the returned
-    picture with (None for a tile: the tiled job marks the blended whole). ``kept``: the model's
-    result already kept the source outside the mask at the work size (tiles); only where the mask
-    is 0 are the source's exact pixels put back then."""
+    picture with (None for a tile: the tiled job marks the blended whole). A tile's mask reaches
+    only its alpha (tiles are opaque RGBA, backend/tiling.py), so the whole is blended once."""
     req, spec = job.req, job.req.image.spec
     if job.work is not None:
         out = pixels.resize(out, (spec.width, spec.height))
@@ -103,10 +101,9 @@ def finish(job: WorkImage, out: np.ndarray, watermark: Any = None, kept: bool = 
         out = job.tone.restore(out)
     mask = job.mask
     if mask is not None and req.keep_unmasked:
-        if kept:
-            out = np.where((mask <= 0.0)[..., None], job.source, out).astype(np.float32)
-        else:
-            out = keep_outside(out, job.source, mask)
+        # only where the mask is 0: the output rule blends (or masks) by the mask itself, so blending
+        # here as well would apply a soft mask twice (m squared: a 0.5 mask moved pixels a quarter of the way)
+        out = np.where((mask <= 0.0)[..., None], job.source, out).astype(np.float32)
     if mask is not None and req.feather > 0:
         mask = pixels.feather_inward(mask, req.feather)
     return Image(spec, pixels.merge_result(out, req.image, mask))
