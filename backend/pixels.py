@@ -7,7 +7,9 @@ Output rule (``merge_result``): the result has exactly the input's size, channel
 format. Without a mask the input's alpha samples are copied verbatim. With a mask (already
 feathered), an input with alpha gets ``alpha = original alpha x mask`` (exactly 0 where the mask is
 0, the original samples where it is 1); an input without alpha gets its colour blended between the
-original and the result by the mask (the original samples verbatim where the mask is 0).
+original and the result by the mask (the original samples verbatim where the mask is 0). A result
+painted from noise (``opaque``: generate at strength 1, two-stage) owes nothing to the input's
+pixels, so its alpha is the mask alone (opaque without one): generating into an empty layer paints.
 """
 
 from __future__ import annotations
@@ -104,16 +106,19 @@ def from_rgb_alpha(rgb: np.ndarray, alpha: np.ndarray | None, spec: ImageSpec) -
     return out.tobytes()
 
 
-def merge_result(rgb: np.ndarray, original: Image, mask: np.ndarray | None = None) -> bytes:
+def merge_result(rgb: np.ndarray, original: Image, mask: np.ndarray | None = None, opaque: bool = False) -> bytes:
     """The result image in ``original``'s exact format, following the module's output rule.
-    ``mask``: HxW float32 in [0, 1] (feathered already), or None."""
+    ``mask``: HxW float32 in [0, 1] (feathered already), or None. ``opaque``: the result was
+    painted from noise; its alpha is the mask's (1 without a mask), not the original's."""
     spec = original.spec
     raw = samples(original)
     out = np.empty_like(raw)
     if spec.has_alpha:
         _put_color(out, rgb, spec)
         a = spec.order.index("A")
-        if mask is None:
+        if opaque:
+            _quantize(np.ones(raw.shape[:2], np.float32) if mask is None else mask, spec, out[..., a])
+        elif mask is None:
             out[..., a] = raw[..., a]
         else:
             _quantize(_to_float(raw[..., a], spec, clip=False) * mask, spec, out[..., a])

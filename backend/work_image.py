@@ -17,7 +17,7 @@ On the way back (:func:`finish`), from the model's result at the work size:
 3. sRGB back to linear light, the tone map undone (values above 1 come back);
 4. the source's own pixels back where the mask is 0 (the artist's pixels outside a selection are
    never changed), and the result in the document's format by the output rule of :mod:`.pixels`
-   (alpha kept, or multiplied by the feathered mask).
+   (alpha kept, or multiplied by the feathered mask; the mask alone for a picture painted from noise).
 
 The watermark goes on the returned picture (after the resize back and, in a tiled job, after the
 tiles are blended) in the display encoding the model works in (sRGB, tone-mapped): that is the
@@ -106,4 +106,5 @@ def finish(job: WorkImage, out: np.ndarray, watermark: Any = None) -> Image:
         out = np.where((mask <= 0.0)[..., None], job.source, out).astype(np.float32)
     if mask is not None and req.feather > 0:
         mask = pixels.feather_inward(mask, req.feather)
-    return Image(spec, pixels.merge_result(out, req.image, mask))
+    from_noise = req.stages is not None and not req.stages.from_source  # the source gave only the size
+    return Image(spec, pixels.merge_result(out, req.image, mask, opaque=from_noise))

@@ -60,3 +60,10 @@ def plan_img2img(steps: int, strength: float) -> StepPlan:
     while denoise_steps(raised, strength) < 1:
         raised += 1
     return StepPlan(raised, denoise_steps(raised, strength), True)
+
+
+def paints_from_noise(mode: str, strength: float) -> bool:
+    """The job's picture starts from pure noise, so the source gives only its size (and, with a
+    selection, what is kept outside it): ``generate`` at strength 1 and ``two_stage``. Such a job
+    may paint into an empty layer; its result's alpha is the selection's, not the source's."""
+    return mode == "two_stage" or (mode == "generate" and strength >= 1.0)

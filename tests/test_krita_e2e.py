@@ -129,6 +129,10 @@ def test_docker_in_real_krita(tmp_path: Path, backend_endpoint: str, demo_cache:
     assert again["directly_above"] and again["captures"] == 0, f"Again re-read the document\n{story}"
     assert again["name"] != first["name"], story  # ...yet Again ran the captured pixels, with a new seed
 
+    empty = value["empty"]  # an empty layer: refused with the reason, nothing sent, nothing added
+    assert empty["new_jobs"] == 0 and empty["new_layers"] == [], story
+    assert any(m.startswith("Nothing to refine: layer “Empty”") for m in empty["messages"]), story
+
     assert value["queue"] == {
         "after_row_cancel": ["cancelled", "waiting"],
         "after_cancel": ["cancelled", "cancelled"],

@@ -193,6 +193,25 @@ def test_masked_job_keeps_the_pixels_outside_the_mask(engine: Engine, mode: str)
     assert np.all(alpha[m == 0] == 0)  # and the alpha compositing with feather still applies
 
 
+@pytest.mark.parametrize(
+    ("mode", "strength"), [("generate", 1.0), ("two_stage", 0.3), ("generate", 0.6), ("refine", 0.6)]
+)
+def test_a_job_that_paints_from_noise_paints_into_an_empty_layer(engine: Engine, mode: str, strength: float) -> None:
+    """An empty layer (alpha 0 everywhere): generate at strength 1 and two-stage give the selection's
+    alpha (they owe nothing to the source's pixels); jobs from the source keep its alpha, 0 here."""
+    empty = Image(ImageSpec(64, 48, "RGBA", 8), bytes(64 * 48 * 4))
+    m, mask = box_mask()
+    out = run(engine, request(engine, mode, empty, mask=mask, strength=strength))
+    alpha = np.frombuffer(out, np.uint8)[3::4].reshape(48, 64)
+    if mode == "two_stage" or strength >= 1.0:
+        assert np.array_equal(alpha, m)  # opaque in the selection, nothing outside
+        assert rgb_of(out, empty.spec)[m > 0].std() > 5  # and painted
+    else:
+        assert not alpha.any()
+    whole = run(engine, request(engine, mode, empty, strength=strength))  # no selection
+    assert bool(np.frombuffer(whole, np.uint8)[3::4].min() == 255) == (mode == "two_stage" or strength >= 1.0)
+
+
 def test_latent_masking_holds_the_unmasked_latents_to_the_source(engine: Engine) -> None:
     image = make_image()
     _, mask = box_mask()

@@ -317,6 +317,42 @@ def test_capture_problems_become_notices_and_nothing_is_sent(app, ctx):
         service.close()
 
 
+def test_a_fully_transparent_selection_is_refused_unless_the_job_paints_from_noise(app, ctx):
+    """Refining nothing gave an empty layer and no word why; Generate at strength 1 paints anyway."""
+    service = FakeService(ctx)
+    service.caps["modes"] = ["refine", "generate", "two_stage"]
+    adapter = FakeAdapter()
+    adapter.fill = 0  # every byte 0: alpha 0 everywhere, as an empty layer
+    c = make_controller(ctx, service.endpoint, adapter)
+    notices: list[tuple[str, str]] = []
+    c.notice.connect(lambda text, level: notices.append((text, level)))
+    c.start()
+    try:
+        pump(app, lambda: c.client.is_connected, [service])
+        assert c.refine() is None
+        assert notices[-1] == (
+            "Nothing to refine: layer 1 is fully transparent in the selection. Choose Source: Image to refine "
+            "what you see, paint on the layer first, or Generate at strength 1 to paint from scratch. "
+            "Nothing was sent.",
+            "error",
+        )
+        c.update_settings(mode="generate", strength=0.8)
+        assert c.refine() is None  # from the source's (empty) pixels still
+        c.update_settings(strength=1.0)
+        generate = c.refine()
+        c.update_settings(mode="two_stage", strength=0.3)
+        two_stage = c.refine()
+        assert generate is not None and two_stage is not None
+        pump(app, lambda: len(service.of_type("submit")) == 2, [service])
+        assert [m["mode"] for _, m in service.of_type("submit")] == ["generate", "two_stage"]
+        adapter.fill = 1  # a faint stroke
+        c.update_settings(mode="refine")
+        assert c.refine() is not None
+    finally:
+        c.shutdown()
+        service.close()
+
+
 def test_lost_jobs_are_reconciled_after_a_service_restart(app, ctx):
     service = FakeService(ctx)
     adapter = FakeAdapter()

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
 from krita_sdxl.protocol import CLIENT, ImageSpec, encode
 from krita_sdxl.protocol.geometry import Box, Extent
+from krita_sdxl.protocol.policy import paints_from_noise
 from krita_sdxl_refiner import settings as settings_mod
 from krita_sdxl_refiner.backend import invocation, is_python
 from krita_sdxl_refiner.jobs import (
@@ -23,8 +24,8 @@ from krita_sdxl_refiner.jobs import (
     Target,
     status_job_ids,
 )
-from krita_sdxl_refiner.pixelformat import UnsupportedFormat, pixel_format, transfer_of
-from krita_sdxl_refiner.plan import NothingToRefine, layer_name, plan_refine, short_prompt
+from krita_sdxl_refiner.pixelformat import UnsupportedFormat, any_visible, pixel_format, transfer_of
+from krita_sdxl_refiner.plan import NothingToRefine, layer_name, nothing_visible, plan_refine, short_prompt
 from krita_sdxl_refiner.settings import Settings
 from krita_sdxl_refiner.widgets import describe_backend, format_bytes
 
@@ -154,6 +155,48 @@ def test_nothing_to_refine():
         plan_refine(Extent(100, 100), Box(0, 0, 0, 0), None, 0.3, 0.06, 0.1)
     with pytest.raises(NothingToRefine):
         plan_refine(Extent(100, 100), Box(0, 0, 100, 100), Box(200, 200, 5, 5), 0.3, 0.06, 0.1)
+
+
+def test_a_job_that_paints_from_noise_paints_the_canvas_of_an_empty_layer():
+    plan = plan_refine(Extent(100, 80), Box(0, 0, 0, 0), None, 1.0, 0.06, 0.1, from_noise=True)
+    assert plan.crop == Box(0, 0, 100, 80) and not plan.masked
+    painted = plan_refine(Extent(100, 80), Box(10, 10, 30, 20), None, 1.0, 0.06, 0.1, from_noise=True)
+    assert painted.crop == Box(10, 10, 30, 20)  # a painted layer: its own bounds, as for any mode
+
+
+@pytest.mark.parametrize("depth", ["U8", "U16", "F16", "F32"])
+def test_any_visible_reads_alpha_under_the_mask(depth: str):
+    fmt = pixel_format("RGBA", depth)
+    n, size = 64, fmt.depth // 8
+    alpha_at = fmt.order.index("A") * size
+    data = bytearray(b"\xff" * (n * fmt.bytes_per_pixel))  # colour everywhere ...
+    for i in range(n):
+        data[i * fmt.bytes_per_pixel + alpha_at : i * fmt.bytes_per_pixel + alpha_at + size] = bytes(size)
+    assert not any_visible(fmt, data)  # ... but alpha 0: nothing shows
+    top = alpha_at + size - 1  # the most significant byte of pixel 9's alpha (a small float is only there)
+    data[9 * fmt.bytes_per_pixel + top] = 0x01
+    assert any_visible(fmt, data)
+    mask = bytearray(n)
+    assert not any_visible(fmt, data, mask)  # visible only outside the selection
+    mask[9] = 1
+    assert any_visible(fmt, data, mask)
+
+
+def test_paints_from_noise_agrees_with_the_backends_stage_plan():
+    from krita_sdxl.backend.stages import plan_job  # (the backend's one rule, which the plugin mirrors)
+
+    for mode in ("refine", "generate", "two_stage"):
+        for strength in (0.05, 0.3, 0.8, 0.99, 1.0):
+            _, stages = plan_job(mode, 30, strength)
+            assert paints_from_noise(mode, strength) == (not stages.from_source), (mode, strength)
+
+
+def test_nothing_visible_names_the_source_and_the_way_out():
+    layer = nothing_visible("layer", "layer “Sky” in castle.kra", True)
+    assert layer.startswith("Nothing to refine: layer “Sky” in castle.kra is fully transparent in the selection.")
+    assert "Source: Image" in layer and "Generate at strength 1" in layer and layer.endswith("Nothing was sent.")
+    image = nothing_visible("image", "the visible image of castle.kra", False)
+    assert "fully transparent. Select an area" in image and "Source: Image" not in image
 
 
 def test_layer_names():

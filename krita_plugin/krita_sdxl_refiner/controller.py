@@ -16,6 +16,7 @@ from PyQt5.QtCore import QObject, QTimer, pyqtSignal
 from krita_sdxl.backend.setup_plan import mismatch
 from krita_sdxl.protocol import Image, ImageSpec, Message, ProtocolError
 from krita_sdxl.protocol.geometry import Box, Extent
+from krita_sdxl.protocol.policy import paints_from_noise
 
 from . import settings as settings_mod
 from .adapter_api import Adapter, AdapterError, Capture, NotApplied, Placed
@@ -24,8 +25,8 @@ from .buffers import preview_image, thumbnail_image
 from .client import Client, CurveKeys
 from .history import Entry, History
 from .jobs import Job, JobList, JobParams, JobState, new_job_id, status_job_ids
-from .pixelformat import UnsupportedFormat
-from .plan import NothingToRefine, RefinePlan, plan_refine
+from .pixelformat import UnsupportedFormat, any_visible
+from .plan import NothingToRefine, RefinePlan, nothing_visible, plan_refine
 from .settings import Settings
 from .setup_runner import SetupRunner, folder_of
 from .slots import guarded
@@ -139,6 +140,8 @@ class Controller(QObject):
             self.notice.emit(f"The backend does not support the {s.mode!r} mode.", "error")
             return None
 
+        from_noise = paints_from_noise(s.mode, s.strength)
+
         def planner(canvas: Extent, source_bounds: Box, selection: Box | None) -> RefinePlan:
             return plan_refine(
                 canvas,
@@ -148,6 +151,7 @@ class Controller(QObject):
                 s.padding_fraction,
                 s.feather_fraction,
                 native_large=self.backend_tiles_large_images,
+                from_noise=from_noise,
             )
 
         try:
@@ -157,6 +161,10 @@ class Controller(QObject):
             return None
         except Exception as exc:  # a Krita surprise must never become a modal error dialog
             self.notice.emit(f"Could not read the document: {type(exc).__name__}: {exc}", "error")
+            return None
+        if not from_noise and not any_visible(capture.fmt, capture.pixels, capture.mask):
+            target = capture.target
+            self.notice.emit(nothing_visible(target.source, target.description, capture.mask is not None), "error")
             return None
         return self._submit(self._make_job(s, capture))
 

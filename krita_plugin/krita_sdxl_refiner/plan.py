@@ -30,11 +30,13 @@ def plan_refine(
     padding_fraction: float,
     feather_fraction: float,
     native_large: bool = False,
+    from_noise: bool = False,
 ) -> RefinePlan:
     """With a selection: its padded crop, at about one megapixel (small areas scaled up), feathered.
     Without: the source's bounds on the canvas, at native size up to one megapixel, not masked; larger
     layers are scaled down to about one megapixel, or, when the backend refines large images in tiles
-    (``native_large``), sent at native size so a 4K painting is refined without downscaling."""
+    (``native_large``), sent at native size so a 4K painting is refined without downscaling. A job
+    that paints from noise (``from_noise``) on an empty layer without a selection paints the canvas."""
     if selection is not None:
         if selection.clamp(canvas).is_empty:
             raise NothingToRefine("The selection lies outside the image.")
@@ -43,10 +45,25 @@ def plan_refine(
         feather = feather_radius(inside, strength, feather_fraction)
         return RefinePlan(crop, work_size(crop.extent, upscale=True), feather, True)
     area = source_bounds.clamp(canvas)
+    if area.is_empty and from_noise:
+        area = Box.from_extent(canvas)
     if area.is_empty:
         raise NothingToRefine("The layer is empty inside the image: there is nothing to refine.")
     work = area.extent if native_large else work_size(area.extent, upscale=False)
     return RefinePlan(area, work, 0.0, False)
+
+
+def nothing_visible(source: str, description: str, masked: bool) -> str:
+    """The message for a refine whose source is fully transparent where it would refine."""
+    where = " in the selection" if masked else ""
+    if source == "layer":
+        hint = "Choose Source: Image to refine what you see, paint on the layer first"
+    else:
+        hint = "Select an area with something in it"
+    return (
+        f"Nothing to refine: {description} is fully transparent{where}. {hint}, or Generate at strength 1 "
+        "to paint from scratch. Nothing was sent."
+    )
 
 
 def short_prompt(prompt: str, limit: int = PROMPT_CHARS_IN_NAME) -> str:

@@ -8,6 +8,8 @@ measure: a 640x480 8-bit document, a selection partly off the canvas, the prompt
    plugin's own work on that thread. Screenshots before and after, of the screen and of the docker.
 again: "Again" on the result: a second layer from the same captured pixels, stacked above the
    first (the result layer is the active one now). A picture of the docker while it runs.
+empty: a new, empty layer made active; Refine over the selection is refused with a message that
+   says why (the selection holds only transparent pixels), no job starts and no layer appears.
 queue: the endpoint typed in the settings dialog points nowhere; two jobs wait; one row's Cancel,
    then the Cancel button.
 kept: a job of a second document, which is closed before the backend is back: its result is kept
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scenario_tools import Probe, Ticker, click, find_docker, pattern, type_into, until
 
 W, H = 640, 480
-PHASES = ("measure", "again", "queue", "kept", "local")
+PHASES = ("measure", "again", "empty", "queue", "kept", "local")
 
 
 class Session:
@@ -188,6 +190,24 @@ def phase_again(s: Session) -> Any:
     (second,) = s.new_layers(before)
     s.out["again"] = describe_layer(ctx, second, s.first)
     s.out["again"]["captures"] = sum(1 for label, _t, _d in s.probe.records if label == "capture") - captures
+
+
+def phase_empty(s: Session) -> Any:
+    ctx, panel, controller = s.ctx, s.panel, s.controller
+    empty = ctx.add_paint_layer(s.doc, "Empty")
+    s.doc.setActiveNode(empty)
+    yield 100
+    before, jobs, seen = s.ids(), len(list(controller.jobs)), len(s.messages())
+    click(panel.refine_button)
+    yield 300
+    s.out["empty"] = {
+        "messages": s.messages()[seen:],
+        "new_jobs": len(list(controller.jobs)) - jobs,
+        "new_layers": [n.name() for n in s.new_layers(before)],
+    }
+    empty.remove()
+    s.doc.setActiveNode(s.source)
+    yield 100
 
 
 def phase_queue(s: Session) -> Any:
