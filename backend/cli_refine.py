@@ -98,8 +98,10 @@ class Progress:
     def step(self, step: int, total: int) -> None:
         from tqdm import tqdm
 
-        if self.bar is None:
-            self.bar = tqdm(total=total, unit="step", desc="refine", leave=False, mininterval=0, file=sys.stderr)
+        if self.bar is None:  # made at the first step, which counts as done before the bar (no rate from it)
+            self.bar = tqdm(
+                total=total, initial=step, unit="step", desc="refine", leave=False, mininterval=0, file=sys.stderr
+            )
         self.bar.total = total  # tiles x steps when the service tiles a large picture
         self.bar.update(step - self.bar.n)
 

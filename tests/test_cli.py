@@ -221,3 +221,20 @@ def test_the_model_refines_16_bit_and_float_pictures_at_their_depth(service, tmp
         assert 0.05 < values.mean() < 0.95
         if mode == "I;16":
             assert (np.asarray(PILImage.open(tmp_path / out)) % 257 != 0).mean() > 0.5  # real 16-bit values
+
+
+def test_the_progress_bar_rates_steps_from_the_first_one_on(capsys: pytest.CaptureFixture[str]) -> None:
+    """The bar is made at the first step event; counting that step as done in no time showed about
+    190,000 step/s. It is now the bar's starting point, and the rate comes from the steps after it."""
+    from krita_sdxl.backend.cli_refine import Progress
+
+    progress = Progress()
+    progress.step(1, 5)
+    for step in (2, 3):
+        time.sleep(0.1)
+        progress.step(step, 5)
+    progress.close()
+    err = capsys.readouterr().err
+    assert "1/5 [00:00<?, ?step/s]" in err  # no rate from the first step
+    rates = [float(r) for r in re.findall(r"([\d.]+)step/s", err)]
+    assert rates and all(2.0 < r < 20.0 for r in rates), rates  # about 10 step/s
