@@ -5,7 +5,10 @@
 - A folder that is deleted or unreadable admits nobody (and says so in the log) until it is back.
 - ``reload`` reports the keys that were removed, so the service can end their live sessions.
 - ``callback`` is pyzmq's ZAP credentials provider hook: it runs in the authenticator thread and
-  reads the current set, which ``reload`` replaces in one assignment.
+  reads the current set, which ``reload`` replaces in one assignment. A key not in that set is
+  looked up on disk once more before it is refused, so a client authorized a moment ago gets in at
+  once, not at the service's next reload (CI saw one refused in that window on a busy machine). That
+  lookup changes nothing: additions and removals take effect through ``reload``, in the I/O thread.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class AuthorizedKeys:
 
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP: admit a connecting client whose public key is authorized now."""
-        allowed = key in self.keys
+        allowed = key in self.keys or self._on_disk_now(key)
         if not allowed:
             log.warning("refused a CURVE client with an unauthorized key %s", key.decode("ascii", "replace"))
         return allowed
@@ -46,6 +49,28 @@ class AuthorizedKeys:
                     info = entry.stat()
                     entries.append((entry.name, info.st_mtime_ns, info.st_size))
         return tuple(sorted(entries))
+
+    def _on_disk_now(self, key: bytes) -> bool:
+        """Whether ``key`` is in the folder as it is now, when the folder changed since the last reload."""
+        try:
+            stamp = self._scan()
+        except OSError:
+            return False
+        return stamp != self._stamp and key in self._load(stamp, quiet=True)
+
+    def _load(self, stamp: Stamp, quiet: bool = False) -> frozenset[bytes]:
+        keys = set()
+        for name, _, _ in stamp:
+            path = self.folder / name
+            try:
+                public, _secret = zmq.auth.load_certificate(str(path))
+            except (OSError, ValueError) as exc:
+                if not quiet:
+                    log.warning("ignoring %s: not a CURVE public key file (%s)", path, exc)
+                continue
+            if public:
+                keys.add(bytes(public))
+        return frozenset(keys)
 
     def reload(self) -> frozenset[bytes]:
         """Re-read the folder if it changed; returns the keys that are no longer authorized."""
@@ -66,18 +91,9 @@ class AuthorizedKeys:
         if self._missing:
             log.warning("authorized keys folder %s is back", self.folder)
             self._missing = False
-        keys = set()
-        for name, _, _ in stamp:
-            path = self.folder / name
-            try:
-                public, _secret = zmq.auth.load_certificate(str(path))
-            except (OSError, ValueError) as exc:
-                log.warning("ignoring %s: not a CURVE public key file (%s)", path, exc)
-                continue
-            if public:
-                keys.add(bytes(public))
+        keys = self._load(stamp)
         log.info("authorized client keys (re)loaded from %s: %d key(s)", self.folder, len(keys))
-        return self._replace(frozenset(keys))
+        return self._replace(keys)
 
     def _replace(self, keys: frozenset[bytes]) -> frozenset[bytes]:
         removed = self.keys - keys

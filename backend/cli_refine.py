@@ -103,7 +103,8 @@ class Progress:
                 total=total, initial=step, unit="step", desc="refine", leave=False, mininterval=0, file=sys.stderr
             )
         self.bar.total = total  # tiles x steps when the service tiles a large picture
-        self.bar.update(step - self.bar.n)
+        if step != self.bar.n:
+            self.bar.update(step - self.bar.n)
 
     def note(self, text: str) -> None:
         if self.bar is not None:

@@ -199,9 +199,21 @@ class ServiceClient:
         return None if event.type == "heartbeat" else event
 
     def hello(self, name: str = "krita-sdxl cli") -> dict[str, Any]:
+        """The service's ``welcome``, within ``timeout`` seconds in all: heartbeat replies keep
+        ``receive`` waiting, so a hello the service never answers would otherwise wait forever."""
         self.send("hello", client=name)
+        sent = time.monotonic()
         while True:
-            event = self.receive()
+            left = sent + self.timeout - time.monotonic()
+            if left <= 0 and self._last_heard <= sent:
+                raise ServiceUnavailable(self._silence_text(self.timeout))
+            if left <= 0:
+                raise ServiceUnavailable(
+                    f"{self.endpoint} answers heartbeats but not hello within {self.timeout:g} s; try again"
+                )
+            event = self._next(left)
+            if event is None:
+                continue
             if event.type == "welcome":
                 return event.fields
             if event.type == "error":

@@ -283,6 +283,8 @@ class Service:
         key = b""
         if self._keys is not None:
             key = self._user_id(header)
+            if key not in self._keys:  # authorized a moment ago (the handshake looked it up on disk)?
+                self._reload_authorized_keys()
             if key not in self._keys:  # its key was removed while it was connected: nothing more
                 self._rejected.warning("dropped a message from a client whose key is no longer authorized")
                 return

@@ -50,3 +50,39 @@ def test_a_job_longer_than_the_heartbeat_timeout_with_fast_steps_is_not_cancelle
     finally:
         service.stop()
         thread.join(10)
+
+
+def test_a_hello_that_is_never_answered_ends_within_the_timeout() -> None:
+    """A peer that answers heartbeats but drops the hello (as the service did for a key authorized a
+    moment before) kept `krita-sdxl info` waiting forever: every heartbeat reply reset the silence."""
+    import msgpack
+
+    from krita_sdxl.backend.client import ServiceUnavailable
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def answer_heartbeats_only() -> None:
+        while not stop.is_set():
+            if router.poll(50):
+                ident, header = router.recv_multipart()[:2]
+                if msgpack.unpackb(header).get("type") == "heartbeat":
+                    router.send_multipart([ident, msgpack.packb({"v": 1, "type": "heartbeat"})])
+
+    thread = threading.Thread(target=answer_heartbeats_only, daemon=True)
+    thread.start()
+    try:
+        with ServiceClient(f"tcp://127.0.0.1:{port}", timeout=1.5, heartbeat_interval=0.2) as client:
+            t0 = time.monotonic()
+            try:
+                client.hello()
+                raise AssertionError("hello returned without a welcome")
+            except ServiceUnavailable as exc:
+                assert "answers heartbeats but not hello within 1.5 s" in str(exc), exc
+            assert 1.4 < time.monotonic() - t0 < 3.0
+    finally:
+        stop.set()
+        thread.join(5)
+        ctx.destroy(linger=0)

@@ -83,3 +83,28 @@ def test_curve_admits_authorized_clients_only(tmp_path: Path):
 def test_keys_are_private(tmp_path: Path):
     _, secret = write_keys(tmp_path, "server")
     assert secret.stat().st_mode & 0o077 == 0
+
+
+def test_a_key_authorized_a_moment_ago_gets_in_before_the_next_reload(tmp_path: Path):
+    """The ZAP hook looks a key it does not know up on disk once more (CI saw `authorize` followed at
+    once by `info` refused, inside the service's 0.2 s reload window); the lookup changes no state."""
+    from krita_sdxl.backend.authorized import AuthorizedKeys
+    from krita_sdxl.backend.security import authorize_key
+
+    folder = tmp_path / "clients"
+    folder.mkdir()
+    keys = AuthorizedKeys(folder)
+    assert keys.reload() == frozenset() and keys.keys == frozenset()
+    public, _ = zmq.curve_keypair()
+    assert not keys.callback("*", public)
+    authorize_key(folder, public.decode())
+    assert keys.callback("*", public)  # no reload in between
+    assert keys.keys == frozenset()  # reload still owns the set (and the ending of removed keys' sessions)
+    stranger, _ = zmq.curve_keypair()
+    assert not keys.callback("*", stranger)
+    assert keys.reload() == frozenset() and keys.keys == {public}
+    (folder / next(p.name for p in folder.iterdir())).unlink()
+    assert keys.callback("*", public)  # still admitted until the reload that ends its sessions ...
+    assert keys.reload() == {public} and not keys.callback("*", public)  # ... which removes it
+    folder.rmdir()
+    assert not keys.callback("*", stranger) and keys.reload() == frozenset()  # no folder: nobody
