@@ -86,11 +86,11 @@ def _parse(kind: type, text: str, default: Any) -> Any:
             if lowered in ("false", "0", "no", "off"):
                 return False
             return default
-        if kind is int:
-            return int(float(text)) if text else default
-        if kind is float:
-            value = float(text)
-            return value if math.isfinite(value) else default
+        if kind in (int, float):
+            value = float(text)  # "30", "30.0" and "1e2" alike; "inf" and "nan" fall back
+            if not math.isfinite(value):
+                return default
+            return int(value) if kind is int else value
         return text
     except ValueError:
         return default
