@@ -11,7 +11,7 @@ that library with an ``__init__.py`` inside; it copies the desktop file and that
     krita_sdxl_refiner/__init__.py ...             the plugin, without __pycache__
     krita_sdxl_refiner/_vendor/common/krita_sdxl/__init__.py
     krita_sdxl_refiner/_vendor/common/krita_sdxl/protocol/...     copy of protocol/
-    krita_sdxl_refiner/_vendor/common/krita_sdxl/backend/__init__.py, setup_plan/...
+    krita_sdxl_refiner/_vendor/common/krita_sdxl/backend/__init__.py, setup/__init__.py, setup/plan/...
                                                    the setup's pure decisions (stdlib only), shared with the backend
     krita_sdxl_refiner/_wheels/krita_sdxl-VERSION-py3-none-any.whl
                                                    the backend the docker's Set up installs (same version)
@@ -23,7 +23,7 @@ that library with an ``__init__.py`` inside; it copies the desktop file and that
 
 The backend wheel is built from this checkout (``pip wheel``, reproducible with SOURCE_DATE_EPOCH) and
 also written beside the zip, for ``pip install`` on a headless machine; its version must be the one in
-``backend/setup_plan/version.py``, which the plugin compares with the service's.
+``backend/setup/plan/version.py``, which the plugin compares with the service's.
 
 Wheels are pinned (:data:`PACKAGES`), fetched with ``pip download`` into a cache folder (default
 ``build/wheels``) and checked against ``packaging/vendor-wheels.sha256``; a re-run with a filled
@@ -60,7 +60,7 @@ DEFAULT_PLUGIN_DIR = ROOT / "krita_plugin"
 DEFAULT_PROTOCOL_DIR = ROOT / "protocol"
 DEFAULT_SOURCE_DIR = ROOT  # pyproject.toml, README.md, backend/, protocol/: the backend wheel's sources
 WHEELS_DIR = "_wheels"  # in the plugin: the backend wheel
-SHARED_BACKEND = ("__init__.py", "setup_plan")  # of backend/: what the plugin runs (stdlib only)
+SHARED_BACKEND = ("__init__.py", "setup/__init__.py", "setup/plan")  # of backend/: what the plugin runs (stdlib only)
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01, the zip format's first day: a reproducible wheel
 DEFAULT_OUTPUT = ROOT / "dist" / f"{PLUGIN_NAME}.zip"
 DEFAULT_CACHE = ROOT / "build" / "wheels"
@@ -280,8 +280,8 @@ def wheel_files(path: Path) -> Iterator[tuple[str, bytes, bool]]:
 
 
 def source_version(source_dir: Path) -> str:
-    """``VERSION`` from backend/setup_plan/version.py (read, not imported)."""
-    path = source_dir / "backend" / "setup_plan" / "version.py"
+    """``VERSION`` from backend/setup/plan/version.py (read, not imported)."""
+    path = source_dir / "backend" / "setup" / "plan" / "version.py"
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (OSError, SyntaxError) as exc:

@@ -1,4 +1,4 @@
-"""Write the SDXL 1.0 base and refiner diffusers *configuration* folders shipped in backend/configs/.
+"""Write the SDXL 1.0 base and refiner diffusers *configuration* folders shipped in backend/models/configs/.
 
 ``from_single_file`` needs a diffusers config folder (model_index.json, every component's config,
 the tokenizer files) to turn ``sd_xl_base_1.0.safetensors`` / ``sd_xl_refiner_1.0.safetensors``
@@ -10,7 +10,7 @@ and merges are built from it exactly as Hugging Face's ``CLIPTokenizer`` files a
 
     pip download open-clip-torch==3.3.0 --no-deps -d /tmp/oc
     unzip -p /tmp/oc/open_clip_torch-*.whl open_clip/bpe_simple_vocab_16e6.txt.gz > /tmp/bpe.txt.gz
-    python packaging/make_sdxl_configs.py /tmp/bpe.txt.gz backend/configs
+    python packaging/make_sdxl_configs.py /tmp/bpe.txt.gz backend/models/configs
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from krita_sdxl.backend.demo_model import SCHEDULER_CONFIG, bytes_to_unicode, write_tokenizer
+from krita_sdxl.backend.models.demo import SCHEDULER_CONFIG, bytes_to_unicode, write_tokenizer
 
 REFINER_UNET: dict[str, Any] = dict(
     sample_size=128,

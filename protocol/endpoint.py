@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5588"  # the service's address unless told otherwise (loopback: no keys needed)
 SCHEMES = ("tcp", "ipc", "inproc")
 IPC_SOCKET_NAME = "service.sock"
 MAX_IPC_PATH = 107  # sun_path is 108 bytes on Linux (104 on macOS) including the terminating NUL

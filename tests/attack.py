@@ -15,9 +15,9 @@ import msgpack
 import zmq
 import zmq.auth
 
-from krita_sdxl.backend.identity_engine import IdentityEngine
-from krita_sdxl.backend.request import JobCancelled, ProgressFn, RefineRequest, StopFn
-from krita_sdxl.backend.server import Service
+from krita_sdxl.backend.engine.identity import IdentityEngine
+from krita_sdxl.backend.engine.request import JobCancelled, ProgressFn, RefineRequest, StopFn
+from krita_sdxl.backend.service.server import Service
 from krita_sdxl.protocol import SERVICE, Image, ImageSpec, Message, decode
 
 
@@ -122,7 +122,7 @@ class SlowEngine(IdentityEngine):
         if not gate:
             self.gate.set()
         if len(modes) > 1:
-            from krita_sdxl.backend.stages import scheduler_timesteps
+            from krita_sdxl.backend.engine.stages import scheduler_timesteps
 
             self.timesteps = scheduler_timesteps()  # the real SDXL scheduler's, for the generate split
 

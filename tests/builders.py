@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from krita_sdxl.backend import pixels
-from krita_sdxl.backend.request import RefineRequest
+from krita_sdxl.backend.engine import pixels
+from krita_sdxl.backend.engine.request import RefineRequest
 from krita_sdxl.protocol import Image, ImageSpec, plan_img2img
 
 

@@ -39,7 +39,9 @@ def assert_refused(proc: subprocess.CompletedProcess, status: int, *words: str) 
 
 def jobs_seen(log: str) -> int:
     """Jobs a service (log level info) started: the worker logs one line per job."""
-    return sum(1 for line in log.splitlines() if "krita_sdxl.backend.worker: job" in line and ": refine " in line)
+    return sum(
+        1 for line in log.splitlines() if "krita_sdxl.backend.service.worker: job" in line and ": refine " in line
+    )
 
 
 def rgba_picture(path: Path, width: int = 101, height: int = 67) -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +18,9 @@ def krita_sdxl_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
 
 
 @pytest.fixture(scope="session")
-def demo_models(krita_sdxl_cache: Path):  # -> krita_sdxl.backend.demo_model.DemoPaths
+def demo_models(krita_sdxl_cache: Path):  # -> krita_sdxl.backend.models.demo.DemoPaths
     """The demo refiner and base folders, built once per test session into the private cache."""
-    from krita_sdxl.backend.demo_model import ensure_demo_models
+    from krita_sdxl.backend.models.demo import ensure_demo_models
 
     return ensure_demo_models(krita_sdxl_cache)
 
@@ -44,5 +44,26 @@ def ctx() -> Iterator[object]:
     import zmq
 
     context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
+    try:
+        yield context
+    finally:
+        context.destroy(linger=0)
+
+
+@pytest.fixture
+def make_ctx() -> Iterator[Callable[[], object]]:
+    """More private ZeroMQ contexts (a CURVE service needs its own, apart from its clients'), all destroyed
+    after the test: a context left to the garbage collector can block in term() inside a later test."""
+    import zmq
+
+    made: list[zmq.Context] = []
+
+    def make() -> zmq.Context:
+        made.append(zmq.Context())
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for context in made:
+            context.destroy(linger=0)

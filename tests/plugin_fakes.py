@@ -17,7 +17,7 @@ from PyQt5.QtWidgets import QApplication
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
-from krita_sdxl.backend.setup_plan import VERSION
+from krita_sdxl.backend.setup.plan import VERSION
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
 from krita_sdxl.protocol.geometry import Box, Extent
 from krita_sdxl_refiner.adapter_api import AdapterError, Capture, NotApplied, Placed

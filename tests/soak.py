@@ -7,7 +7,7 @@ import random
 import threading
 import time
 
-from krita_sdxl.backend.client import ServiceClient
+from krita_sdxl.backend.cli.client import ServiceClient
 from krita_sdxl.protocol import Image, ImageSpec
 
 

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from krita_sdxl.backend import pixels, work_image
-from krita_sdxl.backend.alpha_fill import fill_transparent
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.request import RefineRequest
+from krita_sdxl.backend.engine import pixels, work_image
+from krita_sdxl.backend.engine.alpha_fill import fill_transparent
+from krita_sdxl.backend.engine.request import RefineRequest
+from krita_sdxl.backend.engine.sdxl_engine import Engine
 from krita_sdxl.protocol import Image, ImageSpec, plan_img2img
 
 SIZE, WORK = 160, (64, 64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from krita_sdxl.backend.buckets import DEFAULT_LADDER, DEFAULT_POLICY, UNET_MULTIPLE, BucketPolicy
+from krita_sdxl.backend.speed.buckets import DEFAULT_LADDER, DEFAULT_POLICY, UNET_MULTIPLE, BucketPolicy
 
 
 def test_sides_round_up_to_the_next_rung() -> None:

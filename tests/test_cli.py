@@ -13,7 +13,7 @@ import pytest
 from cli_helpers import assert_refused, jobs_seen, krita_sdxl, rgba_picture, spawn
 from PIL import Image as PILImage
 
-from krita_sdxl.backend.launcher import ServiceProcess, start_service
+from krita_sdxl.backend.cli.launcher import ServiceProcess, start_service
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +189,9 @@ def test_ctrl_c_cancels_the_job_on_the_service(service, picture, tmp_path):
 
 
 def test_a_result_that_cannot_be_written_is_kept(tmp_path):
-    from krita_sdxl.backend.cli_refine import save
-    from krita_sdxl.backend.config import CommandFailed
-    from krita_sdxl.backend.imageio import plan_output, read_picture
+    from krita_sdxl.backend.cli.imageio import plan_output, read_picture
+    from krita_sdxl.backend.cli.refine import save
+    from krita_sdxl.backend.common.config import CommandFailed
 
     picture = read_picture(rgba_picture(tmp_path / "in.png"))
     out = plan_output(tmp_path / "later" / "out.png", picture)
@@ -227,7 +227,7 @@ def test_the_model_refines_16_bit_and_float_pictures_at_their_depth(service, tmp
 def test_the_progress_bar_rates_steps_from_the_first_one_on(capsys: pytest.CaptureFixture[str]) -> None:
     """The bar is made at the first step event; counting that step as done in no time showed about
     190,000 step/s. It is now the bar's starting point, and the rate comes from the steps after it."""
-    from krita_sdxl.backend.cli_refine import Progress
+    from krita_sdxl.backend.cli.refine import Progress
 
     progress = Progress()
     progress.step(1, 5)

@@ -10,7 +10,7 @@ import pytest
 from cli_helpers import assert_refused, krita_sdxl, magick, magick_samples, ramp16
 from PIL import Image as PILImage
 
-from krita_sdxl.backend.launcher import start_service
+from krita_sdxl.backend.cli.launcher import start_service
 
 W, H = 41, 30
 

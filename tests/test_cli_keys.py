@@ -10,7 +10,7 @@ import zmq.auth
 from cli_helpers import assert_refused, krita_sdxl, rgba_picture
 from PIL import Image as PILImage
 
-from krita_sdxl.backend.launcher import start_service
+from krita_sdxl.backend.cli.launcher import start_service
 
 
 def mode(path) -> int:

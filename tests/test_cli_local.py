@@ -11,7 +11,7 @@ import torch
 from cli_helpers import assert_refused, krita_sdxl, rgba_picture
 from PIL import Image as PILImage
 
-from krita_sdxl.backend.launcher import start_service
+from krita_sdxl.backend.cli.launcher import start_service
 
 LONG_PROMPT = " ".join(["a red hill"] * 100)  # far beyond CLIP's 77 tokens
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from cli_helpers import jobs_seen, rgba_picture, spawn
 
-from krita_sdxl.backend.launcher import ServiceProcess, start_service
+from krita_sdxl.backend.cli.launcher import ServiceProcess, start_service
 
 HEARTBEAT_TIMEOUT = 10.0  # the service's default
 

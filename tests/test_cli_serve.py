@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import assert_refused, krita_sdxl, rgba_picture
 
-from krita_sdxl.backend.launcher import start_service
+from krita_sdxl.backend.cli.launcher import start_service
 
 
 def refused_before_loading(tmp_path: Path, *args: str, status: int = 2, words: tuple[str, ...] = ()) -> str:
@@ -122,8 +122,8 @@ def test_bad_settings_in_the_toml_file(tmp_path, toml, words):
 
 
 def test_settings_precedence_file_then_flags(tmp_path):
-    from krita_sdxl.backend.cli import build_parser
-    from krita_sdxl.backend.options import resolve
+    from krita_sdxl.backend.cli.main import build_parser
+    from krita_sdxl.backend.cli.options import resolve
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('[serve]\nendpoint = "tcp://127.0.0.1:6000"\ndevice = "cpu"\nheartbeat_timeout = 3\n')

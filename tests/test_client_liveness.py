@@ -13,10 +13,10 @@ from typing import Any
 
 import zmq
 
-from krita_sdxl.backend.client import ServiceClient
-from krita_sdxl.backend.identity_engine import IdentityEngine
-from krita_sdxl.backend.request import JobCancelled
-from krita_sdxl.backend.server import Service
+from krita_sdxl.backend.cli.client import ServiceClient
+from krita_sdxl.backend.engine.identity import IdentityEngine
+from krita_sdxl.backend.engine.request import JobCancelled
+from krita_sdxl.backend.service.server import Service
 from krita_sdxl.protocol import Image, ImageSpec
 
 
@@ -35,9 +35,9 @@ class SteppingEngine(IdentityEngine):
         return req.image
 
 
-def test_a_job_longer_than_the_heartbeat_timeout_with_fast_steps_is_not_cancelled() -> None:
+def test_a_job_longer_than_the_heartbeat_timeout_with_fast_steps_is_not_cancelled(ctx) -> None:
     timeout = 1.0  # the service's; the job streams 3 s of progress, a step every 0.05 s
-    service = Service(SteppingEngine(60, 0.05), "tcp://127.0.0.1:*", ctx=zmq.Context(), heartbeat_timeout=timeout)
+    service = Service(SteppingEngine(60, 0.05), "tcp://127.0.0.1:*", ctx=ctx, heartbeat_timeout=timeout)
     thread = threading.Thread(target=service.serve_forever, daemon=True)
     thread.start()
     try:
@@ -57,7 +57,7 @@ def test_a_hello_that_is_never_answered_ends_within_the_timeout() -> None:
     moment before) kept `krita-sdxl info` waiting forever: every heartbeat reply reset the silence."""
     import msgpack
 
-    from krita_sdxl.backend.client import ServiceUnavailable
+    from krita_sdxl.backend.cli.client import ServiceUnavailable
 
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from builders import make_image, make_request
 
-from krita_sdxl.backend import pixels
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.models import load_refiner
-from krita_sdxl.backend.request import JobCancelled, RefineRequest
+from krita_sdxl.backend.engine import pixels
+from krita_sdxl.backend.engine.request import JobCancelled, RefineRequest
+from krita_sdxl.backend.engine.sdxl_engine import Engine
+from krita_sdxl.backend.models.refiner import load_refiner
 from krita_sdxl.protocol import Image, ImageSpec
 
 

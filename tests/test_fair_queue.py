@@ -8,11 +8,11 @@ import time
 import pytest
 from attack import Peer, Running, SlowEngine, final, rgba, submit_frames
 
-from krita_sdxl.backend.client import ServiceClient
-from krita_sdxl.backend.jobs import Job, JobQueue, Owner, QueueFull
-from krita_sdxl.backend.launcher import start_service
-from krita_sdxl.backend.limits import Limits
-from krita_sdxl.backend.server import Service
+from krita_sdxl.backend.cli.client import ServiceClient
+from krita_sdxl.backend.cli.launcher import start_service
+from krita_sdxl.backend.service.jobs import Job, JobQueue, Owner, QueueFull
+from krita_sdxl.backend.service.limits import Limits
+from krita_sdxl.backend.service.server import Service
 
 A, B, C = Owner(b"a" * 16), Owner(b"b" * 16), Owner(b"c" * 16)
 

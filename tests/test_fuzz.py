@@ -10,8 +10,8 @@ import pytest
 from attack import rgba
 from fuzz import run_fuzz
 
-from krita_sdxl.backend.client import ServiceClient
-from krita_sdxl.backend.launcher import start_service
+from krita_sdxl.backend.cli.client import ServiceClient
+from krita_sdxl.backend.cli.launcher import start_service
 
 FUZZ_COUNT = int(os.environ.get("KRITA_SDXL_FUZZ", "50000"))
 

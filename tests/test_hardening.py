@@ -13,10 +13,10 @@ import msgpack
 import pytest
 from attack import Peer, Running, SlowEngine, final, header, rgba, submit_frames
 
-from krita_sdxl.backend.client import ServiceClient
-from krita_sdxl.backend.launcher import start_service
-from krita_sdxl.backend.security import SecurityError
-from krita_sdxl.backend.server import Service
+from krita_sdxl.backend.cli.client import ServiceClient
+from krita_sdxl.backend.cli.launcher import start_service
+from krita_sdxl.backend.service.security import SecurityError
+from krita_sdxl.backend.service.server import Service
 
 LONG = "x" * 5000
 

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from krita_sdxl.backend import hdr, pixels, work_image
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.request import RefineRequest
+from krita_sdxl.backend.engine import hdr, pixels, work_image
+from krita_sdxl.backend.engine.request import RefineRequest
+from krita_sdxl.backend.engine.sdxl_engine import Engine
 from krita_sdxl.protocol import Image, ImageSpec, plan_img2img
 
 W, H = 64, 48

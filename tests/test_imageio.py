@@ -9,9 +9,9 @@ import pytest
 from cli_helpers import magick, magick_samples, ramp16
 from PIL import Image as PILImage
 
-from krita_sdxl.backend.config import ConfigError
-from krita_sdxl.backend.imageio import plan_output, read_picture, samples, write_picture
-from krita_sdxl.backend.png16 import encode_png16
+from krita_sdxl.backend.cli.imageio import plan_output, read_picture, samples, write_picture
+from krita_sdxl.backend.cli.png16 import encode_png16
+from krita_sdxl.backend.common.config import ConfigError
 
 W, H = 37, 23
 

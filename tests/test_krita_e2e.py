@@ -58,7 +58,7 @@ def backend_endpoint(demo_cache: Path) -> Iterator[str]:
     if endpoint:
         yield endpoint
         return
-    from krita_sdxl.backend.launcher import start_service
+    from krita_sdxl.backend.cli.launcher import start_service
 
     # One torch thread: on a 2-core CI machine a busy backend must not starve Krita's UI thread.
     service = start_service(

@@ -17,8 +17,8 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.request import RefineRequest
+from krita_sdxl.backend.engine.request import RefineRequest
+from krita_sdxl.backend.engine.sdxl_engine import Engine
 from krita_sdxl.protocol import Image, ImageSpec, plan_img2img
 
 SCHEDULERS = ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler", "UniPCMultistepScheduler"]

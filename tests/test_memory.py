@@ -9,13 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from krita_sdxl.backend import cli, oom
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.footprint import source_footprint
-from krita_sdxl.backend.memory import Footprint, MemoryModeError, Placement, choose_auto, lower_mode, module_bytes
-from krita_sdxl.backend.pipelines import load_pipeline
-from krita_sdxl.backend.sources import resolve_source
-from krita_sdxl.backend.watermark import Watermark, available
+from krita_sdxl.backend.cli import main as cli
+from krita_sdxl.backend.engine.sdxl_engine import Engine
+from krita_sdxl.backend.engine.watermark import Watermark, available
+from krita_sdxl.backend.models import oom
+from krita_sdxl.backend.models.footprint import source_footprint
+from krita_sdxl.backend.models.memory import (
+    Footprint,
+    MemoryModeError,
+    Placement,
+    choose_auto,
+    lower_mode,
+    module_bytes,
+)
+from krita_sdxl.backend.models.pipelines import load_pipeline
+from krita_sdxl.backend.models.sources import resolve_source
 
 GIB = 2**30
 
@@ -146,7 +154,7 @@ def test_the_watermark_marks_wide_images_like_diffusers(demo_models: Any) -> Non
     marked_engine = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="off")
     plain_engine = Engine.load(demo=True, device="cpu", cache_dir=cache, speed="off", watermark=False)
     assert marked_engine.describe()["watermark"] == "active"
-    from krita_sdxl.backend.request import RefineRequest
+    from krita_sdxl.backend.engine.request import RefineRequest
     from krita_sdxl.protocol import Image, ImageSpec, plan_img2img
 
     data = (np.clip(rgb[:, :264], 0, 1) * 255).astype(np.uint8)

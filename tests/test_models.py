@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 
-from krita_sdxl.backend import models
-from krita_sdxl.backend.demo_model import DEMO_NAME, ensure_demo_models
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.models import ModelNotFound, pick_device, pick_dtypes, resolve_refiner
+from krita_sdxl.backend.engine.sdxl_engine import Engine
+from krita_sdxl.backend.models import refiner as models
+from krita_sdxl.backend.models.demo import DEMO_NAME, ensure_demo_models
+from krita_sdxl.backend.models.refiner import ModelNotFound, pick_device, pick_dtypes, resolve_refiner
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 

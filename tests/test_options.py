@@ -7,9 +7,9 @@ from dataclasses import fields
 
 import pytest
 
-from krita_sdxl.backend.cli import build_parser
-from krita_sdxl.backend.config import ConfigError, Settings
-from krita_sdxl.backend.options import OPTIONS, merge, resolve
+from krita_sdxl.backend.cli.main import build_parser
+from krita_sdxl.backend.cli.options import OPTIONS, merge, resolve
+from krita_sdxl.backend.common.config import ConfigError, Settings
 
 
 def test_every_setting_has_exactly_one_option():

@@ -287,13 +287,13 @@ def test_cli_writes_the_zip_and_reports_its_size(tmp_path: Path, capsys: pytest.
     assert "no plugin package" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- the backend wheel and setup_plan
+# ----------------------------------------------------------------------------- the backend wheel and setup.plan
 
 
 def test_the_zip_carries_the_backend_wheel_of_its_own_version_and_the_setup_code(tmp_path: Path) -> None:
     import subprocess
 
-    from krita_sdxl.backend.setup_plan import VERSION
+    from krita_sdxl.backend.setup.plan import VERSION
 
     zip_path = build(tmp_path, vendor=False)
     names = zipfile.ZipFile(zip_path).namelist()
@@ -305,19 +305,26 @@ def test_the_zip_carries_the_backend_wheel_of_its_own_version_and_the_setup_code
     metadata = wheel.read(f"krita_sdxl-{VERSION}.dist-info/METADATA").decode()
     assert f"Version: {VERSION}" in metadata and "Requires-Dist: torch" in metadata
     assert (
-        "krita_sdxl/backend/setup_plan/steps.py" in wheel.namelist() and "krita_sdxl/backend/cli.py" in wheel.namelist()
+        "krita_sdxl/backend/setup/plan/steps.py" in wheel.namelist()
+        and "krita_sdxl/backend/cli/main.py" in wheel.namelist()
     )
     assert not [n for n in wheel.namelist() if "__pycache__" in n]
     common = "krita_sdxl_refiner/_vendor/common/krita_sdxl/backend"
-    assert f"{common}/__init__.py" in names and f"{common}/setup_plan/torch_builds.py" in names
-    shared = (f"{common}/setup_plan", f"{common}/__init__.py", f"{common}/")
+    assert f"{common}/__init__.py" in names and f"{common}/setup/plan/torch_builds.py" in names
+    shared = (
+        f"{common}/setup/plan",
+        f"{common}/__init__.py",
+        f"{common}/",
+        f"{common}/setup/",
+        f"{common}/setup/__init__.py",
+    )
     assert not [
         n for n in names if n.startswith(f"{common}/") and not n.startswith(shared[:2]) and n not in shared
     ]  # not the service
     # In Krita the vendored copy imports with the standard library alone (no torch, numpy, zmq).
     zipfile.ZipFile(zip_path).extractall(tmp_path / "x")
     check = (
-        "import sys; import krita_sdxl.backend.setup_plan as p; from krita_sdxl.backend.setup_plan import steps, "
+        "import sys; import krita_sdxl.backend.setup.plan as p; from krita_sdxl.backend.setup.plan import steps, "
         "pythons, torch_builds, hub, failures, events, procenv, space, machine; "
         "heavy = {'torch', 'numpy', 'zmq', 'msgpack', 'diffusers', 'huggingface_hub'} & set(sys.modules); "
         "print(p.__file__, p.VERSION, sorted(heavy))"
@@ -325,7 +332,7 @@ def test_the_zip_carries_the_backend_wheel_of_its_own_version_and_the_setup_code
     env = {"PYTHONPATH": str(tmp_path / "x" / "krita_sdxl_refiner" / "_vendor" / "common")}
     out = subprocess.run([sys.executable, "-S", "-c", check], env=env, capture_output=True, text=True, check=True)
     path, version, heavy = out.stdout.split(" ", 2)
-    assert "_vendor/common/krita_sdxl/backend/setup_plan" in path and version == VERSION and heavy.strip() == "[]"
+    assert "_vendor/common/krita_sdxl/backend/setup/plan" in path and version == VERSION and heavy.strip() == "[]"
 
 
 def test_a_wheel_of_another_version_is_refused(tmp_path: Path) -> None:
@@ -338,7 +345,7 @@ def test_a_wheel_of_another_version_is_refused(tmp_path: Path) -> None:
     for package in ("backend", "protocol"):
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     assert bp.source_version(source) == bp.source_version(ROOT)
-    (source / "backend" / "setup_plan" / "version.py").write_text("VERSION = 1\n")
+    (source / "backend" / "setup" / "plan" / "version.py").write_text("VERSION = 1\n")
     with pytest.raises(bp.BuildError, match="has no VERSION"):
         bp.build_backend_wheel(source, tmp_path / "out")
 

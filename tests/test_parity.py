@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from krita_sdxl.backend import pixels
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.request import RefineRequest
-from krita_sdxl.backend.stages import plan_job
+from krita_sdxl.backend.engine import pixels
+from krita_sdxl.backend.engine.request import RefineRequest
+from krita_sdxl.backend.engine.sdxl_engine import Engine
+from krita_sdxl.backend.engine.stages import plan_job
 from krita_sdxl.protocol import Image, ImageSpec, plan_img2img
 
 SEED = 11

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from krita_sdxl.backend import pixels
+from krita_sdxl.backend.engine import pixels
 from krita_sdxl.protocol import FORMATS, Image, ImageSpec
 
 ORDERS = ("RGBA", "BGRA", "RGB", "BGR", "L")
@@ -180,7 +180,7 @@ def test_4096_conversion_is_fast() -> None:
 def test_srgb_transfer_round_trip_and_known_points():
     import numpy as np
 
-    from krita_sdxl.backend.pixels import linear_to_srgb, srgb_to_linear
+    from krita_sdxl.backend.engine.pixels import linear_to_srgb, srgb_to_linear
 
     v = np.linspace(0, 1, 1001, dtype=np.float32)
     assert np.abs(srgb_to_linear(linear_to_srgb(v)) - v).max() < 1e-5

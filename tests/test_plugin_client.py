@@ -525,7 +525,7 @@ def test_curve_keys_for_a_remote_backend(app, ctx, tmp_path):
 def test_real_service_killed_mid_job_then_restarted_job_is_resubmitted(app, ctx, tmp_path):
     import socket
 
-    from krita_sdxl.backend.launcher import start_service
+    from krita_sdxl.backend.cli.launcher import start_service
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -578,13 +578,13 @@ def test_real_service_killed_mid_job_then_restarted_job_is_resubmitted(app, ctx,
         svc.stop()
 
 
-def test_plugin_creates_its_key_pair_and_connects_to_a_curve_service(app, ctx, tmp_path, monkeypatch):
+def test_plugin_creates_its_key_pair_and_connects_to_a_curve_service(app, ctx, make_ctx, tmp_path, monkeypatch):
     import socket
     import subprocess
 
-    from krita_sdxl.backend.identity_engine import IdentityEngine
-    from krita_sdxl.backend.security import CurveConfig, write_keys
-    from krita_sdxl.backend.server import Service
+    from krita_sdxl.backend.engine.identity import IdentityEngine
+    from krita_sdxl.backend.service.security import CurveConfig, write_keys
+    from krita_sdxl.backend.service.server import Service
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     server_pub, server_secret = write_keys(tmp_path / "server", "server")
@@ -595,7 +595,7 @@ def test_plugin_creates_its_key_pair_and_connects_to_a_curve_service(app, ctx, t
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     svc = Service(
-        IdentityEngine(), f"tcp://0.0.0.0:{port}", ctx=zmq.Context(), curve=CurveConfig(server_secret, authorized)
+        IdentityEngine(), f"tcp://0.0.0.0:{port}", ctx=make_ctx(), curve=CurveConfig(server_secret, authorized)
     )
     thread = threading.Thread(target=svc.serve_forever, daemon=True)
     thread.start()
@@ -635,14 +635,14 @@ def test_plugin_creates_its_key_pair_and_connects_to_a_curve_service(app, ctx, t
         thread.join(10)
 
 
-def test_reconnects_with_the_same_id_to_a_real_service_every_time(app, ctx):
+def test_reconnects_with_the_same_id_to_a_real_service_every_time(app, ctx, make_ctx):
     """The real service refuses a routing id still in use (ROUTER_HANDOVER off). The plugin keeps its
     id across reopenings, so a retry pauses after closing: 20 resets in a row each connect at once
     (without the pause, about 1 in 15 waited a whole timeout cycle, unanswered)."""
-    from krita_sdxl.backend.identity_engine import IdentityEngine
-    from krita_sdxl.backend.server import Service
+    from krita_sdxl.backend.engine.identity import IdentityEngine
+    from krita_sdxl.backend.service.server import Service
 
-    svc = Service(IdentityEngine(), "tcp://127.0.0.1:*", ctx=zmq.Context())
+    svc = Service(IdentityEngine(), "tcp://127.0.0.1:*", ctx=make_ctx())
     thread = threading.Thread(target=svc.serve_forever, daemon=True)
     thread.start()
     client = Client(svc.endpoint, interval=0.05, timeout=5.0, context=ctx)

@@ -184,7 +184,7 @@ def test_any_visible_reads_alpha_under_the_mask(depth: str):
 
 
 def test_paints_from_noise_agrees_with_the_backends_stage_plan():
-    from krita_sdxl.backend.stages import plan_job  # (the backend's one rule, which the plugin mirrors)
+    from krita_sdxl.backend.engine.stages import plan_job  # (the backend's one rule, which the plugin mirrors)
 
     for mode in ("refine", "generate", "two_stage"):
         for strength in (0.05, 0.3, 0.8, 0.99, 1.0):

@@ -18,8 +18,8 @@ import pytest
 import zmq
 from attack import Peer, header, rgba, submit_frames
 
-from krita_sdxl.backend.launcher import start_service
-from krita_sdxl.backend.request import RefineRequest
+from krita_sdxl.backend.cli.launcher import start_service
+from krita_sdxl.backend.engine.request import RefineRequest
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
 
 ray = pytest.importorskip("ray")  # the pool extra: pip install 'krita-sdxl[pool]' (CI installs it)
@@ -50,7 +50,7 @@ def reference(demo_models, krita_sdxl_cache) -> Callable[..., bytes]:
     """The result the single-process engine gives for the same job (one torch thread, as in a replica)."""
     import torch
 
-    from krita_sdxl.backend.engine import Engine
+    from krita_sdxl.backend.engine.sdxl_engine import Engine
 
     engine = Engine.load(model=None, demo=True, device="cpu", cache_dir=krita_sdxl_cache)
 

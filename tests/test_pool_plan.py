@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from cli_helpers import assert_refused, krita_sdxl
 
-from krita_sdxl.backend.config import ConfigError, Settings
+from krita_sdxl.backend.common.config import ConfigError, Settings
+from krita_sdxl.backend.engine.request import RefineRequest
 from krita_sdxl.backend.pool.capabilities import ReplicaBook
 from krita_sdxl.backend.pool.plan import PoolPlan, check_pool, plan_pool, routing_key, shortfall
-from krita_sdxl.backend.request import RefineRequest
 from krita_sdxl.protocol import CLIENT, Image, ImageSpec, decode, encode
 
 

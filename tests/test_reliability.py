@@ -15,8 +15,8 @@ import pytest
 import zmq
 from soak import rgba, rss_kib, run_soak
 
-from krita_sdxl.backend.client import JobFailed, ServiceClient, ServiceUnavailable
-from krita_sdxl.backend.launcher import start_service
+from krita_sdxl.backend.cli.client import JobFailed, ServiceClient, ServiceUnavailable
+from krita_sdxl.backend.cli.launcher import start_service
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,7 @@ def test_jobs_per_client_limit(service):
                 done += 1
 
 
-def test_oversized_frame_is_dropped_by_zeromq_and_service_keeps_serving(service):
-    ctx = zmq.Context.instance()
+def test_oversized_frame_is_dropped_by_zeromq_and_service_keeps_serving(service, ctx):
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(service.endpoint)
@@ -98,7 +97,7 @@ def test_oversized_frame_is_dropped_by_zeromq_and_service_keeps_serving(service)
 CLIENT_SCRIPT = textwrap.dedent(
     """
     import random, sys
-    from krita_sdxl.backend.client import ServiceClient
+    from krita_sdxl.backend.cli.client import ServiceClient
     from krita_sdxl.protocol import Image, ImageSpec
     c = ServiceClient(sys.argv[1], timeout=60)
     img = Image(ImageSpec(384, 384, "RGBA", 8), random.Random(1).randbytes(384 * 384 * 4))

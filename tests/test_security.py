@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import zmq
 
-from krita_sdxl.backend.client import ServiceClient, ServiceUnavailable
-from krita_sdxl.backend.identity_engine import IdentityEngine
-from krita_sdxl.backend.security import CurveConfig, SecurityError, is_local_endpoint, write_keys
-from krita_sdxl.backend.server import Service
+from krita_sdxl.backend.cli.client import ServiceClient, ServiceUnavailable
+from krita_sdxl.backend.engine.identity import IdentityEngine
+from krita_sdxl.backend.service.security import CurveConfig, SecurityError, is_local_endpoint, write_keys
+from krita_sdxl.backend.service.server import Service
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_curve_admits_authorized_clients_only(tmp_path: Path):
+def test_curve_admits_authorized_clients_only(tmp_path: Path, make_ctx):
     server_pub, server_secret = write_keys(tmp_path / "server", "server")
     authorized = tmp_path / "authorized"
     _, good_secret = write_keys(authorized, "artist")
@@ -60,7 +60,7 @@ def test_curve_admits_authorized_clients_only(tmp_path: Path):
     port = _free_port()
     # all interfaces: allowed because CURVE is configured
     svc = Service(
-        IdentityEngine(), f"tcp://0.0.0.0:{port}", ctx=zmq.Context(), curve=CurveConfig(server_secret, authorized)
+        IdentityEngine(), f"tcp://0.0.0.0:{port}", ctx=make_ctx(), curve=CurveConfig(server_secret, authorized)
     )
 
     t = threading.Thread(target=svc.serve_forever, daemon=True)
@@ -88,8 +88,8 @@ def test_keys_are_private(tmp_path: Path):
 def test_a_key_authorized_a_moment_ago_gets_in_before_the_next_reload(tmp_path: Path):
     """The ZAP hook looks a key it does not know up on disk once more (CI saw `authorize` followed at
     once by `info` refused, inside the service's 0.2 s reload window); the lookup changes no state."""
-    from krita_sdxl.backend.authorized import AuthorizedKeys
-    from krita_sdxl.backend.security import authorize_key
+    from krita_sdxl.backend.service.authorized import AuthorizedKeys
+    from krita_sdxl.backend.service.security import authorize_key
 
     folder = tmp_path / "clients"
     folder.mkdir()

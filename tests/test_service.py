@@ -12,8 +12,8 @@ import time
 import msgpack
 import pytest
 
-from krita_sdxl.backend.client import JobFailed, ServiceClient
-from krita_sdxl.backend.launcher import start_service
+from krita_sdxl.backend.cli.client import JobFailed, ServiceClient
+from krita_sdxl.backend.cli.launcher import start_service
 from krita_sdxl.protocol import Image, ImageSpec
 
 

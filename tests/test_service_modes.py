@@ -9,10 +9,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from krita_sdxl.backend.client import JobFailed, ServiceClient
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.launcher import start_service
-from krita_sdxl.backend.server import Service
+from krita_sdxl.backend.cli.client import JobFailed, ServiceClient
+from krita_sdxl.backend.cli.launcher import start_service
+from krita_sdxl.backend.engine.sdxl_engine import Engine
+from krita_sdxl.backend.service.server import Service
 from krita_sdxl.protocol import Image, ImageSpec
 
 

@@ -18,9 +18,9 @@ import zmq
 import zmq.auth
 from attack import Peer, Running, SlowEngine, final, good_id, header, rgba, submit_frames
 
-from krita_sdxl.backend.launcher import start_service
-from krita_sdxl.backend.security import CurveConfig
-from krita_sdxl.backend.server import Service
+from krita_sdxl.backend.cli.launcher import start_service
+from krita_sdxl.backend.service.security import CurveConfig
+from krita_sdxl.backend.service.server import Service
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +122,9 @@ class CurveService:
         self.server_public = zmq.auth.load_certificate(str(server_secret))[0]
         self.authorized = authorized
         port = free_port()
+        self.ctx = zmq.Context()  # its own: the CURVE authenticator is per context
         service = Service(
-            engine, f"tcp://127.0.0.1:{port}", ctx=zmq.Context(), curve=CurveConfig(server_secret, authorized)
+            engine, f"tcp://127.0.0.1:{port}", ctx=self.ctx, curve=CurveConfig(server_secret, authorized)
         )
         self.running = Running(service)
         self.endpoint = f"tcp://127.0.0.1:{port}"
@@ -132,7 +133,10 @@ class CurveService:
         return Peer(self.endpoint, routing_id=routing_id, curve=(self.server_public, secret))
 
     def close(self) -> None:
-        self.running.__exit__()
+        try:
+            self.running.__exit__()
+        finally:
+            self.ctx.destroy(linger=0)
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from hf_server import HubServer
 
-from krita_sdxl.backend import setup_download
-from krita_sdxl.backend.setup_plan import events, hub
+from krita_sdxl.backend.setup import download as setup_download
+from krita_sdxl.backend.setup.plan import events, hub
 
 REPO = hub.REFINER_REPO
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -65,7 +65,7 @@ def test_download_lands_where_serve_finds_it_and_a_second_run_fetches_nothing(se
         assert (snapshot / name).read_bytes() == served.data
         assert hub.blob(cache, REPO, hub.RemoteFile(name, len(served.data), None, served.etag)).is_file()
     # `serve` resolves the bare repo id from this cache (the same lookup as the real SDXL refiner)
-    probe = "from krita_sdxl.backend.sources import resolve_source; print(resolve_source('refiner').path)"
+    probe = "from krita_sdxl.backend.models.sources import resolve_source; print(resolve_source('refiner').path)"
     offline = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     found_path = subprocess.run([sys.executable, "-c", probe], env=offline, capture_output=True, text=True, check=True)
     assert Path(found_path.stdout.strip()) == snapshot

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
 from test_setup_view import Docker, click, path_without_krita_sdxl  # noqa: E402
 
-from krita_sdxl.backend.setup_plan import VERSION, hub, steps  # noqa: E402
+from krita_sdxl.backend.setup.plan import VERSION, hub, steps  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
 SETUP_TIMEOUT_S = 480  # venv + torch + the backend's packages on a busy 2-core machine: about 2 minutes

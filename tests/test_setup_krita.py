@@ -12,7 +12,7 @@ from pathlib import Path
 import krita_harness
 import pytest
 
-from krita_sdxl.backend.setup_plan import VERSION, steps
+from krita_sdxl.backend.setup.plan import VERSION, steps
 
 pytestmark = [pytest.mark.krita, pytest.mark.slow]
 
@@ -48,7 +48,7 @@ def test_set_up_in_real_krita_checks_then_cancels_cleanly(tmp_path: Path) -> Non
     assert value["phase"] == "ready" and value["problem"] is None, story
     assert "torch==2.13.0" in value["plan"] and "Download the SDXL 1.0 refiner" in value["plan"], story
     assert not value["folder_after_check"] and value["run_button"] == "Set up", story
-    assert "/_vendor/common/krita_sdxl/backend/setup_plan/" in value["setup_plan_file"], story
+    assert "/_vendor/common/krita_sdxl/backend/setup/plan/" in value["setup_plan_file"], story
     assert value["wheel"].endswith(f"/krita_sdxl_refiner/{steps.WHEELS_DIR}/krita_sdxl-{VERSION}-py3-none-any.whl")
     assert value["status_before_cancel"]["venv"] == "running", story
     assert value["phase_after_cancel"] == "cancelled" and not value["venv_after_cancel"], story

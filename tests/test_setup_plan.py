@@ -1,4 +1,4 @@
-"""The setup's pure decisions (``backend/setup_plan``), for Windows, macOS and Linux alike: which Python,
+"""The setup's pure decisions (``backend/setup/plan``), for Windows, macOS and Linux alike: which Python,
 which PyTorch build from which index, which model files, enough disk, which steps run, what a failure
 means, and how a process starts. No Qt, no network, no torch."""
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from krita_sdxl.backend.setup_plan import VERSION, events, failures, hub, machine, mismatch, procenv, pythons, steps
-from krita_sdxl.backend.setup_plan import torch_builds as tb
-from krita_sdxl.backend.setup_plan.hub import RemoteFile
-from krita_sdxl.backend.setup_plan.machine import Machine
-from krita_sdxl.backend.setup_plan.space import Need, check_space, human
+from krita_sdxl.backend.setup.plan import VERSION, events, failures, hub, machine, mismatch, procenv, pythons, steps
+from krita_sdxl.backend.setup.plan import torch_builds as tb
+from krita_sdxl.backend.setup.plan.hub import RemoteFile
+from krita_sdxl.backend.setup.plan.machine import Machine
+from krita_sdxl.backend.setup.plan.space import Need, check_space, human
 
 # --- Python discovery ---------------------------------------------------------------------------
 

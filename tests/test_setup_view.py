@@ -20,7 +20,7 @@ from plugin_fakes import FakeAdapter, FakeService, make_controller, pump  # noqa
 from PyQt5.QtCore import Qt  # noqa: E402
 from PyQt5.QtTest import QTest  # noqa: E402
 
-from krita_sdxl.backend.setup_plan import VERSION, hub, space, steps  # noqa: E402
+from krita_sdxl.backend.setup.plan import VERSION, hub, space, steps  # noqa: E402
 from krita_sdxl_refiner.panel import RefinerPanel  # noqa: E402
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from krita_sdxl.backend import pixels, work_image
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.request import RefineRequest
-from krita_sdxl.backend.tiling import TilingConfig
+from krita_sdxl.backend.engine import pixels, work_image
+from krita_sdxl.backend.engine.request import RefineRequest
+from krita_sdxl.backend.engine.sdxl_engine import Engine
+from krita_sdxl.backend.engine.tiling import TilingConfig
 from krita_sdxl.protocol import Image, ImageSpec, plan_img2img
 
 W, H = 48, 32

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.models import ModelNotFound
-from krita_sdxl.backend.pipelines import load_pipeline, shareable
-from krita_sdxl.backend.request import RefineRequest
-from krita_sdxl.backend.sources import CONFIGS, SHIPPED_CONFIGS, ModelSource, resolve_base, resolve_source
-from krita_sdxl.backend.stages import plan_job
+from krita_sdxl.backend.engine.request import RefineRequest
+from krita_sdxl.backend.engine.sdxl_engine import Engine
+from krita_sdxl.backend.engine.stages import plan_job
+from krita_sdxl.backend.models.pipelines import load_pipeline, shareable
+from krita_sdxl.backend.models.refiner import ModelNotFound
+from krita_sdxl.backend.models.sources import CONFIGS, SHIPPED_CONFIGS, ModelSource, resolve_base, resolve_source
 from krita_sdxl.protocol import Image, ImageSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -139,7 +139,7 @@ def test_shipped_tokenizers_are_clips() -> None:
 
 def test_every_shipped_config_file_is_packaged() -> None:
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    patterns = globs["krita_sdxl.backend"]
+    patterns = globs["krita_sdxl.backend.models"]
     files = [p.relative_to(CONFIGS.parent).as_posix() for p in CONFIGS.rglob("*") if p.is_file()]
     assert len(files) >= 20
     for f in files:

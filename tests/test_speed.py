@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from krita_sdxl.backend import pixels, prompt_cache, speed
-from krita_sdxl.backend.speed import SpeedOptions, SpeedPath, pad_to_size, resolve_speed
+from krita_sdxl.backend.engine import pixels
+from krita_sdxl.backend.speed import prompt_cache
+from krita_sdxl.backend.speed import speed_path as speed
+from krita_sdxl.backend.speed.speed_path import SpeedOptions, SpeedPath, pad_to_size, resolve_speed
 
 
 @pytest.mark.parametrize(
@@ -141,7 +143,7 @@ def test_engine_with_the_speed_path_pads_to_buckets(demo_models: Any, monkeypatc
     """Speed path on, compilation off (fast on the CPU): buckets, crop back, preview size, stats."""
     from test_engine import Recorder, make_image, make_request
 
-    from krita_sdxl.backend.engine import Engine
+    from krita_sdxl.backend.engine.sdxl_engine import Engine
 
     monkeypatch.setenv(speed.OPTIONS_ENV, '{"unet_mode": null, "vae_mode": null, "buckets": true}')
     cache = demo_models.refiner.parent.parent
@@ -177,7 +179,7 @@ def test_regional_compile_compiles_nothing_for_new_selection_sizes(
     size (mkldnn for inputs above 20480 elements per 16 channels), so the sizes here all stay above it."""
     from test_engine import make_image, make_request
 
-    from krita_sdxl.backend.engine import Engine
+    from krita_sdxl.backend.engine.sdxl_engine import Engine
 
     cache = demo_models.refiner.parent.parent
     monkeypatch.setenv(speed.OPTIONS_ENV, '{"unet_mode": null, "vae_mode": null}')  # same padding, eager
@@ -238,7 +240,7 @@ def test_whole_static_compile_is_one_compilation_per_bucket(
     bucket already seen compiles nothing."""
     from test_engine import make_image, make_request
 
-    from krita_sdxl.backend.engine import Engine
+    from krita_sdxl.backend.engine.sdxl_engine import Engine
 
     options = {"scope": "whole", "dynamic": False, "buckets": True, "backend": _compile_backend()}
     monkeypatch.setenv(speed.OPTIONS_ENV, json.dumps(options))

@@ -11,10 +11,12 @@ import pytest
 import torch
 from builders import make_image, make_request
 
-from krita_sdxl.backend import pixels, speed, speed_setup
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.fp8 import fp8_layers, is_fp8_linear, quantize_unet
-from krita_sdxl.backend.step_cache import StepCache
+from krita_sdxl.backend.engine import pixels
+from krita_sdxl.backend.engine.sdxl_engine import Engine
+from krita_sdxl.backend.speed import setup as speed_setup
+from krita_sdxl.backend.speed import speed_path as speed
+from krita_sdxl.backend.speed.fp8 import fp8_layers, is_fp8_linear, quantize_unet
+from krita_sdxl.backend.speed.step_cache import StepCache
 
 NOOP = (lambda *a: None, lambda: False)
 NO_COMPILE = '"unet_mode": null, "vae_mode": null'
@@ -134,11 +136,11 @@ def test_fp8_that_cannot_quantise_runs_as_compile(demo_models: Any, monkeypatch:
                                                   caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     """The level chosen (as on a Hopper GPU), but float8 fails on this CPU (torchao refuses, or is not
     installed): one log line, the level runs as compile, the UNet keeps its own weights."""
-    from krita_sdxl.backend.speed_levels import Plan
+    from krita_sdxl.backend.speed.levels import Plan
 
     monkeypatch.setattr(speed_setup, "choose", lambda s, c: Plan("fp8", "fp8", compile=True, unet="fp8"))
     monkeypatch.setenv(speed.OPTIONS_ENV, '{"backend": "eager", "vae_mode": null}')
-    with caplog.at_level(logging.WARNING, logger="krita_sdxl.backend.speed"):
+    with caplog.at_level(logging.WARNING, logger="krita_sdxl.backend.speed.speed_path"):
         engine = Engine.load(demo=True, device="cpu", cache_dir=demo_models.refiner.parent.parent, speed="fp8")
     assert engine.speed is not None and engine.speed.level == "compile"
     lines = [r.getMessage() for r in caplog.records if "runs as" in r.getMessage()]
@@ -151,7 +153,7 @@ def test_fp8_that_cannot_quantise_runs_as_compile(demo_models: Any, monkeypatch:
 def test_draft_without_compilation_has_nothing_to_warm_up(demo_models: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where torch.compile cannot run (no Triton on a GPU), draft is the step cache alone: no warm-up job;
     with compilation the warm-up job runs."""
-    from krita_sdxl.backend.speed_levels import Plan
+    from krita_sdxl.backend.speed.levels import Plan
 
     cache = demo_models.refiner.parent.parent
     monkeypatch.setattr(speed_setup, "choose", lambda s, c: Plan("draft", "draft", step_cache=True, reasons=("no",)))

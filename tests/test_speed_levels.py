@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from krita_sdxl.backend import speed_levels
-from krita_sdxl.backend.speed_levels import CHOICES, LADDER, Capabilities, choose, why_not
+from krita_sdxl.backend.speed import levels as speed_levels
+from krita_sdxl.backend.speed.levels import CHOICES, LADDER, Capabilities, choose, why_not
 
 LIBS = ("triton", "tensorrt", "onnx", "torchao")
 DEVICES = [("cpu", None), ("mps", None), ("cuda", (8, 0)), ("cuda", (8, 9)), ("cuda:1", (9, 0)), ("cuda", (7, 5))]
@@ -137,8 +137,8 @@ def test_the_engine_steps_down_with_one_log_line(demo_models: Any, monkeypatch: 
                                                  caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     """--speed fp8 on this CPU: fp8 and trt need an NVIDIA GPU, so it runs as compile; one warning says so,
     and the service describes what runs and why."""
-    from krita_sdxl.backend import speed
-    from krita_sdxl.backend.engine import Engine
+    from krita_sdxl.backend.engine.sdxl_engine import Engine
+    from krita_sdxl.backend.speed import speed_path as speed
 
     monkeypatch.setenv(speed.OPTIONS_ENV, '{"unet_mode": null, "vae_mode": null}')  # no compiling: fast
     cache = demo_models.refiner.parent.parent
@@ -157,8 +157,8 @@ def test_the_engine_steps_down_with_one_log_line(demo_models: Any, monkeypatch: 
 def test_the_cli_takes_every_level_and_refuses_others() -> None:
     import argparse
 
-    from krita_sdxl.backend.config import ConfigError, Settings
-    from krita_sdxl.backend.options import add_settings, merge
+    from krita_sdxl.backend.cli.options import add_settings, merge
+    from krita_sdxl.backend.common.config import ConfigError, Settings
 
     parser = argparse.ArgumentParser()
     add_settings(parser, "serve")
@@ -174,8 +174,8 @@ def test_serve_with_a_level_this_machine_lacks(demo_models: Any, tmp_path: Any) 
     runs as compile, ``info`` shows it, and a refine works; a level that does not exist is refused."""
     from cli_helpers import assert_refused, krita_sdxl, rgba_picture
 
-    from krita_sdxl.backend import speed
-    from krita_sdxl.backend.launcher import start_service
+    from krita_sdxl.backend.cli.launcher import start_service
+    from krita_sdxl.backend.speed import speed_path as speed
 
     env = {speed.OPTIONS_ENV: '{"unet_mode": null, "vae_mode": null}'}  # the compile level without compiling
     svc = start_service(["--demo", "--speed", "trt", "--no-warmup"], env=env)

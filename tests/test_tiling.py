@@ -12,10 +12,10 @@ from builders import make_image, make_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from krita_sdxl.backend import pixels
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.request import JobCancelled, RefineRequest
-from krita_sdxl.backend.tiling import (
+from krita_sdxl.backend.engine import pixels
+from krita_sdxl.backend.engine.request import JobCancelled, RefineRequest
+from krita_sdxl.backend.engine.sdxl_engine import Engine
+from krita_sdxl.backend.engine.tiling import (
     TileWeights,
     TilingConfig,
     blend_weights,
@@ -379,7 +379,7 @@ def test_tiled_masked_refine_keeps_the_outside_on_the_demo_model(engine: Engine)
 
 
 def test_cli_flags_reach_the_tiling_config(capsys: Any) -> None:
-    from krita_sdxl.backend.cli import _settings, _tiling, build_parser, main
+    from krita_sdxl.backend.cli.main import _settings, _tiling, build_parser, main
 
     args = build_parser().parse_args(["serve", "--tile-threshold", "1024x1024", "--tile-size", "512"])
     assert _tiling(_settings(args)) == TilingConfig(threshold=1024 * 1024, tile=512, overlap=128)

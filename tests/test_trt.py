@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from krita_sdxl.backend import trt_unet
-from krita_sdxl.backend.trt_background import BackgroundEngines, TrtUnet, engine_inputs
-from krita_sdxl.backend.trt_cache import MAGIC, EngineCache, EngineKey
+from krita_sdxl.backend.speed.tensorrt import unet as trt_unet
+from krita_sdxl.backend.speed.tensorrt.background import BackgroundEngines, TrtUnet, engine_inputs
+from krita_sdxl.backend.speed.tensorrt.cache import MAGIC, EngineCache, EngineKey
 
 KEY = EngineKey(model="folder:/m:UNet2DConditionModel", weights="ab" * 32, width=1024, height=1024, batch=2,
                 precision="fp16", tensorrt="11.4.0.106", gpu="NVIDIA H200", capability="9.0")  # fmt: skip
@@ -269,9 +269,11 @@ def test_the_engine_runs_trt_jobs_eager_until_the_engine_is_ready(
     picture; a restarted engine loads it from the disk cache without building."""
     from test_engine import make_image, make_request
 
-    from krita_sdxl.backend import pixels, speed, speed_setup
-    from krita_sdxl.backend.engine import Engine
-    from krita_sdxl.backend.speed_levels import Plan
+    from krita_sdxl.backend.engine import pixels
+    from krita_sdxl.backend.engine.sdxl_engine import Engine
+    from krita_sdxl.backend.speed import setup as speed_setup
+    from krita_sdxl.backend.speed import speed_path as speed
+    from krita_sdxl.backend.speed.levels import Plan
 
     builds: list[EngineKey] = []
     gate = threading.Event()  # the build finishes only when the test says so
@@ -325,9 +327,10 @@ def test_the_engine_runs_trt_jobs_eager_until_the_engine_is_ready(
 def test_a_trt_level_that_cannot_start_compiles_the_unet_instead(
     demo_models: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from krita_sdxl.backend import speed, speed_setup
-    from krita_sdxl.backend.engine import Engine
-    from krita_sdxl.backend.speed_levels import Plan
+    from krita_sdxl.backend.engine.sdxl_engine import Engine
+    from krita_sdxl.backend.speed import setup as speed_setup
+    from krita_sdxl.backend.speed import speed_path as speed
+    from krita_sdxl.backend.speed.levels import Plan
 
     def no_trt(*args: Any) -> Any:
         raise ImportError("libnvinfer.so.11: cannot open shared object file")

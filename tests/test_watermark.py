@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from krita_sdxl.backend import pixels
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.request import RefineRequest
+from krita_sdxl.backend.engine import pixels
+from krita_sdxl.backend.engine.request import RefineRequest
+from krita_sdxl.backend.engine.sdxl_engine import Engine
 from krita_sdxl.protocol import Image, ImageSpec, plan_img2img
 
 pytest.importorskip("imwatermark", reason="invisible-watermark is the optional [watermark] extra (CI installs it)")

@@ -14,9 +14,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
-from krita_sdxl.protocol.endpoint import EndpointError, check_ipc_connect, parse_endpoint
+from krita_sdxl.protocol.endpoint import DEFAULT_ENDPOINT, EndpointError, check_ipc_connect, parse_endpoint
 
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5588"
 _WATCHED = (
     zmq.EVENT_DISCONNECTED
     | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -67,7 +66,7 @@ class ServiceClient:
         self.socket.setsockopt(zmq.ROUTING_ID, b"k" + secrets.token_bytes(16))  # unguessable: nobody takes our jobs
         self.socket.setsockopt(zmq.LINGER, 0)
         if server_key is not None and client_secret_file is not None:
-            from .security import client_curve
+            from krita_sdxl.backend.service.security import client_curve
 
             client_curve(self.socket, server_key, client_secret_file)
         self._connect(endpoint, client_secret_file)

@@ -11,9 +11,8 @@ import argparse
 import time
 from typing import Any
 
+from krita_sdxl.backend.common.config import CommandFailed
 from krita_sdxl.protocol import Image, ImageSpec
-
-from .config import CommandFailed
 
 
 def sample_image(width: int = 512, height: int = 384) -> Image:
@@ -37,11 +36,11 @@ def sample_image(width: int = 512, height: int = 384) -> Image:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .cli_refine import Progress, save
     from .client import ServiceClient
     from .imageio import Picture, plan_output
     from .job_options import check_job, step_note
     from .launcher import start_service
+    from .refine import Progress, save
 
     source = Picture(sample_image(), grey=False)
     out = plan_output(args.output, source)  # checked before the service starts

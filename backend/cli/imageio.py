@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from krita_sdxl.backend.common.config import ConfigError
 from krita_sdxl.protocol import Image, ImageSpec
 
-from .config import ConfigError
 from .png16 import encode_png16
 
 _DTYPES = {("uint", 8): np.dtype("u1"), ("uint", 16): np.dtype("<u2"), ("float", 32): np.dtype("<f4")}
@@ -230,7 +230,7 @@ def _encode(out: Output, values: np.ndarray) -> bytes:
 def write_picture(out: Output, result: Image) -> None:
     """Write the result as planned; the file appears whole or not at all (OSError when it cannot)."""
     data = _encode(out, samples(result))
-    from .safe_files import write_atomic
+    from krita_sdxl.backend.common.safe_files import write_atomic
 
     out.path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out.path, data)

@@ -7,13 +7,12 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
+from krita_sdxl.backend.common.config import ConfigError
 from krita_sdxl.protocol import CLIENT, Image, Message, ProtocolError, decode, encode
 from krita_sdxl.protocol.schema import CLIENT_MESSAGES
 
-from .config import ConfigError
-
 SUBMIT = CLIENT_MESSAGES["submit"]
-MODES = ("refine", "generate", "two_stage")  # as backend/stages.py (which needs no torch, but pulls more)
+MODES = ("refine", "generate", "two_stage")  # as backend/engine/stages.py (which needs no torch, but pulls more)
 
 
 @dataclass(frozen=True)

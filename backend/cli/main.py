@@ -15,12 +15,14 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import demo_cmd, setup_cmd
-from .cli_refine import add_connection_flags, cmd_refine, connect, say
-from .config import EXIT_INTERRUPTED, EXIT_USAGE, CommandFailed, ConfigError, Settings
+from krita_sdxl.backend.common.config import EXIT_INTERRUPTED, EXIT_USAGE, CommandFailed, ConfigError, Settings
+from krita_sdxl.backend.engine.loading import configure_logging, load_engine, tiling
+
+from . import demo as demo_cmd
+from . import setup as setup_cmd
 from .job_options import add_job_flags
-from .loading import configure_logging, load_engine, tiling
 from .options import add_common, add_settings, resolve
+from .refine import add_connection_flags, cmd_refine, connect, say
 
 log = logging.getLogger("krita_sdxl")
 
@@ -140,13 +142,13 @@ _tiling = tiling
 def cmd_serve(args: argparse.Namespace) -> int:
     import zmq
 
+    from krita_sdxl.backend.pool.plan import check_pool
+    from krita_sdxl.backend.service.limits import Limits
+    from krita_sdxl.backend.service.security import SecurityError
+    from krita_sdxl.backend.service.server import Service
     from krita_sdxl.protocol.endpoint import parse_endpoint
 
-    from .limits import Limits
-    from .pool.plan import check_pool
     from .preflight import bind_problem, check_serve
-    from .security import SecurityError
-    from .server import Service
 
     settings = resolve(args)
     configure_logging(settings.log_level)
@@ -154,13 +156,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     curve = check_serve(settings)  # endpoint, exposure, keys, a test bind, device, checkpoint: before the load
     pool = None
     if settings.pool == "ray":  # the same service; the jobs run on Ray Serve replicas (backend/pool)
-        from .pool.cluster import start_pool
+        from krita_sdxl.backend.pool.cluster import start_pool
 
         say("starting the pool (Ray Serve) ...")
         pool = start_pool(settings)
         engine = pool.engine
     elif settings.identity:
-        from .identity_engine import IdentityEngine
+        from krita_sdxl.backend.engine.identity import IdentityEngine
 
         engine = IdentityEngine()
     else:
@@ -258,7 +260,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     import zmq.auth
 
-    from .security import SecurityError, write_keys
+    from krita_sdxl.backend.service.security import SecurityError, write_keys
 
     try:
         public, secret = write_keys(args.dir, args.name, force=args.force)
@@ -273,7 +275,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_authorize(args: argparse.Namespace) -> int:
     import zmq.auth
 
-    from .security import SecurityError, authorize_key
+    from krita_sdxl.backend.service.security import SecurityError, authorize_key
 
     key = args.public_key
     if Path(key).expanduser().is_file():

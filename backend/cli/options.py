@@ -12,12 +12,11 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from krita_sdxl.backend.common.config import ConfigError, Settings, default_config_path, load_toml
+from krita_sdxl.backend.speed.levels import CHOICES as SPEED_CHOICES
 from krita_sdxl.protocol.endpoint import EndpointError, parse_endpoint
 from krita_sdxl.protocol.images import MAX_SIDE
 from krita_sdxl.protocol.schema import MAX_PROMPT_CHARS
-
-from .config import ConfigError, Settings, default_config_path, load_toml
-from .speed_levels import CHOICES as SPEED_CHOICES
 
 Check = Callable[[Any], Any]  # returns the value (possibly normalised) or raises ValueError(why)
 MAX_PIXELS = MAX_SIDE * MAX_SIDE  # the protocol's largest image

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import zmq
 
+from krita_sdxl.backend.common.config import ConfigError, Settings
+from krita_sdxl.backend.service.security import CurveConfig, SecurityError, check_exposure
 from krita_sdxl.protocol.endpoint import Endpoint, EndpointError, check_ipc_bind, parse_endpoint
-
-from .config import ConfigError, Settings
-from .security import CurveConfig, SecurityError, check_exposure
 
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors format's own limit on its JSON header
 
@@ -83,7 +82,7 @@ def check_checkpoint(model: str) -> None:
 
 
 def check_device(device: str) -> None:
-    from .models import pick_device
+    from krita_sdxl.backend.models.refiner import pick_device
 
     try:
         pick_device(device)

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_JOB_LOST, CommandFailed, ConfigError
+from krita_sdxl.backend.common.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_JOB_LOST, CommandFailed, ConfigError
+
 from .imageio import Output, Picture, keep_somewhere, plan_output, read_picture, write_picture
 from .job_options import check_job, job_fields, step_note
 
@@ -240,10 +241,11 @@ def _interrupted(client: Any, job: str, wait: float = 10.0) -> Any:
 
 
 def _refine_local(args: argparse.Namespace, message: Any) -> tuple[Any, int, str]:
-    from .loading import load_engine, tiling
+    from krita_sdxl.backend.engine.loading import load_engine, tiling
+    from krita_sdxl.backend.engine.request import RefineRequest
+
     from .options import resolve
     from .preflight import check_local
-    from .request import RefineRequest
 
     settings = resolve(args)
     check_local(settings)

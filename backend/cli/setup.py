@@ -4,7 +4,7 @@
     krita-sdxl setup download [--json-progress] the models only (the Krita plugin runs this, reading JSON lines)
     krita-sdxl setup check [--json]             this environment: versions, PyTorch's device (the plugin's check)
 
-The decisions (which PyTorch build, which files, enough disk?) are the plugin's too: ``setup_plan``.
+The decisions (which PyTorch build, which files, enough disk?) are the plugin's too: ``setup.plan``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import sys
 from importlib import metadata
 from typing import Any
 
-from .config import EXIT_FAILED, EXIT_OK
-from .setup_plan import VERSION, events, hub, machine, torch_builds
-from .setup_plan.space import human
+from krita_sdxl.backend.common.config import EXIT_FAILED, EXIT_OK
+from krita_sdxl.backend.setup.plan import VERSION, events, hub, machine, torch_builds
+from krita_sdxl.backend.setup.plan.space import human
 
 TORCH_INDEX_ENV = "KRITA_SDXL_TORCH_INDEX"  # "pip": pip's own configuration; or an index URL
 
@@ -93,7 +93,7 @@ def check_info() -> dict[str, Any]:
     try:
         import torch
 
-        from .models import pick_device
+        from krita_sdxl.backend.models.refiner import pick_device
 
         info.update(torch=torch.__version__, cuda=torch.version.cuda, device=pick_device("auto"))
     except Exception as exc:
@@ -124,7 +124,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .setup_download import DownloadFailed, download
+    from krita_sdxl.backend.setup.download import DownloadFailed, download
 
     emit = _json_emit if args.json_progress else _TextProgress()
     try:
@@ -153,7 +153,7 @@ class _TextProgress:
         self.shown = 0
 
     def __call__(self, kind: str, **fields: Any) -> None:
-        from .setup_download import describe_plan
+        from krita_sdxl.backend.setup.download import describe_plan
 
         if kind == "plan":
             print(describe_plan({"event": kind, **fields}), flush=True)

@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .client import DEFAULT_ENDPOINT
+from krita_sdxl.protocol.endpoint import DEFAULT_ENDPOINT
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
 
@@ -48,7 +48,7 @@ class Settings:
     base_model: str = ""  # the same kinds; "" = the SDXL 1.0 base if it is in the local cache; "none" = no base
     model_config: str = ""  # single-file refiner: its diffusers config folder ("" = the shipped SDXL 1.0 one)
     base_model_config: str = ""  # single-file base: likewise
-    memory: str = "auto"  # none, balanced, model, sequential, auto (backend/memory.py)
+    memory: str = "auto"  # none, balanced, model, sequential, auto (backend/models/memory.py)
     oom_retry: bool = False  # out of memory: run the job once more in the next lower memory mode
     watermark: bool = True  # the invisible SDXL watermark, when invisible-watermark is installed
     simulate_oom: int = 0  # tests only: the first N UNet calls raise an out-of-memory error
@@ -72,10 +72,12 @@ class Settings:
     min_replicas: int = 0  # pool autoscaling: fewest replicas (with max_replicas)
     max_replicas: int = 0  # pool autoscaling: most replicas; 0 = a fixed number (replicas)
     ray_address: str = ""  # pool: "" = start a local Ray here; auto or HOST:PORT = join a running cluster
-    speed: str = "off"  # speed level (backend/speed_levels.py): off, compile, trt, fp8, draft; auto, on
+    speed: str = "off"  # speed level (backend/speed/levels.py): off, compile, trt, fp8, draft; auto, on
     warmup: bool = True  # serve: compile the speed path at start-up, before the first job
     compile_cache: str = ""  # torch.compile caches; "" = <cache_dir>/torch-compile
-    tile_threshold: int = 2048 * 2048  # pixels; larger images are refined in tiles (backend/tiling.py); 0 = never
+    tile_threshold: int = (
+        2048 * 2048
+    )  # pixels; larger images are refined in tiles (backend/engine/tiling.py); 0 = never
     tile_size: int = 1024  # tile side in pixels, a multiple of 8
     tile_overlap: int = 128  # pixels shared by neighbouring tiles, blended
 

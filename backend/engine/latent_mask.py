@@ -18,7 +18,7 @@ Two details make it right for any scheduler and along soft edges:
   ``sqrt(m**2 + (1 - m)**2)`` of it (0.71 at m = 0.5: an under-noised band along the edge).
 
 The VAE decoder still smears latents a few pixels across the mask edge and its round trip is not
-lossless, so the job's finish (backend/work_image.py) puts the source pixels back where the mask is 0.
+lossless, so the job's finish (backend/engine/work_image.py) puts the source pixels back where the mask is 0.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, Settings
+from krita_sdxl.backend.common.config import ConfigError, Settings
 
 log = logging.getLogger("krita_sdxl")
 LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "accelerate", "torch", "PIL", "urllib3", "filelock")
@@ -57,7 +57,7 @@ def quiet_libraries(level: str) -> None:
 
 
 def tiling(settings: Settings) -> Any:
-    """The engine's tiling settings (backend/tiling.py); ConfigError when they do not fit together."""
+    """The engine's tiling settings (backend/engine/tiling.py); ConfigError when they do not fit together."""
     from .tiling import TilingConfig
 
     try:
@@ -68,9 +68,10 @@ def tiling(settings: Settings) -> Any:
 
 def load_engine(settings: Settings) -> Any:
     """The engine with the settings' model; ConfigError with one line when it cannot be loaded."""
-    from .engine import Engine
-    from .memory import MemoryModeError
-    from .models import ModelNotFound
+    from krita_sdxl.backend.models.memory import MemoryModeError
+    from krita_sdxl.backend.models.refiner import ModelNotFound
+
+    from .sdxl_engine import Engine
 
     quiet_libraries(settings.log_level)
     name = "the demo model" if settings.demo else settings.model

@@ -38,7 +38,7 @@ class RefineRequest:
     mask: Image | None = None  # L image, same size as image: result alpha is multiplied by it
     feather: float = 0.0  # inward feather of the mask, in image pixels
     transfer: str = "srgb"  # "linear": pixels are linear light; encoded to sRGB for the model and back
-    mode: str = "refine"  # refine, generate or two_stage (backend/stages.py)
+    mode: str = "refine"  # refine, generate or two_stage (backend/engine/stages.py)
     stages: Stages | None = None  # how the denoising is split between base and refiner; None = refine
     keep_unmasked: bool = True  # with a mask: only the masked area is re-noised, the rest kept
 

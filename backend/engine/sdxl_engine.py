@@ -23,14 +23,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from krita_sdxl.backend.models import oom
+from krita_sdxl.backend.models.memory import Placement, lower_mode
+from krita_sdxl.backend.models.model_set import ModelSet
+from krita_sdxl.backend.models.refiner import pick_device, pick_dtypes
+from krita_sdxl.backend.speed import prompt_cache
 from krita_sdxl.protocol import Image
 
-from . import oom, pixels, prompt_cache, work_image
+from . import pixels, work_image
 from .denoise import StepReporter, default_stages, job_generator, run_stages
 from .latent_mask import LatentMask, fit_mask
-from .memory import Placement, lower_mode
-from .model_set import ModelSet
-from .models import pick_device, pick_dtypes
 from .request import JobCancelled, ProgressFn, RefineRequest, StopFn
 from .stages import BASE_MODES, MODES, Stages, TimestepsFn, scheduler_timesteps
 from .watermark import Watermark
@@ -38,7 +40,7 @@ from .watermark import Watermark
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    from .speed import SpeedPath
+    from krita_sdxl.backend.speed.speed_path import SpeedPath
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,8 @@ def _placement(memory: str, device: str, refiner: Any, base: Any, unet_dtype: to
     """The memory placement for ``--memory`` (auto: chosen from the free GPU memory and the models' sizes)."""
     if memory != "auto":
         return Placement(memory, device)
-    from .footprint import source_footprint
-    from .memory import choose_auto
+    from krita_sdxl.backend.models.footprint import source_footprint
+    from krita_sdxl.backend.models.memory import choose_auto
 
     free = torch.cuda.mem_get_info(torch.device(device))[0] if device.startswith("cuda") else None
     size = torch.finfo(unet_dtype).bits // 8
@@ -81,14 +83,14 @@ class Engine:
         watermark: Watermark | None = None,
         oom_retry: bool = False,
     ) -> None:
-        self.speed = speed  # the compiled speed path (backend/speed.py), None = plain eager path
+        self.speed = speed  # the compiled speed path (backend/speed/speed_path.py), None = plain eager path
         self._preview_hw: tuple[int, int] | None = None  # latent rows/cols of the work image (no padding)
         self.device = device
         self.unet_dtype = unet_dtype
         self.vae_dtype = vae_dtype
         self.name = name
         self.path = path
-        # The models (refiner, lazily the base) and their memory placement: backend/model_set.py.
+        # The models (refiner, lazily the base) and their memory placement: backend/models/model_set.py.
         self.models = models or ModelSet(Placement("none", device), unet_dtype, vae_dtype, refiner_pipe=pipe)
         self.watermark = watermark or Watermark(enabled=False)
         self.oom_retry = oom_retry  # out of memory: step down one memory mode and run the job once more
@@ -131,11 +133,11 @@ class Engine:
         """Pick device and dtypes, find the refiner (raises ModelNotFound) and the base (if any: it
         loads with the first job that needs it), choose the memory mode (raises MemoryModeError)
         and load the refiner."""
-        from .demo_model import default_cache_dir
-        from .memory import check_mode
-        from .sources import resolve_base, resolve_source
-        from .speed import default_compile_cache
-        from .speed_setup import setup
+        from krita_sdxl.backend.models.demo import default_cache_dir
+        from krita_sdxl.backend.models.memory import check_mode
+        from krita_sdxl.backend.models.sources import resolve_base, resolve_source
+        from krita_sdxl.backend.speed.setup import setup
+        from krita_sdxl.backend.speed.speed_path import default_compile_cache
 
         chosen = pick_device(device)
         unet_dtype, vae_dtype = pick_dtypes(chosen, dtype)
@@ -183,7 +185,7 @@ class Engine:
         prompt_cache.install(pipe)
         if role == "refiner" and self._speed_setup is not None:
             self.speed = self._speed_setup(pipe)
-        elif self.speed is not None:  # the base: its UNet is compiled too (backend/speed.py)
+        elif self.speed is not None:  # the base: its UNet is compiled too (backend/speed/speed_path.py)
             self.speed.add_pipe(pipe, role)
 
     def describe(self) -> dict[str, Any]:
@@ -317,11 +319,11 @@ class Engine:
         return lower
 
     def _refine(self, req: RefineRequest, on_progress: ProgressFn, should_stop: StopFn) -> Image:
-        """One job, whole (or one tile of it). The colour path in and out: backend/work_image.py."""
+        """One job, whole (or one tile of it). The colour path in and out: backend/engine/work_image.py."""
         mask = pixels.image_mask(req.image, req.mask)
         if should_stop():
             raise JobCancelled()
-        # --- large layers (backend/tiling.py): above self.tiling's threshold (a TilingConfig; unset
+        # --- large layers (backend/engine/tiling.py): above self.tiling's threshold (a TilingConfig; unset
         # = defaults), refine at native size in overlapping, blended tiles, each through this method.
         from .tiling import refine_if_large
 
@@ -357,7 +359,7 @@ class Engine:
         stages: Stages | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Run the job's stages (backend/stages.py, backend/denoise.py) on the source latents.
+        """Run the job's stages (backend/engine/stages.py, backend/engine/denoise.py) on the source latents.
         ``keep``: the mask at the latents' pixel size; outside it the source latents are held."""
         reporter = StepReporter(
             req.plan.denoise_steps,

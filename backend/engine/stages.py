@@ -65,7 +65,7 @@ def scheduler_timesteps(config: dict[str, Any] | None = None) -> TimestepsFn:
     """The timesteps function of a scheduler config (default: the SDXL 1.0 Euler scheduler)."""
     from diffusers import EulerDiscreteScheduler, SchedulerMixin
 
-    from .demo_model import SCHEDULER_CONFIG
+    from krita_sdxl.backend.models.demo import SCHEDULER_CONFIG
 
     @functools.lru_cache(maxsize=2 * MAX_STEPS)
     def cached(steps: int) -> tuple[int, ...]:

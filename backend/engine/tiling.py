@@ -275,7 +275,7 @@ def refine_in_tiles(
     """Refine ``req`` tile by tile with ``refine`` (an engine's own, run whole on each tile) and
     return an image of the input's exact size and format, following ``Engine.refine``'s output
     rule (alpha untouched, or multiplied by the feathered mask). The picture goes in and out by
-    the engine's colour path (backend/work_image.py); ``watermark`` (with an ``apply(rgb)``) marks
+    the engine's colour path (backend/engine/work_image.py); ``watermark`` (with an ``apply(rgb)``) marks
     the returned picture once, after the tiles are blended.
 
     With a mask, each tile gets its part of the mask (with ``keep_unmasked``, so the engine keeps
@@ -319,7 +319,7 @@ def refine_in_tiles(
         return out
 
     out = map_tiles(rgb, plan, run_tile)
-    # the watermark goes on the blended whole, never per tile (backend/work_image.py)
+    # the watermark goes on the blended whole, never per tile (backend/engine/work_image.py)
     return work_image.finish(job, out, watermark)
 
 

@@ -89,7 +89,7 @@ def finish(job: WorkImage, out: np.ndarray, watermark: Any = None) -> Image:
     """The result in the document's size and format from the model's result ``out`` (HxWx3 in
     [0, 1] at the work size). ``watermark``: a :class:`.watermark.Watermark` to mark the returned
     picture with (None for a tile: the tiled job marks the blended whole). A tile's mask reaches
-    only its alpha (tiles are opaque RGBA, backend/tiling.py), so the whole is blended once."""
+    only its alpha (tiles are opaque RGBA, backend/engine/tiling.py), so the whole is blended once."""
     req, spec = job.req, job.req.image.spec
     if job.work is not None:
         out = pixels.resize(out, (spec.width, spec.height))

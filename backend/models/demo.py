@@ -6,7 +6,7 @@ tokenizers with the real file layout) at toy widths, so they load through exactl
 ``from_pretrained`` call as the real models, offline, in well under a second. Their output is
 noise-like: they exist to exercise the whole path, not to make pictures.
 
-    python -m krita_sdxl.backend.demo_model [DIR]     # build (if missing) and print the paths
+    python -m krita_sdxl.backend.models.demo [DIR]     # build (if missing) and print the paths
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def _check_model_index(folder: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) > 1 or (args and args[0].startswith("-")):
-        print("usage: python -m krita_sdxl.backend.demo_model [CACHE_DIR]", file=sys.stderr)
+        print("usage: python -m krita_sdxl.backend.models.demo [CACHE_DIR]", file=sys.stderr)
         return 2
     paths = ensure_demo_models(Path(args[0]) if args else None)
     print(f"refiner: {paths.refiner}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .models import weight_variants
+from .refiner import weight_variants
 from .sources import ModelSource
 
 log = logging.getLogger(__name__)

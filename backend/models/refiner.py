@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .demo_model import ensure_demo_models
-from .setup_plan import hub
+from krita_sdxl.backend.setup.plan import hub
+
+from .demo import ensure_demo_models
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLImg2ImgPipeline
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REFINER = hub.REFINER_REPO
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# What a refiner folder needs (one rule with `krita-sdxl setup`'s downloads: setup_plan/hub.py).
+# What a refiner folder needs (one rule with `krita-sdxl setup`'s downloads: setup/plan/hub.py).
 FP16_PATTERNS = hub.FP16_PATTERNS
 PLAIN_PATTERNS = hub.PLAIN_PATTERNS
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -103,7 +104,7 @@ def _check_folder(path: Path) -> Path:
     if path.is_file():
         raise ModelNotFound(
             f"{path} is a file, but a model must be a diffusers folder (model_index.json, unet/, vae/, ...); "
-            f"single-file checkpoints are not supported here (krita_sdxl.backend.sources loads them); {_WAYS_OUT}"
+            f"single-file checkpoints are not supported here (models/sources.py loads them); {_WAYS_OUT}"
         )
     if not (path / "model_index.json").is_file():
         raise ModelNotFound(

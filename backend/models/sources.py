@@ -4,7 +4,7 @@ fine-tune of the same architecture).
 
 A single file holds only weights; ``from_single_file`` also needs a diffusers *config* folder
 (model_index.json, every component's config, the CLIP tokenizer files). The SDXL 1.0 ones ship in
-``backend/configs/`` (written by ``packaging/make_sdxl_configs.py``), so nothing is downloaded at
+``backend/models/configs/`` (written by ``packaging/make_sdxl_configs.py``), so nothing is downloaded at
 load time; ``--model-config`` / ``--base-model-config`` name another folder for another architecture.
 """
 
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .demo_model import ensure_demo_models
-from .models import DEFAULT_REFINER, ModelNotFound, _check_folder, _looks_like_path, _snapshot, hf_cache_dir
-from .setup_plan import hub
+from krita_sdxl.backend.setup.plan import hub
+
+from .demo import ensure_demo_models
+from .refiner import DEFAULT_REFINER, ModelNotFound, _check_folder, _looks_like_path, _snapshot, hf_cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The GPU pool: the service's jobs run on the replicas of a Ray Serve deployment (``serve --pool ray``).
 
-The service front is unchanged (backend/server.py: endpoint, protocol, CURVE, limits, the fair
+The service front is unchanged (backend/service/server.py: endpoint, protocol, CURVE, limits, the fair
 JobQueue); only the one worker thread is replaced by a dispatcher that keeps one job in flight per
 replica. Modules, one job each:
 

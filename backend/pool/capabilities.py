@@ -118,7 +118,7 @@ class PoolEngine:
         scheduler = described.get("scheduler")
         self.timesteps: Callable[[int], list[int]] | None = None
         if scheduler is not None:
-            from ..stages import scheduler_timesteps
+            from krita_sdxl.backend.engine.stages import scheduler_timesteps
 
             self.timesteps = scheduler_timesteps(scheduler)
 

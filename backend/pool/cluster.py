@@ -8,7 +8,8 @@ import socket
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..config import ConfigError, Settings
+from krita_sdxl.backend.common.config import ConfigError, Settings
+
 from .capabilities import PoolEngine, ReplicaBook
 from .plan import APP, PoolPlan, plan_pool, shortfall
 

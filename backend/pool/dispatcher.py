@@ -1,6 +1,6 @@
 """The pool's stand-in for the worker thread: slots that each keep one job in flight on the replicas.
 
-A slot is a :class:`~krita_sdxl.backend.worker.Worker` (same queue, same inproc PUSH path, same final
+A slot is a :class:`~krita_sdxl.backend.service.worker.Worker` (same queue, same inproc PUSH path, same final
 event rules) whose job runs on whichever replica Ray Serve routes it to: the slot takes the next fair
 job from the JobQueue, ships its pixels, calls the deployment with a streaming DeploymentHandle call
 and forwards ``progress`` (and previews) as they come, then the final event.
@@ -31,10 +31,10 @@ from ray.exceptions import (
 )
 from ray.serve.exceptions import RequestCancelledError
 
+from krita_sdxl.backend.service.jobs import Job, JobQueue
+from krita_sdxl.backend.service.worker import Outcome, Worker
 from krita_sdxl.protocol import errors as codes
 
-from ..jobs import Job, JobQueue
-from ..worker import Outcome, Worker
 from . import transfer
 from .capabilities import ReplicaBook
 from .plan import routing_key

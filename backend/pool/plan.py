@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError, Settings
-from ..request import RefineRequest
+from krita_sdxl.backend.common.config import ConfigError, Settings
+from krita_sdxl.backend.engine.request import RefineRequest
 
 APP = "krita-sdxl"  # the Ray Serve application's name
 BASE = "base"  # the multiplexed model id of jobs that run the base model (generate, two_stage)
@@ -119,6 +119,6 @@ def shortfall(plan: PoolPlan, cluster_gpus: float) -> str | None:
 def routing_key(req: RefineRequest) -> str:
     """The multiplexed model id a job is routed by: Ray Serve sends the jobs that need the base to a
     replica that already holds it (refine jobs name none: any replica holds the refiner)."""
-    from ..stages import BASE_MODES
+    from krita_sdxl.backend.engine.stages import BASE_MODES
 
     return BASE if req.mode in BASE_MODES else ""

@@ -1,4 +1,4 @@
-"""The Ray Serve deployment: each replica loads the engine once (backend/engine.py, the same code as the
+"""The Ray Serve deployment: each replica loads the engine once (backend/engine/sdxl_engine.py, the same code as the
 single-process service) on its GPU, or on the CPU, and keeps it resident for every job it runs.
 
 ``run`` streams one job's events: ``started`` (which replica, its state), ``progress`` (with a preview),
@@ -24,8 +24,9 @@ from typing import Any
 
 from ray import serve
 
-from ..config import Settings
-from ..worker import Outcome, run_engine
+from krita_sdxl.backend.common.config import Settings
+from krita_sdxl.backend.service.worker import Outcome, run_engine
+
 from . import transfer
 
 log = logging.getLogger("krita_sdxl.pool")
@@ -33,11 +34,11 @@ log = logging.getLogger("krita_sdxl.pool")
 
 def load(settings: Settings, gpu: bool) -> Any:
     """The engine, as ``serve`` loads it in one process; CPU replicas run torch on one thread."""
-    from ..loading import configure_logging, load_engine, tiling
+    from krita_sdxl.backend.engine.loading import configure_logging, load_engine, tiling
 
     configure_logging(settings.log_level)
     if settings.identity:
-        from ..identity_engine import IdentityEngine
+        from krita_sdxl.backend.engine.identity import IdentityEngine
 
         return IdentityEngine()
     import torch

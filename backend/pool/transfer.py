@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from krita_sdxl.backend.engine.request import RefineRequest
 from krita_sdxl.protocol import Image, ImageSpec
-
-from ..request import RefineRequest
 
 Packed = tuple[dict[str, Any], np.ndarray]  # (the image's spec on the wire, its bytes as uint8)
 

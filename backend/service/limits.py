@@ -1,6 +1,6 @@
 """Size, count and byte limits of the service: the numbers, and the per-message checks of a submit.
 
-The job counts and byte budgets themselves are enforced by the queue (backend/jobs.py), which
+The job counts and byte budgets themselves are enforced by the queue (backend/service/jobs.py), which
 knows what every client holds; :meth:`Limits.queue_budgets` hands it these numbers.
 """
 
@@ -50,7 +50,7 @@ class Limits:
         return self.max_total_bytes if self.max_total_bytes is not None else 4 * self.client_bytes
 
     def queue_budgets(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`~krita_sdxl.backend.jobs.JobQueue`."""
+        """Keyword arguments of :class:`~krita_sdxl.backend.service.jobs.JobQueue`."""
         return {
             "max_total": self.max_jobs_total,
             "max_per_client": self.max_jobs_per_client,

@@ -2,7 +2,7 @@
 
 CURVE keys are the ones pyzmq's ``zmq.auth`` writes: ``NAME.key`` (public, shareable) and
 ``NAME.key_secret`` (secret). The service authorizes every client public key found in a folder (ZAP,
-backend/authorized.py). CURVE needs libzmq 4.3.3 or later (CVE-2019-13132, CVE-2020-15166).
+backend/service/authorized.py). CURVE needs libzmq 4.3.3 or later (CVE-2019-13132, CVE-2020-15166).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def write_keys(folder: Path, name: str, force: bool = False) -> tuple[Path, Path
         )
     import time
 
-    from .safe_files import write_atomic
+    from krita_sdxl.backend.common.safe_files import write_atomic
 
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     pub, sec = (k.decode("ascii") for k in zmq.curve_keypair())
@@ -159,7 +159,7 @@ def authorize_key(folder: Path, public_key: str, name: str | None = None, force:
             return path
         if not force:
             raise SecurityError(f"{path} already holds another client's key; choose another --name or pass --force")
-    from .safe_files import write_atomic
+    from krita_sdxl.backend.common.safe_files import write_atomic
 
     write_atomic(path, f'#   krita-sdxl authorized client key\ncurve\n    public-key = "{key}"\n'.encode())
     return path

@@ -3,7 +3,7 @@
 Pattern: ROUTER (service) / DEALER (clients). Every request is validated by the protocol codec
 before any work starts; a bad message gets an ``error`` event and the service keeps serving: no
 message, and no exception anywhere in the I/O loop, stops it. Events from the worker arrive on an
-inproc PULL socket and are forwarded to the client that owns the job (backend/sessions.py says who
+inproc PULL socket and are forwarded to the client that owns the job (backend/service/sessions.py says who
 that is and who may receive them).
 """
 
@@ -17,6 +17,8 @@ from typing import Any
 
 import zmq
 
+from krita_sdxl.backend.engine.request import RefineRequest
+from krita_sdxl.backend.setup.plan import VERSION
 from krita_sdxl.protocol import CLIENT, PROTOCOL_VERSION, SERVICE, Message, ProtocolError, decode, encode
 from krita_sdxl.protocol import errors as codes
 from krita_sdxl.protocol.codec import MAX_CLIENT_FRAMES, error_event, error_fields, peek_job
@@ -28,10 +30,8 @@ from .jobs import Job, JobQueue, Owner, QueueFull
 from .limits import Limits
 from .peers import Peers
 from .ratelog import RateLimitedLog
-from .request import RefineRequest
 from .security import CurveConfig, SecurityError, apply_curve, check_exposure
 from .sessions import Sessions, routing_id_problem
-from .setup_plan import VERSION
 from .worker import Engine, Worker, WorkerFactory
 
 log = logging.getLogger(__name__)

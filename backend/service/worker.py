@@ -16,13 +16,13 @@ from typing import Any, Protocol
 
 import zmq
 
+from krita_sdxl.backend.engine.request import JobCancelled, ProgressFn, RefineRequest, StopFn
+from krita_sdxl.backend.models import oom
 from krita_sdxl.protocol import SERVICE, Image, encode
 from krita_sdxl.protocol import errors as codes
 from krita_sdxl.protocol.codec import error_event
 
-from . import oom
 from .jobs import Job, JobQueue
-from .request import JobCancelled, ProgressFn, RefineRequest, StopFn
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def run_engine(
         log.info("job %s cancelled (%s)", label, cancel_reason())
         return "cancelled", None, {"reason": cancel_reason()}
     except Exception as exc:  # the service must keep serving whatever a job does
-        if oom.is_out_of_memory(exc):  # backend/oom.py: the advice, freeing memory, the retry policy
+        if oom.is_out_of_memory(exc):  # backend/models/oom.py: the advice, freeing memory, the retry policy
             log.error("job %s ran out of memory: %s", label, exc)
             message = oom.job_message(exc)
             oom.free_memory()  # best effort here; the engine frees outside its except blocks

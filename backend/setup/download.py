@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .setup_plan import hub
-from .setup_plan.hub import RemoteFile
-from .setup_plan.space import Need, check_space, free_bytes, human
+from krita_sdxl.backend.setup.plan.hub import RemoteFile
+from krita_sdxl.backend.setup.plan.space import Need, check_space, free_bytes, human
+
+from .plan import hub
 
 Emit = Callable[..., None]  # emit(kind, **fields): one progress event
 ATTEMPTS = 5  # per file, each resuming where the last stopped

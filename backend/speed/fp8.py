@@ -1,6 +1,6 @@
 """The ``fp8`` speed level's quantisation: torchao float8 dynamic quantisation (activations and weights,
 ``Float8DynamicActivationFloat8WeightConfig``) of the UNet's transformer linear layers, run under the
-regional ``torch.compile`` (backend/speed.py).
+regional ``torch.compile`` (backend/speed/speed_path.py).
 
 Why torchao and not nvidia-modelopt + TensorRT: torchao installs from PyPI as one small wheel and works
 inside the compile path the service already has (no ONNX export, no second engine format, no

@@ -3,7 +3,7 @@
 Levels, from slowest to fastest (each is a :class:`Plan` of what the speed path does):
 
 - ``off``: the plain eager path.
-- ``compile``: regional ``torch.compile`` of the UNet's and the VAE's blocks (backend/speed.py).
+- ``compile``: regional ``torch.compile`` of the UNet's and the VAE's blocks (backend/speed/speed_path.py).
 - ``trt``: the refiner UNet as a TensorRT FP16 engine per size bucket (static shapes), built in the
   background while jobs run eager; the VAE compiled as in ``compile``. Needs CUDA, ``tensorrt`` and ``onnx``.
 - ``fp8``: torchao float8 dynamic quantisation (activations and weights) of the UNet's transformer linear

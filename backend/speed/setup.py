@@ -1,5 +1,5 @@
 """Setting up the speed level for a loaded refiner: choose the level this machine can run
-(backend/speed_levels.py), log one line when it steps down, and apply it (backend/speed.py's SpeedPath,
+(backend/speed/levels.py), log one line when it steps down, and apply it (backend/speed/speed_path.py's SpeedPath,
 plus TensorRT engines for the ``trt`` level)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .speed import SpeedOptions, SpeedPath, resolve_speed
-from .speed_levels import Plan, choose, probe
+from .levels import Plan, choose, probe
+from .speed_path import SpeedOptions, SpeedPath, resolve_speed
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLImg2ImgPipeline
@@ -61,7 +61,7 @@ def setup(
 def attach_trt(path: SpeedPath, source: Any) -> None:
     """TensorRT engines for the refiner UNet (built in the background); if that cannot even start, the
     UNet is compiled instead: the level runs as ``compile`` (one log line)."""
-    from .trt_unet import attach
+    from krita_sdxl.backend.speed.tensorrt.unet import attach
 
     folder = (path.cache_folder or Path(".")) / "tensorrt"
     try:

@@ -1,12 +1,12 @@
 """The speed path: ``torch.compile`` of the UNet and the VAE, a compile cache, few compilations; and the
 levels above it (TensorRT, FP8, the draft step cache).
 
-``--speed`` takes a level (backend/speed_levels.py: ``off``, ``compile``, ``trt``, ``fp8``, ``draft``) or
+``--speed`` takes a level (backend/speed/levels.py: ``off``, ``compile``, ``trt``, ``fp8``, ``draft``) or
 ``auto`` (``compile`` for CUDA, off elsewhere) or ``on`` (``compile`` anywhere: on the CPU it compiles C++
-kernels, which the tests use); ``off``, the default, gives the plain eager path. backend/speed_setup.py
+kernels, which the tests use); ``off``, the default, gives the plain eager path. backend/speed/setup.py
 chooses the level that can run (one log line when it steps down) and applies it: ``trt`` hangs TensorRT
-engines on the refiner UNet (backend/trt_unet.py), ``fp8`` quantises its linear layers first
-(backend/fp8.py), ``draft`` adds the step cache (backend/step_cache.py); all of them compile the VAE as
+engines on the refiner UNet (backend/speed/tensorrt/unet.py), ``fp8`` quantises its linear layers first
+(backend/speed/fp8.py), ``draft`` adds the step cache (backend/speed/step_cache.py); all of them compile the VAE as
 below. Measured on an H100
 (tests/benchmarks/results/2026-11-26-h100-speed-path.md): a 1024 px refine in 0.86 s against 0.94 to 1.19 s
 plain, PSNR 48 dB against it, no compilation for new sizes; 2.5 minutes of compiling at the first start and
@@ -56,8 +56,8 @@ import torch
 
 from . import prompt_cache
 from .buckets import DEFAULT_POLICY, BucketPolicy
-from .speed_levels import CHOICES, Plan
-from .speed_levels import enabled as level_enabled
+from .levels import CHOICES, Plan
+from .levels import enabled as level_enabled
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLImg2ImgPipeline
@@ -126,8 +126,8 @@ class SpeedOptions:
     conv_1x1_as_mm: bool = True
     buckets: bool = False  # pad work images to size buckets (False: to a multiple of 64 px)
     backend: str = "inductor"  # torch.compile backend ("aot_eager": tracing only, for tests)
-    fp8_granularity: str = "tensor"  # fp8 level: "tensor" or "row" scales (backend/fp8.py)
-    draft_interval: int = 3  # draft level: one full UNet step in this many (backend/step_cache.py)
+    fp8_granularity: str = "tensor"  # fp8 level: "tensor" or "row" scales (backend/speed/fp8.py)
+    draft_interval: int = 3  # draft level: one full UNet step in this many (backend/speed/step_cache.py)
     draft_branch: int = 0  # draft level: the shallow blocks that always run (0: the outermost)
 
     def __post_init__(self) -> None:
@@ -222,8 +222,8 @@ class SpeedPath:
     cache_folder: Path | None = None
     policy: BucketPolicy = DEFAULT_POLICY
     fallback: str | None = None  # why the compiled path was switched off, if it was
-    plan: Plan | None = None  # the level (backend/speed_levels.py); None: compile
-    trt: Any = None  # the TensorRT hook on the refiner UNet (backend/trt_background.py TrtUnet)
+    plan: Plan | None = None  # the level (backend/speed/levels.py); None: compile
+    trt: Any = None  # the TensorRT hook on the refiner UNet (backend/speed/tensorrt/background.py TrtUnet)
     notes: list[str] = field(default_factory=list)  # what did not go as planned, e.g. fp8 not applied
     fp8_layers: dict[str, int] = field(default_factory=dict)  # per UNet: linear layers in float8
     _step_caches: dict[str, Any] = field(default_factory=dict)  # per UNet: the draft level's StepCache
@@ -335,7 +335,7 @@ class SpeedPath:
                 self._compile(f"{name}.{sub}", block, mode, owner)
 
     def _quantize(self, unet: torch.nn.Module, name: str) -> None:
-        """fp8: the UNet's transformer linears in float8 (backend/fp8.py); on failure it stays in its
+        """fp8: the UNet's transformer linears in float8 (backend/speed/fp8.py); on failure it stays in its
         own precision and the level runs as ``compile`` (one log line)."""
         from .fp8 import quantize_unet
 

@@ -17,7 +17,7 @@ from enum import Enum
 
 from PyQt5.QtCore import QObject, QProcess, QTimer, pyqtSignal
 
-from krita_sdxl.backend.setup_plan.procenv import clean_env
+from krita_sdxl.backend.setup.plan.procenv import clean_env
 
 from .procrun import merged_process
 

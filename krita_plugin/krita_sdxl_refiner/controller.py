@@ -13,7 +13,7 @@ from typing import Any
 
 from PyQt5.QtCore import QObject, QTimer, pyqtSignal
 
-from krita_sdxl.backend.setup_plan import mismatch
+from krita_sdxl.backend.setup.plan import mismatch
 from krita_sdxl.protocol import Image, ImageSpec, Message, ProtocolError
 from krita_sdxl.protocol.geometry import Box, Extent
 from krita_sdxl.protocol.policy import paints_from_noise

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from krita_sdxl.backend.setup_plan.torch_builds import BUILDS
+from krita_sdxl.backend.setup.plan.torch_builds import BUILDS
 
 GROUP = "krita_sdxl"
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from PyQt5.QtCore import QObject, pyqtSignal
 
-from krita_sdxl.backend.setup_plan import machine, pythons
-from krita_sdxl.backend.setup_plan.machine import Machine
+from krita_sdxl.backend.setup.plan import machine, pythons
+from krita_sdxl.backend.setup.plan.machine import Machine
 
 from .procrun import Command
 

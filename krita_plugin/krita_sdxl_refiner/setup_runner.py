@@ -21,10 +21,10 @@ from typing import Any, TextIO
 
 from PyQt5.QtCore import QObject, QStandardPaths, QTimer, pyqtSignal
 
-from krita_sdxl.backend.setup_plan import events, failures, hub, procenv, pythons, steps, torch_builds
-from krita_sdxl.backend.setup_plan.failures import Failure
-from krita_sdxl.backend.setup_plan.space import check_space, human
-from krita_sdxl.backend.setup_plan.steps import Plan, Step
+from krita_sdxl.backend.setup.plan import events, failures, hub, procenv, pythons, steps, torch_builds
+from krita_sdxl.backend.setup.plan.failures import Failure
+from krita_sdxl.backend.setup.plan.space import check_space, human
+from krita_sdxl.backend.setup.plan.steps import Plan, Step
 
 from .backend import Backend
 from .procrun import Command

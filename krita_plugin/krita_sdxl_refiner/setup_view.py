@@ -24,8 +24,8 @@ from PyQt5.QtWidgets import (
     QWidget,
 )
 
-from krita_sdxl.backend.setup_plan import hub, torch_builds
-from krita_sdxl.backend.setup_plan.space import human
+from krita_sdxl.backend.setup.plan import hub, torch_builds
+from krita_sdxl.backend.setup.plan.space import human
 
 from .controller import Controller
 from .setup_runner import default_folder, folder_of

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fuzz import run_fuzz
 
-from krita_sdxl.backend.launcher import start_service
+from krita_sdxl.backend.cli.launcher import start_service
 
 RESULTS = Path(__file__).parent / "results"
 

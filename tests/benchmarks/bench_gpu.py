@@ -201,7 +201,7 @@ def build_and_save(b: Bench, root: Path, is_tiny: bool, dtype: torch.dtype) -> d
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from krita_sdxl.backend.demo_model import write_tokenizer
+    from krita_sdxl.backend.models.demo import write_tokenizer
 
     cfg = tiny if is_tiny else (lambda c: c)
     toks = root / "tokenizers"
@@ -299,7 +299,7 @@ def make_image(width: int, height: int, seed: int = 0) -> Any:
 
 def make_request(image: Any, params: dict[str, Any]) -> Any:
     """A RefineRequest exactly as the service builds it (through the codec)."""
-    from krita_sdxl.backend.request import RefineRequest
+    from krita_sdxl.backend.engine.request import RefineRequest
     from krita_sdxl.protocol import CLIENT, decode, encode
 
     msg = decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job="bench", **params))
@@ -338,7 +338,7 @@ def parts(b: Bench, engine: Any, size: int, prefix: str) -> None:
 def project_plain(b: Bench, root: Path, size: int, state: dict[str, Any], extras: bool = False) -> None:
     """The plain path in process: refine (and its image, for the quality check); ``extras``: the
     ensemble and the balanced memory mode instead."""
-    from krita_sdxl.backend.engine import Engine
+    from krita_sdxl.backend.engine.sdxl_engine import Engine
 
     noop = (lambda *a: None, lambda: False)
     image = make_image(size, size)
@@ -394,7 +394,7 @@ def project_plain(b: Bench, root: Path, size: int, state: dict[str, Any], extras
 def speed_in_process(b: Bench, root: Path, size: int, state: dict[str, Any], scope: str) -> None:
     """The speed path in this process: ``regional`` (the default, on the service's warm compile cache:
     where its time goes) or ``whole`` (whole-graph, static shapes, CUDA graphs; cold: the A/B figure)."""
-    from krita_sdxl.backend.engine import Engine
+    from krita_sdxl.backend.engine.sdxl_engine import Engine
 
     options = {} if scope == "regional" else {"scope": "whole", "unet_mode": "reduce-overhead", "dynamic": False,
                                               "buckets": True}  # fmt: skip
@@ -426,7 +426,7 @@ class Service:
     """``krita-sdxl serve`` in a subprocess, timed from launch; a watchdog kills it at the deadline."""
 
     def __init__(self, b: Bench, args: list[str], env: dict[str, str], deadline_s: float) -> None:
-        from krita_sdxl.backend.launcher import start_service
+        from krita_sdxl.backend.cli.launcher import start_service
 
         self.b = b
         self.t_launch = time.monotonic()
@@ -458,7 +458,7 @@ class Service:
 def service_runs(
     b: Bench, root: Path, size: int, is_tiny: bool, state: dict[str, Any], speed_options: str | None = None
 ) -> None:
-    from krita_sdxl.backend.client import ServiceClient
+    from krita_sdxl.backend.cli.client import ServiceClient
 
     cache = root / "compile-cache"
     args = ["--model", str(root / "refiner"), "--base-model", str(root / "base"), "--device", b.device,
@@ -515,7 +515,7 @@ def service_runs(
             before = stats or {}
             sweep = TINY_SWEEP if is_tiny else SWEEP
             rows = []
-            from krita_sdxl.backend.buckets import DEFAULT_POLICY
+            from krita_sdxl.backend.speed.buckets import DEFAULT_POLICY
 
             seen = {DEFAULT_POLICY.bucket(size, size)}
             for w, h in sweep:
@@ -574,7 +574,7 @@ def service_runs(
 
 def quality(b: Bench, state: dict[str, Any], other: str = "speed_image", key: str = "quality") -> None:
     """Another path's image (the speed path's by default) against the plain path's (same request, seed)."""
-    from krita_sdxl.backend import pixels
+    from krita_sdxl.backend.engine import pixels
 
     a, c = state.get("plain_image"), state.get(other)
     if a is None or c is None:

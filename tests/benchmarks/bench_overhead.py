@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from timing import median_ms
 
-from krita_sdxl.backend.client import ServiceClient
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.launcher import start_service
-from krita_sdxl.backend.request import RefineRequest
+from krita_sdxl.backend.cli.client import ServiceClient
+from krita_sdxl.backend.cli.launcher import start_service
+from krita_sdxl.backend.engine.request import RefineRequest
+from krita_sdxl.backend.engine.sdxl_engine import Engine
 from krita_sdxl.protocol import CLIENT, Image, ImageSpec, decode, encode
 
 RESULTS = Path(__file__).parent / "results"

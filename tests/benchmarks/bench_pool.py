@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from timing import median_ms
 
-from krita_sdxl.backend.client import ServiceClient
-from krita_sdxl.backend.launcher import ServiceProcess, start_service
+from krita_sdxl.backend.cli.client import ServiceClient
+from krita_sdxl.backend.cli.launcher import ServiceProcess, start_service
 from krita_sdxl.protocol import Image, ImageSpec
 
 RESULTS = Path(__file__).parent / "results"

@@ -107,7 +107,7 @@ def card(b: Bench) -> None:
 
 
 def load_engine(b: Bench, root: Path, speed: str) -> Any:
-    from krita_sdxl.backend.engine import Engine
+    from krita_sdxl.backend.engine.sdxl_engine import Engine
 
     return Engine.load(model=str(root / "refiner"), base_model=str(root / "base"), device=b.device, speed=speed,
                        memory="none", watermark=False, cache_dir=root / "cache",
@@ -137,7 +137,7 @@ def plain(b: Bench, root: Path, size: int, state: dict[str, Any]) -> None:
 
 def level(b: Bench, root: Path, size: int, state: dict[str, Any], name: str) -> None:
     """One level: load, start-up, refine, quality. Stepped down on this machine: skipped, with why."""
-    from krita_sdxl.backend.speed_levels import choose, probe
+    from krita_sdxl.backend.speed.levels import choose, probe
 
     if name == "draft":
         return draft(b, size, state)
@@ -180,7 +180,7 @@ def level(b: Bench, root: Path, size: int, state: dict[str, Any], name: str) -> 
 
 def draft(b: Bench, size: int, state: dict[str, Any]) -> None:
     """The compile engine with the step cache added, as ``--speed draft`` sets it up."""
-    from krita_sdxl.backend.speed_levels import Plan
+    from krita_sdxl.backend.speed.levels import Plan
 
     engine = state["engines"].get("compile")
     if engine is None:
@@ -262,7 +262,7 @@ def ensembles(b: Bench, size: int, state: dict[str, Any]) -> None:
 
 def draft_ensemble(b: Bench, engine: Any, image: Any) -> None:
     """The ensemble with the step cache on both UNets (the compile engine, base loaded and compiled)."""
-    from krita_sdxl.backend.step_cache import install
+    from krita_sdxl.backend.speed.step_cache import install
 
     opts = engine.speed.options
     caches = [install(engine.pipe.unet, opts.draft_interval, opts.draft_branch),

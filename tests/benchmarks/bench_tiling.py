@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_gpu import CLIP_G, REFINER_UNET, SCHEDULER, VAE, make_image
 
-from krita_sdxl.backend.tiling import TilingConfig, plan_tiles
+from krita_sdxl.backend.engine.tiling import TilingConfig, plan_tiles
 
 
 def build_refiner(root: Path, device: str) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from krita_sdxl.backend.demo_model import write_tokenizer
+    from krita_sdxl.backend.models.demo import write_tokenizer
 
     write_tokenizer(root / "tok", pad_token="!")
     torch.manual_seed(0)
@@ -64,8 +64,8 @@ def main() -> int:
         print(f"{key}: {value}", flush=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
-    from krita_sdxl.backend.engine import Engine
-    from krita_sdxl.backend.request import RefineRequest
+    from krita_sdxl.backend.engine.request import RefineRequest
+    from krita_sdxl.backend.engine.sdxl_engine import Engine
     from krita_sdxl.protocol import plan_img2img
 
     cuda = torch.cuda.is_available() and not args.tiny

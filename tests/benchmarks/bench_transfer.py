@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image as PILImage
 from timing import median_ms
 
-from krita_sdxl.backend.client import ServiceClient
-from krita_sdxl.backend.launcher import start_service
+from krita_sdxl.backend.cli.client import ServiceClient
+from krita_sdxl.backend.cli.launcher import start_service
 from krita_sdxl.protocol import Image, ImageSpec
 
 RESULTS = Path(__file__).parent / "results"

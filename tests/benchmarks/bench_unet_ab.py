@@ -35,7 +35,7 @@ COMPILE_NEED_S = {"whole_static": 130, "regional_static": 90, "whole_static_cuda
 def main() -> int:
     from diffusers import UNet2DConditionModel
 
-    from krita_sdxl.backend.speed import SpeedOptions, SpeedPath
+    from krita_sdxl.backend.speed.speed_path import SpeedOptions, SpeedPath
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from krita_sdxl.backend import oom
-from krita_sdxl.backend.engine import Engine
-from krita_sdxl.backend.memory import MODES, Placement
-from krita_sdxl.backend.model_set import ModelSet
-from krita_sdxl.backend.request import RefineRequest
-from krita_sdxl.backend.sources import SHIPPED_CONFIGS
-from krita_sdxl.backend.stages import plan_job
+from krita_sdxl.backend.engine.request import RefineRequest
+from krita_sdxl.backend.engine.sdxl_engine import Engine
+from krita_sdxl.backend.engine.stages import plan_job
+from krita_sdxl.backend.models import oom
+from krita_sdxl.backend.models.memory import MODES, Placement
+from krita_sdxl.backend.models.model_set import ModelSet
+from krita_sdxl.backend.models.sources import SHIPPED_CONFIGS
 from krita_sdxl.protocol import Image, ImageSpec
 
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else Path(".")

@@ -62,7 +62,7 @@ def run(ctx: Any) -> Any:
     out["state"] = json.loads(state.read_text()).get("steps") if state.exists() else None
     out["log_has_venv_command"] = "-m venv" in runner.log_text()
 
-    import krita_sdxl.backend.setup_plan as setup_plan
+    import krita_sdxl.backend.setup.plan as setup_plan
 
     out["setup_plan_file"] = setup_plan.__file__
     out["wheel"] = runner.plan.step("backend").commands[0][-2] if runner.plan else None

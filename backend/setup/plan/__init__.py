@@ -1,7 +1,7 @@
 """Setting up a local backend: the pure decisions, shared by the Krita plugin and ``krita-sdxl setup``.
 
 Standard library only (Python 3.10+, no torch, diffusers, zmq or numpy): the plugin carries a copy
-(``_vendor/common/krita_sdxl/backend/setup_plan/``) and runs it inside Krita before any backend exists.
+(``_vendor/common/krita_sdxl/backend/setup/plan/``) and runs it inside Krita before any backend exists.
 
 * :mod:`.pythons`: which Python to build the environment with, or which one to install;
 * :mod:`.machine`: the GPU facts (``nvidia-smi``, ROCm, Apple silicon) as read from their output;

@@ -82,7 +82,7 @@ def find_backend(plugin_dir: Path, env: Mapping[str, str]) -> BackendSource:
     if wheel.is_file():
         return BackendSource(str(wheel), _sha256(wheel))
     checkout = Path(plugin_dir).resolve().parent.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / "backend" / "setup_plan").is_dir():
+    if (checkout / "pyproject.toml").is_file() and (checkout / "backend" / "setup" / "plan").is_dir():
         return BackendSource(str(checkout), None)
     raise SetupProblem(
         f"This copy of the plugin carries no backend to install (no {WHEELS_DIR}/{wheel_name()}).",

@@ -3,8 +3,8 @@ that switches a call to the engine once its bucket's engine is ready.
 
 The first UNet call at a new (bucket, batch) asks :class:`BackgroundEngines` for an engine. None is
 ready yet, so that call (and every call until the engine is ready) runs the eager UNet, while a
-background thread loads the engine from the cache (backend/trt_cache.py) or, when there is none or it
-is unusable, builds it (``build``: backend/trt_unet.py runs the ONNX export and the TensorRT build in a
+background thread loads the engine from the cache (backend/speed/tensorrt/cache.py) or, when there is none or it
+is unusable, builds it (``build``: backend/speed/tensorrt/unet.py runs the ONNX export and the TensorRT build in a
 subprocess) and caches it. The next call after that runs on the engine. A build that fails is logged
 once and that bucket stays eager; a call that fails on its engine switches every engine off for good
 and runs eagerly (a job never fails because of the speed path).
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .trt_cache import EngineCache, EngineKey
+from .cache import EngineCache, EngineKey
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""``python -m krita_sdxl.backend.trt_build SPEC.json``: build one TensorRT UNet engine, in its own process.
+"""``python -m krita_sdxl.backend.speed.tensorrt.build SPEC.json``: build one TensorRT UNet engine, in its own process.
 
-SPEC (written by backend/trt_unet.py ``subprocess_builder``): the model source, the UNet dtype, the
+SPEC (written by backend/speed/tensorrt/unet.py ``subprocess_builder``): the model source, the UNet dtype, the
 device, the engine key (size bucket and batch), the output file and a work folder. Loads the UNet from
 the model's files, exports it to ONNX in the work folder and writes the serialized engine to ``out``.
 Exit status 0 on success; otherwise the last lines of stderr say why.
@@ -18,10 +18,11 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     import torch
 
-    from .pipelines import load_pipeline
-    from .sources import ModelSource
-    from .trt_cache import EngineKey
-    from .trt_unet import build_engine, export_onnx
+    from krita_sdxl.backend.models.pipelines import load_pipeline
+    from krita_sdxl.backend.models.sources import ModelSource
+
+    from .cache import EngineKey
+    from .unet import build_engine, export_onnx
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trt_build: %(message)s")
     log = logging.getLogger("krita_sdxl.trt_build")

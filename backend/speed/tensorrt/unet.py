@@ -2,12 +2,12 @@
 export of its UNet, the TensorRT build, and the runner that calls an engine with torch tensors.
 
 ``tensorrt`` and ``onnx`` are imported only here and only when an engine is built or loaded. The build
-runs in a subprocess (``python -m krita_sdxl.backend.trt_build``, backend/trt_build.py): it loads the
+runs in a subprocess (``python -m krita_sdxl.backend.speed.tensorrt.build``): it loads the
 UNet from the model's files, exports it to ONNX with static shapes (one size bucket, one batch) and
 builds a strongly typed engine in the UNet's own precision (fp16 on CUDA), so a crash or an
 out-of-memory in the builder never takes the service down, and the exporter's Python work does not
-compete with running jobs for the GIL. The service's background thread (backend/trt_background.py)
-waits for it, caches the engine (backend/trt_cache.py) and switches the UNet over.
+compete with running jobs for the GIL. The service's background thread (backend/speed/tensorrt/background.py)
+waits for it, caches the engine (backend/speed/tensorrt/cache.py) and switches the UNet over.
 
 What runs here was not run on a GPU in this repository yet (see tests/benchmarks/DEVICE_RUN.md);
 the ONNX export is checked on the CPU against onnxruntime where those are installed (tests/test_trt.py).
@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from .trt_background import BackgroundEngines, Runner, TrtUnet
-from .trt_cache import EngineCache, EngineKey
+from .background import BackgroundEngines, Runner, TrtUnet
+from .cache import EngineCache, EngineKey
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class TrtRunner:
 
 
 def subprocess_builder(source: Any, dtype: torch.dtype, device: str, workdir: Path) -> Callable[[EngineKey], bytes]:
-    """``build(key)``: export and build in ``python -m krita_sdxl.backend.trt_build``."""
+    """``build(key)``: export and build in ``python -m krita_sdxl.backend.speed.tensorrt.build``."""
 
     def build(key: EngineKey) -> bytes:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +270,7 @@ def subprocess_builder(source: Any, dtype: torch.dtype, device: str, workdir: Pa
             }
             spec_path = Path(tmp) / "spec.json"
             spec_path.write_text(json.dumps(spec))
-            cmd = [sys.executable, "-m", "krita_sdxl.backend.trt_build", str(spec_path)]
+            cmd = [sys.executable, "-m", "krita_sdxl.backend.speed.tensorrt.build", str(spec_path)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
             if proc.returncode != 0:
                 tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
