@@ -123,9 +123,7 @@ class CurveService:
         self.authorized = authorized
         port = free_port()
         self.ctx = zmq.Context()  # its own: the CURVE authenticator is per context
-        service = Service(
-            engine, f"tcp://127.0.0.1:{port}", ctx=self.ctx, curve=CurveConfig(server_secret, authorized)
-        )
+        service = Service(engine, f"tcp://127.0.0.1:{port}", ctx=self.ctx, curve=CurveConfig(server_secret, authorized))
         self.running = Running(service)
         self.endpoint = f"tcp://127.0.0.1:{port}"
 
