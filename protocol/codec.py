@@ -136,10 +136,11 @@ def decode(direction: str, frames: Sequence[Any]) -> Message:
                 "install matching versions of the Krita plugin and the krita-sdxl service",
                 "v",
             )
-        msg_type = header.get("type")
+        raw_type = header.get("type")
         fields = validate_fields(
-            msg_type, {k: v for k, v in header.items() if k not in ("v", "type")}, _TABLES[direction]
+            raw_type, {k: v for k, v in header.items() if k not in ("v", "type")}, _TABLES[direction]
         )
+        msg_type = str(raw_type)  # a known type name: validate_fields refused anything else
         images = _attach_images(msg_type, fields, frames[1:])
     except ProtocolError as err:
         err.job = err.job or job

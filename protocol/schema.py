@@ -191,7 +191,7 @@ def schema_for(msg_type: Any, table: dict[str, dict[str, Field]]) -> dict[str, F
     return table[msg_type]
 
 
-def validate_fields(msg_type: str, raw: dict[str, Any], table: dict[str, dict[str, Field]]) -> dict[str, Any]:
+def validate_fields(msg_type: Any, raw: dict[str, Any], table: dict[str, dict[str, Field]]) -> dict[str, Any]:
     """Type- and range-check every field, fill defaults, reject unknown names. Returns a new dict."""
     schema = schema_for(msg_type, table)
     out: dict[str, Any] = {}

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from krita_sdxl.backend.speed.tensorrt import unet as trt_unet
-from krita_sdxl.backend.speed.tensorrt.background import BackgroundEngines, TrtUnet, engine_inputs
-from krita_sdxl.backend.speed.tensorrt.cache import MAGIC, EngineCache, EngineKey
+from krita_sdxl.backend.speed.trt import unet as trt_unet
+from krita_sdxl.backend.speed.trt.background import BackgroundEngines, TrtUnet, engine_inputs
+from krita_sdxl.backend.speed.trt.cache import MAGIC, EngineCache, EngineKey
 
 KEY = EngineKey(model="folder:/m:UNet2DConditionModel", weights="ab" * 32, width=1024, height=1024, batch=2,
                 precision="fp16", tensorrt="11.4.0.106", gpu="NVIDIA H200", capability="9.0")  # fmt: skip

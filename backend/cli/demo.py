@@ -30,7 +30,7 @@ def sample_image(width: int = 512, height: int = 384) -> Image:
         [(0, height), (0, height * 0.7), (width * 0.4, height * 0.55), (width, height * 0.75), (width, height)],
         fill=(60, 120, 60, 255),
     )
-    alpha = PILImage.linear_gradient("L").rotate(90).resize((width, height)).point(lambda v: 255 - v // 4)
+    alpha = PILImage.linear_gradient("L").rotate(90).resize((width, height)).point([255 - v // 4 for v in range(256)])
     img.putalpha(alpha)
     return Image(ImageSpec(width, height, "RGBA", 8), img.tobytes())
 

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     add_common(common)
 
     serve = sub.add_parser(

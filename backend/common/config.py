@@ -15,7 +15,7 @@ from typing import Any
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    import tomli as tomllib  # pyright: ignore[reportMissingImports]  (a dependency on Python 3.10 only)
 
 from krita_sdxl.protocol.endpoint import DEFAULT_ENDPOINT
 

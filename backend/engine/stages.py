@@ -63,14 +63,14 @@ class Stages:
 
 def scheduler_timesteps(config: dict[str, Any] | None = None) -> TimestepsFn:
     """The timesteps function of a scheduler config (default: the SDXL 1.0 Euler scheduler)."""
-    from diffusers import EulerDiscreteScheduler, SchedulerMixin
+    from diffusers import EulerDiscreteScheduler
 
     from krita_sdxl.backend.models.demo import SCHEDULER_CONFIG
 
     @functools.lru_cache(maxsize=2 * MAX_STEPS)
     def cached(steps: int) -> tuple[int, ...]:
         if config is None:
-            scheduler: SchedulerMixin = EulerDiscreteScheduler(**SCHEDULER_CONFIG)
+            scheduler: Any = EulerDiscreteScheduler(**SCHEDULER_CONFIG)  # any diffusers scheduler
         else:
             import diffusers
 

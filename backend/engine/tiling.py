@@ -256,12 +256,13 @@ def _float_image(values: np.ndarray) -> Image:
     """A float32 protocol image of an H x W x 3 array (RGBA, opaque: a mask then only touches the
     alpha, which is dropped, so the colour is the engine's own) or of an H x W mask (L). Float
     samples pass through ``refine`` losslessly."""
+    height, width = values.shape[:2]
     if values.ndim == 2:
         data = np.ascontiguousarray(values, dtype="<f4")
-        return Image(ImageSpec(data.shape[1], data.shape[0], "L", 32, "float"), data.tobytes())
-    data = np.ones((*values.shape[:2], 4), dtype="<f4")
-    data[..., :3] = values
-    return Image(ImageSpec(data.shape[1], data.shape[0], "RGBA", 32, "float"), data.tobytes())
+        return Image(ImageSpec(width, height, "L", 32, "float"), data.tobytes())
+    rgba = np.ones((height, width, 4), dtype="<f4")
+    rgba[..., :3] = values
+    return Image(ImageSpec(width, height, "RGBA", 32, "float"), rgba.tobytes())
 
 
 def refine_in_tiles(

@@ -43,10 +43,12 @@ TE1_HIDDEN = 16  # base text_encoder hidden size (real: 768)
 # Weights come from torch's global generator (the classes' own initialisers), seeded per build; the
 # lock keeps two builds in one process from drawing from it at the same time.
 _INIT_LOCK = threading.Lock()
-WORDS = (
-    "a an the of on in with and photo painting portrait landscape astronaut riding horse mars cat dog "
-    "red blue green sky forest city night detailed sharp blurry ugly"
-).split()
+WORDS: tuple[str, ...] = tuple(
+    (
+        "a an the of on in with and photo painting portrait landscape astronaut riding horse mars cat dog "
+        "red blue green sky forest city night detailed sharp blurry ugly"
+    ).split()
+)
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,8 @@ def _unet(levels: int, cross_attention_dim: int, time_ids: int) -> Any:
         down = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
         up = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
         channels, heads = (16, 32, 32), (1, 2, 2)
-    return UNet2DConditionModel(
+    # A config dict, as diffusers builds models from config.json (its annotations say tuple[int] for any length).
+    config: dict[str, Any] = dict(
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -222,12 +225,13 @@ def _unet(levels: int, cross_attention_dim: int, time_ids: int) -> Any:
         addition_time_embed_dim=TIME_EMBED,
         projection_class_embeddings_input_dim=TE2_HIDDEN + time_ids * TIME_EMBED,
     )
+    return UNet2DConditionModel(**config)
 
 
 def _vae() -> Any:
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    config: dict[str, Any] = dict(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -240,6 +244,7 @@ def _vae() -> Any:
         scaling_factor=0.13025,
         force_upcast=True,
     )
+    return AutoencoderKL(**config)
 
 
 def _build(paths: DemoPaths) -> None:
@@ -262,7 +267,8 @@ def _build(paths: DemoPaths) -> None:
         text_encoder = CLIPTextModel(_text_config(TE1_HIDDEN, 2, "quick_gelu", vocab, "<|endoftext|>")).eval()
         base_unet = _unet(3, TE1_HIDDEN + TE2_HIDDEN, time_ids=6).eval()
 
-    refiner = StableDiffusionXLImg2ImgPipeline(
+    # Keyword dicts: the refiner has no first text encoder (None), which diffusers' annotations do not allow.
+    refiner_parts: dict[str, Any] = dict(
         vae=vae,
         text_encoder=None,
         text_encoder_2=text_encoder_2,
@@ -274,7 +280,8 @@ def _build(paths: DemoPaths) -> None:
         force_zeros_for_empty_prompt=False,
         add_watermarker=False,
     )
-    base = StableDiffusionXLPipeline(
+    refiner = StableDiffusionXLImg2ImgPipeline(**refiner_parts)
+    base_parts: dict[str, Any] = dict(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -284,6 +291,7 @@ def _build(paths: DemoPaths) -> None:
         scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
         add_watermarker=False,
     )
+    base = StableDiffusionXLPipeline(**base_parts)
     refiner.save_pretrained(paths.refiner)
     base.save_pretrained(paths.base)
     # transformers 5 saves tokenizer.json only; ship the real repositories' four files instead.

@@ -160,7 +160,8 @@ class Placement:
 
         module.to("cpu")
         self._movable[id(module)] = module
-        add_hook_to_module(module, _SwapHook(self, torch.device(self.device)))
+        hook: Any = _SwapHook(self, torch.device(self.device))  # duck-typed as accelerate.hooks.ModelHook
+        add_hook_to_module(module, hook)
 
     def bring(self, module: torch.nn.Module) -> None:
         """Put ``module`` on the device, the other movable modules off it."""

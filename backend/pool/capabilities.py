@@ -14,10 +14,12 @@ models resident). ``welcome.capabilities.pool`` (protocol/README.md):
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .plan import PoolPlan
+
+if TYPE_CHECKING:
+    from krita_sdxl.backend.engine.stages import TimestepsFn
 
 PUBLIC = ("replica", "state", "node", "pid", "device", "gpu", "models", "jobs", "cancelled", "failed", "stopped_at")
 
@@ -116,7 +118,7 @@ class PoolEngine:
             self._caps.pop(key, None)
         self.book = book
         scheduler = described.get("scheduler")
-        self.timesteps: Callable[[int], list[int]] | None = None
+        self.timesteps: TimestepsFn | None = None
         if scheduler is not None:
             from krita_sdxl.backend.engine.stages import scheduler_timesteps
 

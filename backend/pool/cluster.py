@@ -54,7 +54,10 @@ def serve_view() -> list[dict[str, Any]]:
     """Ray Serve's replicas of the application: [{replica, state, node, pid}] (the controller's details)."""
     from ray.serve.context import _get_global_client
 
-    details = _get_global_client().get_serve_details()
+    client = _get_global_client()
+    if client is None:  # Serve is not running in this process
+        return []
+    details = client.get_serve_details()
     app = (details.get("applications") or {}).get(APP) or {}
     rows = []
     for deployment in (app.get("deployments") or {}).values():

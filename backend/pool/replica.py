@@ -20,7 +20,7 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
 
@@ -77,7 +77,7 @@ class Replica:
 
     def state(self, **more: Any) -> dict[str, Any]:
         live = getattr(self.engine, "live_capabilities", None)
-        models = live()["models"] if callable(live) else self.engine.describe().get("models", [])
+        models = cast(dict[str, Any], live())["models"] if callable(live) else self.engine.describe().get("models", [])
         loaded = [m.get("role") for m in models if m.get("loaded", True)]
         return {**self.info, **self.counts, "models": loaded, **more}
 
@@ -90,7 +90,7 @@ class Replica:
     async def run(self, shipped: dict[str, Any]) -> AsyncIterator[tuple]:
         model = serve.get_multiplexed_model_id()
         if model:
-            await self._resident(model)
+            await self._resident(model)  # pyright: ignore[reportCallIssue]  (serve.multiplexed keeps it a coroutine)
         req, zero_copy = transfer.land(shipped)
         yield ("started", self.state(zero_copy=zero_copy))
         loop = asyncio.get_running_loop()

@@ -13,7 +13,7 @@ import logging
 import secrets
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -32,7 +32,7 @@ from .peers import Peers
 from .ratelog import RateLimitedLog
 from .security import CurveConfig, SecurityError, apply_curve, check_exposure
 from .sessions import Sessions, routing_id_problem
-from .worker import Engine, Worker, WorkerFactory
+from .worker import Described, Worker, WorkerFactory
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class Service:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Described,
         endpoint: str,
         ctx: zmq.Context | None = None,
         limits: Limits | None = None,
@@ -107,7 +107,8 @@ class Service:
         self._events = self.ctx.socket(zmq.PULL)
         self._events.bind(EVENTS_ENDPOINT + "-" + secrets.token_hex(4))
         warm = getattr(engine, "warm_up", None) if warm_up else None
-        self._worker = (worker or Worker)(
+        factory = cast(WorkerFactory, worker or Worker)  # Worker needs an engine that refines; the pool's does not
+        self._worker = factory(
             self.ctx,
             self._events.getsockopt_string(zmq.LAST_ENDPOINT),
             self.queue,
@@ -330,7 +331,7 @@ class Service:
         for name in ("memory", "live_capabilities"):  # live_capabilities: loaded models, memory mode
             live = getattr(self.engine, name, None)
             if callable(live):
-                out.update(live())
+                out.update(cast(dict[str, Any], live()))
         return out
 
     def _on_heartbeat(self, owner: Owner, msg: Message) -> None:

@@ -29,9 +29,13 @@ log = logging.getLogger(__name__)
 Outcome = tuple[str, "dict[str, Image] | None", dict[str, Any]]  # a job's final event: type, images, fields
 
 
-class Engine(Protocol):
+class Described(Protocol):
+    """What the service itself asks of an engine (the worker or the pool's dispatcher runs the jobs)."""
+
     def describe(self) -> dict[str, Any]: ...
 
+
+class Engine(Described, Protocol):
     def refine(self, req: RefineRequest, on_progress: ProgressFn, should_stop: StopFn) -> Image: ...
 
 
@@ -92,9 +96,9 @@ class Worker(threading.Thread):
             self._emit(job, "error", None, error)
 
     def run(self) -> None:
-        self._push = self._ctx.socket(zmq.PUSH)
-        self._push.setsockopt(zmq.LINGER, 2000)
-        self._push.connect(self._endpoint)
+        push = self._push = self._ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 2000)
+        push.connect(self._endpoint)
         try:
             if self._warm_up is not None:
                 try:
@@ -119,7 +123,7 @@ class Worker(threading.Thread):
                 except Exception:
                     log.exception("job %s: could not report its end", job.id)
         finally:
-            self._push.close()
+            push.close()
 
     def _run_job(self, job: Job) -> Outcome:
         """Run one job; returns its final event (type, images, fields)."""

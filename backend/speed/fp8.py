@@ -42,7 +42,12 @@ def fp8_layers(unet: torch.nn.Module) -> list[str]:
 
 
 def _torchao_quantize(unet: torch.nn.Module, granularity: str) -> None:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+    from torchao.quantization import (  # pyright: ignore[reportMissingImports]  (the optional fp8 extra)
+        Float8DynamicActivationFloat8WeightConfig,
+        PerRow,
+        PerTensor,
+        quantize_,
+    )
 
     config = Float8DynamicActivationFloat8WeightConfig(
         granularity=PerRow() if granularity == "row" else PerTensor(),

@@ -61,7 +61,7 @@ def setup(
 def attach_trt(path: SpeedPath, source: Any) -> None:
     """TensorRT engines for the refiner UNet (built in the background); if that cannot even start, the
     UNet is compiled instead: the level runs as ``compile`` (one log line)."""
-    from krita_sdxl.backend.speed.tensorrt.unet import attach
+    from krita_sdxl.backend.speed.trt.unet import attach
 
     folder = (path.cache_folder or Path(".")) / "tensorrt"
     try:

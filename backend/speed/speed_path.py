@@ -5,7 +5,7 @@ levels above it (TensorRT, FP8, the draft step cache).
 ``auto`` (``compile`` for CUDA, off elsewhere) or ``on`` (``compile`` anywhere: on the CPU it compiles C++
 kernels, which the tests use); ``off``, the default, gives the plain eager path. backend/speed/setup.py
 chooses the level that can run (one log line when it steps down) and applies it: ``trt`` hangs TensorRT
-engines on the refiner UNet (backend/speed/tensorrt/unet.py), ``fp8`` quantises its linear layers first
+engines on the refiner UNet (backend/speed/trt/unet.py), ``fp8`` quantises its linear layers first
 (backend/speed/fp8.py), ``draft`` adds the step cache (backend/speed/step_cache.py); all of them compile the VAE as
 below. Measured on an H100
 (tests/benchmarks/results/2026-11-26-h100-speed-path.md): a 1024 px refine in 0.86 s against 0.94 to 1.19 s
@@ -223,7 +223,7 @@ class SpeedPath:
     policy: BucketPolicy = DEFAULT_POLICY
     fallback: str | None = None  # why the compiled path was switched off, if it was
     plan: Plan | None = None  # the level (backend/speed/levels.py); None: compile
-    trt: Any = None  # the TensorRT hook on the refiner UNet (backend/speed/tensorrt/background.py TrtUnet)
+    trt: Any = None  # the TensorRT hook on the refiner UNet (backend/speed/trt/background.py TrtUnet)
     notes: list[str] = field(default_factory=list)  # what did not go as planned, e.g. fp8 not applied
     fp8_layers: dict[str, int] = field(default_factory=dict)  # per UNet: linear layers in float8
     _step_caches: dict[str, Any] = field(default_factory=dict)  # per UNet: the draft level's StepCache
@@ -374,6 +374,7 @@ class SpeedPath:
             kwargs["backend"] = self.options.backend
         module.compile(**kwargs)
         compiled = module._compiled_call_impl
+        assert compiled is not None, f"{name}: torch.compile left no compiled call"
         cudagraphs = inductor and mode == "reduce-overhead" and self.device.startswith("cuda")
         mark = whole and dynamic is True
         layout = torch.channels_last if self.options.channels_last else torch.contiguous_format

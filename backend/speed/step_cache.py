@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class StepCache:
-    def __init__(self, unet: torch.nn.Module, interval: int = 3, branch: int = 0) -> None:
+    def __init__(self, unet: Any, interval: int = 3, branch: int = 0) -> None:  # a UNet2DConditionModel
         downs, ups = list(unet.down_blocks), list(unet.up_blocks)
         if interval < 1:
             raise ValueError(f"step cache interval must be at least 1, got {interval}")

@@ -3,8 +3,8 @@ that switches a call to the engine once its bucket's engine is ready.
 
 The first UNet call at a new (bucket, batch) asks :class:`BackgroundEngines` for an engine. None is
 ready yet, so that call (and every call until the engine is ready) runs the eager UNet, while a
-background thread loads the engine from the cache (backend/speed/tensorrt/cache.py) or, when there is none or it
-is unusable, builds it (``build``: backend/speed/tensorrt/unet.py runs the ONNX export and the TensorRT build in a
+background thread loads the engine from the cache (backend/speed/trt/cache.py) or, when there is none or it
+is unusable, builds it (``build``: backend/speed/trt/unet.py runs the ONNX export and the TensorRT build in a
 subprocess) and caches it. The next call after that runs on the engine. A build that fails is logged
 once and that bucket stays eager; a call that fails on its engine switches every engine off for good
 and runs eagerly (a job never fails because of the speed path).
@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -73,7 +73,7 @@ class BackgroundEngines:
                 self._queue.put(slot)
                 self._start()
                 return None
-        return state if callable(state) else None
+        return _runner(state)
 
     def request(self, width: int, height: int, batch: int) -> None:
         """Queue the engine for this slot without a call (the warm-up bucket at start)."""
@@ -104,7 +104,7 @@ class BackgroundEngines:
                     return None
                 self._done.wait(left)
             state = self._state.get(slot)
-        return state if callable(state) else None
+        return _runner(state)
 
     def switch_off(self, reason: str) -> None:
         if self.disabled is None:
@@ -174,6 +174,11 @@ class BackgroundEngines:
 # --- the UNet hook ---------------------------------------------------------------------------------
 
 
+def _runner(state: Any) -> Runner | None:
+    """A slot's engine, or None while it is "pending" or when its build failed (the failure's text)."""
+    return cast(Runner, state) if callable(state) else None
+
+
 def engine_inputs(args: tuple[Any, ...], kwargs: dict[str, Any], text_tokens: int) -> dict[str, Any] | None:
     """The engine's inputs from a UNet call as diffusers' SDXL pipelines make it, or None when the call
     is one an engine cannot take (other arguments, other prompt length): that call runs eager."""
@@ -226,7 +231,7 @@ class TrtUnet:
         if inputs is not None:
             batch, _, rows, cols = inputs["sample"].shape
             runner = self.engines.get(cols * 8, rows * 8, batch)
-        if runner is None:
+        if runner is None or inputs is None:
             self.calls["eager"] += 1
             return self.unet._call_impl(*args, **kwargs)
         try:

@@ -1,6 +1,6 @@
-"""``python -m krita_sdxl.backend.speed.tensorrt.build SPEC.json``: build one TensorRT UNet engine, in its own process.
+"""``python -m krita_sdxl.backend.speed.trt.build SPEC.json``: build one TensorRT UNet engine, in its own process.
 
-SPEC (written by backend/speed/tensorrt/unet.py ``subprocess_builder``): the model source, the UNet dtype, the
+SPEC (written by backend/speed/trt/unet.py ``subprocess_builder``): the model source, the UNet dtype, the
 device, the engine key (size bucket and batch), the output file and a work folder. Loads the UNet from
 the model's files, exports it to ONNX in the work folder and writes the serialized engine to ``out``.
 Exit status 0 on success; otherwise the last lines of stderr say why.

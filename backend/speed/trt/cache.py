@@ -34,7 +34,7 @@ class EngineKey:
     """Everything an engine depends on."""
 
     model: str  # the model's identity (its path or repo id, and the UNet's class)
-    weights: str  # a hash of the UNet's weights (backend/speed/tensorrt/unet.py: weights_fingerprint)
+    weights: str  # a hash of the UNet's weights (backend/speed/trt/unet.py: weights_fingerprint)
     width: int  # the size bucket, px
     height: int
     batch: int  # 2 with classifier-free guidance, 1 without

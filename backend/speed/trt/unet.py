@@ -2,12 +2,12 @@
 export of its UNet, the TensorRT build, and the runner that calls an engine with torch tensors.
 
 ``tensorrt`` and ``onnx`` are imported only here and only when an engine is built or loaded. The build
-runs in a subprocess (``python -m krita_sdxl.backend.speed.tensorrt.build``): it loads the
+runs in a subprocess (``python -m krita_sdxl.backend.speed.trt.build``): it loads the
 UNet from the model's files, exports it to ONNX with static shapes (one size bucket, one batch) and
 builds a strongly typed engine in the UNet's own precision (fp16 on CUDA), so a crash or an
 out-of-memory in the builder never takes the service down, and the exporter's Python work does not
-compete with running jobs for the GIL. The service's background thread (backend/speed/tensorrt/background.py)
-waits for it, caches the engine (backend/speed/tensorrt/cache.py) and switches the UNet over.
+compete with running jobs for the GIL. The service's background thread (backend/speed/trt/background.py)
+waits for it, caches the engine (backend/speed/trt/cache.py) and switches the UNet over.
 
 What runs here was not run on a GPU in this repository yet (see tests/benchmarks/DEVICE_RUN.md);
 the ONNX export is checked on the CPU against onnxruntime where those are installed (tests/test_trt.py).
@@ -90,14 +90,14 @@ def weights_hash(files: list[Path], memo_folder: Path) -> str:
 
 def runtime_identity(device: str) -> dict[str, str]:
     """TensorRT's version and the GPU's name and compute capability."""
-    import tensorrt as trt
+    import tensorrt as trt  # pyright: ignore[reportMissingImports]  (the optional trt extra)
 
     index = torch.device(device).index
     major, minor = torch.cuda.get_device_capability(index)
     return {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(index), "capability": f"{major}.{minor}"}
 
 
-def key_factory(pipe: Any, source: Any, weights: str, dtype: torch.dtype, runtime: dict[str, str]) -> Callable:
+def key_factory(pipe: Any, source: Any, weights: str, dtype: torch.dtype, runtime: dict[str, Any]) -> Callable:
     """``key_for(width, height, batch)`` for this refiner."""
     cfg = pipe.unet.config
     pooled = int(getattr(pipe.text_encoder_2.config, "projection_dim", 1280)) if pipe.text_encoder_2 else 1280
@@ -177,7 +177,7 @@ def export_onnx(unet: torch.nn.Module, key: EngineKey, folder: Path, device: str
 
 def build_engine(onnx_path: Path, opt_level: int = OPT_LEVEL) -> bytes:
     """A strongly typed engine (each layer in the precision the ONNX model has: the UNet's)."""
-    import tensorrt as trt
+    import tensorrt as trt  # pyright: ignore[reportMissingImports]  (the optional trt extra)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -207,7 +207,7 @@ class TrtRunner:
     """One deserialized engine and its execution context; called with the UNet's tensors."""
 
     def __init__(self, payload: bytes, device: str) -> None:
-        import tensorrt as trt
+        import tensorrt as trt  # pyright: ignore[reportMissingImports]  (the optional trt extra)
 
         self.device = torch.device(device)
         if self.device.index is not None:
@@ -253,7 +253,7 @@ class TrtRunner:
 
 
 def subprocess_builder(source: Any, dtype: torch.dtype, device: str, workdir: Path) -> Callable[[EngineKey], bytes]:
-    """``build(key)``: export and build in ``python -m krita_sdxl.backend.speed.tensorrt.build``."""
+    """``build(key)``: export and build in ``python -m krita_sdxl.backend.speed.trt.build``."""
 
     def build(key: EngineKey) -> bytes:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +270,7 @@ def subprocess_builder(source: Any, dtype: torch.dtype, device: str, workdir: Pa
             }
             spec_path = Path(tmp) / "spec.json"
             spec_path.write_text(json.dumps(spec))
-            cmd = [sys.executable, "-m", "krita_sdxl.backend.speed.tensorrt.build", str(spec_path)]
+            cmd = [sys.executable, "-m", "krita_sdxl.backend.speed.trt.build", str(spec_path)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
             if proc.returncode != 0:
                 tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
