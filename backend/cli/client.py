@@ -115,10 +115,12 @@ class ServiceClient:
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self._secret_file is not None:
             from zmq.auth import load_certificate
 
+            from krita_sdxl.protocol.authorize import authorize_command
+
             public = load_certificate(str(self._secret_file))[0].decode("ascii")
             return (
-                f"{where} refused this client's key; on the service's machine run: "
-                f"krita-sdxl authorize {public} --dir <its authorized keys folder>"
+                f"{where} refused this client's key; on the service's machine run (with the folder given to "
+                f"serve --authorized-keys): {authorize_command(public)}"
             )
         if curve:
             if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -266,9 +267,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
         public, secret = write_keys(args.dir, args.name, force=args.force)
     except (SecurityError, OSError) as exc:
         raise ConfigError(str(exc)) from None
+    from krita_sdxl.protocol.authorize import authorize_command
+
     key = zmq.auth.load_certificate(str(public))[0].decode("ascii")
-    print(f"public key: {public}   (give this file, or the key {key}, to the other side)")
+    print(f"public key: {public}   (give this file, or the key {shlex.quote(key)}, to the other side)")
     print(f"secret key: {secret}   (keep it private)")
+    print(f"a service admits this key with: {authorize_command(key)}")
     return 0
 
 
