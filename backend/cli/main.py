@@ -21,9 +21,10 @@ from krita_sdxl.backend.engine.loading import configure_logging, load_engine, ti
 
 from . import demo as demo_cmd
 from . import setup as setup_cmd
+from .connection import connect
 from .job_options import add_job_flags
-from .options import add_common, add_settings, resolve
-from .refine import add_connection_flags, cmd_refine, connect, say
+from .options import add_client_flags, add_common, add_settings, resolve
+from .refine import cmd_refine, say
 
 log = logging.getLogger("krita_sdxl")
 
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a missing folder is created)",
     )
     refine.add_argument("--local", action="store_true", help="run the pipeline in this process, no service")
-    add_connection_flags(refine, timeout=30.0)
+    add_client_flags(refine, timeout=30.0)
     add_job_flags(refine)
     add_settings(refine, "refine")
 
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a running service's capabilities",
         description="Ask a running service what it runs: device, models, modes, limits.",
     )
-    add_connection_flags(info, timeout=5.0)
+    add_client_flags(info, timeout=5.0)
     info.add_argument("--json", action="store_true", help="machine-readable output")
 
     setup_cmd.add_parser(sub, common)

@@ -8,11 +8,9 @@ always kept: when its file cannot be written it goes to the temporary folder.
 from __future__ import annotations
 
 import argparse
-import math
 import secrets
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from krita_sdxl.backend.common.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_JOB_LOST, CommandFailed, ConfigError
@@ -23,71 +21,6 @@ from .job_options import check_job, job_fields, step_note
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
-    return value
-
-
-def add_connection_flags(parser: argparse.ArgumentParser, timeout: float) -> None:
-    from .client import DEFAULT_ENDPOINT
-
-    g = parser.add_argument_group("service")
-    g.add_argument(
-        "--endpoint",
-        default=DEFAULT_ENDPOINT,
-        help=f"the service's address: tcp://HOST:PORT, ipc://PATH or ipc (default: {DEFAULT_ENDPOINT})",
-    )
-    g.add_argument(
-        "--timeout",
-        type=seconds,
-        default=timeout,
-        help=f"seconds without any answer from the service (not even a heartbeat) before giving up "
-        f"(default: {timeout:g})",
-    )
-    g.add_argument("--server-key", metavar="KEY|FILE", help="a CURVE service's public key, or its .key file")
-    g.add_argument(
-        "--client-key",
-        metavar="FILE",
-        type=Path,
-        help="this client's NAME.key_secret (from `krita-sdxl keys`; its public key authorized on the service)",
-    )
-
-
-def client_keys(args: argparse.Namespace) -> dict[str, Any]:
-    """ServiceClient's CURVE arguments from --server-key and --client-key, checked."""
-    import zmq.auth
-    import zmq.utils.z85
-
-    if args.server_key is None and args.client_key is None:
-        return {}
-    if args.server_key is None or args.client_key is None:
-        raise ConfigError("CURVE needs both --server-key (the service's public key) and --client-key (yours)")
-    key = args.server_key.strip()
-    if Path(key).expanduser().is_file():
-        try:
-            key = zmq.auth.load_certificate(str(Path(key).expanduser()))[0].decode("ascii")
-        except (OSError, ValueError):
-            raise ConfigError(f"--server-key {args.server_key}: no public key in that file") from None
-    try:
-        valid = len(key) == 40 and len(zmq.utils.z85.decode(key)) == 32
-    except (ValueError, KeyError, IndexError, TypeError):
-        valid = False
-    if not valid:
-        raise ConfigError("--server-key: expected the service's 40-character public key, or its .key file")
-    try:
-        secret = zmq.auth.load_certificate(str(args.client_key.expanduser()))[1]
-    except (OSError, ValueError):
-        secret = None
-    if not secret:
-        raise ConfigError(f"--client-key {args.client_key}: no secret key there; give a NAME.key_secret file")
-    return {"server_key": key, "client_secret_file": args.client_key.expanduser()}
 
 
 class Progress:
@@ -159,26 +92,9 @@ def save(out: Output, result: Any, job: str) -> None:
         raise CommandFailed(f"cannot write {out.path} ({exc.strerror or exc}); the result is kept in {kept}") from None
 
 
-def connect(args: argparse.Namespace) -> Any:
-    """A ServiceClient for --endpoint and the keys: ConfigError for what was typed wrong (exit 2),
-    CommandFailed when the service cannot be used (its ipc socket is missing or not yours: exit 1)."""
-    from krita_sdxl.protocol.endpoint import EndpointError, parse_endpoint
-
-    from .client import ServiceClient
-
-    try:
-        parse_endpoint(args.endpoint)
-    except EndpointError as exc:
-        raise ConfigError(str(exc)) from None
-    keys = client_keys(args)
-    try:
-        return ServiceClient(args.endpoint, timeout=args.timeout, **keys)
-    except EndpointError as exc:
-        raise CommandFailed(str(exc)) from None
-
-
 def _refine_remote(args: argparse.Namespace, picture: Picture, fields: dict[str, Any]) -> tuple[Any, int, str]:
     from .client import JobLost, ServiceUnavailable
+    from .connection import connect
 
     client = connect(args)
     progress = Progress()
