@@ -110,7 +110,7 @@ def test_output_mistakes_are_refused_before_any_job(service, picture, tmp_path, 
         (["--timeout", "-3"], ["--timeout", "above 0"]),
         (["--model", "x.safetensors"], ["--model applies only with --local"]),
         (["--device", "cpu", "--memory", "none"], ["--memory, --device apply only with --local"]),
-        (["--config", "c.toml"], ["--config applies only with --local"]),
+        (["--config", "c.toml"], ["config file c.toml does not exist"]),  # refine reads its [client] table
         (["--strength", "1.5"], ["--strength", "<= 1"]),
         (["--steps", "0"], ["--steps"]),
         (["--work-size", "big"], ["--work-size"]),
@@ -161,7 +161,7 @@ def test_prompt_limits_share_one_wording(service, picture, tmp_path):
     line = assert_refused(protocol, 2, "prompt is 9000 characters long; the limit is 8000")
     ours = krita_sdxl("refine", str(picture), "--endpoint", service.endpoint, "--negative-prompt", "x" * 200,
                       "-o", str(tmp_path / "b.png"))  # fmt: skip
-    line2 = assert_refused(ours, 1, "negative_prompt is 200 characters long; the limit is 100")
+    line2 = assert_refused(ours, 2, "negative-prompt is 200 characters long; the limit is 100")  # before sending
     assert line.split("long;")[1].split(" 8000")[0] == line2.split("long;")[1].split(" 100")[0]
     assert not list(tmp_path.iterdir())
 

@@ -240,6 +240,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         state = "" if "loaded" not in m else (", loaded" if m["loaded"] else ", not loaded")
         print(f"model       {m.get('role')}: {m.get('name')}" + (f" ({m['path']}{state})" if m.get("path") else ""))
     print(f"modes       {', '.join(caps.get('modes', []))}")
+    limits = caps.get("limits") or {}
+    if limits:
+        print(f"limits      pictures up to {limits.get('max_pixels'):,} pixels, prompts up to "
+              f"{limits.get('max_prompt_chars'):,} characters")  # fmt: skip
     memory = caps.get("memory") or {}
     if memory:
         print(f"memory      {memory.get('mode')}" + (f" (auto: {memory['reason']})" if memory.get("reason") else ""))

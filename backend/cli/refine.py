@@ -1,8 +1,10 @@
 """``krita-sdxl refine``: one picture through a running service (or ``--local``), every check first.
 
-Order: flags, input picture, output file, job fields (the protocol codec), keys and endpoint; only
-then a connection or a model load. Ctrl-C cancels the job on the service. A result that arrives is
-always kept: when its file cannot be written it goes to the temporary folder.
+Order: flags, the input picture's header (size and format: nothing decoded), output file, job fields
+(the protocol codec), endpoint and keys; then the service's ``welcome``, whose limits (largest picture,
+longest prompt) are checked before the picture is decoded and sent; with ``--local`` the model loads.
+Ctrl-C cancels the job on the service. A result that arrives is always kept: when its file cannot be
+written it goes to the temporary folder.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any
 
 from krita_sdxl.backend.common.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_JOB_LOST, CommandFailed, ConfigError
 
-from .imageio import Output, Picture, keep_somewhere, plan_output, read_picture, write_picture
-from .job_options import check_job, job_fields, step_note
+from .imageio import Layout, Output, Picture, keep_somewhere, peek_picture, plan_output, read_picture, write_picture
+from .job_options import check_fields, check_job, check_limits, job_fields, step_note
 
 
 def say(text: str) -> None:
@@ -65,22 +67,50 @@ def cmd_refine(args: argparse.Namespace) -> int:
         )
     if args.local and (args.server_key or args.client_key):
         raise ConfigError("--server-key and --client-key are for a service; --local needs none")
-    picture = read_picture(args.input)
-    out = plan_output(args.output, picture, source=args.input)
+    layout = peek_picture(args.input)  # size and format from the header: nothing decoded yet
+    out = plan_output(args.output, layout, source=args.input)
     fields = job_fields(args)
-    message = check_job(picture.image, fields)
+    check_fields(layout.spec, fields)
+    if args.local:
+        picture, out = _decode(args, layout, out)
+        t0 = time.perf_counter()
+        result, seed, job = _refine_local(args, check_job(picture.image, fields))
+    else:
+        from .connection import connect
+
+        with connect(args) as client:
+            limits = _hello(client).get("limits") or {}  # what the service takes, before any pixel is decoded
+            check_limits(layout.spec, fields, limits, str(args.input))
+            picture, out = _decode(args, layout, out)
+            t0 = time.perf_counter()
+            result, seed, job = _refine_remote(client, picture, fields)
+    save(out, result, job)
+    s = result.spec
+    print(f"wrote {out.path} ({s.width}x{s.height}, {out.describe}, seed {seed}, {time.perf_counter() - t0:.2f} s)")
+    return 0
+
+
+def _hello(client: Any) -> dict[str, Any]:
+    """The service's capabilities (its ``welcome``); CommandFailed when it cannot be reached."""
+    from .client import JobFailed, ServiceUnavailable
+
+    try:
+        return client.hello()["capabilities"]
+    except (ServiceUnavailable, JobFailed) as exc:
+        raise CommandFailed(str(exc)) from None
+
+
+def _decode(args: argparse.Namespace, layout: Layout, out: Output) -> tuple[Picture, Output]:
+    """The picture's pixels; the output planned again if they came out in another format than its header said."""
+    picture = read_picture(args.input)
+    if (picture.spec.order, picture.spec.depth, picture.spec.sample, picture.grey) != (
+        layout.spec.order, layout.spec.depth, layout.spec.sample, layout.grey
+    ):  # fmt: skip
+        out = plan_output(args.output, picture, source=args.input)
     for line in [*picture.notes, out.note]:
         if line:
             say(line)
-    t0 = time.perf_counter()
-    if args.local:
-        result, seed, job = _refine_local(args, message)
-    else:
-        result, seed, job = _refine_remote(args, picture, fields)
-    save(out, result, job)
-    s = result.spec
-    print(f"wrote {out.path} ({s.width}x{s.height}, {picture.describe}, seed {seed}, {time.perf_counter() - t0:.2f} s)")
-    return 0
+    return picture, out
 
 
 def save(out: Output, result: Any, job: str) -> None:
@@ -92,44 +122,41 @@ def save(out: Output, result: Any, job: str) -> None:
         raise CommandFailed(f"cannot write {out.path} ({exc.strerror or exc}); the result is kept in {kept}") from None
 
 
-def _refine_remote(args: argparse.Namespace, picture: Picture, fields: dict[str, Any]) -> tuple[Any, int, str]:
+def _refine_remote(client: Any, picture: Picture, fields: dict[str, Any]) -> tuple[Any, int, str]:
     from .client import JobLost, ServiceUnavailable
-    from .connection import connect
 
-    client = connect(args)
     progress = Progress()
-    with client:
-        job = client.submit(picture.image, **fields)
-        try:
-            for event in client.events(job):
-                if event.type == "accepted":
-                    note = step_note(fields["steps"], fields["strength"], event["steps"], event["denoise_steps"],
-                                     fields["mode"])  # fmt: skip
-                    for line in (note, f"queued: {event['position']} job(s) ahead" if event["position"] else None):
-                        if line:
-                            progress.note(line)
-                elif event.type == "progress":
-                    progress.step(event["step"], event["total"])
-                elif event.type == "result":
-                    return event.images["image"], event["seed"], job
-                else:  # error or cancelled
-                    code = event.fields.get("code") or event.fields.get("reason", "cancelled")
-                    text = event.fields.get("message") or f"the job was cancelled ({code})"
-                    field = event.fields.get("field")
-                    raise CommandFailed(f"{code}: {text}" + (f" (field {field})" if field else ""))
-        except KeyboardInterrupt:
-            progress.close()
-            outcome = _interrupted(client, job)
-            if isinstance(outcome, CommandFailed):
-                raise outcome from None
-            say("interrupted, but the job had already finished: keeping its result")
-            return outcome.images["image"], outcome["seed"], job
-        except JobLost as exc:
-            raise CommandFailed(f"{exc}; run the command again", EXIT_JOB_LOST) from None
-        except ServiceUnavailable as exc:
-            raise CommandFailed(str(exc), EXIT_FAILED) from None
-        finally:
-            progress.close()
+    job = client.submit(picture.image, **fields)
+    try:
+        for event in client.events(job):
+            if event.type == "accepted":
+                note = step_note(fields["steps"], fields["strength"], event["steps"], event["denoise_steps"],
+                                 fields["mode"])  # fmt: skip
+                for line in (note, f"queued: {event['position']} job(s) ahead" if event["position"] else None):
+                    if line:
+                        progress.note(line)
+            elif event.type == "progress":
+                progress.step(event["step"], event["total"])
+            elif event.type == "result":
+                return event.images["image"], event["seed"], job
+            else:  # error or cancelled
+                code = event.fields.get("code") or event.fields.get("reason", "cancelled")
+                text = event.fields.get("message") or f"the job was cancelled ({code})"
+                field = event.fields.get("field")
+                raise CommandFailed(f"{code}: {text}" + (f" (field {field})" if field else ""))
+    except KeyboardInterrupt:
+        progress.close()
+        outcome = _interrupted(client, job)
+        if isinstance(outcome, CommandFailed):
+            raise outcome from None
+        say("interrupted, but the job had already finished: keeping its result")
+        return outcome.images["image"], outcome["seed"], job
+    except JobLost as exc:
+        raise CommandFailed(f"{exc}; run the command again", EXIT_JOB_LOST) from None
+    except ServiceUnavailable as exc:
+        raise CommandFailed(str(exc), EXIT_FAILED) from None
+    finally:
+        progress.close()
     raise CommandFailed("the service ended the job without a result")
 
 
