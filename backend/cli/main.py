@@ -18,6 +18,7 @@ from typing import NoReturn
 
 from krita_sdxl.backend.common.config import EXIT_INTERRUPTED, EXIT_USAGE, CommandFailed, ConfigError, Settings
 from krita_sdxl.backend.engine.loading import configure_logging, load_engine, tiling
+from krita_sdxl.backend.setup.plan import VERSION
 
 from . import demo as demo_cmd
 from . import setup as setup_cmd
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=raw,
     )
+    parser.add_argument("--version", action="version", version=f"krita-sdxl {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = Parser(add_help=False)
     add_common(common)

@@ -25,6 +25,9 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+NO_RATE = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]"  # until a second step gives a rate (no "?step/s")
+
+
 class Progress:
     """One progress bar on stderr, made when the step count is known; each step drawn once."""
 
@@ -35,11 +38,11 @@ class Progress:
         from tqdm import tqdm
 
         if self.bar is None:  # made at the first step, which counts as done before the bar (no rate from it)
-            self.bar = tqdm(
-                total=total, initial=step, unit="step", desc="refine", leave=False, mininterval=0, file=sys.stderr
-            )
+            self.bar = tqdm(total=total, initial=step, unit="step", desc="refine", leave=False, mininterval=0,
+                            file=sys.stderr, bar_format=NO_RATE)  # fmt: skip
         self.bar.total = total  # tiles x steps when the service tiles a large picture
         if step != self.bar.n:
+            self.bar.bar_format = None  # tqdm's own, with the rate of the steps since the first
             self.bar.update(step - self.bar.n)
 
     def note(self, text: str) -> None:
