@@ -6,7 +6,8 @@ On the way in (:func:`prepare`), from the document's pixels:
 
 1. fully transparent pixels get the colour of their visible neighbourhood (:mod:`.alpha_fill`),
    so the colour hidden under them does not bleed into visible edges;
-2. a float picture with values above 1 is tone-mapped into [0, 1] (:mod:`.hdr`);
+2. a float picture whose selected pixels go above 1 is tone-mapped into [0, 1] (:mod:`.hdr`; the
+   context's values do not decide it);
 3. linear-light pixels are encoded to sRGB (the model was trained on sRGB pictures);
 4. the picture is resized to the job's work size.
 
@@ -75,8 +76,8 @@ def prepare(req: RefineRequest, mask: np.ndarray | None = None) -> WorkImage:
     if float_samples:
         hdr.sanitize(source, copy=False)  # (a fresh array)
     rgb, tone = fill_transparent(source, alpha), None
-    if float_samples:
-        rgb, tone = hdr.tone_map(rgb)
+    if float_samples:  # the curve is decided by the selected pixels alone (the context may be brighter)
+        rgb, tone = hdr.tone_map(rgb, None if mask is None else mask > 0.0)
     if req.transfer == "linear":
         rgb = pixels.linear_to_srgb(rgb)
     work = work_size(req)
