@@ -430,12 +430,13 @@ class Engine:
         return (z - stats[0]) * factor / stats[1] if stats is not None else z * factor
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Scaled latents -> HxWx3 float32 [0, 1] numpy array (stock's denormalisation)."""
+        """Scaled latents -> HxWx3 float32 numpy array on the [0, 1] scale (stock's denormalisation), not yet
+        clamped: the watermark marks the decoded picture before the clamp, as stock does (work_image.finish)."""
         factor = self.vae.config.scaling_factor
         stats = self._latent_stats(latents)
         z = latents * stats[1] / factor + stats[0] if stats is not None else latents / factor
         image = self._run_vae(lambda vae, dtype: vae.decode(z.to(dtype)).sample, "decode")
-        image = ((image[0].float().clamp(-1.0, 1.0) + 1.0) * 0.5).permute(1, 2, 0)
+        image = ((image[0].float() + 1.0) * 0.5).permute(1, 2, 0)
         return image.cpu().numpy()
 
     def _run_vae(self, fn: Any, what: str) -> torch.Tensor:

@@ -14,7 +14,8 @@ On the way in (:func:`prepare`), from the document's pixels:
 On the way back (:func:`finish`), from the model's result at the work size:
 
 1. resized back to the document's size;
-2. the invisible watermark, where it is on (see below);
+2. the invisible watermark, where it is on (see below), on the decoded values before they are clamped
+   to [0, 1], as diffusers marks them; then the clamp;
 3. sRGB back to linear light, the tone map undone (values above 1 come back);
 4. the source's own pixels back where the mask is 0 (the artist's pixels outside a selection are
    never changed), and the result in the document's format by the output rule of :mod:`.pixels`
@@ -87,15 +88,17 @@ def prepare(req: RefineRequest, mask: np.ndarray | None = None) -> WorkImage:
 
 
 def finish(job: WorkImage, out: np.ndarray, watermark: Any = None) -> Image:
-    """The result in the document's size and format from the model's result ``out`` (HxWx3 in
-    [0, 1] at the work size). ``watermark``: a :class:`.watermark.Watermark` to mark the returned
-    picture with (None for a tile: the tiled job marks the blended whole). A tile's mask reaches
+    """The result in the document's size and format from the model's result ``out`` (HxWx3 on the [0, 1]
+    scale at the work size, as decoded: not yet clamped, so that the watermark marks what stock marks).
+    ``watermark``: a :class:`.watermark.Watermark` to mark the returned picture with (None for a tile: the
+    tiled job marks the blended whole). A tile's mask reaches
     only its alpha (tiles are opaque RGBA, backend/engine/tiling.py), so the whole is blended once."""
     req, spec = job.req, job.req.image.spec
     if job.work is not None:
         out = pixels.resize(out, (spec.width, spec.height))
-    if watermark is not None:
+    if watermark is not None:  # on the decoded picture before the clamp, as stock marks it
         out = watermark.apply(out)
+    out = np.clip(out, 0.0, 1.0)
     if req.transfer == "linear":
         out = pixels.srgb_to_linear(out)
     if job.tone is not None:
