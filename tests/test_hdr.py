@@ -158,13 +158,7 @@ def test_a_selection_without_values_above_1_is_refined_as_in_an_sdr_document(eng
     bright = document()
     sdr = bright.copy()
     sdr[..., :3] = np.minimum(sdr[..., :3], 1.0)
-    outs = [
-        colour(
-            engine.refine(
-                request(as_image(rgba), strength=0.5, mask=mask_image(*selection)), lambda *a: None, lambda: False
-            )
-        )  # fmt: skip
-        for rgba in (bright, sdr)
-    ]
+    jobs = [request(as_image(rgba), strength=0.5, mask=mask_image(*selection)) for rgba in (bright, sdr)]
+    outs = [colour(engine.refine(job, lambda *a: None, lambda: False)) for job in jobs]
     assert np.array_equal(outs[0][selection], outs[1][selection])
     assert np.array_equal(outs[0][LAMP], bright[LAMP][..., :3])  # outside the selection: as it was
