@@ -122,8 +122,10 @@ class ModelSet:
         """The base's components as an img2img pipeline (for generate with a source image)."""
         base = self.base
         with self._lock:
-            if self._img2img is None or self._img2img.unet is not base.unet or not same_scheduler(
-                self._img2img.scheduler, base.scheduler
+            if (
+                self._img2img is None
+                or self._img2img.unet is not base.unet
+                or not same_scheduler(self._img2img.scheduler, base.scheduler)
             ):
                 self._img2img = base_img2img(base)
             return self._img2img
