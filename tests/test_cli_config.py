@@ -11,8 +11,6 @@ import zmq
 from cli_helpers import assert_refused, krita_sdxl, rgba_picture
 
 from krita_sdxl.backend.cli.launcher import ServiceProcess, start_service
-from krita_sdxl.backend.cli.options import reachable_endpoint
-from krita_sdxl.backend.common.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +112,9 @@ def test_a_mistake_in_the_file_is_refused_in_one_line(tmp_path, text, words):
 
 
 def test_a_wildcard_serve_endpoint_is_reached_on_loopback():
+    from krita_sdxl.backend.cli.options import reachable_endpoint
+    from krita_sdxl.backend.common.config import ConfigError
+
     assert reachable_endpoint("tcp://0.0.0.0:6000", "f") == "tcp://127.0.0.1:6000"
     assert reachable_endpoint("tcp://*:6000", "f") == "tcp://127.0.0.1:6000"
     assert reachable_endpoint("tcp://[::]:6000", "f") == "tcp://[::1]:6000"
