@@ -116,8 +116,9 @@ class Reachability:
             self.handshaken = True
 
     def wait_left(self) -> float:
-        """Seconds until a verdict is due (a long time once the service has answered)."""
-        return 3600.0 if self.handshaken else max(self.started + GRACE - time.monotonic(), 0.0) + 0.01
+        """Seconds until a verdict is due (a long time once it is: the caller's own pace then)."""
+        left = self.started + GRACE - time.monotonic()
+        return 3600.0 if self.handshaken or left <= 0 else left + 0.01
 
     def verdict(self, forced: bool = False) -> str | None:
         """Why nothing answers, or None (the service answered; it is too early; or a ZeroMQ service holds
