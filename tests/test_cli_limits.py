@@ -4,6 +4,7 @@ not UTF-8. Exit status 2 and one line, never a traceback."""
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -84,3 +85,13 @@ def test_a_prompt_that_is_not_utf8_is_refused_in_one_line(service, tmp_path, fla
     proc = krita_sdxl("refine", str(picture), "--endpoint", service.endpoint, "-o", str(tmp_path / "o.png"), flag,
                       b"caf\xe9 au lait".decode("utf-8", "surrogateescape"))  # fmt: skip
     assert_refused(proc, 2, flag, "not valid UTF-8", "0xe9 at character 4")
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_not_a_traceback(service, tmp_path):
+    """The result is written under the name as given, and the summary prints it escaped (strict stdout)."""
+    picture = rgba_picture(tmp_path / "in.png", 32, 32)
+    name = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")
+    proc = krita_sdxl("refine", str(picture), "--endpoint", service.endpoint, "-o", name,
+                      env={"PYTHONIOENCODING": "utf-8:strict"})  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "caf\\udce9.png" in proc.stdout and os.path.exists(name)

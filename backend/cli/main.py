@@ -302,7 +302,16 @@ def cmd_authorize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printable_names() -> None:
+    """A file name that is not valid UTF-8 (kept by Python as lone surrogates) prints escaped, never as a
+    UnicodeEncodeError after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _printable_names()
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     commands = {
