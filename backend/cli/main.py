@@ -305,8 +305,10 @@ def cmd_authorize(args: argparse.Namespace) -> int:
 def _printable_names() -> None:
     """A file name that is not valid UTF-8 (kept by Python as lone surrogates) prints escaped, never as a
     UnicodeEncodeError after the work is done."""
+    import io
+
     for stream in (sys.stdout, sys.stderr):
-        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
             stream.reconfigure(errors="backslashreplace")
 
 
