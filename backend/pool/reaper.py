@@ -1,0 +1,138 @@
+"""The clean-up of a service that dies without closing its pool (``kill -9``, the OOM killer, a crash).
+
+Ray's gcs_server and raylet die with the process that started them, and the replicas with the raylet, but
+Ray's dashboard and runtime-env agents poll for their raylet and then try to report to the dead head: they
+lingered 20 to 95 s (about 210 MB) after a killed service. The service's shared-memory pixel buffers
+(backend/pool/shm.py) would stay in /dev/shm.
+
+``Reaper`` starts ``python -m krita_sdxl.backend.pool.reaper`` (its own session: a Ctrl-C to the service's
+terminal does not reach it), tells it over a pipe which processes and files are the service's, and says
+``done`` when it has closed the pool itself. When the pipe ends without ``done``, the service is dead: the
+reaper kills those processes (and theirs) and removes the files, then exits. Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot), which tells it apart from a later process that
+    reuses its id; None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()[19]
+
+
+def children(pid: int) -> list[int]:
+    """The process's children (every thread's), from /proc."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for child in children(todo.pop()):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+class Reaper:
+    """The service's side: start the reaper, tell it what to clean, say ``done`` after a clean close."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._told: set[str] = set()
+        if not Path("/proc/self/stat").exists():
+            return  # not Linux: nothing to watch with
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "krita_sdxl.backend.pool.reaper"],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    def _say(self, line: str) -> None:
+        if self._proc is None or self._proc.stdin is None or line in self._told:
+            return
+        self._told.add(line)
+        with contextlib.suppress(OSError):
+            self._proc.stdin.write(line.encode() + b"\n")
+            self._proc.stdin.flush()
+
+    def watch_tree(self, pid: int) -> None:
+        """``pid`` and every process below it now."""
+        for p in [pid, *descendants(pid)]:
+            started = start_time(p)
+            if started is not None:
+                self._say(f"proc {p} {started}")
+
+    def watch_file(self, path: str) -> None:
+        self._say(f"file {path}")
+
+    def done(self) -> None:
+        """The pool is closed: nothing is left to clean."""
+        if self._proc is None:
+            return
+        self._say("done")
+        with contextlib.suppress(OSError):
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(5)
+        self._proc = None
+
+
+def _kill(procs: dict[int, str]) -> int:
+    """SIGKILL each process that is still the one registered (same start time), and its descendants."""
+    alive = {p for p, started in procs.items() if start_time(p) == started}
+    for p in list(alive):
+        alive.update(descendants(p))
+    for p in alive:
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
+    return len(alive)
+
+
+def main() -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # only the end of the pipe ends this process
+    procs: dict[int, str] = {}
+    files: set[str] = set()
+    for raw in sys.stdin.buffer:
+        line = raw.decode(errors="replace").strip()
+        if line == "done":
+            return 0
+        kind, _, rest = line.partition(" ")
+        if kind == "proc":
+            pid, _, started = rest.partition(" ")
+            with contextlib.suppress(ValueError):
+                procs[int(pid)] = started
+        elif kind == "file":
+            files.add(rest)
+    time.sleep(0.2)  # the dead service's own children (gcs_server, raylet) are being killed by the kernel
+    killed = _kill(procs)
+    for path in files:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    if killed or files:
+        print(f"krita-sdxl: the service ended without stopping its pool: stopped {killed} Ray process(es) it "
+              f"left and removed {len(files)} shared-memory file(s)", file=sys.stderr, flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
