@@ -10,12 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
 
-from krita_sdxl.backend.common.config import EXIT_INTERRUPTED, EXIT_USAGE, CommandFailed, ConfigError, Settings
+from krita_sdxl.backend.common.config import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CommandFailed,
+    ConfigError,
+    Settings,
+)
 from krita_sdxl.backend.engine.loading import configure_logging, load_engine, tiling
 
 from . import demo as demo_cmd
@@ -215,8 +223,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if pool is not None:
             pool.close()
-    if service.failure is not None:
-        raise CommandFailed(service.failure)
+    if service.failure is not None:  # exit now: Ray's exit hooks would wait for the Ray that is gone
+        say(f"krita-sdxl serve: error: {service.failure}")
+        logging.shutdown()
+        os._exit(EXIT_FAILED)
     return 0
 
 

@@ -83,9 +83,11 @@ class ReplicaBook:
         return [str(message)] if message and status != "HEALTHY" else []
 
     def given_up(self) -> bool:
-        """Ray Serve has stopped trying to start the replicas (their constructor failed again and again)."""
+        """Ray Serve has stopped trying to start the replicas: their constructor failed again and again
+        (not a replica that died and is being replaced, nor a lost host's replicas waiting for one)."""
         with self._lock:
-            return self._deployment.get("status") in ("UNHEALTHY", "DEPLOY_FAILED")
+            status, message = self._deployment.get("status"), str(self._deployment.get("message") or "")
+        return status == "DEPLOY_FAILED" or (status == "UNHEALTHY" and "failed to start" in message)
 
     def running(self) -> list[str]:
         with self._lock:

@@ -7,8 +7,8 @@
 - The replicas are the application ``pool_name`` (one per service; backend/pool/plan.py), held with a
   lease (backend/pool/lease.py); closing deletes that application only, and stops Ray only if this
   process started it.
-- A local Ray's processes are handed to the reaper (backend/pool/reaper.py), which stops them if the
-  service dies without closing the pool.
+- A local Ray's processes are told to the reaper as they start (backend/pool/reaper.py), which stops them
+  if the service dies without closing the pool (killed, or aborted by Ray's own signal handler).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -78,8 +79,6 @@ class Pool:
         ]
         gcs = _ray_worker().global_worker.gcs_client
         chores: list[tuple[float, Callable[[], None]]] = [(RENEW_S, lambda: self.lease.renew(gcs))]
-        if self.started_ray:
-            chores.append((10.0, lambda: _hand_to_reaper(self.reaper)))
         self.watchdog = health.Watchdog(checks, on_lost, chores)
         self.watchdog.start()
 
@@ -92,23 +91,26 @@ class Pool:
         if self.watchdog is not None:
             self.watchdog.stop()
         lost = self.watchdog is not None and self.watchdog.lost is not None
+        if lost:
+            return  # Ray is gone: the reaper stops what is left of a local Ray when this process ends
+        clean = True
         try:
-            if not lost:
-                bounded("deleting the pool's replicas", DELETE_TIMEOUT_S, serve.delete, self.name)
-                gcs = _ray_worker().global_worker.gcs_client
-                bounded("releasing the pool's name", CALL_TIMEOUT_S, self.lease.release, gcs)
-            if self.started_ray and not lost:
+            bounded("deleting the pool's replicas", DELETE_TIMEOUT_S, serve.delete, self.name)
+            gcs = _ray_worker().global_worker.gcs_client
+            bounded("releasing the pool's name", CALL_TIMEOUT_S, self.lease.release, gcs)
+            if self.started_ray:
                 bounded("stopping Ray Serve", SHUTDOWN_TIMEOUT_S, serve.shutdown)
         except Exception as exc:
+            clean = False
             log.warning("could not stop the pool's replicas cleanly: %s", exc)
-        finally:
-            if self.started_ray and not lost:
-                try:
-                    bounded("stopping Ray", SHUTDOWN_TIMEOUT_S, ray.shutdown)
-                except Exception as exc:
-                    log.warning("could not stop Ray cleanly: %s", exc)
-            if not lost:
-                self.reaper.done()  # else it stops what Ray left when this process ends
+        if self.started_ray:
+            try:
+                bounded("stopping Ray", SHUTDOWN_TIMEOUT_S, ray.shutdown)
+            except Exception as exc:
+                clean = False
+                log.warning("could not stop Ray cleanly: %s", exc)
+        if clean:
+            self.reaper.done()  # else it stops what is left when this process ends
 
 
 def _ray_worker() -> Any:
@@ -122,17 +124,6 @@ def _token() -> object:
     from .reach import find_token, token_mode
 
     return find_token() if token_mode() else None
-
-
-def _hand_to_reaper(reaper: Reaper) -> None:
-    """The local Ray's processes (gcs_server, raylet, the agents below it, ...) as they are now."""
-
-    node = _ray_worker()._global_node
-    if node is None:
-        return
-    for infos in list(node.all_processes.values()):
-        for info in infos:
-            reaper.watch_tree(info.process.pid)
 
 
 def serve_view(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -162,13 +153,16 @@ def serve_view(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return rows, status
 
 
-def _quiet(settings: Settings) -> dict[str, Any]:
-    """Serve's logging: no access log line per request unless debugging."""
+def _quiet(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Serve's logging (for its controller, for the replicas): no access log line per request, and no
+    controller tracebacks (a replica that cannot start fills the console with three) unless debugging: the
+    service says what went wrong in one line; Ray's log folder keeps them (session_latest/logs/serve)."""
     debug = settings.log_level == "debug"
     if not debug:
         for name in ("ray", "ray.serve"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    return {"log_level": "DEBUG" if debug else "WARNING", "enable_access_log": debug}
+    replicas = {"log_level": "DEBUG" if debug else "WARNING", "enable_access_log": debug}
+    return {**replicas, "log_level": "DEBUG" if debug else "CRITICAL"}, replicas
 
 
 def _local_only() -> None:
@@ -240,10 +234,12 @@ def start_pool(settings: Settings) -> Pool:
             _join(address)
         else:
             _local_only()
+            reaper.follow()  # from the first process ray.init starts
             # in this (main) thread: Ray binds gcs_server and the raylet to the life of the thread that starts them
+            on_term = signal.getsignal(signal.SIGTERM)
             ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            signal.signal(signal.SIGTERM, on_term)  # ray.init puts its own (sys.exit(15)) in place of the caller's
             started = True
-            _hand_to_reaper(reaper)
         gcs = _ray_worker().global_worker.gcs_client
         lease.claim(gcs)
         owned = True  # the name is this service's: what is deployed under it may be deleted
@@ -251,11 +247,11 @@ def start_pool(settings: Settings) -> Pool:
         plan = plan_pool(settings, gpus)
         if (warning := shortfall(plan, gpus)) is not None:
             log.warning("%s", warning)
-        logging_config = _quiet(settings)
+        controller_logs, replica_logs = _quiet(settings)
         bounded("starting Ray Serve", DESCRIBE_TIMEOUT_S, serve.start, proxy_location="Disabled",
-                logging_config=logging_config)  # fmt: skip
+                logging_config=controller_logs)  # fmt: skip
         log.info("pool %s: deploying %s on Ray (%g GPUs in the cluster)", name, plan.describe(), gpus)
-        handle, described = _deploy(settings, plan, name, logging_config)
+        handle, described = _deploy(settings, plan, name, replica_logs)
         book = ReplicaBook(plan, models=described["replica"]["models"])
         book.refresh(*serve_view(name))
         book.finished(described["replica"])

@@ -235,9 +235,7 @@ class ReplicaSlot(Worker):
                 self._book.lost(replica)
             raise
         except DeploymentUnavailableError:
-            why = failures.no_replica(0, self._book.problems()).replace(
-                "no replica of the GPU pool is running", "the GPU pool's deployment is unavailable", 1
-            )
+            why = failures.unavailable(self._book.problems())
             log.error("job %s: %s", job.id, why)
             return _error(why)
         finally:

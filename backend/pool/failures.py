@@ -47,7 +47,7 @@ def start_failure(error: str, status_messages: list[str]) -> str:
 def no_replica(waited: float, status_messages: list[str]) -> str:
     """The ``model_error`` message of a job that waited ``waited`` seconds while no replica was running."""
     cause = next((c for c in (first_error_line(m) for m in status_messages) if c), None)
-    said = cause or next((_one_line(m) for m in status_messages if m.strip()), "")
+    said = (cause or next((_one_line(m) for m in status_messages if m.strip()), "")).rstrip(".")
     why = f": {said}" if said else " (all were lost, and none has started again)"
     return (
         f"no replica of the GPU pool is running{why}. The job waited {waited:.0f} s for one (--replica-timeout); "
@@ -55,5 +55,14 @@ def no_replica(waited: float, status_messages: list[str]) -> str:
     )
 
 
+def unavailable(status_messages: list[str]) -> str:
+    """The ``model_error`` message of a job whose deployment Ray Serve no longer offers (it failed to
+    deploy, or was deleted from the cluster)."""
+    cause = next((c for c in (first_error_line(m) for m in status_messages) if c), None)
+    said = (cause or next((_one_line(m) for m in status_messages if m.strip()), "")).rstrip(".")
+    why = f": {said}" if said else " (it failed, or was deleted from the cluster)"
+    return f"the GPU pool's replicas are unavailable{why}; the service needs a restart"
+
+
 def _one_line(text: str) -> str:
-    return " ".join(text.split())[:LIMIT]
+    return " ".join(text.split())[:LIMIT].rstrip(".")

@@ -18,8 +18,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+FOLLOW_S = 0.25  # how often the service tells the reaper about its new processes
 
 
 def start_time(pid: int) -> str | None:
@@ -57,6 +60,8 @@ class Reaper:
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._told: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
         if not Path("/proc/self/stat").exists():
             return  # not Linux: nothing to watch with
         self._proc = subprocess.Popen(
@@ -66,25 +71,35 @@ class Reaper:
         )
 
     def _say(self, line: str) -> None:
-        if self._proc is None or self._proc.stdin is None or line in self._told:
-            return
-        self._told.add(line)
-        with contextlib.suppress(OSError):
-            self._proc.stdin.write(line.encode() + b"\n")
-            self._proc.stdin.flush()
+        with self._lock:
+            if self._proc is None or self._proc.stdin is None or line in self._told:
+                return
+            self._told.add(line)
+            with contextlib.suppress(OSError):
+                self._proc.stdin.write(line.encode() + b"\n")
+                self._proc.stdin.flush()
 
-    def watch_tree(self, pid: int) -> None:
-        """``pid`` and every process below it now."""
-        for p in [pid, *descendants(pid)]:
-            started = start_time(p)
-            if started is not None:
-                self._say(f"proc {p} {started}")
+    def follow(self) -> None:
+        """From now until ``done``: every process this one starts (a local Ray's gcs_server, raylet and the
+        agents below it), told as it appears, even while ``ray.init`` is still starting them."""
+        if self._proc is None:
+            return
+        me, reaper = os.getpid(), self._proc.pid
+
+        def loop() -> None:
+            while not self._stop.wait(FOLLOW_S):
+                for p in descendants(me):
+                    if p != reaper and (started := start_time(p)) is not None:
+                        self._say(f"proc {p} {started}")
+
+        threading.Thread(target=loop, name="krita-sdxl-reaper-follow", daemon=True).start()
 
     def watch_file(self, path: str) -> None:
         self._say(f"file {path}")
 
     def done(self) -> None:
         """The pool is closed: nothing is left to clean."""
+        self._stop.set()
         if self._proc is None:
             return
         self._say("done")
