@@ -105,12 +105,12 @@ def kill_all(pids: dict[int, str]) -> None:
 
 
 def listening(pids: set[int]) -> list[str]:
-    """The TCP addresses the processes ``pids`` listen on (ss)."""
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    """The TCP and UDP addresses the processes ``pids`` listen on (ss)."""
+    out = subprocess.run(["ss", "-ltunpH"], capture_output=True, text=True).stdout
     found = []
     for line in out.splitlines():
         if {int(x) for x in re.findall(r"pid=(\d+),", line)} & pids:
-            found.append(line.split()[3])
+            found.append(line.split()[4])  # Netid State Recv-Q Send-Q Local-Address:Port ...
     return found
 
 

@@ -35,6 +35,16 @@ def start_time(pid: int) -> str | None:
     return stat[stat.rfind(")") + 2 :].split()[19]
 
 
+def alive(pid: int, started: str) -> bool:
+    """The process registered with ``started`` still runs (not gone, not reused, not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] == started and fields[0] != "Z"
+
+
 def children(pid: int) -> list[int]:
     """The process's children (every thread's), from /proc."""
     out: list[int] = []
@@ -60,6 +70,8 @@ class Reaper:
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._told: set[str] = set()
+        self._procs: dict[int, str] = {}
+        self._files: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         if not Path("/proc/self/stat").exists():
@@ -90,16 +102,26 @@ class Reaper:
             while not self._stop.wait(FOLLOW_S):
                 for p in descendants(me):
                     if p != reaper and (started := start_time(p)) is not None:
+                        self._procs[p] = started
                         self._say(f"proc {p} {started}")
 
         threading.Thread(target=loop, name="krita-sdxl-reaper-follow", daemon=True).start()
 
     def watch_file(self, path: str) -> None:
+        self._files.add(path)
         self._say(f"file {path}")
 
-    def done(self) -> None:
-        """The pool is closed: nothing is left to clean."""
+    def done(self, settle: float = 5.0) -> None:
+        """The pool is closed (or never started): what it left is stopped here (Ray's agents may outlive a
+        ``ray.shutdown`` that ran while ``ray.init`` was still starting them), and the reaper goes."""
         self._stop.set()
+        deadline = time.monotonic() + settle
+        while any(alive(p, s) for p, s in self._procs.items()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _kill(self._procs)
+        for path in self._files:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         if self._proc is None:
             return
         self._say("done")
@@ -113,13 +135,13 @@ class Reaper:
 
 def _kill(procs: dict[int, str]) -> int:
     """SIGKILL each process that is still the one registered (same start time), and its descendants."""
-    alive = {p for p, started in procs.items() if start_time(p) == started}
-    for p in list(alive):
-        alive.update(descendants(p))
-    for p in alive:
+    left = {p for p, started in procs.items() if alive(p, started)}
+    for p in list(left):
+        left.update(descendants(p))
+    for p in left:
         with contextlib.suppress(OSError):
             os.kill(p, signal.SIGKILL)
-    return len(alive)
+    return len(left)
 
 
 def main() -> int:

@@ -62,6 +62,7 @@ class Replica:
         import ray
 
         node = ray.util.get_node_ip_address()
+        _bind_to_node(node)
         try:
             self.engine = load(settings, gpu)
         except Exception as exc:
@@ -145,6 +146,24 @@ class Replica:
             return ("result", transfer.deliver(images["image"], shipped, self.mappings), fields, self.state())
         self.counts["failed" if kind == "error" else "cancelled"] += 1
         return (kind, fields, self.state())
+
+
+def _bind_to_node(node: str) -> None:
+    """Ray Serve 2.60 starts an inter-deployment gRPC server in every replica on all interfaces ("[::]:0",
+    unauthenticated; this pool never calls it): bind it to the node's own address instead (127.0.0.1 on a
+    local pool). Runs in the replica's process, before Serve starts that server (after the constructor)."""
+    from ray.serve._private import replica as serve_replica
+
+    original = serve_replica.add_port_to_grpc_server
+    if getattr(original, "krita_sdxl_bound", False):
+        return
+    host = f"[{node}]" if ":" in node else node
+
+    def bound(server: Any, address: str) -> int:
+        return original(server, f"{host}:0" if address == "[::]:0" else address)
+
+    bound.krita_sdxl_bound = True  # type: ignore[attr-defined]
+    serve_replica.add_port_to_grpc_server = bound
 
 
 def _gpu_hint(gpu: bool, node: str) -> str:
