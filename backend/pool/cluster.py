@@ -93,7 +93,6 @@ class Pool:
         lost = self.watchdog is not None and self.watchdog.lost is not None
         if lost:
             return  # Ray is gone: the reaper stops what is left of a local Ray when this process ends
-        clean = True
         try:
             bounded("deleting the pool's replicas", DELETE_TIMEOUT_S, serve.delete, self.name)
             gcs = _ray_worker().global_worker.gcs_client
@@ -101,16 +100,13 @@ class Pool:
             if self.started_ray:
                 bounded("stopping Ray Serve", SHUTDOWN_TIMEOUT_S, serve.shutdown)
         except Exception as exc:
-            clean = False
             log.warning("could not stop the pool's replicas cleanly: %s", exc)
         if self.started_ray:
             try:
                 bounded("stopping Ray", SHUTDOWN_TIMEOUT_S, ray.shutdown)
             except Exception as exc:
-                clean = False
                 log.warning("could not stop Ray cleanly: %s", exc)
-        if clean:
-            self.reaper.done()  # else it stops what is left when this process ends
+        self.reaper.done()  # stops whatever of a local Ray is still running, removes the shared memory
 
 
 def _ray_worker() -> Any:

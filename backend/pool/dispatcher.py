@@ -47,8 +47,14 @@ from .shm import SlotBuffers
 
 log = logging.getLogger("krita_sdxl.pool")
 
+
+class ReplicaSilent(Exception):
+    """A started job's replica sent nothing for SILENCE_S (frozen, or its host unreachable)."""
+
+
 # the replica (its process or its host) is gone: the job may run again elsewhere
 REPLICA_LOST = (
+    ReplicaSilent,
     RayActorError,
     ActorUnavailableError,
     WorkerCrashedError,
@@ -64,10 +70,6 @@ TICK_S = 0.5  # how often a waiting slot looks at the pool's state
 GIVEN_UP_S = 5.0  # no replica and Ray Serve has given the deployment up: the job ends after this
 SILENCE_S = 900.0  # a started job's replica sent nothing for this long (a first job may compile or load for minutes)
 END = object()  # the end of a call's events
-
-
-class ReplicaSilent(Exception):
-    """A started job's replica sent nothing for SILENCE_S."""
 
 
 class Remote:
@@ -150,7 +152,7 @@ class ReplicaSlot(Worker):
         shipped = transfer.ship(job.payload, self.buffers, via_store)  # once, for every attempt
         sent = [0]  # the last progress step forwarded: a rerun does not repeat steps the client saw
         lost: list[str] = []
-        attempt = 0
+        attempt, relayed = 0, False
         while attempt < ATTEMPTS:
             attempt += 1
             try:
@@ -166,7 +168,9 @@ class ReplicaSlot(Worker):
                 continue
             if outcome is not None:
                 return outcome
-            shipped = transfer.add_store(shipped, job.payload)  # the replica cannot reach this host's shm
+            if relayed:
+                return _error("a replica could read the job's pixels neither from shared memory nor the object store")
+            shipped, relayed = transfer.add_store(shipped, job.payload), True  # it cannot open this host's shm
             attempt -= 1  # not a failure: the same attempt again, through the object store
         message = (
             f"the pool replica running this job stopped (its process died: {lost[0]}), and so did the replica it "
