@@ -100,7 +100,8 @@ class Node:
 class Cluster:
     def __init__(self, root: Path, home: Path) -> None:
         self.root = root
-        self.env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", **LOOPBACK_ENV)
+        self.env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", RAY_gcs_server_port_wait_time_s="120",
+                        **LOOPBACK_ENV)  # fmt: skip
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[Node] = []

@@ -37,6 +37,7 @@ def cluster(krita_sdxl_cache, tmp_path_factory):
         mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
         mp.delenv("RAY_ADDRESS", raising=False)
         mp.setenv("RAY_AUTH_MODE", "token")  # as ray.init sets it for a new cluster: undone after the module
+        mp.setenv("RAY_gcs_server_port_wait_time_s", "120")  # a busy CI machine starts the GCS in more than 30 s
         ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
         yield ctx.address_info["gcs_address"]
         ray.shutdown()
