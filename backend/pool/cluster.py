@@ -38,6 +38,7 @@ CALL_TIMEOUT_S = 10.0  # one call to Serve's controller (its state)
 DELETE_TIMEOUT_S = 30.0  # deleting the application: its replicas get graceful_shutdown_timeout_s (10 s)
 SHUTDOWN_TIMEOUT_S = 20.0
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # 0: Ray takes 127.0.0.1 as the node's address
+GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
 
 
 @dataclass
@@ -168,6 +169,7 @@ def _local_only() -> None:
 
     os.environ[LOCAL_ONLY_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ.setdefault(GCS_WAIT_ENV, "120")  # Ray's 30 s is too short for a busy machine's first start
 
 
 def _join(address: str) -> None:
