@@ -8,6 +8,7 @@ a replica runs last. Results are compared with the same job run by the single-pr
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -31,16 +32,25 @@ JOB = {"prompt": "a castle on a hill", "steps": 4, "strength": 0.5}  # 2 denoisi
 
 @pytest.fixture(scope="module")
 def cluster(krita_sdxl_cache, tmp_path_factory):
-    """A local Ray cluster with a fixed number of CPUs, as `ray start --head --num-cpus 2` makes one (its
-    token in a private HOME, which the services started here share)."""
+    """A local Ray cluster with a fixed number of CPUs, as `ray start --head --num-cpus 2` makes one, with
+    token authentication (Ray's default for a new cluster); its token in RAY_AUTH_TOKEN, which the services
+    started here inherit, and a private HOME, so that no ~/.ray/auth_token is read or written."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    mode = os.environ.get("RAY_AUTH_MODE")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
-        mp.delenv("RAY_ADDRESS", raising=False)
-        mp.setenv("RAY_AUTH_MODE", "token")  # as ray.init sets it for a new cluster: undone after the module
+        for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+            mp.delenv(name, raising=False)  # ray.init turns token mode on for a new cluster (RAY_AUTH_MODE=token)
+        mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
         mp.setenv("RAY_gcs_server_port_wait_time_s", "120")  # a busy CI machine starts the GCS in more than 30 s
+        AuthenticationTokenLoader.instance().reset_cache()  # a token this process read before is not this one
         ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
         yield ctx.address_info["gcs_address"]
         ray.shutdown()
+    if mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 @pytest.fixture(scope="module")
