@@ -90,6 +90,12 @@ def seconds(text: str) -> float:
     return value
 
 
+def pool_name(value: str) -> str:
+    from krita_sdxl.backend.pool.plan import check_pool_name
+
+    return check_pool_name(value)
+
+
 def device_name(value: str) -> str:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
         raise ValueError("must be auto, cuda, cuda:N (a GPU number), mps or cpu")
@@ -207,6 +213,12 @@ OPTIONS: tuple[Option, ...] = (
            metavar="N"),
     Option("ray_address", "the Ray cluster to join: auto (the one started with `ray start` on this machine) or "
            "HOST:PORT of its head", POOL, metavar="ADDRESS", shown="start a local Ray"),
+    Option("pool_name", "the pool's name on the Ray cluster (its Ray Serve application): one per service; "
+           "letters, digits, '.', '_' and '-'", POOL, pool_name, metavar="NAME",
+           shown="krita-sdxl-HOST-<hash of --endpoint>"),
+    Option("replica_timeout", "seconds a job waits while no replica of the pool is running (all lost, or none "
+           "could start) before it ends with model_error", POOL, float_range(1, 86400, "seconds"),
+           metavar="SECONDS"),
     Option("tile_threshold", "tile images larger than this many pixels, or WxH (0 = never tile)", TILES,
            int_range(0, MAX_PIXELS), where="local", parse=pixel_count, metavar="PIXELS", shown="2048x2048"),
     Option("tile_size", "tile side in pixels", TILES, int_range(64, MAX_SIDE, multiple=8), where="local",

@@ -72,6 +72,8 @@ class Settings:
     min_replicas: int = 0  # pool autoscaling: fewest replicas (with max_replicas)
     max_replicas: int = 0  # pool autoscaling: most replicas; 0 = a fixed number (replicas)
     ray_address: str = ""  # pool: "" = start a local Ray here; auto or HOST:PORT = join a running cluster
+    pool_name: str = ""  # pool: the Ray Serve application's name; "" = one per service (host and endpoint)
+    replica_timeout: float = 180.0  # pool: seconds a job waits while no replica runs, then model_error
     speed: str = "off"  # speed level (backend/speed/levels.py): off, compile, trt, fp8, draft; auto, on
     warmup: bool = True  # serve: compile the speed path at start-up, before the first job
     compile_cache: str = ""  # torch.compile caches; "" = <cache_dir>/torch-compile

@@ -83,6 +83,7 @@ class Service:
         self.deliveries = Deliveries(self.queue)
         self.server_name = server_name
         self._stop = threading.Event()
+        self.failure: str | None = None  # why the service had to stop (fail()), if it did
         self._rejected = RateLimitedLog(log)
         self._keys = AuthorizedKeys(curve.authorized_keys) if curve else None
         if self._keys is not None:
@@ -127,6 +128,12 @@ class Service:
         """Ask the loop to finish (safe from signal handlers and other threads)."""
         self._stop.set()
 
+    def fail(self, message: str) -> None:
+        """Stop because what runs the jobs is gone (the GPU pool's Ray; safe from other threads): every
+        live job, running or queued, ends with ``model_error`` and ``message``; ``failure`` keeps it."""
+        self.failure = message
+        self._stop.set()
+
     def serve_forever(self, poll_ms: int = 100) -> None:
         self._worker.start()
         poller = zmq.Poller()
@@ -158,11 +165,19 @@ class Service:
             self._reload_authorized_keys()
 
     def _shutdown(self) -> None:
-        log.info("stopping: cancelling the running job and %d queued job(s)", max(len(self.queue) - 1, 0))
-        for job in self.queue.close(reason="shutdown"):
-            self._send_to(job.owner, "cancelled", job=job.id, reason="shutdown")
-        self._worker.join(timeout=30)
-        self._forward_events()  # the running job's "cancelled"
+        running = self.queue.running
+        queued = self.queue.close(reason="shutdown")
+        if self.failure is None:
+            log.info("stopping: cancelling the running job and %d queued job(s)", len(queued))
+            for job in queued:
+                self._send_to(job.owner, "cancelled", job=job.id, reason="shutdown")
+        else:  # the running jobs' own ends will never come: they end here
+            log.error("stopping: %s; %d live job(s) end with model_error", self.failure, len(running) + len(queued))
+            for job in [*running, *queued]:
+                self._send_to(job.owner, "error", **error_event(job.id, codes.MODEL_ERROR, self.failure))
+        self._worker.join(timeout=30 if self.failure is None else 2)
+        if self.failure is None:
+            self._forward_events()  # the running job's "cancelled"
         self._events.close(linger=0)
         self._router.close(linger=1000)
         if self._auth is not None:
