@@ -1,4 +1,10 @@
-"""A blocking DEALER client for the CLI, tests and benchmarks (the Krita plugin has its own, on Qt)."""
+"""A blocking DEALER client for the CLI, tests and benchmarks (the Krita plugin has its own, on Qt).
+
+Pixels go up and come back in chunks under credit (protocol/transfer.py): ``submit`` sends the
+header, and the chunks follow as the service's ``credit`` events arrive while the caller waits for
+events; a ``result`` is handed to the caller only once all its chunks are there (each acknowledged
+with a ``credit``). ``credit`` events are passed on too (``received`` of the job's bytes: upload
+progress)."""
 
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
+from krita_sdxl.protocol import CLIENT, SERVICE, Image, Incoming, Message, Outgoing, decode, encode
+from krita_sdxl.protocol.codec import stream_buffers, stream_specs
 from krita_sdxl.protocol.endpoint import DEFAULT_ENDPOINT, EndpointError, check_ipc_connect, parse_endpoint
 
 _WATCHED = (
@@ -69,6 +76,8 @@ class ServiceClient:
             from krita_sdxl.backend.service.security import client_curve
 
             client_curve(self.socket, server_key, client_secret_file)
+        self._uploads: dict[str, Outgoing] = {}  # jobs whose pixels are going up
+        self._downloads: dict[str, tuple[Message, Incoming]] = {}  # results whose pixels are coming
         self._connect(endpoint, client_secret_file)
         self._prefix = f"{os.getpid()}-{id(self):x}-"
 
@@ -143,9 +152,9 @@ class ServiceClient:
     def new_job_id(self) -> str:
         return f"{self._prefix}{next(self._ids)}"
 
-    def send(self, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> None:
+    def send(self, msg_type: str, images: dict[str, Image] | None = None, payload: Any = None, **fields: Any) -> None:
         """Queue one message; never blocks (ServiceUnavailable when ZeroMQ cannot queue it)."""
-        frames = encode(CLIENT, msg_type, images=images, **fields)
+        frames = encode(CLIENT, msg_type, images=images, payload=payload, **fields)
         try:
             self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -195,7 +204,39 @@ class ServiceClient:
         if now - self._last_heard > 2 * self.heartbeat_interval + 0.5:
             self._reconnected = True
         self._last_heard = now
-        return None if event.type == "heartbeat" else event
+        return None if event.type == "heartbeat" else self._stream(event)
+
+    def _stream(self, event: Message) -> Message | None:
+        """Chunks and credits: send what an upload's credit allows, assemble a result; the event to
+        hand to the caller (a result only once complete), or None."""
+        job = event.job or ""
+        if event.type == "credit":
+            upload = self._uploads.get(job)
+            if upload is not None:
+                upload.grant(event["received"], event["until"])
+                for offset, data in upload.chunks():
+                    self.send("chunk", payload=data, job=job, offset=offset)
+            return event
+        if event.type == "result":
+            self._downloads[job] = (event, Incoming(job, stream_specs(event)))
+            return None
+        if event.type == "chunk":
+            got = self._downloads.get(job)
+            if got is None:
+                return None  # a result this client has given up on
+            header, incoming = got
+            incoming.put(event["offset"], event.payload)
+            self.send("credit", job=job, received=incoming.received)
+            if not incoming.done:
+                return None
+            del self._downloads[job]
+            header.images = incoming.images()
+            return header
+        if event.type in ("accepted", "error", "cancelled"):
+            self._uploads.pop(job, None)
+        if event.type in ("error", "cancelled"):
+            self._downloads.pop(job, None)
+        return event
 
     def hello(self, name: str = "krita-sdxl cli") -> dict[str, Any]:
         """The service's ``welcome``, within ``timeout`` seconds in all: heartbeat replies keep
@@ -224,6 +265,7 @@ class ServiceClient:
         if mask is not None:
             images["mask"] = mask
         self.send("submit", images=images, job=job, **params)
+        self._uploads[job] = Outgoing(job, stream_buffers("submit", images))  # its chunks go with the credit
         return job
 
     def events(self, job: str, timeout: float | None = None) -> Iterator[Message]:
@@ -244,11 +286,13 @@ class ServiceClient:
             if left <= 0:
                 raise ServiceUnavailable(self._silence_text(wait))
             event = self._next(left)
+            if job in self._downloads:  # its result is arriving: news enough
+                ask_at, unknown = time.monotonic() + self.status_interval, 0
             if event is None:
                 continue
             if event.type == "status":
                 asked = 0.0
-                if _mentions(event, job):
+                if _mentions(event, job) or job in self._downloads:
                     ask_at, unknown = time.monotonic() + self.status_interval, 0
                     continue
                 unknown += 1
