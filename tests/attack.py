@@ -18,7 +18,8 @@ import zmq.auth
 from krita_sdxl.backend.engine.identity import IdentityEngine
 from krita_sdxl.backend.engine.request import JobCancelled, ProgressFn, RefineRequest, StopFn
 from krita_sdxl.backend.service.server import Service
-from krita_sdxl.protocol import SERVICE, Image, ImageSpec, Message, decode
+from krita_sdxl.protocol import PROTOCOL_VERSION, SERVICE, Image, ImageSpec, Incoming, Message, Outgoing, decode
+from krita_sdxl.protocol.codec import stream_specs
 
 
 def good_id() -> bytes:
@@ -30,13 +31,18 @@ def rgba(w: int, h: int, seed: int = 0) -> Image:
 
 
 def header(msg_type: str, **fields: Any) -> bytes:
-    return msgpack.packb({"v": 1, "type": msg_type, **fields}, use_bin_type=True)
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": msg_type, **fields}, use_bin_type=True)
 
 
 def submit_frames(job: str, image: Image | None = None, **fields: Any) -> list[Any]:
+    """A submit's header (its pixels follow in chunks: ``Peer.submit`` sends both)."""
     image = image or rgba(16, 16)
-    spec = {"width": image.spec.width, "height": image.spec.height}
-    return [header("submit", job=job, image=spec, **fields), bytes(image.data)]
+    spec = image.spec.to_wire()
+    return [header("submit", job=job, image=spec, **fields)]
+
+
+def chunk_frames(job: str, offset: int, data: Any) -> list[Any]:
+    return [header("chunk", job=job, offset=offset), bytes(data)]
 
 
 class Peer:
@@ -65,15 +71,64 @@ class Peer:
             self.socket.curve_secretkey = secret
             self.socket.curve_serverkey = server_public
         self.socket.connect(endpoint)
+        self._downloads: dict[str, tuple[Message, Incoming]] = {}
 
     def send(self, frames: list[Any]) -> None:
         self.socket.send_multipart(frames, copy=False)
 
-    def recv(self, timeout: float = 10.0) -> Message | None:
-        """The next event, decoded and validated as a client would (None on timeout)."""
+    def recv_raw(self, timeout: float = 10.0) -> Message | None:
+        """The next event as it came, decoded and validated (None on timeout)."""
         if not self.socket.poll(int(timeout * 1000)):
             return None
         return decode(SERVICE, self.socket.recv_multipart(copy=False))
+
+    def recv(self, timeout: float = 10.0) -> Message | None:
+        """The next event as a client sees it (None on timeout): a result once all its chunks are in
+        (each acknowledged with a credit, as a client does)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.recv_raw(max(0.0, deadline - time.monotonic()))
+            if event is None:
+                return None
+            job = event.job or ""
+            if event.type == "result":
+                self._downloads[job] = (event, Incoming(job, stream_specs(event)))
+                continue
+            if event.type == "chunk" and job in self._downloads:
+                result, incoming = self._downloads[job]
+                incoming.put(event["offset"], event.payload)
+                self.send([header("credit", job=job, received=incoming.received)])
+                if incoming.done:
+                    del self._downloads[job]
+                    result.images = incoming.images()
+                    return result
+                continue
+            return event
+
+    def submit(
+        self, job: str, image: Image | None = None, mask: Image | None = None, timeout: float = 10.0, **fields: Any
+    ) -> list[Message]:
+        """Submit as a client does (the header, then the chunks as credit comes); the events received
+        until the upload ends (the job's ``accepted``, ``error`` or ``cancelled``) or a silence."""
+        image = image or rgba(16, 16)
+        if mask is not None:
+            fields["mask"] = mask.spec.to_wire()
+        self.send(submit_frames(job, image, **fields))
+        out = Outgoing(job, [image.data] + ([mask.data] if mask is not None else []))
+        events = []
+        while True:
+            event = self.recv(timeout)
+            if event is None:
+                return events
+            events.append(event)
+            if event.job != job:
+                continue
+            if event.type == "credit":
+                out.grant(event["received"], event["until"])
+                for offset, data in out.chunks():
+                    self.send(chunk_frames(job, offset, data))
+            elif event.type in ("accepted", "error", "cancelled"):
+                return events
 
     def ask(self, frames: list[Any], timeout: float = 10.0) -> Message | None:
         self.send(frames)

@@ -628,7 +628,7 @@ def test_plugin_creates_its_key_pair_and_connects_to_a_curve_service(app, ctx, m
             capture_output=True,
         )
         pump(app, lambda: c.client.is_connected, [], timeout=15)
-        assert c.client.capabilities["protocol_version"] == 1
+        assert c.client.capabilities["protocol_version"] == 2
     finally:
         c.shutdown()
         svc.stop()
