@@ -72,6 +72,8 @@ class Peer:
             self.socket.curve_serverkey = server_public
         self.socket.connect(endpoint)
         self._downloads: dict[str, tuple[Message, Incoming]] = {}
+        self.hold_results = False  # True: a client that does not read its results (until read_held)
+        self._held: list[Message] = []
 
     def send(self, frames: list[Any]) -> None:
         self.socket.send_multipart(frames, copy=False)
@@ -90,20 +92,45 @@ class Peer:
             event = self.recv_raw(max(0.0, deadline - time.monotonic()))
             if event is None:
                 return None
-            job = event.job or ""
-            if event.type == "result":
-                self._downloads[job] = (event, Incoming(job, stream_specs(event)))
-                continue
-            if event.type == "chunk" and job in self._downloads:
-                result, incoming = self._downloads[job]
-                incoming.put(event["offset"], event.payload)
-                self.send([header("credit", job=job, received=incoming.received)])
-                if incoming.done:
-                    del self._downloads[job]
-                    result.images = incoming.images()
-                    return result
-                continue
+            if event.type in ("result", "chunk"):
+                if self.hold_results:
+                    self._held.append(event)
+                    continue
+                result = self._stream(event)
+                if result is None:
+                    continue
+                return result
             return event
+
+    def _stream(self, event: Message) -> Message | None:
+        """A result's header or chunk: the complete result once its last chunk is in (acknowledged)."""
+        job = event.job or ""
+        if event.type == "result":
+            self._downloads[job] = (event, Incoming(job, stream_specs(event)))
+            return None
+        if job not in self._downloads:
+            return None
+        result, incoming = self._downloads[job]
+        incoming.put(event["offset"], event.payload)
+        self.send([header("credit", job=job, received=incoming.received)])
+        if not incoming.done:
+            return None
+        del self._downloads[job]
+        result.images = incoming.images()
+        return result
+
+    def read_held(self, timeout: float = 10.0) -> list[Message]:
+        """Read the results held so far, and the rest of them as they come; the complete results."""
+        self.hold_results = False
+        done = [r for r in (self._stream(e) for e in self._held) if r is not None]
+        self._held = []
+        while self._downloads:
+            event = self.recv(timeout)
+            if event is None:
+                break
+            if event.type == "result":
+                done.append(event)
+        return done
 
     def submit(
         self, job: str, image: Image | None = None, mask: Image | None = None, timeout: float = 10.0, **fields: Any

@@ -182,8 +182,14 @@ def _head(**fields):
         ([_head(type="submit", job="j", image={"width": 10**9, "height": 2})], "bad_field", "image.width"),
         ([_head(type="submit", job="j", mode="dream", image={"width": 2, "height": 2})], "unsupported", "mode"),
         (
-            [_head(type="submit", job="j", image={"width": 2, "height": 2}, mask={"width": 2, "height": 2,
-                   "order": "L", "depth": 16, "sample": "float"})],
+            [
+                _head(
+                    type="submit",
+                    job="j",
+                    image={"width": 2, "height": 2},
+                    mask={"width": 2, "height": 2, "order": "L", "depth": 16, "sample": "float"},
+                )
+            ],
             "bad_field",
             "mask.sample",
         ),  # fmt: skip

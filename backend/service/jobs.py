@@ -13,9 +13,9 @@ fair job (several may run at once: a pool of GPUs takes several; the single work
   Both count against the account's budget and the total.
 - When the total (jobs or bytes) is full, a client holding less than the biggest holder may still
   submit: the biggest holder's newest queued jobs are dropped to make room (longest queue drop).
-- A client with no job in the service may always add one, even beyond the total job count (by at most
-  ``first_job_extra``, the service's connection cap): however many clients hold one job each, a new
-  client gets its first job in at once (its bytes still count against the byte budgets).
+- Each client's first job is not counted against the total job count (for up to ``first_job_extra``
+  clients, the service's connection cap): however many clients hold one job each, a new client gets
+  its first job in at once (its bytes still count against the byte budgets).
 - A job whose pixels are still arriving (an upload, backend/service/transfers.py) is *admitted*: it
   holds its budgets from its ``submit`` on, and ``ready`` queues it once every byte is there.
 """
@@ -121,6 +121,13 @@ class JobQueue:
         uploading = sum(j.nbytes for j in self._uploading.values())
         return queued + uploading + sum(j.nbytes for j in self._running) + sum(self._held.values())
 
+    def _accounts(self) -> set[bytes]:
+        """Accounts holding a job (queued, running or uploading)."""
+        out = set(self._waiting)
+        out.update(j.owner.account for j in self._running)
+        out.update(j.owner.account for j in self._uploading.values())
+        return out
+
     def _order(self) -> list[Job]:
         """Queued jobs in the order ``take`` will return them (round robin over the ring)."""
         queues = [self._waiting[a] for a in self._ring]
@@ -173,14 +180,17 @@ class JobQueue:
         the submitting account is itself the biggest holder. Nothing is changed here."""
         total_jobs, total_bytes = self._total_jobs(), self._total_bytes()
         me = job.owner.account
-        # a client with no job may add its first beyond the total job count (bounded by first_job_extra)
-        max_jobs = self.max_total + (self.first_job_extra if self._jobs_of(me) == 0 else 0)
+        # Every client's first job is free of the job count (for up to first_job_extra clients): a client
+        # with none always gets one in, however many clients hold one each.
+        holders = self._accounts()
+        first_free = self._jobs_of(me) == 0 and len(holders) < self.first_job_extra
+        max_jobs = self.max_total + min(len(holders) + (1 if first_free else 0), self.first_job_extra)
         drop: list[Job] = []
         jobs: dict[bytes, int] = {}
         held: dict[bytes, int] = {}
         queues: dict[bytes, list[Job]] = {}
         while True:
-            over_jobs = total_jobs + 1 > max_jobs
+            over_jobs = not first_free and total_jobs + 1 > max_jobs
             over_bytes = self.max_total_bytes is not None and total_bytes + job.nbytes > self.max_total_bytes
             if not (over_jobs or over_bytes):
                 return drop
