@@ -166,6 +166,10 @@ def _head(**fields):
     return msgpack.packb({"v": 2, **fields})
 
 
+_SPEC = {"width": 2, "height": 2}
+_FLOAT_MASK = {"width": 2, "height": 2, "order": "L", "depth": 16, "sample": "float"}
+
+
 @pytest.mark.parametrize(
     "frames, code, field",
     [
