@@ -185,18 +185,7 @@ _FLOAT_MASK = {"width": 2, "height": 2, "order": "L", "depth": 16, "sample": "fl
         ([_head(type="submit", job="j", image={"width": 2, "height": 2, "depth": 12})], "bad_field", "image.depth"),
         ([_head(type="submit", job="j", image={"width": 10**9, "height": 2})], "bad_field", "image.width"),
         ([_head(type="submit", job="j", mode="dream", image={"width": 2, "height": 2})], "unsupported", "mode"),
-        (
-            [
-                _head(
-                    type="submit",
-                    job="j",
-                    image={"width": 2, "height": 2},
-                    mask={"width": 2, "height": 2, "order": "L", "depth": 16, "sample": "float"},
-                )
-            ],
-            "bad_field",
-            "mask.sample",
-        ),  # fmt: skip
+        ([_head(type="submit", job="j", image=_SPEC, mask=_FLOAT_MASK)], "bad_field", "mask.sample"),
         ([_head(type="cancel", job="nope")], "unknown_job", "job"),
         ([_head(type="chunk", job="nope", offset=0), b"x"], "unknown_job", "job"),
         ([_head(type="credit", job="nope", received=0)], "unknown_job", "job"),
