@@ -20,11 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 from krita_sdxl.backend.setup.plan import VERSION
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
 from krita_sdxl.protocol.geometry import Box, Extent
-from krita_sdxl_refiner.adapter_api import AdapterError, Capture, NotApplied, Placed
-from krita_sdxl_refiner.client import Client
-from krita_sdxl_refiner.controller import Controller
-from krita_sdxl_refiner.jobs import Target
-from krita_sdxl_refiner.pixelformat import pixel_format
+from krita_sdxl_refiner.adapters.client import Client
+from krita_sdxl_refiner.compose import build_controller
+from krita_sdxl_refiner.core.document import AdapterError, Capture, NotApplied, Placed
+from krita_sdxl_refiner.core.jobs import Target
+from krita_sdxl_refiner.core.pixelformat import pixel_format
+from krita_sdxl_refiner.workflow.controller import Controller
 
 CAPS = {"device": "cpu", "dtype": "float32", "models": [], "modes": ["refine"], "protocol_version": 1,
         "backend_version": VERSION}  # fmt: skip
@@ -155,4 +156,4 @@ class FakeAdapter:
 def make_controller(ctx, endpoint: str, adapter: FakeAdapter) -> Controller:
     adapter.store["endpoint"] = endpoint
     client = Client(endpoint, interval=0.05, timeout=0.5, context=ctx)
-    return Controller(adapter, client=client)
+    return build_controller(adapter, client=client)  # wired as in Krita (plugin.py), with a quicker client

@@ -27,10 +27,10 @@ from plugin_fakes import CAPS, FakeAdapter, FakeService, make_controller, pump  
 
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, ImageSpec, Message, decode, encode  # noqa: E402
 from krita_sdxl.protocol.geometry import Box, Extent  # noqa: E402
-from krita_sdxl_refiner.adapter_api import Capture, Placed  # noqa: E402
-from krita_sdxl_refiner.client import Client  # noqa: E402
-from krita_sdxl_refiner.jobs import JobState, Target  # noqa: E402
-from krita_sdxl_refiner.pixelformat import pixel_format  # noqa: E402
+from krita_sdxl_refiner.adapters.client import Client  # noqa: E402
+from krita_sdxl_refiner.core.document import Capture, Placed  # noqa: E402
+from krita_sdxl_refiner.core.jobs import JobState, Target  # noqa: E402
+from krita_sdxl_refiner.core.pixelformat import pixel_format  # noqa: E402
 
 # --- the client alone ----------------------------------------------------------------------------
 
@@ -295,7 +295,7 @@ def test_cancel_and_service_errors(app, ctx):
 
 
 def test_capture_problems_become_notices_and_nothing_is_sent(app, ctx):
-    from krita_sdxl_refiner.pixelformat import UnsupportedFormat
+    from krita_sdxl_refiner.core.pixelformat import UnsupportedFormat
 
     service = FakeService(ctx)
     adapter = FakeAdapter()
@@ -440,7 +440,7 @@ class EchoServiceThread(threading.Thread):
 def test_ui_ticks_keep_coming_during_a_4k_round_trip(app, ctx):
     from PyQt5.QtCore import QTimer
 
-    from krita_sdxl_refiner.buffers import to_qbytearray
+    from krita_sdxl_refiner.adapters.buffers import to_qbytearray
 
     service = EchoServiceThread(ctx)
     service.start()
@@ -488,7 +488,7 @@ def test_curve_keys_for_a_remote_backend(app, ctx, tmp_path):
     from zmq import auth as zmq_auth
     from zmq.auth.thread import ThreadAuthenticator
 
-    from krita_sdxl_refiner.client import CurveKeys
+    from krita_sdxl_refiner.adapters.client import CurveKeys
 
     (tmp_path / "server").mkdir()
     server_public, server_secret = zmq_auth.create_certificates(str(tmp_path / "server"), "server")

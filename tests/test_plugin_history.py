@@ -12,11 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
 from krita_sdxl.protocol import Image, ImageSpec
 from krita_sdxl.protocol.geometry import Box, Extent
-from krita_sdxl_refiner.history import Entry, History
-from krita_sdxl_refiner.jobs import Job, JobParams, Target
-from krita_sdxl_refiner.pixelformat import pixel_format
-from krita_sdxl_refiner.plan import plan_refine
-from krita_sdxl_refiner.thumbs import rgba8_thumbnail, thumbnail_size
+from krita_sdxl_refiner.core.history import Entry, History
+from krita_sdxl_refiner.core.jobs import Job, JobParams, Target
+from krita_sdxl_refiner.core.pixelformat import pixel_format
+from krita_sdxl_refiner.core.plan import plan_refine
+from krita_sdxl_refiner.core.thumbs import rgba8_thumbnail, thumbnail_size
 
 U8 = pixel_format("RGBA", "U8")
 MB = 2**20

@@ -24,9 +24,9 @@ from PyQt5.QtTest import QTest  # noqa: E402
 from PyQt5.QtWidgets import QApplication, QLabel, QWidget  # noqa: E402
 
 from krita_sdxl.protocol import Image, ImageSpec  # noqa: E402
-from krita_sdxl_refiner.backend import Backend  # noqa: E402
-from krita_sdxl_refiner.jobs import JobState  # noqa: E402
-from krita_sdxl_refiner.panel import MessagePanel, RefinerPanel  # noqa: E402
+from krita_sdxl_refiner.adapters.backend import Backend  # noqa: E402
+from krita_sdxl_refiner.core.jobs import JobState  # noqa: E402
+from krita_sdxl_refiner.ui.panel import MessagePanel, RefinerPanel  # noqa: E402
 
 
 def settle(app: QApplication | None = None, seconds: float = 0.05) -> None:
@@ -444,7 +444,7 @@ def test_message_panel(app):
 
 
 def test_preview_image_from_frames(app):
-    from krita_sdxl_refiner.buffers import preview_image
+    from krita_sdxl_refiner.adapters.buffers import preview_image
 
     image = preview_image(ImageSpec(2, 1, "RGBA", 8, "uint"), bytes([255, 0, 0, 255, 0, 0, 255, 255]))
     assert isinstance(image, QImage) and image.pixelColor(0, 0).red() == 255 and image.pixelColor(1, 0).blue() == 255

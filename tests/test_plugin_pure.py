@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 from krita_sdxl.protocol import CLIENT, ImageSpec, encode
 from krita_sdxl.protocol.geometry import Box, Extent
 from krita_sdxl.protocol.policy import paints_from_noise
-from krita_sdxl_refiner import settings as settings_mod
-from krita_sdxl_refiner.backend import invocation, is_python
-from krita_sdxl_refiner.jobs import (
+from krita_sdxl_refiner.adapters.backend import invocation, is_python
+from krita_sdxl_refiner.core import settings as settings_mod
+from krita_sdxl_refiner.core.jobs import (
     Job,
     JobList,
     JobParams,
@@ -24,10 +24,10 @@ from krita_sdxl_refiner.jobs import (
     Target,
     status_job_ids,
 )
-from krita_sdxl_refiner.pixelformat import UnsupportedFormat, any_visible, pixel_format, transfer_of
-from krita_sdxl_refiner.plan import NothingToRefine, layer_name, nothing_visible, plan_refine, short_prompt
-from krita_sdxl_refiner.settings import Settings
-from krita_sdxl_refiner.widgets import describe_backend, format_bytes
+from krita_sdxl_refiner.core.pixelformat import UnsupportedFormat, any_visible, pixel_format, transfer_of
+from krita_sdxl_refiner.core.plan import NothingToRefine, layer_name, nothing_visible, plan_refine, short_prompt
+from krita_sdxl_refiner.core.settings import Settings
+from krita_sdxl_refiner.ui.widgets import describe_backend, format_bytes
 
 # --- settings ------------------------------------------------------------------------------------
 

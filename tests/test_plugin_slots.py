@@ -1,4 +1,4 @@
-"""The one rule for slots (krita_plugin/krita_sdxl_refiner/slots.py): every ``clicked`` and
+"""The one rule for slots (krita_plugin/krita_sdxl_refiner/ui/slots.py): every ``clicked`` and
 ``triggered`` signal in the plugin goes through ``on_click``, which drops the ``checked`` argument.
 A direct ``button.clicked.connect(controller.refine)`` is how the docker's Refine button broke."""
 
@@ -56,7 +56,8 @@ def test_on_click_drops_the_checked_argument_of_a_guarded_method():
     from PyQt5.QtCore import QObject, pyqtSignal
     from PyQt5.QtWidgets import QApplication, QPushButton
 
-    from krita_sdxl_refiner.slots import guarded, on_click
+    from krita_sdxl_refiner.core.guard import guarded
+    from krita_sdxl_refiner.ui.slots import on_click
 
     app = QApplication.instance() or QApplication([])  # noqa: F841  (kept alive for the test)
 

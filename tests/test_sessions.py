@@ -269,7 +269,7 @@ def test_the_plugin_creates_its_secret_key_0600_without_a_chmod(tmp_path: Path, 
     """Created with mode 0600 in one step: never readable by others, not even for an instant (the
     chmods are switched off here, so a file created with the default mode would stay readable)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
-    from krita_sdxl_refiner.keys import KEY_NAME, ensure_client_keys, public_key_text
+    from krita_sdxl_refiner.adapters.keys import KEY_NAME, ensure_client_keys, public_key_text
 
     monkeypatch.setattr(os, "chmod", lambda *a, **k: None)
     monkeypatch.setattr(Path, "chmod", lambda *a, **k: None)

@@ -21,7 +21,7 @@ from PyQt5.QtCore import Qt  # noqa: E402
 from PyQt5.QtTest import QTest  # noqa: E402
 
 from krita_sdxl.backend.setup.plan import VERSION, hub, space, steps  # noqa: E402
-from krita_sdxl_refiner.panel import RefinerPanel  # noqa: E402
+from krita_sdxl_refiner.ui.panel import RefinerPanel  # noqa: E402
 
 
 def click(app, widget) -> None:
@@ -191,7 +191,7 @@ def test_update_stops_the_running_backend_first_then_starts_the_environments(doc
 def test_a_backend_started_when_the_last_one_stopped_is_not_orphaned(app, tmp_path) -> None:
     """A listener of ``stopped`` that starts the next backend at once (as Update does) must get it
     running: the old process was cleared after the signal, dropping the new one."""
-    from krita_sdxl_refiner.backend import Backend
+    from krita_sdxl_refiner.adapters.backend import Backend
 
     fake = tmp_path / "fake-serve"
     fake.write_text('#!/bin/sh\necho "ready on tcp://x"\nexec sleep 30\n')
@@ -221,7 +221,7 @@ def test_a_backend_started_when_the_last_one_stopped_is_not_orphaned(app, tmp_pa
     ],
 )
 def test_the_set_up_environment_starts_as_python_dash_m_on_every_platform(python: str) -> None:
-    from krita_sdxl_refiner.backend import invocation
+    from krita_sdxl_refiner.adapters.backend import invocation
 
     program, args = invocation(python, "serve", "tcp://127.0.0.1:5588")
     assert program == python

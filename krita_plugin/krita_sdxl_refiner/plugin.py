@@ -1,7 +1,9 @@
-"""Registration with Krita: the Refine action and the "SDXL Refiner" docker.
+"""Registration with Krita: the Refine action and the "SDXL Refiner" docker, and the one controller they share.
 
-Only this module and :mod:`krita_adapter` import ``krita``. The vendored dependencies are activated
-before anything imports zmq or msgpack; when none fits the running Python, the docker shows why.
+Only this module and ``adapters.krita_adapter`` import ``krita``. The controller is wired in :mod:`compose`
+(the composition root: Krita's document adapter, the ZeroMQ client, the local backend, Qt's timers). The
+vendored dependencies are activated before anything imports zmq or msgpack; when none fits the running
+Python, the docker shows why.
 """
 
 from __future__ import annotations
@@ -51,10 +53,10 @@ def controller() -> Any:
     """The one controller shared by the action and every window's docker (created on first use)."""
     global _controller
     if _controller is None:
-        from .controller import Controller
-        from .krita_adapter import KritaAdapter
+        from .adapters.krita_adapter import KritaAdapter
+        from .compose import build_controller
 
-        _controller = Controller(KritaAdapter())
+        _controller = build_controller(KritaAdapter())
         _controller.start()
         from PyQt5.QtWidgets import QApplication
 
@@ -75,7 +77,7 @@ class RefinerExtension(Extension):
     def createActions(self, window: Any) -> None:
         action = window.createAction(ACTION_ID, ACTION_TEXT, "tools/scripts")
         action.setToolTip("Refine the selection (or the active layer) with the SDXL refiner")
-        from .slots import on_click
+        from .ui.slots import on_click
 
         on_click(action.triggered, self._refine)
 
@@ -92,11 +94,11 @@ class RefinerDocker(DockWidget):
         self.setWindowTitle(DOCKER_TITLE)
         self.panel: Any = None
         if _problem is not None:
-            from .panel import MessagePanel
+            from .ui.panel import MessagePanel
 
             self.setWidget(MessagePanel(_problem))
         else:
-            from .panel import RefinerPanel
+            from .ui.panel import RefinerPanel
 
             self.panel = RefinerPanel(controller())
             # Krita 5.1: the docker's canvas().view() can lag behind a view switch; activeDocument() does not.

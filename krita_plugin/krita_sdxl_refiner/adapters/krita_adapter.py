@@ -15,16 +15,18 @@ from krita import Document, Krita, Node, Selection  # type: ignore[import-not-fo
 
 from krita_sdxl.protocol.geometry import Box, Extent
 
-from .adapter_api import AdapterError, Capture, NotApplied, Placed, Planner
+from ..core.document import AdapterError, Capture, NotApplied, Placed, Planner
+from ..core.jobs import Target
+from ..core.pixelformat import PixelFormat, UnsupportedFormat, pixel_format, transfer_of
+from ..core.settings import GROUP
 from .buffers import to_qbytearray
-from .jobs import Target
-from .pixelformat import PixelFormat, UnsupportedFormat, pixel_format, transfer_of
-from .settings import GROUP
 
 MASK_TYPES = frozenset({"selectionmask", "transparencymask", "filtermask", "transformmask", "colorizemask"})
 
 
 class KritaAdapter:
+    """The document port (``core.document.Adapter``) on Krita's API."""
+
     # --- settings store (kritarc, group "krita_sdxl") ------------------------------------------
 
     def read_setting(self, key: str, default: str) -> str:

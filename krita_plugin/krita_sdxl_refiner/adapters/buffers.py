@@ -9,10 +9,6 @@ from PyQt5.QtGui import QImage
 
 from krita_sdxl.protocol import ImageSpec
 
-from .history import THUMBNAIL_SIDE
-from .pixelformat import PixelFormat
-from .thumbs import rgba8_thumbnail
-
 
 def to_qbytearray(buffer: Any) -> QByteArray:
     """A QByteArray holding a copy of any buffer (a zmq frame's memoryview, bytes...)."""
@@ -37,9 +33,16 @@ def preview_image(spec: ImageSpec, data: Any) -> QImage | None:
     return image.copy()  # detach from ``raw``
 
 
-def thumbnail_image(
-    fmt: PixelFormat, transfer: str, width: int, height: int, data: Any, side: int = THUMBNAIL_SIDE
-) -> QImage:
-    """A small QImage of a layer's pixels (any supported format), for the results history."""
-    w, h, rgba = rgba8_thumbnail(fmt, transfer, width, height, data, side)
-    return QImage(rgba, w, h, w * 4, QImage.Format_RGBA8888).copy()
+def rgba_image(width: int, height: int, rgba: bytes) -> QImage:
+    """A QImage (owning its pixels) of 8-bit RGBA bytes, e.g. a results thumbnail."""
+    return QImage(rgba, width, height, width * 4, QImage.Format_RGBA8888).copy()
+
+
+class QtPictures:
+    """The workflow's ``core.host.Pictures``: QImages for the docker."""
+
+    def preview(self, spec: ImageSpec, data: Any) -> QImage | None:
+        return preview_image(spec, data)
+
+    def thumbnail(self, width: int, height: int, rgba: bytes) -> QImage:
+        return rgba_image(width, height, rgba)

@@ -1,7 +1,7 @@
 """The artist's settings: typed values, read from and written to a string key/value store.
 
 Inside Krita the store is Krita's own settings (``kritarc``, group ``krita_sdxl``), reached through
-``Krita.instance().readSetting/writeSetting`` in :mod:`krita_adapter`. Here: only parsing, defaults
+``Krita.instance().readSetting/writeSetting`` in ``adapters.krita_adapter``. Here: only parsing, defaults
 and clamping, so a hand-edited or stale kritarc never breaks the plugin.
 """
 
@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from krita_sdxl.backend.setup.plan.torch_builds import BUILDS
+from krita_sdxl.protocol.endpoint import DEFAULT_ENDPOINT
 
 GROUP = "krita_sdxl"
 
 SOURCES = ("layer", "canvas")
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5588"
 MAX_FIXED_SEED = 2**64 - 1
 
 # Reads one key; returns the default (a string) when the key is absent.

@@ -19,8 +19,8 @@ from PyQt5.QtWidgets import (
     QWidget,
 )
 
-from .controller import Controller
-from .settings import Settings
+from ..core.settings import Settings
+from ..workflow.controller import Controller
 from .slots import on_click
 
 FIELD_WIDTH = 64  # px: spin boxes never shrink below a readable width

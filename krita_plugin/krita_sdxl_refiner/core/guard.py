@@ -1,11 +1,4 @@
-"""The one rule for connecting Qt signals to the plugin's code.
-
-Buttons and actions (``clicked``, ``triggered``) send an argument (``checked``) that no handler of
-this plugin wants. PyQt passes it on to any callable that accepts it, and a wrapper taking
-``*args`` (like :func:`guarded`) accepts it and fails inside: ``refine(False)``. So every
-``clicked``/``triggered`` signal in the plugin is connected with :func:`on_click`, which calls the
-handler with no arguments at all; ``tests/test_plugin_slots.py`` fails on any other connection.
-"""
+"""``guarded``: an exception escaping a method that Qt or a signal calls becomes a notice, never a crash."""
 
 from __future__ import annotations
 
@@ -16,15 +9,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def on_click(signal: Any, handler: Callable[[], object]) -> None:
-    """Connect a ``clicked``/``triggered`` signal to ``handler()``, dropping the signal's arguments."""
-
-    def slot(*_signal_args: Any) -> None:
-        handler()
-
-    signal.connect(slot)
 
 
 def guarded(method: F) -> F:

@@ -1,7 +1,9 @@
 """The refine workflow: settings, connection, jobs and the results history, between the docker and Krita.
 
-No Krita import here: the document side goes through an adapter (:mod:`adapter_api`;
-``krita_adapter.KritaAdapter`` in Krita, a fake in tests). No socket here either: that is :class:`Client`.
+Pure Python: no Qt, no Krita, no socket. The outside comes in through ports (``core``), built by the
+composition root (``compose.build_controller``): the document (``core.document.Adapter``; Krita's in Krita,
+a fake in tests), the service (``core.connection.Connection``), the local backend and the setup's programs
+(``core.processes``), timers, pictures and key files (``core.host``). Its events are ``core.signals.Signal``.
 Every public method a button calls takes no arguments or a job/entry id, and is :func:`guarded`.
 """
 
@@ -11,73 +13,87 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PyQt5.QtCore import QObject, QTimer, pyqtSignal
-
 from krita_sdxl.backend.setup.plan import mismatch
 from krita_sdxl.protocol import Image, ImageSpec, Message, ProtocolError
 from krita_sdxl.protocol.geometry import Box, Extent
 from krita_sdxl.protocol.policy import paints_from_noise
 
-from . import settings as settings_mod
-from .adapter_api import Adapter, AdapterError, Capture, NotApplied, Placed
-from .backend import Backend
-from .buffers import preview_image, thumbnail_image
-from .client import Client, CurveKeys
-from .history import Entry, History
-from .jobs import Job, JobList, JobParams, JobState, new_job_id, status_job_ids
-from .pixelformat import UnsupportedFormat, any_visible
-from .plan import NothingToRefine, RefinePlan, nothing_visible, plan_refine
-from .settings import Settings
-from .setup_runner import SetupRunner, folder_of
-from .slots import guarded
+from ..core import settings as settings_mod
+from ..core.connection import Connection, ConnectionState, CurveKeys
+from ..core.document import Adapter, AdapterError, Capture, NotApplied, Placed
+from ..core.guard import guarded
+from ..core.history import THUMBNAIL_SIDE, Entry, History
+from ..core.host import KeyFiles, Pictures, Repeating, Timers
+from ..core.jobs import Job, JobList, JobParams, JobState, new_job_id, status_job_ids
+from ..core.pixelformat import UnsupportedFormat, any_visible
+from ..core.plan import NothingToRefine, RefinePlan, nothing_visible, plan_refine
+from ..core.processes import LocalBackend, Processes
+from ..core.settings import Settings
+from ..core.signals import Signal
+from ..core.thumbs import rgba8_thumbnail
+from .setup_runner import SetupRunner
 
 STATUS_AFTER_SILENCE = 15.0  # seconds without news of a job in the service before asking for status
+WATCH_MS = 5000  # how often jobs in the service are checked for silence
+KEYS_FOLDER = "krita-sdxl-keys"  # in the application data: this computer's CURVE key pair
 
 
-class Controller(QObject):
-    settings_changed = pyqtSignal(object)  # Settings
-    connection_changed = pyqtSignal(str, str)  # state, detail
-    capabilities_changed = pyqtSignal(str, dict)  # server, capabilities
-    jobs_changed = pyqtSignal()
-    job_preview = pyqtSignal(str, object)  # job id, QImage of its latest step
-    notice = pyqtSignal(str, str)  # text, level: "info", "warning", "error"
-    history_changed = pyqtSignal()
-    backend_changed = pyqtSignal(str, str)  # state, detail
-    backend_output = pyqtSignal(str)
+class Controller:
+    settings_changed = Signal(object)  # Settings
+    connection_changed = Signal(str, str)  # state, detail
+    capabilities_changed = Signal(str, dict)  # server, capabilities
+    jobs_changed = Signal()
+    job_preview = Signal(str, object)  # job id, its latest step as the view shows it (Pictures.preview)
+    notice = Signal(str, str)  # text, level: "info", "warning", "error"
+    history_changed = Signal()
+    backend_changed = Signal(str, str)  # state, detail
+    backend_output = Signal(str)
 
-    def __init__(self, adapter: Adapter, client: Client | None = None, parent: QObject | None = None) -> None:
-        super().__init__(parent)
+    def __init__(
+        self,
+        adapter: Adapter,
+        *,
+        client: Connection,
+        backend: LocalBackend,
+        processes: Processes,
+        timers: Timers,
+        pictures: Pictures,
+        keys: KeyFiles,
+        app_data: Path,
+    ) -> None:
         self.adapter = adapter
         self.settings = settings_mod.load(adapter.read_setting)
         self.jobs = JobList()
         self.history = History()
         self.last_seed: int | None = None
-        self.client = client or Client(self.settings.endpoint, parent=self, curve=self._curve(self.settings))
+        self.timers, self.pictures, self.keys, self.app_data = timers, pictures, keys, Path(app_data)
+        self.client = client
         self.client.state_changed.connect(self.connection_changed)
         self.client.welcomed.connect(self._on_welcome)
         self.client.received.connect(self._on_message)
         self.client.problem.connect(lambda text: self.notice.emit(text, "warning"))
-        self.backend = Backend(self)
+        self.backend = backend
         self.backend.state_changed.connect(self.backend_changed)
         self.backend.state_changed.connect(self._on_backend_state)
         self.backend.output.connect(self.backend_output)
-        self.setup = SetupRunner(self.backend, self._start_set_up_backend, self)
+        self.setup = SetupRunner(self.backend, self._start_set_up_backend, processes, timers, self.app_data)
         s = self.settings
-        self.setup.configure(folder_of(s.setup_folder), s.setup_base, s.setup_torch)
+        self.setup.configure(self.setup.folder_of(s.setup_folder), s.setup_base, s.setup_torch)
         self.backend_mismatch: str | None = None  # the connected backend is not this plugin's version
         self._status_pending: set[str] | None = None
-        self._watch = QTimer(self)
-        self._watch.setInterval(5000)
-        self._watch.timeout.connect(self._check_silent_jobs)
+        self._watch: Repeating | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         self.client.start()
-        self._watch.start()
+        if self._watch is None:
+            self._watch = self.timers.repeat(WATCH_MS, self._check_silent_jobs)
 
     def shutdown(self) -> None:
-        self._watch.stop()
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         self.setup.cancel()
         self.client.stop()
         self.backend.kill()
@@ -91,30 +107,21 @@ class Controller(QObject):
             return
         old, self.settings = self.settings, new
         settings_mod.save(new, self.adapter.write_setting, previous=old)
-        if self._curve(new) != self._curve(old):
-            self.client.set_curve(self._curve(new))
+        if curve_of(new) != curve_of(old):
+            self.client.set_curve(curve_of(new))
         if new.endpoint != old.endpoint:
             self.client.set_endpoint(new.endpoint)
         self.settings_changed.emit(new)
-
-    @staticmethod
-    def _curve(s: Settings) -> CurveKeys | None:
-        return CurveKeys.from_settings(s.server_public_key, s.client_secret_key)
 
     def _with_client_keys(self, s: Settings) -> Settings:
         """With a server key but no client key yet, create this computer's key pair (once) and say
         what to do with its public key on the backend machine."""
         if not s.server_public_key.strip() or s.client_secret_key.strip():
             return s
-        from PyQt5.QtCore import QStandardPaths
-
-        from .keys import ensure_client_keys, public_key_text
-
-        folder = Path(QStandardPaths.writableLocation(QStandardPaths.AppDataLocation)) / "krita-sdxl-keys"
-        secret = ensure_client_keys(folder)
+        secret = self.keys.ensure_client_keys(self.app_data / KEYS_FOLDER)
         self.notice.emit(
             "Created this computer's key pair. On the backend machine run: krita-sdxl authorize "
-            f"{public_key_text(secret)} --dir AUTHORIZED_KEYS_FOLDER",
+            f"{self.keys.public_key_text(secret)} --dir AUTHORIZED_KEYS_FOLDER",
             "info",
         )
         return s.changed(client_secret_key=str(secret))
@@ -200,7 +207,7 @@ class Controller(QObject):
         self.jobs.add(job)
         if self.client.is_connected:
             self._send(job)
-        elif self.client.state.value == "invalid":
+        elif self.client.state is ConnectionState.invalid:
             self.notice.emit(
                 f"The endpoint cannot be used ({self.client.detail}); the job starts once it is fixed in ⚙.", "warning"
             )
@@ -291,7 +298,7 @@ class Controller(QObject):
         if msg.type == "accepted":
             self.last_seed = job.seed
         elif msg.type == "progress" and "preview" in msg.images:
-            image = preview_image(msg.images["preview"].spec, msg.images["preview"].data)
+            image = self.pictures.preview(msg.images["preview"].spec, msg.images["preview"].data)
             if image is not None:
                 self.job_preview.emit(job.id, image)
         elif msg.type == "result":
@@ -352,10 +359,12 @@ class Controller(QObject):
         where = placed.document if placed.active else f"{placed.document} (not the document shown now)"
         self.notice.emit(f"Added layer “{entry.name}” to {where}.", "info")
 
-    @staticmethod
-    def _thumbnail(entry: Entry, transfer: str) -> None:
+    def _thumbnail(self, entry: Entry, transfer: str) -> None:
         try:
-            entry.thumbnail = thumbnail_image(entry.fmt, transfer, entry.box.width, entry.box.height, entry.data)
+            w, h, rgba = rgba8_thumbnail(
+                entry.fmt, transfer, entry.box.width, entry.box.height, entry.data, THUMBNAIL_SIDE
+            )
+            entry.thumbnail = self.pictures.thumbnail(w, h, rgba)
         except Exception:  # a thumbnail is a nicety: the entry stays without one
             entry.thumbnail = None
 
@@ -441,7 +450,7 @@ class Controller(QObject):
 
     @guarded
     def _on_backend_state(self, state: str, detail: str) -> None:
-        if state in ("stopped", "failed") and self.client.state.value != "invalid":
+        if state in ("stopped", "failed") and self.client.state is not ConnectionState.invalid:
             self.client.reconnect(f"the local backend {'stopped' if state == 'stopped' else 'failed'}; retrying")
 
     @guarded
@@ -457,3 +466,8 @@ class Controller(QObject):
         """The setup's last step: its environment's Python serves as the local backend from now on."""
         self.update_settings(backend_command=python, backend_args="serve")
         self.start_backend()
+
+
+def curve_of(s: Settings) -> CurveKeys | None:
+    """The CURVE keys the settings name (None: a backend on this machine, no keys)."""
+    return CurveKeys.from_settings(s.server_public_key, s.client_secret_key)

@@ -21,8 +21,10 @@ from PyQt5.QtWidgets import (
     QWidget,
 )
 
-from .controller import Controller
-from .settings import DEFAULT_ENDPOINT, Settings
+from krita_sdxl.protocol.endpoint import DEFAULT_ENDPOINT
+
+from ..core.settings import Settings
+from ..workflow.controller import Controller
 from .setup_view import SetupView
 from .slots import on_click
 from .widgets import state_text, wrap_label

@@ -25,9 +25,9 @@ def merged_process(parent: QObject, env: Mapping[str, str], owner: QObject) -> Q
 
 
 class Command(QObject):
-    """``start()`` runs ``argv`` with ``env``; ``line`` carries each output line (stdout and stderr
-    merged); ``done`` the exit code (None: it did not start; -1: it crashed or was killed, see
-    ``killed``) and the output."""
+    """The workflow's ``core.processes.Command``: ``start()`` runs ``argv`` with ``env``;
+    ``line`` carries each output line (stdout and stderr merged); ``done`` the exit code (None: it did not
+    start; -1: it crashed or was killed, see ``killed``) and the output."""
 
     line = pyqtSignal(str)
     done = pyqtSignal(object, str)

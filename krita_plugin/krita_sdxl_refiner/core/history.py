@@ -31,9 +31,8 @@ THUMBNAIL_SIDE = 96  # px, the longer side of a history thumbnail
 def buffer_size(buffer: Any) -> int:
     if buffer is None:
         return 0
-    size = getattr(buffer, "size", None)  # QByteArray
-    if callable(size):
-        return int(size())
+    if callable(getattr(buffer, "size", None)):  # QByteArray
+        return int(buffer.size())
     return memoryview(buffer).nbytes
 
 
@@ -57,7 +56,7 @@ class Entry:
     note: str = ""  # where it went, or why it was kept: for people
     layer_ids: list[Any] = field(default_factory=list)  # layers made from it in its own document, newest last
     documents: list[Any] = field(default_factory=list)  # documents it was added to (opaque handles)
-    thumbnail: Any = None  # a QImage, made by the view side
+    thumbnail: Any = None  # as the view shows it (a QImage in Krita: the Pictures port makes it)
 
     @property
     def has_pixels(self) -> bool:

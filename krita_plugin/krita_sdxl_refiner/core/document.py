@@ -1,5 +1,5 @@
-"""What the controller needs from the document side, and what it gets back. No Krita import here:
-``krita_adapter.KritaAdapter`` implements this in Krita, tests use a fake."""
+"""The document port: what the workflow needs from the document side, and what it gets back. No Krita
+import here: ``adapters.krita_adapter.KritaAdapter`` implements it in Krita, tests use a fake."""
 
 from __future__ import annotations
 

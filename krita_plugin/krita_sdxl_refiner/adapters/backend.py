@@ -13,26 +13,18 @@ import platform
 import re
 import shlex
 from collections import deque
-from enum import Enum
 
 from PyQt5.QtCore import QObject, QProcess, QTimer, pyqtSignal
 
 from krita_sdxl.backend.setup.plan.procenv import clean_env
 
+from ..core.processes import BackendState
 from .procrun import merged_process
 
 READY_PATTERN = re.compile(r"\bready\b", re.IGNORECASE)
 LOG_LINES = 200
 _PYTHON = re.compile(r"^(python|pythonw|py)(\d+(\.\d+)*)?(\.exe)?$", re.IGNORECASE)
 _CLI_MODULE = "krita_sdxl.backend.cli"
-
-
-class BackendState(str, Enum):
-    stopped = "stopped"
-    starting = "starting"
-    running = "running"
-    stopping = "stopping"
-    failed = "failed"
 
 
 def is_python(command: str) -> bool:
@@ -59,6 +51,8 @@ def invocation(command: str, args: str, endpoint: str) -> tuple[str, list[str]]:
 
 
 class Backend(QObject):
+    """The workflow's ``core.processes.LocalBackend``, run with QProcess."""
+
     state_changed = pyqtSignal(str, str)  # state, detail for people
     output = pyqtSignal(str)  # new log text
 

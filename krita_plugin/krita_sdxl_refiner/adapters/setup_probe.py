@@ -1,34 +1,29 @@
 """What this computer has, found without blocking Krita: the Pythons (each candidate run with the
-probe), the NVIDIA driver's CUDA version (``nvidia-smi``) and ROCm. The rules are in ``setup_plan``."""
+probe), the NVIDIA driver's CUDA version (``nvidia-smi``) and ROCm. The rules are in ``setup_plan``.
+:class:`QtProcesses` hands the setup runner these inspections and its commands."""
 
 from __future__ import annotations
 
 import os
 import platform
 import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 
 from PyQt5.QtCore import QObject, pyqtSignal
 
 from krita_sdxl.backend.setup.plan import machine, pythons
 from krita_sdxl.backend.setup.plan.machine import Machine
 
+from ..core.processes import Facts
 from .procrun import Command
 
 PROBE_TIMEOUT_MS = 20_000
 SMI_TIMEOUT_MS = machine.NVIDIA_SMI_TIMEOUT_S * 1000
 
 
-@dataclass
-class Facts:
-    machine: Machine
-    found: list[pythons.PythonInfo] = field(default_factory=list)
-    rejected: list[str] = field(default_factory=list)  # why a Python that ran is not usable
-
-
 class Inspector(QObject):
-    """``start()``; ``finished(Facts)`` once every candidate and nvidia-smi have answered."""
+    """The workflow's ``core.processes.Inspector``: ``start()``; ``finished(Facts)`` once
+    every candidate and nvidia-smi have answered."""
 
     finished = pyqtSignal(object)
     progress = pyqtSignal(str)
@@ -92,3 +87,17 @@ class Inspector(QObject):
         self.facts.machine = Machine(m.system, m.arch, cuda, gpus, machine.read_rocm(self.system))
         self._command = None
         self.finished.emit(self.facts)
+
+
+class QtProcesses:
+    """The workflow's ``core.processes.Processes``. What it makes is owned by one
+    QObject, so a command is never deleted while it emits its own ``done``."""
+
+    def __init__(self) -> None:
+        self._owner = QObject()
+
+    def command(self, argv: Sequence[str], env: Mapping[str, str], timeout_ms: int = 0) -> Command:
+        return Command(argv, env, timeout_ms, self._owner)
+
+    def inspector(self, env: Mapping[str, str], system: str) -> Inspector:
+        return Inspector(env, system, self._owner)

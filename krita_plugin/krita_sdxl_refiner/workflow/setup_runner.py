@@ -1,6 +1,7 @@
-"""The docker's Set up / Update / Repair: check the computer, show the plan, run its steps with QProcess.
+"""The docker's Set up / Update / Repair: check the computer, show the plan, run its steps one program at a time.
 
-``check()`` finds a Python and the GPU (:mod:`setup_probe`) and builds the plan (``setup_plan.steps``):
+``check()`` finds a Python and the GPU (an inspector from the ``Processes`` port; ``adapters.setup_probe`` runs
+it with QProcess) and builds the plan (``setup_plan.steps``):
 nothing is written or downloaded. ``run(mode)`` runs the pending steps one command at a time, every
 line into ``setup.log`` in the setup folder; a step is marked incomplete in the state file before it
 starts and complete after its checks pass, so a cancelled or failed step is redone next time (a venv
@@ -19,43 +20,41 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from PyQt5.QtCore import QObject, QStandardPaths, QTimer, pyqtSignal
-
 from krita_sdxl.backend.setup.plan import events, failures, hub, procenv, pythons, steps, torch_builds
 from krita_sdxl.backend.setup.plan.failures import Failure
 from krita_sdxl.backend.setup.plan.space import check_space, human
 from krita_sdxl.backend.setup.plan.steps import Plan, Step
 
-from .backend import Backend
-from .procrun import Command
-from .setup_probe import Facts, Inspector
+from ..core.host import Timers
+from ..core.processes import Command, Facts, Inspector, LocalBackend, Processes
+from ..core.signals import Signal
 
-PLUGIN_DIR = Path(__file__).resolve().parent
+PLUGIN_DIR = Path(__file__).resolve().parents[1]  # the plugin's folder, which carries the backend wheel
 TORCH_INDEX_ENV = "KRITA_SDXL_TORCH_INDEX"
 FOLDER_NAME = "krita-sdxl-backend"
 
 
-def default_folder() -> Path:
-    """In Krita's application data (``%APPDATA%\\krita``, ``~/.local/share/krita``, ...)."""
-    return Path(QStandardPaths.writableLocation(QStandardPaths.AppDataLocation)) / FOLDER_NAME
+class SetupRunner:
+    changed = Signal()  # phase, plan, step states, progress: the view redraws
+    output = Signal(str)  # a line of a step's output
+    finished = Signal(bool, str)  # a run ended: ok, message for people
 
-
-def folder_of(setting: str) -> Path:
-    return Path(setting).expanduser() if setting.strip() else default_folder()
-
-
-class SetupRunner(QObject):
-    changed = pyqtSignal()  # phase, plan, step states, progress: the view redraws
-    output = pyqtSignal(str)  # a line of a step's output
-    finished = pyqtSignal(bool, str)  # a run ended: ok, message for people
-
-    def __init__(self, backend: Backend, start_service: Callable[[str], None], parent: QObject | None = None) -> None:
-        super().__init__(parent)
+    def __init__(
+        self,
+        backend: LocalBackend,
+        start_service: Callable[[str], None],
+        processes: Processes,
+        timers: Timers,
+        app_data: Path,
+    ) -> None:
         self.backend = backend
         self._start_service = start_service
+        self._processes = processes
+        self._timers = timers
+        self.app_data = Path(app_data)  # Krita's application data (``%APPDATA%\\krita``, ``~/.local/share/krita``...)
         self.system = platform.system()
         self.env = procenv.clean_env(os.environ, self.system)
-        self.folder = default_folder()
+        self.folder = self.default_folder
         self.include_base = False
         self.torch_build = "auto"
         self.phase = "idle"  # checking, ready, blocked, running, done, failed, cancelled
@@ -82,6 +81,15 @@ class SetupRunner(QObject):
         self._shown_at = 0.0
 
     # --- public -------------------------------------------------------------------------------
+
+    @property
+    def default_folder(self) -> Path:
+        """Where the backend goes unless the artist picks a folder: in Krita's application data."""
+        return self.app_data / FOLDER_NAME
+
+    def folder_of(self, setting: str) -> Path:
+        """The folder a setting names ("" = the default one)."""
+        return Path(setting).expanduser() if setting.strip() else self.default_folder
 
     @property
     def busy(self) -> bool:
@@ -112,7 +120,7 @@ class SetupRunner(QObject):
         self._after_check = then
         self.phase, self.failure, self.message, self.detail = "checking", None, "", ""
         self.changed.emit()
-        self._inspector = Inspector(self.env, self.system, self)
+        self._inspector = self._processes.inspector(self.env, self.system)
         self._inspector.progress.connect(self._on_probe_progress)
         self._inspector.finished.connect(self._on_facts)
         self._inspector.start()
@@ -212,7 +220,7 @@ class SetupRunner(QObject):
             if self._cancelling:
                 self._end_cancelled()
             else:
-                QTimer.singleShot(0, self._next_step)  # after the backend has finished with its old process
+                self._timers.later(0, self._next_step)  # after the backend has finished with its old process
 
     def _next_step(self) -> None:
         assert self.plan is not None
@@ -240,7 +248,7 @@ class SetupRunner(QObject):
             return
         argv = self._commands.pop(0)
         self._say("$ " + shlex.join(argv))
-        self._command = Command(argv, self.env, 0, self)
+        self._command = self._processes.command(argv, self.env)
         self._command.line.connect(self._on_line)
         self._command.done.connect(self._on_done)
         self._command.start()

@@ -27,8 +27,7 @@ from PyQt5.QtWidgets import (
 from krita_sdxl.backend.setup.plan import hub, torch_builds
 from krita_sdxl.backend.setup.plan.space import human
 
-from .controller import Controller
-from .setup_runner import default_folder, folder_of
+from ..workflow.controller import Controller
 from .slots import on_click
 from .widgets import ElidedLabel, wrap_label
 
@@ -115,11 +114,11 @@ class SetupView(QGroupBox):
     # --- settings ---------------------------------------------------------------------------------
 
     def chosen_folder(self) -> Path:
-        return folder_of(self.folder.text())
+        return self.runner.folder_of(self.folder.text())
 
     def show_settings(self) -> None:
         s = self.controller.settings
-        self.folder.setText(s.setup_folder or str(default_folder()))
+        self.folder.setText(s.setup_folder or str(self.runner.default_folder))
         self.base.setChecked(s.setup_base)
         index = self.torch.findData(s.setup_torch)
         self.torch.setCurrentIndex(max(index, 0))

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import zmq
@@ -24,22 +22,9 @@ from PyQt5.QtCore import QObject, QSocketNotifier, QTimer, pyqtSignal
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, ProtocolError, decode, encode
 from krita_sdxl.protocol.endpoint import EndpointError, check_ipc_connect, parse_endpoint
 
+from ..core.connection import ConnectionState, CurveKeys
+
 CLIENT_NAME = "krita-sdxl-refiner"
-
-
-@dataclass(frozen=True)
-class CurveKeys:
-    """ZeroMQ CURVE for a backend beyond this machine: the service's public key (Z85 text, as in its
-    ``.key`` file) and this client's secret key file (``NAME.key_secret`` from ``krita-sdxl keys``)."""
-
-    server_public_key: str
-    client_secret_file: str
-
-    @classmethod
-    def from_settings(cls, server_public_key: str, client_secret_file: str) -> CurveKeys | None:
-        if not server_public_key.strip() and not client_secret_file.strip():
-            return None
-        return cls(server_public_key.strip(), client_secret_file.strip())
 
 
 def _apply_curve(sock: zmq.Socket, keys: CurveKeys) -> None:
@@ -58,16 +43,10 @@ def _apply_curve(sock: zmq.Socket, keys: CurveKeys) -> None:
 REOPEN_PAUSE_MS = 150  # between closing a socket and reopening it with the same routing id
 
 
-class ConnectionState(str, Enum):
-    invalid = "invalid"  # the endpoint as typed cannot be used: not connecting until it is changed
-    disconnected = "disconnected"  # no answer (yet); retrying by itself
-    connecting = "connecting"  # socket open, hello sent, no welcome yet
-    connected = "connected"  # welcome received, heartbeats answered
-
-
 class Client(QObject):
-    """Signals carry plain values; ``received`` carries a decoded :class:`Message` (every service
-    event except ``welcome`` and ``heartbeat``, which this class handles)."""
+    """The workflow's ``core.connection.Connection`` over ZeroMQ. Signals carry plain
+    values; ``received`` carries a decoded :class:`Message` (every service event except ``welcome`` and
+    ``heartbeat``, which this class handles)."""
 
     state_changed = pyqtSignal(str, str)  # state, detail for people
     welcomed = pyqtSignal(str, dict)  # server, capabilities

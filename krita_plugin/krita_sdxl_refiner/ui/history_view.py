@@ -23,10 +23,10 @@ from PyQt5.QtWidgets import (
     QWidget,
 )
 
-from .controller import Controller
-from .history import Entry
-from .jobs import Job, JobState
-from .plan import MODE_LABELS, short_prompt
+from ..core.history import Entry
+from ..core.jobs import Job, JobState
+from ..core.plan import MODE_LABELS, short_prompt
+from ..workflow.controller import Controller
 from .slots import on_click
 from .widgets import ElidedLabel
 

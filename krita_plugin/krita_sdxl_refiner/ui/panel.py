@@ -26,12 +26,12 @@ from PyQt5.QtWidgets import (
     QWidget,
 )
 
+from ..core.jobs import JobState
+from ..core.plan import MODE_LABELS
+from ..core.settings import Settings
+from ..workflow.controller import Controller
 from .advanced import AdvancedSettings
-from .controller import Controller
 from .history_view import HistoryView
-from .jobs import JobState
-from .plan import MODE_LABELS
-from .settings import Settings
 from .settings_dialog import SettingsDialog
 from .slots import on_click
 from .widgets import Collapsible, MessageLog, ProgressLine, describe_backend, state_text, wrap_label
