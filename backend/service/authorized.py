@@ -6,8 +6,8 @@
 - One odd entry never shuts anybody out: a symlink loop, a link to a file that cannot be read, a
   folder, a FIFO or a file larger than ``MAX_KEY_FILE_BYTES`` is skipped with one warning (until
   it changes); the other keys stay authorized. A file is read with a bounded read, never whole.
-- A resource error (out of file descriptors or memory) is not a change of the folder: the keys in memory stay authorized, nobody's session ends, and the next
-  reload tries again.
+- A resource error (out of file descriptors or memory) is not a change of the folder: the keys in
+  memory stay authorized, nobody's session ends, and the next reload tries again.
 - ``reload`` reports the keys that were removed, so the service can end their live sessions.
 - ``callback`` is the ZAP check (backend/service/zap.py): it reads the current set, which ``reload``
   replaces in one assignment. A key not in that set is looked up on disk once more before it is
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 MAX_KEY_FILE_BYTES = 64 * 1024  # a public key file is about 200 bytes; anything this large is not one
 # errno values that say "not now" (the process or the system is out of a resource) rather than "not
 # there": the last good set of keys stays
-TRANSIENT = frozenset(getattr(errno, name) for name in ("EMFILE", "ENFILE", "ENOMEM", "ENOBUFS") if hasattr(errno, name))
+TRANSIENT = frozenset(getattr(errno, n) for n in ("EMFILE", "ENFILE", "ENOMEM", "ENOBUFS") if hasattr(errno, n))
 _PUBLIC = re.compile(r'^\s*public-key\s*=\s*"([^"]*)"\s*$')
 
 Stamp = tuple[tuple[str, int, int, int], ...]
