@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 import secrets
+import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ import zmq.auth
 
 from krita_sdxl.backend.engine.identity import IdentityEngine
 from krita_sdxl.backend.engine.request import JobCancelled, ProgressFn, RefineRequest, StopFn
+from krita_sdxl.backend.service.security import CurveConfig
 from krita_sdxl.backend.service.server import Service
 from krita_sdxl.protocol import PROTOCOL_VERSION, SERVICE, Image, ImageSpec, Incoming, Message, Outgoing, decode
 from krita_sdxl.protocol.codec import stream_specs
@@ -244,3 +247,45 @@ class Running:
         self.service.stop()
         self.thread.join(30)
         assert not self.thread.is_alive()
+
+
+# -- CURVE: keys and an in-process CURVE service ----------------------------------------------
+
+
+def keypair(folder: Path, name: str, authorize_in: Path | None = None) -> Path:
+    """A key pair in ``folder`` (returns the secret file); its public file copied to ``authorize_in``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(folder), name)
+    if authorize_in is not None:
+        authorize_in.mkdir(parents=True, exist_ok=True)
+        shutil.copy(public, authorize_in / f"{name}.key")
+    return Path(secret)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CurveService:
+    def __init__(self, tmp: Path, authorized: Path, engine: SlowEngine, **kw: Any) -> None:
+        server_secret = keypair(tmp / "server", "server")
+        self.server_public = zmq.auth.load_certificate(str(server_secret))[0]
+        self.authorized = authorized
+        port = free_port()
+        self.ctx = zmq.Context()  # its own: the CURVE authenticator is per context
+        service = Service(
+            engine, f"tcp://127.0.0.1:{port}", ctx=self.ctx, curve=CurveConfig(server_secret, authorized), **kw
+        )
+        self.running = Running(service)
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+
+    def peer(self, secret: Path, routing_id: bytes | None = b"") -> Peer:
+        return Peer(self.endpoint, routing_id=routing_id, curve=(self.server_public, secret))
+
+    def close(self) -> None:
+        try:
+            self.running.__exit__()
+        finally:
+            self.ctx.destroy(linger=0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,11 +15,9 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
-from attack import Peer, Running, SlowEngine, final, good_id, header, rgba, submit_frames
+from attack import CurveService, Peer, SlowEngine, final, good_id, header, keypair, rgba, submit_frames
 
 from krita_sdxl.backend.cli.launcher import start_service
-from krita_sdxl.backend.service.security import CurveConfig
-from krita_sdxl.backend.service.server import Service
 
 
 @pytest.fixture(scope="module")
@@ -98,43 +95,6 @@ def test_a_dead_peers_id_is_freed_for_the_same_client_reconnecting(demo):
 
 
 # -- CURVE: jobs belong to (key, routing id) -------------------------------------------------
-
-
-def keypair(folder: Path, name: str, authorize_in: Path | None = None) -> Path:
-    """A key pair in ``folder`` (returns the secret file); its public file copied to ``authorize_in``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(folder), name)
-    if authorize_in is not None:
-        authorize_in.mkdir(parents=True, exist_ok=True)
-        shutil.copy(public, authorize_in / f"{name}.key")
-    return Path(secret)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class CurveService:
-    def __init__(self, tmp: Path, authorized: Path, engine: SlowEngine) -> None:
-        server_secret = keypair(tmp / "server", "server")
-        self.server_public = zmq.auth.load_certificate(str(server_secret))[0]
-        self.authorized = authorized
-        port = free_port()
-        self.ctx = zmq.Context()  # its own: the CURVE authenticator is per context
-        service = Service(engine, f"tcp://127.0.0.1:{port}", ctx=self.ctx, curve=CurveConfig(server_secret, authorized))
-        self.running = Running(service)
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-
-    def peer(self, secret: Path, routing_id: bytes | None = b"") -> Peer:
-        return Peer(self.endpoint, routing_id=routing_id, curve=(self.server_public, secret))
-
-    def close(self) -> None:
-        try:
-            self.running.__exit__()
-        finally:
-            self.ctx.destroy(linger=0)
 
 
 @pytest.fixture

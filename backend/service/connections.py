@@ -74,6 +74,7 @@ class Connections:
         self._tokens: OrderedDict[int, int] = OrderedDict()  # CURVE handshake token -> seq when issued
         self._next_token = 0
         self._rejected = RateLimitedLog(log)
+        self._doomed: list[tuple[float, Conn]] = []  # connections to close once their last answer is out
         self.refused = 0  # connections refused or closed by the cap and the grace
 
     @property
@@ -159,9 +160,21 @@ class Connections:
 
     # -- closing ------------------------------------------------------------------------------------
 
+    def close_soon(self, fd: int, delay: float = 0.5) -> None:
+        """Close ``fd``'s connection in ``delay`` seconds (the answer just sent to it goes out first)."""
+        conn = self._open.get(fd)
+        if conn is not None:
+            self._doomed.append((self._clock() + delay, conn))
+
     def housekeeping(self) -> None:
-        """Close connections that sent nothing within the grace."""
-        limit = self._clock() - self.hello_grace
+        """Close connections that sent nothing within the grace, and those doomed whose time has come."""
+        now = self._clock()
+        due = [c for t, c in self._doomed if t <= now]
+        self._doomed = [(t, c) for t, c in self._doomed if t > now]
+        for conn in due:
+            if self._open.get(conn.fd) is conn:  # still that connection (a descriptor is reused)
+                self.close(conn.fd)
+        limit = now - self.hello_grace
         for conn in list(self._open.values()):
             if conn.accepted > limit:
                 break  # the rest were accepted later

@@ -480,7 +480,7 @@ class Service:
             )
             self._refuse(client, peek_job(header), codes.BAD_IDENTITY, taken)
             if alive:
-                self.connections.close(fd)  # the id's owner may want it back
+                self.connections.close_soon(fd)  # the id's owner may want it back
             return
         owner = Owner(client, key)
         if alive:
