@@ -38,9 +38,13 @@ class TokenBucket:
 
 
 class ThrottleProxy:
-    def __init__(self, host: str, port: int, rate: float, burst: int = 32 * 1024) -> None:
+    def __init__(
+        self, host: str, port: int, rate: float, burst: int = 32 * 1024, rate_down: float | None = None
+    ) -> None:
+        """``rate``: bytes per second from the client to the service (and back, unless ``rate_down``)."""
         self.target = (host, port)
         self.rate = rate
+        self.rate_down = rate_down or rate
         self.burst = burst
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -64,7 +68,7 @@ class ThrottleProxy:
                 client.close()
                 continue
             self._sockets += [client, server]
-            up, down = TokenBucket(self.rate, self.burst), TokenBucket(self.rate, self.burst)
+            up, down = TokenBucket(self.rate, self.burst), TokenBucket(self.rate_down, self.burst)
             threading.Thread(target=self._pump, args=(client, server, up, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, down, False), daemon=True).start()
 
