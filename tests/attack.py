@@ -1,5 +1,8 @@
 """Raw sockets for attack tests: a DEALER with any routing id (or none), any frames, and events
-decoded and validated with the protocol codec, exactly as a client would."""
+decoded and validated with the protocol codec, exactly as a client would.
+
+The helpers also speak protocol 1 (pixels inline after the header), so that a test can be run
+against the code before protocol 2 to see it fail for the reason it tests."""
 
 from __future__ import annotations
 
@@ -19,10 +22,21 @@ import zmq.auth
 
 from krita_sdxl.backend.engine.identity import IdentityEngine
 from krita_sdxl.backend.engine.request import JobCancelled, ProgressFn, RefineRequest, StopFn
+from krita_sdxl.backend.service.limits import Limits
 from krita_sdxl.backend.service.security import CurveConfig
 from krita_sdxl.backend.service.server import Service
-from krita_sdxl.protocol import PROTOCOL_VERSION, SERVICE, Image, ImageSpec, Incoming, Message, Outgoing, decode
-from krita_sdxl.protocol.codec import stream_specs
+from krita_sdxl.protocol import PROTOCOL_VERSION, SERVICE, Image, ImageSpec, Message, decode
+
+STREAMED = PROTOCOL_VERSION >= 2  # pixels in chunks under credit
+if STREAMED:
+    from krita_sdxl.protocol import Incoming, Outgoing
+    from krita_sdxl.protocol.codec import stream_specs
+
+
+def limits(**fields: Any) -> Limits:
+    """Limits with these fields, leaving out those the code under test does not have."""
+    known = getattr(Limits, "__dataclass_fields__", {})
+    return Limits(**{k: v for k, v in fields.items() if k in known})
 
 
 def good_id() -> bytes:
@@ -38,10 +52,10 @@ def header(msg_type: str, **fields: Any) -> bytes:
 
 
 def submit_frames(job: str, image: Image | None = None, **fields: Any) -> list[Any]:
-    """A submit's header (its pixels follow in chunks: ``Peer.submit`` sends both)."""
+    """A submit's header (its pixels follow in chunks: ``Peer.submit`` sends both; protocol 1: inline)."""
     image = image or rgba(16, 16)
     spec = image.spec.to_wire()
-    return [header("submit", job=job, image=spec, **fields)]
+    return [header("submit", job=job, image=spec, **fields)] + ([] if STREAMED else [bytes(image.data)])
 
 
 def chunk_frames(job: str, offset: int, data: Any) -> list[Any]:
@@ -95,6 +109,11 @@ class Peer:
             event = self.recv_raw(max(0.0, deadline - time.monotonic()))
             if event is None:
                 return None
+            if event.type == "result" and not STREAMED:
+                if self.hold_results:
+                    self._held.append(event)
+                    continue
+                return event
             if event.type in ("result", "chunk"):
                 if self.hold_results:
                     self._held.append(event)
@@ -122,9 +141,21 @@ class Peer:
         result.images = incoming.images()
         return result
 
+    def drain(self, quiet: float = 0.5) -> list[Message]:
+        """Every event until a silence of ``quiet`` seconds."""
+        out = []
+        while (event := self.recv(quiet)) is not None:
+            out.append(event)
+        return out
+
     def read_held(self, timeout: float = 10.0) -> list[Message]:
         """Read the results held so far, and the rest of them as they come; the complete results."""
         self.hold_results = False
+        if not STREAMED:
+            done, self._held = self._held, []
+            while (event := self.recv(0.5)) is not None:
+                done += [event] if event.type == "result" else []
+            return done
         done = [r for r in (self._stream(e) for e in self._held) if r is not None]
         self._held = []
         while self._downloads:
@@ -143,8 +174,8 @@ class Peer:
         image = image or rgba(16, 16)
         if mask is not None:
             fields["mask"] = mask.spec.to_wire()
-        self.send(submit_frames(job, image, **fields))
-        out = Outgoing(job, [image.data] + ([mask.data] if mask is not None else []))
+        self.send(submit_frames(job, image, **fields) + ([] if STREAMED or mask is None else [bytes(mask.data)]))
+        out = Outgoing(job, [image.data] + ([mask.data] if mask is not None else [])) if STREAMED else None
         events = []
         while True:
             event = self.recv(timeout)
@@ -153,7 +184,7 @@ class Peer:
             events.append(event)
             if event.job != job:
                 continue
-            if event.type == "credit":
+            if event.type == "credit" and out is not None:
                 out.grant(event["received"], event["until"])
                 for offset, data in out.chunks():
                     self.send(chunk_frames(job, offset, data))

@@ -64,7 +64,7 @@ def keys(tmp_path: Path):
 
 @pytest.mark.slow
 def test_idle_connections_end_no_curve_session_and_a_key_authorized_meanwhile_gets_in(keys):
-    tmp_path, authorized, server, artist, newcomer = keys
+    _tmp, authorized, server, artist, newcomer = keys
     svc = start_service(
         ["--identity", "--log-level", "warning", "--curve-secret-key", str(server), "--authorized-keys",
          str(authorized)],

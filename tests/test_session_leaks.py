@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from attack import CurveService, Peer, Running, SlowEngine, final, header, keypair, rgba
+from attack import CurveService, Peer, Running, SlowEngine, final, header, keypair, limits, rgba
 
 from krita_sdxl.backend.common.logtext import short_id
-from krita_sdxl.backend.service.limits import Limits
 from krita_sdxl.backend.service.server import Service
 
 TESTS = Path(__file__).resolve().parent
@@ -34,7 +33,7 @@ def curve(tmp_path: Path):
     authorized = tmp_path / "authorized"
     artist = keypair(tmp_path / "clients", "artist", authorized)
     other = keypair(tmp_path / "clients", "other", authorized)  # authorized too: the attacker
-    svc = CurveService(tmp_path, authorized, SlowEngine(step_s=0.1), limits=Limits(hello_grace=2.0))
+    svc = CurveService(tmp_path, authorized, SlowEngine(step_s=0.1), limits=limits(hello_grace=2.0))
     try:
         yield svc, artist, other
     finally:

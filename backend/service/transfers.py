@@ -153,10 +153,9 @@ class Downloads:
         """The owner is back on a new connection: its results go again from the first byte."""
         out = []
         for download in self._downloads.values():
-            if download.owner == owner:
+            if download.owner == owner:  # (still unread until the client acknowledges something)
                 download.header_sent = False
                 download.out.restart()
-                download.progressed = self._clock()
                 out.append(download)
         return out
 
