@@ -130,9 +130,7 @@ class AuthorizedKeys:
                     self._skip(entry.name, "not a regular file", quiet)
                     continue
                 if info.st_size > MAX_KEY_FILE_BYTES:
-                    self._skip(
-                        entry.name, f"{info.st_size} bytes: a key file is under {MAX_KEY_FILE_BYTES // 1024} KiB", quiet
-                    )
+                    self._skip(entry.name, f"larger than {MAX_KEY_FILE_BYTES // 1024} KiB: not a key file", quiet)
                     continue
                 entries.append((entry.name, info.st_mtime_ns, info.st_size, info.st_ino))
         if not quiet:
