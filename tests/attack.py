@@ -245,6 +245,10 @@ class SlowEngine(IdentityEngine):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "modes": self.modes}
 
+    def unload(self, model: str) -> tuple[bool, bool]:
+        """Nothing to free (was loaded, deferred): the service's rules about who may unload are tested."""
+        return False, False
+
     def refine(self, req: RefineRequest, on_progress: ProgressFn, should_stop: StopFn) -> Image:
         while not self.gate.wait(0.01):
             if should_stop():
@@ -293,6 +297,15 @@ def keypair(folder: Path, name: str, authorize_in: Path | None = None) -> Path:
     return Path(secret)
 
 
+def host_address() -> str:
+    """This machine's own address on its network (not loopback): a client from "another machine"."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.123", 9))  # no packet is sent: the kernel picks the outgoing address
+        address = s.getsockname()[0]
+    assert not address.startswith("127."), f"this machine has no network address besides loopback ({address})"
+    return address
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -300,17 +313,19 @@ def free_port() -> int:
 
 
 class CurveService:
-    def __init__(self, tmp: Path, authorized: Path, engine: SlowEngine, **kw: Any) -> None:
+    def __init__(self, tmp: Path, authorized: Path, engine: SlowEngine, host: str = "127.0.0.1", **kw: Any) -> None:
+        """``host``: where it listens (0.0.0.0: every address, reached here through ``host_address()``)."""
         server_secret = keypair(tmp / "server", "server")
         self.server_public = zmq.auth.load_certificate(str(server_secret))[0]
         self.authorized = authorized
         port = free_port()
-        self.ctx = zmq.Context()  # its own: the CURVE authenticator is per context
+        self.ctx = zmq.Context()  # its own: the ZAP handler is per context
         service = Service(
-            engine, f"tcp://127.0.0.1:{port}", ctx=self.ctx, curve=CurveConfig(server_secret, authorized), **kw
+            engine, f"tcp://{host}:{port}", ctx=self.ctx, curve=CurveConfig(server_secret, authorized), **kw
         )
         self.running = Running(service)
         self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.port = port
 
     def peer(self, secret: Path, routing_id: bytes | None = b"") -> Peer:
         return Peer(self.endpoint, routing_id=routing_id, curve=(self.server_public, secret))
