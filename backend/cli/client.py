@@ -2,9 +2,10 @@
 
 Pixels go up and come back in chunks under credit (protocol/transfer.py): ``submit`` sends the
 header, and the chunks follow as the service's ``credit`` events arrive while the caller waits for
-events; a ``result`` is handed to the caller only once all its chunks are there (each acknowledged
-with a ``credit``). ``credit`` events are passed on too (``received`` of the job's bytes: upload
-progress)."""
+events; a connection uploads one job at a time, so a submit made meanwhile waits here until the one
+before is accepted. A ``result`` is handed to the caller only once all its chunks are there (each
+acknowledged with a ``credit``). ``credit`` events are passed on too (``received`` of the job's bytes:
+upload progress)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import itertools
 import os
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,7 +78,8 @@ class ServiceClient:
             from krita_sdxl.backend.service.security import client_curve
 
             client_curve(self.socket, server_key, client_secret_file)
-        self._uploads: dict[str, Outgoing] = {}  # jobs whose pixels are going up
+        self._uploads: dict[str, Outgoing] = {}  # the job whose pixels are going up (one at a time)
+        self._waiting: deque[tuple[str, list[Any], Outgoing]] = deque()  # submits waiting for their turn
         self._downloads: dict[str, tuple[Message, Incoming]] = {}  # results whose pixels are coming
         self._connect(endpoint, client_secret_file)
         self._prefix = f"{os.getpid()}-{id(self):x}-"
@@ -154,7 +157,9 @@ class ServiceClient:
 
     def send(self, msg_type: str, images: dict[str, Image] | None = None, payload: Any = None, **fields: Any) -> None:
         """Queue one message; never blocks (ServiceUnavailable when ZeroMQ cannot queue it)."""
-        frames = encode(CLIENT, msg_type, images=images, payload=payload, **fields)
+        self._send_frames(encode(CLIENT, msg_type, images=images, payload=payload, **fields))
+
+    def _send_frames(self, frames: list[Any]) -> None:
         try:
             self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -232,11 +237,18 @@ class ServiceClient:
             del self._downloads[job]
             header.images = incoming.images()
             return header
-        if event.type in ("accepted", "error", "cancelled"):
-            self._uploads.pop(job, None)
+        if event.type in ("accepted", "error", "cancelled") and self._uploads.pop(job, None) is not None:
+            self._next_upload()
         if event.type in ("error", "cancelled"):
             self._downloads.pop(job, None)
         return event
+
+    def _next_upload(self) -> None:
+        if self._uploads or not self._waiting:
+            return
+        job, frames, upload = self._waiting.popleft()
+        self._uploads[job] = upload
+        self._send_frames(frames)
 
     def hello(self, name: str = "krita-sdxl cli") -> dict[str, Any]:
         """The service's ``welcome``, within ``timeout`` seconds in all: heartbeat replies keep
@@ -264,8 +276,9 @@ class ServiceClient:
         images = {"image": image}
         if mask is not None:
             images["mask"] = mask
-        self.send("submit", images=images, job=job, **params)
-        self._uploads[job] = Outgoing(job, stream_buffers("submit", images))  # its chunks go with the credit
+        frames = encode(CLIENT, "submit", images=images, job=job, **params)  # checked now, sent in its turn
+        self._waiting.append((job, frames, Outgoing(job, stream_buffers("submit", images))))
+        self._next_upload()  # its chunks go with the credit
         return job
 
     def events(self, job: str, timeout: float | None = None) -> Iterator[Message]:
@@ -286,13 +299,13 @@ class ServiceClient:
             if left <= 0:
                 raise ServiceUnavailable(self._silence_text(wait))
             event = self._next(left)
-            if job in self._downloads:  # its result is arriving: news enough
+            if job in self._downloads or any(w[0] == job for w in self._waiting):  # arriving, or not sent yet
                 ask_at, unknown = time.monotonic() + self.status_interval, 0
             if event is None:
                 continue
             if event.type == "status":
                 asked = 0.0
-                if _mentions(event, job) or job in self._downloads:
+                if _mentions(event, job) or job in self._downloads or any(w[0] == job for w in self._waiting):
                     ask_at, unknown = time.monotonic() + self.status_interval, 0
                     continue
                 unknown += 1
@@ -329,6 +342,9 @@ class ServiceClient:
         raise AssertionError("unreachable")
 
     def cancel(self, job: str) -> None:
+        """Cancel a job (one still waiting here for its upload's turn is forgotten; the service answers
+        ``unknown_job`` for it)."""
+        self._waiting = deque(w for w in self._waiting if w[0] != job)
         self.send("cancel", job=job)
 
     def unload(self, model: str) -> dict[str, Any]:

@@ -332,7 +332,7 @@ class Service:
         for download in self.downloads.restart(owner):
             self._pump(download)
         for upload in self.uploads.of(lambda o: o == owner):
-            self._grant(upload, answer=True)  # chunks in flight on the old connection are lost: go on from here
+            self._grant(upload)  # chunks in flight on the old connection are lost: go on from here
 
     def _error_to(self, owner: Owner, job: Any, code: str, message: str, field: Any = None) -> None:
         """Never raises: every echoed text is clipped, so the event always encodes."""
@@ -505,6 +505,8 @@ class Service:
             self._rejected.warning(
                 "rejected a message from %s: %s: %s", short_id(client), err.code, escaped(err.message)
             )
+            if err.job is not None and _peek_type(header) == "chunk" and self.uploads.get(owner, err.job):
+                self._end_upload(owner, err.job)  # a broken chunk breaks its stream: this error ends the job
             self._error_to(owner, **error_fields(err))
         except Exception as exc:  # never let one message stop the service
             log.exception("internal error while handling a message")
@@ -558,6 +560,15 @@ class Service:
                 None,
                 job_id,
             )
+        busy = self.uploads.active(owner.routing)
+        if busy is not None:
+            raise ProtocolError(
+                codes.LIMIT,
+                f"job {busy.job.id!r} is still uploading on this connection: one upload at a time (send its "
+                "chunks, or cancel it, then submit again)",
+                None,
+                job_id,
+            )
         seed = msg["seed"] if msg["seed"] is not None else secrets.randbelow(2**32)
         incoming = Incoming(job_id, stream_specs(msg))
         msg.images = incoming.images()  # filled as the chunks arrive; nothing reads it before then
@@ -578,7 +589,7 @@ class Service:
                 "client held the most of it. Submit fewer jobs at once",
             )
         upload = self.uploads.start(job, incoming, seed)
-        self._grant(upload, answer=True)
+        self._grant(upload)
 
     def _admit(self, job: Job) -> list[Job]:
         """The queue's admission; when the byte total is full, unread results of bigger holders make room."""
@@ -607,15 +618,9 @@ class Service:
                 raise ProtocolError(codes.SHUTTING_DOWN, "the service is shutting down", None, job.id) from None
         raise AssertionError("unreachable")
 
-    def _grant(self, upload: Upload, answer: bool) -> None:
-        """Send ``upload``'s credit: more when it may go on, the same (or none yet) when another upload
-        of its connection goes first; ``answer``: the sender waits for one (its submit or chunk)."""
-        credit = self.uploads.credit(upload)
-        if credit is None:
-            if not answer:
-                return
-            credit = (upload.incoming.received, upload.granted)
-        received, until = credit
+    def _grant(self, upload: Upload) -> None:
+        """Send ``upload``'s credit (the answer to its submit and to each chunk but the last)."""
+        received, until = self.uploads.credit(upload)
         self._to_owner(upload.owner, "credit", job=upload.job.id, received=received, until=until)
 
     def _on_chunk(self, owner: Owner, msg: Message) -> None:
@@ -629,21 +634,15 @@ class Service:
         if upload.incoming.done:
             self._finish_upload(upload)
         else:
-            self._grant(upload, answer=True)
+            self._grant(upload)
 
     def _end_upload(self, owner: Owner, job_id: str) -> None:
         upload = self.uploads.end((owner, job_id))
         if upload is not None:
             self.queue.abort(upload.job)
-            self._credit_next(owner.routing)
-
-    def _credit_next(self, routing: bytes) -> None:
-        nxt = self.uploads.active(routing)
-        if nxt is not None:
-            self._grant(nxt, answer=False)
 
     def _finish_upload(self, upload: Upload) -> None:
-        """Every byte is there: queue the job (``accepted``), and credit the connection's next upload."""
+        """Every byte is there: queue the job (``accepted``)."""
         job, owner = upload.job, upload.owner
         self.uploads.end(job.key)
         request = job.payload
@@ -665,7 +664,6 @@ class Service:
             pass  # cancelled while its last chunk was on its way
         except RuntimeError:
             self._error_to(owner, job.id, codes.SHUTTING_DOWN, "the service is shutting down")
-        self._credit_next(owner.routing)
 
     def _on_credit(self, owner: Owner, msg: Message) -> None:
         """The client holds ``received`` bytes of a result: send more, or forget it once it has all."""
@@ -703,7 +701,6 @@ class Service:
         if where in ("queued", "uploading"):
             if where == "uploading":
                 self.uploads.end((owner, job_id))
-                self._credit_next(owner.routing)
             self._to_owner(owner, "cancelled", job=job_id, reason="cancelled")
         elif where is None:
             raise ProtocolError(
@@ -764,6 +761,13 @@ class Service:
                 self._outbox[owner] = kept
             else:
                 del self._outbox[owner]
+
+
+def _peek_type(frame: Any) -> Any:
+    try:
+        return decode_header(frame).get("type")
+    except ProtocolError:
+        return None
 
 
 def _where(job: Job) -> dict[str, str]:

@@ -4,7 +4,7 @@ No sockets here: the service sends what these say. Budgets are the queue's: an u
 its bytes from its ``submit`` on (``JobQueue.admit``); a result's bytes are *held* for its account
 (``JobQueue.hold``) until the client has acknowledged every byte, it expires, or it is dropped.
 
-- Uploads: one per job; credit goes to one upload of a routing id at a time (the oldest), so a
+- Uploads: one per job, and one at a time per routing id (another submit meanwhile is refused), so a
   connection never has more than one window of chunks in flight. An upload with no chunk for
   ``timeout`` seconds is dropped.
 - Downloads: a result is sent as its header, then chunks within the client's credit. A result the
@@ -70,16 +70,13 @@ class Uploads:
         upload.last_chunk = self._clock()
         return upload
 
-    def credit(self, upload: Upload) -> tuple[int, int] | None:
-        """The credit to send for ``upload`` now (received, until), or None: another upload of its
-        routing id goes first, or nothing changed."""
-        if upload.incoming.done or self.active(upload.owner.routing) is not upload:
-            return None
+    def credit(self, upload: Upload) -> tuple[int, int]:
+        """The credit to send for ``upload`` now: (received, until)."""
         upload.granted = max(upload.granted, upload.incoming.until)
         return upload.incoming.received, upload.granted
 
     def active(self, routing: bytes) -> Upload | None:
-        """The upload of ``routing`` that has credit: the oldest unfinished one."""
+        """The upload under way on ``routing`` (a connection uploads one job at a time)."""
         return next((u for u in self._uploads.values() if u.owner.routing == routing and not u.incoming.done), None)
 
     def end(self, key: JobKey) -> Upload | None:
