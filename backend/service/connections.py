@@ -67,7 +67,7 @@ class Connections:
         self._monitor.setsockopt(zmq.LINGER, 0)
         self._monitor.setsockopt(zmq.RCVHWM, 0)
         self._monitor.connect(address)
-        self._local: tuple | str | None = None  # the listening address: what our connections' sockname is
+        self.local: int | str | None = None  # the listening port (tcp) or path (ipc): our connections' own address
         self.seq = 0  # monitor events processed so far
         self._open: OrderedDict[int, Conn] = OrderedDict()  # in the order accepted
         self._closed_at: dict[int, int] = {}  # fd -> seq of its last close
@@ -85,9 +85,9 @@ class Connections:
         """The bound endpoint (tcp://HOST:PORT or ipc://PATH): a descriptor is shut down only when its
         local address is this one (never a descriptor libzmq has closed and the process reused)."""
         if endpoint.startswith("tcp://"):
-            self._local = int(endpoint.rsplit(":", 1)[1])
+            self.local = int(endpoint.rsplit(":", 1)[1])
         elif endpoint.startswith("ipc://"):
-            self._local = endpoint[len("ipc://") :]
+            self.local = endpoint[len("ipc://") :]
 
     def __len__(self) -> int:
         return len(self._open)
@@ -189,10 +189,10 @@ class Connections:
         """Shut a connection down (libzmq then closes it and frees what it held for it)."""
         if track and fd not in self._open:
             return False
-        return shutdown(fd, self._local)
+        return shutdown(fd, self.local)
 
 
-def shutdown(fd: int, local: tuple | str | int | None) -> bool:
+def shutdown(fd: int, local: int | str | None) -> bool:
     """``shutdown(SHUT_RDWR)`` on ``fd`` if it is a stream socket bound to ``local`` (our listening
     port, or our ipc path); the descriptor itself stays libzmq's. False if it is not."""
     try:

@@ -256,7 +256,7 @@ class Service:
 
     def _cut(self, fd: int) -> bool:
         """The intake guard's way to close a connection (from its own thread)."""
-        return shutdown(fd, self.connections._local)
+        return shutdown(fd, self.connections.local)
 
     def _reload_authorized_keys(self) -> None:
         """Keys added with `krita-sdxl authorize` take effect without a restart; a removed key (or a
