@@ -13,7 +13,6 @@ import itertools
 import os
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,9 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from krita_sdxl.protocol import CLIENT, SERVICE, Image, Incoming, Message, Outgoing, decode, encode
-from krita_sdxl.protocol.codec import stream_buffers, stream_specs
+from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
 from krita_sdxl.protocol.endpoint import DEFAULT_ENDPOINT, EndpointError, check_ipc_connect, parse_endpoint
+from krita_sdxl.protocol.streams import ClientStreams
 
 _WATCHED = (
     zmq.EVENT_DISCONNECTED
@@ -78,9 +77,7 @@ class ServiceClient:
             from krita_sdxl.backend.service.security import client_curve
 
             client_curve(self.socket, server_key, client_secret_file)
-        self._uploads: dict[str, Outgoing] = {}  # the job whose pixels are going up (one at a time)
-        self._waiting: deque[tuple[str, list[Any], Outgoing]] = deque()  # submits waiting for their turn
-        self._downloads: dict[str, tuple[Message, Incoming]] = {}  # results whose pixels are coming
+        self._streams = ClientStreams()  # pixels up and down in chunks (protocol/streams.py)
         self._connect(endpoint, client_secret_file)
         self._prefix = f"{os.getpid()}-{id(self):x}-"
 
@@ -212,43 +209,12 @@ class ServiceClient:
         return None if event.type == "heartbeat" else self._stream(event)
 
     def _stream(self, event: Message) -> Message | None:
-        """Chunks and credits: send what an upload's credit allows, assemble a result; the event to
-        hand to the caller (a result only once complete), or None."""
-        job = event.job or ""
-        if event.type == "credit":
-            upload = self._uploads.get(job)
-            if upload is not None:
-                upload.grant(event["received"], event["until"])
-                for offset, data in upload.chunks():
-                    self.send("chunk", payload=data, job=job, offset=offset)
-            return event
-        if event.type == "result":
-            self._downloads[job] = (event, Incoming(job, stream_specs(event)))
-            return None
-        if event.type == "chunk":
-            got = self._downloads.get(job)
-            if got is None:
-                return None  # a result this client has given up on
-            header, incoming = got
-            incoming.put(event["offset"], event.payload)
-            self.send("credit", job=job, received=incoming.received)
-            if not incoming.done:
-                return None
-            del self._downloads[job]
-            header.images = incoming.images()
-            return header
-        if event.type in ("accepted", "error", "cancelled") and self._uploads.pop(job, None) is not None:
-            self._next_upload()
-        if event.type in ("error", "cancelled"):
-            self._downloads.pop(job, None)
-        return event
-
-    def _next_upload(self) -> None:
-        if self._uploads or not self._waiting:
-            return
-        job, frames, upload = self._waiting.popleft()
-        self._uploads[job] = upload
-        self._send_frames(frames)
+        """Chunks and credits (protocol/streams.py): send what they call for; the event to hand to the
+        caller (a result only once complete), or None."""
+        event_out, send = self._streams.on_event(event)
+        for frames in send:
+            self._send_frames(frames)
+        return event_out
 
     def hello(self, name: str = "krita-sdxl cli") -> dict[str, Any]:
         """The service's ``welcome``, within ``timeout`` seconds in all: heartbeat replies keep
@@ -276,9 +242,8 @@ class ServiceClient:
         images = {"image": image}
         if mask is not None:
             images["mask"] = mask
-        frames = encode(CLIENT, "submit", images=images, job=job, **params)  # checked now, sent in its turn
-        self._waiting.append((job, frames, Outgoing(job, stream_buffers("submit", images))))
-        self._next_upload()  # its chunks go with the credit
+        for frames in self._streams.submit(images, job=job, **params):  # checked now, sent in its turn
+            self._send_frames(frames)
         return job
 
     def events(self, job: str, timeout: float | None = None) -> Iterator[Message]:
@@ -299,13 +264,13 @@ class ServiceClient:
             if left <= 0:
                 raise ServiceUnavailable(self._silence_text(wait))
             event = self._next(left)
-            if job in self._downloads or any(w[0] == job for w in self._waiting):  # arriving, or not sent yet
+            if self._streams.downloading(job) or self._streams.waiting(job):  # arriving, or not sent yet
                 ask_at, unknown = time.monotonic() + self.status_interval, 0
             if event is None:
                 continue
             if event.type == "status":
                 asked = 0.0
-                if _mentions(event, job) or job in self._downloads or any(w[0] == job for w in self._waiting):
+                if _mentions(event, job) or self._streams.downloading(job) or self._streams.waiting(job):
                     ask_at, unknown = time.monotonic() + self.status_interval, 0
                     continue
                 unknown += 1
@@ -344,7 +309,7 @@ class ServiceClient:
     def cancel(self, job: str) -> None:
         """Cancel a job (one still waiting here for its upload's turn is forgotten; the service answers
         ``unknown_job`` for it)."""
-        self._waiting = deque(w for w in self._waiting if w[0] != job)
+        self._streams.cancel(job)
         self.send("cancel", job=job)
 
     def unload(self, model: str) -> dict[str, Any]:
