@@ -3,8 +3,8 @@ and the Krita plugin (stdlib + msgpack, Python 3.10).
 
 - A connection uploads one job at a time: ``submit`` queues the job's header and pixels here and gives
   back what to send now (its header, when no other upload is under way); the service's ``credit``
-  events say which chunks go next; the job's ``accepted`` (or its ``error`` or ``cancelled``) ends
-  the upload, and the next job's header goes.
+  events say which chunks go next. Once the last chunk is sent (the service reads a connection's
+  messages in order), or the job ends early (``error``, ``cancelled``), the next job's header goes.
 - A ``result`` is assembled from its ``chunk`` events, each acknowledged with a ``credit``; the caller
   gets the result (with its pixels) once the last chunk is in. A second ``result`` for the same job
   (after a reconnection) starts it again.
@@ -77,9 +77,11 @@ class ClientStreams:
                 return event, []
             upload = self._upload[1]
             upload.grant(event["received"], event["until"])
-            return event, [
-                encode(CLIENT, "chunk", payload=data, job=job, offset=offset) for offset, data in upload.chunks()
-            ]
+            send = [encode(CLIENT, "chunk", payload=data, job=job, offset=offset) for offset, data in upload.chunks()]
+            if upload.sent >= upload.total:  # all sent: the service reads the next submit after the last chunk
+                self._upload = None
+                send += self._next()
+            return event, send
         if event.type == "result":
             self._downloads[job] = (event, Incoming(job, stream_specs(event)))
             return None, []
