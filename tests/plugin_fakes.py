@@ -38,23 +38,37 @@ class Uploads:
 
     def __init__(self) -> None:
         self._incoming: dict[tuple[bytes, str], tuple[Message, Incoming]] = {}
+        self.window: int | None = None  # None: credit for everything at once; else as the service does
+        self.hold = False  # True: no more credit until it is False again (a slow link, seen from the docker)
 
     def feed(self, ident: bytes, msg: Message) -> tuple[Message | None, list[list[Any]]]:
         """(the complete submit, or None; the answers to send)."""
         if msg.type == "submit":
             incoming = Incoming(msg.job or "", stream_specs(msg))
             self._incoming[(ident, incoming.job)] = (msg, incoming)
-            return None, [encode(SERVICE, "credit", job=incoming.job, received=0, until=incoming.total)]
+            return None, [encode(SERVICE, "credit", job=incoming.job, received=0, until=self._until(incoming))]
         if msg.type == "chunk" and (ident, msg.job) in self._incoming:
             submit, incoming = self._incoming[(ident, msg.job or "")]
             incoming.put(msg["offset"], msg.payload)
             if not incoming.done:
                 return None, [encode(SERVICE, "credit", job=incoming.job, received=incoming.received,
-                                     until=incoming.total)]  # fmt: skip
+                                     until=self._until(incoming))]  # fmt: skip
             del self._incoming[(ident, incoming.job)]
             submit.images = incoming.images()
             return submit, []
         return None, []
+
+    def _until(self, incoming: Incoming) -> int:
+        if self.window is None:
+            return incoming.total
+        return min(incoming.total, incoming.received + (0 if self.hold else self.window))
+
+    def release(self) -> list[tuple[bytes, list[Any]]]:
+        """``hold`` ended: the credits to send for the uploads under way."""
+        self.hold = False
+        return [(ident, encode(SERVICE, "credit", job=incoming.job, received=incoming.received,
+                               until=self._until(incoming)))
+                for (ident, _), (_, incoming) in self._incoming.items()]  # fmt: skip
 
 
 def result_frames(image: Image, **fields: Any) -> list[list[Any]]:
@@ -153,6 +167,7 @@ class FakeAdapter:
         self.apply_reason: str | None = None
         self.to_active: list[str] = []
         self.canvas = Extent(300, 200)
+        self.bounds = Box(0, 0, 300, 200)  # the layer's painted area
         self.selection: Box | None = Box(100, 50, 60, 40)
         self.fail_capture: Exception | None = None
         self.targets: list[Target] = []
@@ -172,7 +187,7 @@ class FakeAdapter:
     def capture(self, source: str, planner) -> Capture:
         if self.fail_capture:
             raise self.fail_capture
-        plan = planner(self.canvas, Box(0, 0, 300, 200), self.selection)
+        plan = planner(self.canvas, self.bounds, self.selection)
         fmt = pixel_format("RGBA", "U8")
         crop = plan.crop
         self.captures += 1

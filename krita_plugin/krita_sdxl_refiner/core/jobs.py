@@ -22,6 +22,9 @@ from .pixelformat import PixelFormat
 from .plan import RefinePlan, layer_name
 
 
+UPLOAD_SHOWN_BYTES = 4 * 1024 * 1024  # smaller uploads are over before a progress bar could mean anything
+
+
 class JobState(str, Enum):
     waiting = "waiting"  # captured; sent as soon as the backend is connected
     sent = "sent"
@@ -168,8 +171,9 @@ class Job:
 
     @property
     def upload_percent(self) -> int | None:
-        """How much of its pixels the service holds, while they go up (None: not uploading)."""
-        if self.state is not JobState.sent or not self.upload_total:
+        """How much of its pixels the service holds, while they go up and take long enough to show
+        (``UPLOAD_SHOWN_BYTES`` or more); None otherwise."""
+        if self.state is not JobState.sent or self.upload_total < UPLOAD_SHOWN_BYTES:
             return None
         return min(100, self.uploaded * 100 // self.upload_total)
 
@@ -217,7 +221,7 @@ class Job:
             return "Waiting for the backend…"
         if s is JobState.sent:
             percent = self.upload_percent
-            if percent is None or self.upload_total < 4 * 1024 * 1024:
+            if percent is None:
                 return "Sent…"
             return f"Uploading {percent}% of {self.upload_total / 2**20:.0f} MiB…"
         if s is JobState.queued:
