@@ -158,11 +158,11 @@ def test_progress_draws_each_step_once_and_the_step_change_is_told(service, pict
 def test_prompt_limits_share_one_wording(service, picture, tmp_path):
     protocol = krita_sdxl("refine", str(picture), "--endpoint", service.endpoint, "--prompt", "x" * 9000,
                           "-o", str(tmp_path / "a.png"))  # fmt: skip
-    line = assert_refused(protocol, 2, "prompt is 9000 characters long; the limit is 8000")
+    line = assert_refused(protocol, 2, "prompt is 9000 characters long; the limit is 4000")
     ours = krita_sdxl("refine", str(picture), "--endpoint", service.endpoint, "--negative-prompt", "x" * 200,
                       "-o", str(tmp_path / "b.png"))  # fmt: skip
     line2 = assert_refused(ours, 1, "negative_prompt is 200 characters long; the limit is 100")
-    assert line.split("long;")[1].split(" 8000")[0] == line2.split("long;")[1].split(" 100")[0]
+    assert line.split("long;")[1].split(" 4000")[0] == line2.split("long;")[1].split(" 100")[0]
     assert not list(tmp_path.iterdir())
 
 
