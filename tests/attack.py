@@ -33,6 +33,14 @@ if STREAMED:
     from krita_sdxl.protocol.codec import stream_specs
 
 
+def service_options(**options: Any) -> dict[str, Any]:
+    """Service keyword arguments, leaving out those the code under test does not have."""
+    import inspect
+
+    known = inspect.signature(Service.__init__).parameters
+    return {k: v for k, v in options.items() if k in known}
+
+
 def limits(**fields: Any) -> Limits:
     """Limits with these fields, leaving out those the code under test does not have."""
     known = getattr(Limits, "__dataclass_fields__", {})

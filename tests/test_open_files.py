@@ -21,7 +21,6 @@ from attack import Peer, header, keypair, rgba
 
 from krita_sdxl.backend.cli.client import ServiceClient
 from krita_sdxl.backend.cli.launcher import start_service
-from krita_sdxl.backend.common.fdlimit import raise_open_files_limit
 
 IDLE = 1100
 
@@ -41,7 +40,8 @@ def open_files_limit(pid: int) -> tuple[int, int]:
 
 
 def idle_connections(port: int, n: int) -> list[socket.socket]:
-    raise_open_files_limit()  # this test process holds them all
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this test process holds them all
     return [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
 
 
