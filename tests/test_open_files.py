@@ -25,10 +25,14 @@ from krita_sdxl.backend.cli.launcher import start_service
 IDLE = 1100
 
 
-def systemd_soft_limit() -> None:
-    """In the service's process, before it starts: the soft limit systemd gives a service."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+def start_with_systemds_soft_limit(args: list[str]):
+    """``serve`` started with the soft limit systemd gives a service (1024; it inherits this process's)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        return start_service(args)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def open_files_limit(pid: int) -> tuple[int, int]:
@@ -65,11 +69,17 @@ def keys(tmp_path: Path):
 @pytest.mark.slow
 def test_idle_connections_end_no_curve_session_and_a_key_authorized_meanwhile_gets_in(keys):
     _tmp, authorized, server, artist, newcomer = keys
-    svc = start_service(
-        ["--identity", "--log-level", "warning", "--curve-secret-key", str(server), "--authorized-keys",
-         str(authorized)],
-        preexec_fn=systemd_soft_limit,
-    )  # fmt: skip
+    svc = start_with_systemds_soft_limit(
+        [
+            "--identity",
+            "--log-level",
+            "warning",
+            "--curve-secret-key",
+            str(server),
+            "--authorized-keys",
+            str(authorized),
+        ]
+    )
     port = int(svc.endpoint.rsplit(":", 1)[1])
     server_public = zmq.auth.load_certificate(str(server))[0]
     idle: list[socket.socket] = []
@@ -101,7 +111,7 @@ def test_idle_connections_end_no_curve_session_and_a_key_authorized_meanwhile_ge
 
 @pytest.mark.slow
 def test_idle_connections_keep_no_new_client_out_without_curve():
-    svc = start_service(["--identity", "--log-level", "warning"], preexec_fn=systemd_soft_limit)
+    svc = start_with_systemds_soft_limit(["--identity", "--log-level", "warning"])
     port = int(svc.endpoint.rsplit(":", 1)[1])
     idle: list[socket.socket] = []
     try:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 READY = re.compile(r"ready on (\S+)")
@@ -44,19 +44,11 @@ def _pump(stream, lines: list[str], q: queue.Queue) -> None:
     q.put(None)
 
 
-def start_service(
-    args: Sequence[str],
-    timeout: float = 120.0,
-    env: dict[str, str] | None = None,
-    preexec_fn: Callable[[], None] | None = None,
-) -> ServiceProcess:
-    """Run ``python -m krita_sdxl.backend.cli serve ARGS`` and wait for its ready line. ``preexec_fn``
-    runs in the child before it starts (tests: e.g. a lower open files limit)."""
+def start_service(args: Sequence[str], timeout: float = 120.0, env: dict[str, str] | None = None) -> ServiceProcess:
+    """Run ``python -m krita_sdxl.backend.cli serve ARGS`` and wait for its ready line."""
     cmd = [sys.executable, "-m", "krita_sdxl.backend.cli", "serve", "--endpoint", "tcp://127.0.0.1:*", *args]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, preexec_fn=preexec_fn
-    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
     lines: list[str] = []
     q: queue.Queue = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines, q), daemon=True).start()
