@@ -145,6 +145,8 @@ class Connections:
     def message(self, fd: int, token: int | None, frame_sizes: list[int]) -> bool:
         """A message read from ``fd`` (with its CURVE token, if any): counts it, and says whether its
         connection is still open (False: it was read after its connection closed)."""
+        if fd < 0:
+            return True  # no descriptor (an inproc peer): nothing to track
         conn = self._open.get(fd)
         if conn is not None:
             conn.messages += 1
