@@ -188,6 +188,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_prompt_chars=settings.max_prompt_chars,
         max_jobs_per_client=settings.max_jobs_per_client,
         max_jobs_total=settings.max_queue,
+        max_connections=settings.max_connections,
+        result_ttl=settings.result_ttl,
     )
     try:
         service = Service(
@@ -199,6 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             insecure=settings.insecure,
             warm_up=settings.warmup,
             worker=pool.dispatcher if pool is not None else None,
+            admin_keys=Path(settings.admin_keys).expanduser() if settings.admin_keys else None,
         )
     except SecurityError as exc:
         raise ConfigError(str(exc)) from None

@@ -194,12 +194,18 @@ OPTIONS: tuple[Option, ...] = (
            metavar="PIXELS", shown="8192x8192"),
     Option("max_prompt_chars", "longest prompt, in characters", LIMITS,
            int_range(0, MAX_PROMPT_CHARS, " (the protocol's limit)")),
+    Option("max_connections", "most connections open at once (beyond it a connection that has sent nothing yet "
+           "is closed, or the new one refused); also kept below the open files limit", LIMITS, int_range(16, 10**6)),
+    Option("result_ttl", "seconds a result that its client does not read is kept; then it is dropped and the "
+           "client told", LIMITS, float_range(10, 7 * 86400, "seconds")),
     Option("heartbeat_timeout", "seconds of silence after which a client counts as gone and its jobs are "
            "cancelled (clients send a heartbeat every 1 to 2 s)", LIMITS, float_range(3, 86400, "seconds")),
     Option("curve_secret_key", "the service's CURVE secret key file (krita-sdxl keys --name server)", SECURITY,
            metavar="FILE", shown=""),
     Option("authorized_keys", "folder with the public .key file of every client allowed in", SECURITY,
            metavar="DIR", shown=""),
+    Option("admin_keys", "folder with the public .key file of every client allowed to unload models from "
+           "another machine (clients on this machine always may)", SECURITY, metavar="DIR", shown=""),
     Option("insecure", "listen on a non-loopback address without authentication (not recommended)", SECURITY,
            shown=""),
     Option("identity", "", SERVICE, hidden=True),

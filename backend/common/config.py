@@ -61,10 +61,13 @@ class Settings:
     max_queue: int = 1000  # jobs queued or running, all clients together
     max_jobs_per_client: int = 32
     max_pixels: int = 8192 * 8192  # per image
-    max_prompt_chars: int = 4000
+    max_prompt_chars: int = 4000  # the protocol's limit (protocol/schema.py MAX_PROMPT_CHARS); a service may lower it
+    max_connections: int = 1000  # open connections; also capped by the open files limit
+    result_ttl: float = 600.0  # seconds an unread result is kept before it is dropped (with an error to its owner)
     heartbeat_timeout: float = 10.0  # seconds without a message before a client counts as gone
     curve_secret_key: str = ""  # the service's CURVE secret key file (from `krita-sdxl keys`)
     authorized_keys: str = ""  # folder of client public .key files allowed to connect
+    admin_keys: str = ""  # folder of client public .key files allowed to unload models from another machine
     insecure: bool = False  # allow a non-loopback endpoint without CURVE
     identity: bool = False  # benchmark only: no model, results are the input pixels
     pool: str = "none"  # none: one worker in this process; ray: a Ray Serve pool of replicas (backend/pool)
