@@ -93,6 +93,7 @@ def submitted(engine: Engine, mode: str, steps: int, strength: float, mask: Imag
     images = {"image": picture(), **({"mask": mask} if mask is not None else {})}
     msg = decode(CLIENT, encode(CLIENT, "submit", images=images, job="j", mode=mode, steps=steps,
                                 strength=strength, seed=3, prompt="a cat"))  # fmt: skip
+    msg.images = images  # protocol 2: the pixels follow in chunks; the service fills them in as they arrive
     return RefineRequest.from_message(msg, 3, engine.timesteps)
 
 
