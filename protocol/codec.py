@@ -15,6 +15,7 @@ import msgpack
 from .errors import BAD_HEADER, FRAME_MISMATCH, VERSION_MISMATCH, ProtocolError, clip, shown
 from .images import Image, ImageSpec
 from .schema import CLIENT_MESSAGES, IMAGE_SLOTS, MAX_JOB_ID_CHARS, SERVICE_MESSAGES, Field, validate_fields
+from .upscale import UpscaleSpec
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 256 * 1024
@@ -55,7 +56,7 @@ def encode(direction: str, msg_type: str, images: dict[str, Image] | None = None
     checked = validate_fields(msg_type, wire, table)
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg_type}
     for key, value in checked.items():
-        header[key] = value.to_wire() if isinstance(value, ImageSpec) else value
+        header[key] = value.to_wire() if isinstance(value, (ImageSpec, UpscaleSpec)) else value
     frames: list[Any] = [msgpack.packb(header, use_bin_type=True)]
     for slot in IMAGE_SLOTS[msg_type]:
         if checked.get(slot) is not None:

@@ -10,6 +10,8 @@ from typing import Any
 from .errors import BAD_FIELD, MISSING_FIELD, UNKNOWN_TYPE, ProtocolError, shown
 from .images import MAX_SIDE, ImageSpec
 from .policy import MAX_STEPS
+from .upscale import UpscaleSpec
+from .upscale import check_submit as check_upscale_submit
 
 MAX_PROMPT_CHARS = 8000
 MAX_JOB_ID_CHARS = 128
@@ -20,7 +22,7 @@ _REQUIRED = object()
 
 @dataclass(frozen=True)
 class Field:
-    """One header field. ``kind``: str, int, float, bool, map, list, image. ``default`` absent = required."""
+    """One header field. ``kind``: str, int, float, bool, map, list, image, upscale. ``default`` absent = required."""
 
     kind: str
     default: Any = _REQUIRED
@@ -98,6 +100,11 @@ class Field:
             return value
         return ImageSpec.from_wire(value, name)
 
+    def _check_upscale(self, name: str, value: Any) -> UpscaleSpec:
+        if isinstance(value, UpscaleSpec):
+            return value
+        return UpscaleSpec.from_wire(value, name)
+
 
 def _str(default: Any = _REQUIRED, max_len: int = 1000, **kw: Any) -> Field:
     return Field("str", default, max_len=max_len, **kw)
@@ -114,7 +121,7 @@ CLIENT_MESSAGES: dict[str, dict[str, Field]] = {
         "mode": _str("refine", max_len=40),
         "prompt": _str("", max_len=MAX_PROMPT_CHARS),
         "negative_prompt": _str("", max_len=MAX_PROMPT_CHARS),
-        "strength": Field("float", 0.3, lo=0.0, lo_open=True, hi=1.0),
+        "strength": Field("float", 0.3, lo=0.0, hi=1.0),  # 0 only with upscale (RULES)
         "steps": Field("int", 50, lo=1, hi=MAX_STEPS),
         "guidance_scale": Field("float", 5.0, lo=0.0, hi=50.0),
         "seed": Field("int", None, nullable=True, lo=0, hi=MAX_SEED),
@@ -129,6 +136,7 @@ CLIENT_MESSAGES: dict[str, dict[str, Field]] = {
         "keep_unmasked": Field("bool", True),
         "image": Field("image"),
         "mask": Field("image", None, nullable=True),
+        "upscale": Field("upscale", None, nullable=True),  # the result's size: protocol/upscale.py
     },
     "cancel": {"job": JOB},
     "unload": {"model": _str(max_len=16, choices=("base", "refiner"))},
@@ -144,7 +152,7 @@ SERVICE_MESSAGES: dict[str, dict[str, Field]] = {
         "position": Field("int", lo=0),
         "seed": Field("int", lo=0, hi=MAX_SEED),
         "steps": Field("int", lo=1),
-        "denoise_steps": Field("int", lo=1),
+        "denoise_steps": Field("int", lo=0),  # 0: an upscale at strength 0
     },
     "progress": {
         "job": JOB,
@@ -173,6 +181,9 @@ SERVICE_MESSAGES: dict[str, dict[str, Field]] = {
     },
     "heartbeat": {},
 }
+
+# Rules across the fields of one message, run after every field was checked alone.
+RULES = {"submit": check_upscale_submit}
 
 # Image fields, in the order their pixel frames follow the header frame.
 IMAGE_SLOTS: dict[str, tuple[str, ...]] = {
@@ -208,4 +219,6 @@ def validate_fields(msg_type: Any, raw: dict[str, Any], table: dict[str, dict[st
             out[name] = copy.copy(spec.default)
     if "job" in schema and isinstance(out.get("job"), str) and not out["job"] and not schema["job"].nullable:
         raise ProtocolError(BAD_FIELD, "job must be a non-empty string", "job")
+    if table is CLIENT_MESSAGES and msg_type in RULES:
+        RULES[msg_type](out)
     return out

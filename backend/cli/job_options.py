@@ -11,6 +11,8 @@ from krita_sdxl.backend.common.config import ConfigError
 from krita_sdxl.protocol import CLIENT, Image, Message, ProtocolError, decode, encode
 from krita_sdxl.protocol.schema import CLIENT_MESSAGES
 
+from . import upscale_flags
+
 SUBMIT = CLIENT_MESSAGES["submit"]
 MODES = ("refine", "generate", "two_stage")  # as backend/engine/stages.py (which needs no torch, but pulls more)
 
@@ -75,6 +77,7 @@ def add_job_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None
         )
     if names is None:
         group.add_argument("--work-size", metavar="WxH", help="run the model at this size and scale back")
+        upscale_flags.add_flags(group)
 
 
 def work_size(text: str | None) -> tuple[int | None, int | None]:
@@ -101,7 +104,7 @@ def check_job(image: Image, fields: dict[str, Any], job: str = "local") -> Messa
         return decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job=job, **fields))
     except ProtocolError as err:
         flags = {opt.field: opt.flag for opt in JOB_OPTIONS}
-        flags.update(work_width="--work-size", work_height="--work-size")
+        flags.update(work_width="--work-size", work_height="--work-size", upscale="--upscale")
         name = (err.field or "").split(".")[0]
         where = f"{flags[name]}: " if name in flags else ""
         raise ConfigError(f"{where}{err.message}") from None

@@ -97,7 +97,7 @@ MODEL, LIMITS, SECURITY, TILES, SERVICE = (
     "model and device",
     "limits",
     "security (needed to listen beyond loopback)",
-    "large images (refined at native size in overlapping tiles)",
+    "large images and upscales (refined at native size in overlapping tiles)",
     "service",
 )
 POOL = "GPU pool (several GPUs and hosts behind one endpoint, on Ray Serve: pip install 'krita-sdxl[pool]')"
@@ -179,6 +179,9 @@ OPTIONS: tuple[Option, ...] = (
            metavar="PX"),
     Option("tile_overlap", "pixels neighbouring tiles share", TILES, int_range(0, MAX_SIDE), where="local",
            metavar="PX"),
+    Option("upscaler", "an upscaler model file (.pth or .safetensors: ESRGAN, Real-ESRGAN, SwinIR, ...; needs pip "
+           "install 'krita-sdxl[upscale]') that upscale jobs enlarge with before they refine", TILES, where="local",
+           metavar="FILE", shown="Lanczos"),
 )  # fmt: skip
 BY_NAME = {o.name: o for o in OPTIONS}
 LOCAL_ONLY = (*(o.name for o in OPTIONS if o.where == "local"), "config")  # refine: only with --local

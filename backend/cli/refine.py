@@ -19,6 +19,7 @@ from krita_sdxl.backend.common.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT
 
 from .imageio import Output, Picture, keep_somewhere, plan_output, read_picture, write_picture
 from .job_options import check_job, job_fields, step_note
+from .upscale_flags import upscale_field
 
 
 def say(text: str) -> None:
@@ -135,6 +136,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
     picture = read_picture(args.input)
     out = plan_output(args.output, picture, source=args.input)
     fields = job_fields(args)
+    spec = picture.image.spec
+    fields.update(upscale_field(args, spec.width, spec.height, str(args.input)))  # --upscale, --upscale-to
     message = check_job(picture.image, fields)
     for line in [*picture.notes, out.note]:
         if line:
@@ -249,6 +252,9 @@ def _refine_local(args: argparse.Namespace, message: Any) -> tuple[Any, int, str
 
     settings = resolve(args)
     check_local(settings)
+    upscale = message["upscale"]
+    if upscale is not None and upscale.method == "model" and not settings.upscaler:
+        raise ConfigError("--upscale-method model needs an upscaler model file here: --upscaler FILE")
     tiles = tiling(settings)
     say(f"loading {'the demo model' if settings.demo else settings.model} (device {settings.device}) ...")
     engine = load_engine(settings)

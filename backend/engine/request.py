@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from krita_sdxl.protocol import Image, Message, StepPlan, plan_img2img
+from krita_sdxl.protocol.upscale import UpscaleSpec, plan_steps
 
 if TYPE_CHECKING:
     from .stages import Stages, TimestepsFn
@@ -41,6 +42,7 @@ class RefineRequest:
     mode: str = "refine"  # refine, generate or two_stage (backend/engine/stages.py)
     stages: Stages | None = None  # how the denoising is split between base and refiner; None = refine
     keep_unmasked: bool = True  # with a mask: only the masked area is re-noised, the rest kept
+    upscale: UpscaleSpec | None = None  # the result's size: enlarged, then refined in tiles (engine/upscale.py)
 
     @classmethod
     def from_message(cls, msg: Message, seed: int, timesteps: TimestepsFn | None = None) -> RefineRequest:
@@ -50,7 +52,10 @@ class RefineRequest:
         if f.get("work_width") is not None and f.get("work_height") is not None:
             work = (f["work_width"], f["work_height"])
         mode = f.get("mode", "refine")
-        if mode == "refine":
+        upscale = f.get("upscale")
+        if upscale is not None:  # strength 0: the enlargement alone (protocol/upscale.py)
+            plan, stages = plan_steps(f["steps"], f["strength"]), None
+        elif mode == "refine":
             plan, stages = plan_img2img(f["steps"], f["strength"]), None
         else:
             from .stages import plan_job
@@ -74,4 +79,5 @@ class RefineRequest:
             mode=mode,
             stages=stages,
             keep_unmasked=f.get("keep_unmasked", True),
+            upscale=upscale,
         )

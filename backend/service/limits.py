@@ -12,6 +12,7 @@ from typing import Any
 from krita_sdxl.protocol import Message, ProtocolError
 from krita_sdxl.protocol import errors as codes
 from krita_sdxl.protocol.codec import MAX_HEADER_BYTES
+from krita_sdxl.protocol.upscale import factor_text, largest_factor, scaled_size
 
 _MAX_BYTES_PER_PIXEL = 16  # RGBA float32
 GiB = 1024**3
@@ -70,6 +71,7 @@ class Limits:
                     name,
                     job,
                 )
+        self._check_upscale(msg)
         ww, wh = msg.fields.get("work_width"), msg.fields.get("work_height")
         if ww is not None and wh is not None and ww * wh > self.max_pixels:
             raise ProtocolError(codes.LIMIT, f"work size {ww}x{wh} exceeds {self.max_pixels} pixels", "work_width", job)
@@ -82,3 +84,23 @@ class Limits:
                     name,
                     job,
                 )
+
+    def _check_upscale(self, msg: Message) -> None:
+        """An upscale's result counts against ``max_pixels``; the message names the largest factor that fits."""
+        spec, image = msg.fields.get("upscale"), msg.fields.get("image")
+        if spec is None or image is None or spec.width * spec.height <= self.max_pixels:
+            return
+        best = largest_factor(image.width, image.height, self.max_pixels)
+        if best is None:
+            fits = "the image itself is as large as that"
+        else:
+            width, height = scaled_size(image.width, image.height, best)
+            source = f"{image.width}x{image.height}"
+            fits = f"the largest factor that fits is {factor_text(best)} ({width}x{height} from {source})"
+        raise ProtocolError(
+            codes.LIMIT,
+            f"upscale to {spec.width}x{spec.height} = {spec.pixel_count} pixels; this service returns at most "
+            f"{self.max_pixels}: {fits}",
+            "upscale",
+            msg.job,
+        )

@@ -350,6 +350,7 @@ class Service:
         if self.queue.has((owner, job_id)):
             raise ProtocolError(codes.DUPLICATE_JOB, f"job {job_id!r} is already queued or running", "job", job_id)
         check_images(msg)
+        check_upscale(msg, self._capabilities)
         self.limits.check_submit(msg)
         seed = msg["seed"] if msg["seed"] is not None else secrets.randbelow(2**32)
         try:  # plan (and refuse impossible step counts) before anything is queued
@@ -432,6 +433,24 @@ class Service:
 def _where(job: Job) -> dict[str, str]:
     """A running job's ``replica`` (the pool's replica that runs it) for ``status``; none in one process."""
     return {"replica": job.runner} if job.runner else {}
+
+
+def check_upscale(msg: Message, capabilities: dict[str, Any]) -> None:
+    """An upscale job needs a service that upscales, and ``method`` model one with an upscaler model."""
+    spec = msg.fields.get("upscale")
+    if spec is None:
+        return
+    offered = capabilities.get("upscale")
+    if not isinstance(offered, dict):
+        raise ProtocolError(codes.UNSUPPORTED, "this service cannot upscale", "upscale", msg.job)
+    if spec.method not in offered.get("methods", []):
+        raise ProtocolError(
+            codes.UNSUPPORTED,
+            f"upscale.method {spec.method} is not available here: this service has no upscaler model (its operator "
+            "starts it with --upscaler FILE); use method lanczos or auto",
+            "upscale.method",
+            msg.job,
+        )
 
 
 def check_images(msg: Message) -> None:
