@@ -67,7 +67,7 @@ def upscale_field(args: argparse.Namespace, width: int, height: int, name: str) 
     if factor is not None:
         size = scaled_size(width, height, parse_factor(factor))
     else:
-        box = parse_size(target)
+        box = parse_size(str(target))
         try:
             size = fit_size(width, height, *box)
         except ValueError:

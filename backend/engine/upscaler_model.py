@@ -111,14 +111,14 @@ def load_upscaler(path: str | Path) -> UpscalerModel:
     """The upscaler in ``path``, on the CPU; :class:`UpscalerError` names the file and the problem."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise UpscalerError(f"upscaler {file}: no such file" if not file.exists() else f"upscaler {file} is a folder")
+        raise UpscalerError(f"{file}: no such file" if not file.exists() else f"{file} is a folder, not a model file")
     if file.suffix.lower() not in SUFFIXES:
-        raise UpscalerError(f"upscaler {file}: expected a .pth or .safetensors upscaler model file")
+        raise UpscalerError(f"{file}: expected a .pth or .safetensors upscaler model file")
     try:
         import spandrel
     except ImportError:
         raise UpscalerError(
-            f"upscaler {file}: upscaler models need the spandrel library: pip install 'krita-sdxl[upscale]'"
+            f"{file}: upscaler models need the spandrel library: pip install 'krita-sdxl[upscale]'"
         ) from None
     try:
         descriptor = spandrel.ModelLoader().load_from_file(file)

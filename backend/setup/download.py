@@ -137,9 +137,12 @@ def _headers() -> dict[str, str]:
     return {**build_hf_headers(), "Accept-Encoding": "identity"}
 
 
-def fetch(url: str, partial: Path, size: int, on_bytes: Callable[[int], None]) -> None:
-    """Fetch ``url`` into ``partial`` until it holds ``size`` bytes, continuing what is there."""
-    opener, headers = _opener(), _headers()
+def fetch(
+    url: str, partial: Path, size: int, on_bytes: Callable[[int], None], headers: dict[str, str] | None = None
+) -> None:
+    """Fetch ``url`` into ``partial`` until it holds ``size`` bytes, continuing what is there. ``headers``:
+    the request's (default: the Hub's, with its token: give others for any other server)."""
+    opener, headers = _opener(), _headers() if headers is None else headers
     partial.parent.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
     received = 0
@@ -147,6 +150,9 @@ def fetch(url: str, partial: Path, size: int, on_bytes: Callable[[int], None]) -
         have = partial.stat().st_size if partial.exists() else 0
         if have > size:
             partial.unlink()
+            if received:  # this very call wrote more than the file holds: not the file expected
+                raise DownloadFailed(f"{url} sent more than the {size} bytes expected.",
+                                     "It is not the file expected; nothing was kept.")  # fmt: skip
             have = 0
         if have == size:
             return

@@ -135,6 +135,17 @@ class KritaAdapter:
             window.addView(doc)
         return _doc_name(doc)
 
+    def scale_document(self, target: Target, expected: Extent, size: Extent) -> None:
+        """ "Scale this document" (an upscale): every layer scaled to ``size`` with Lanczos, one undo step.
+        Raises :class:`NotApplied` (nothing changed) when the document was closed or resized meanwhile."""
+        doc: Document = target.document
+        if not _is_open(doc):
+            raise NotApplied("its document was closed")
+        if (doc.width(), doc.height()) != (expected.width, expected.height):
+            raise NotApplied(f"its document is {doc.width()}x{doc.height()} now, no longer {expected}")
+        doc.scaleImage(size.width, size.height, doc.resolution(), doc.resolution(), "Lanczos3")
+        doc.waitForDone()
+
     def active_document(self) -> Any:
         return Krita.instance().activeDocument()
 

@@ -19,6 +19,7 @@ from krita_sdxl.protocol import Image
 
 from .pixelformat import PixelFormat
 from .plan import RefinePlan, layer_name
+from .upscale import UpscaleTarget
 
 
 class JobState(str, Enum):
@@ -48,6 +49,7 @@ class JobParams:
     preview: bool
     denoising_end: float = 0.8  # generate mode: where the base hands over to the refiner
     keep_unmasked: bool = True  # with a mask: hold the unselected area to the source
+    upscale: UpscaleTarget | None = None  # an upscale: the result's size and where it goes (core/upscale.py)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,20 @@ class Job:
             "transfer": self.transfer,
             "denoising_end": p.denoising_end,
             "keep_unmasked": p.keep_unmasked,
+            **(self._upscale_fields() if p.upscale is not None else {}),
         }
+
+    def _upscale_fields(self) -> dict[str, Any]:
+        """An upscale is a refine of the whole region at the result's size: no work size, no feather."""
+        assert self.params.upscale is not None
+        return {"mode": "refine", "upscale": self.params.upscale.wire(), "work_width": None, "work_height": None,
+                "feather": 0.0}  # fmt: skip
+
+    @property
+    def result_size(self) -> tuple[int, int]:
+        """The size the result comes back at: the crop's, or an upscale's."""
+        up = self.params.upscale
+        return (up.width, up.height) if up is not None else (self.plan.crop.width, self.plan.crop.height)
 
     def on_event(self, msg_type: str, fields: dict[str, Any]) -> bool:
         """Apply one service event for this job. Returns True when the state changed meaningfully."""

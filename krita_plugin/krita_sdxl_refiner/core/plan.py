@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from krita_sdxl.protocol.geometry import Box, Extent, crop_for_selection, feather_radius, work_size
 
-MODE_LABELS = {"refine": "Refine", "generate": "Generate", "two_stage": "Two-stage"}
+MODE_LABELS = {"refine": "Refine", "generate": "Generate", "two_stage": "Two-stage", "upscale": "Upscale"}
 PROMPT_CHARS_IN_NAME = 30
 
 

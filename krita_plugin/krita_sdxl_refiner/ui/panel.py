@@ -34,6 +34,7 @@ from .advanced import AdvancedSettings
 from .history_view import HistoryView
 from .settings_dialog import SettingsDialog
 from .slots import on_click
+from .upscale import UpscaleOptions, strength_range
 from .widgets import Collapsible, MessageLog, ProgressLine, describe_backend, state_text, wrap_label
 
 SOURCES = (("Layer", "layer"), ("Image", "canvas"))
@@ -135,6 +136,9 @@ class RefinerPanel(QWidget):
         row.addWidget(self.refine_button, 1)
         root.addLayout(row)
 
+        self.upscale = UpscaleOptions(self.controller)  # the Upscale mode's factor, place, method (ui/upscale.py)
+        root.addWidget(self.upscale)
+
         self.advanced = AdvancedSettings(self.controller)
         self.advanced_section = Collapsible("Advanced", self.advanced)
         root.addWidget(self.advanced_section)
@@ -206,7 +210,7 @@ class RefinerPanel(QWidget):
 
     def _on_strength(self, value: int) -> None:
         self.strength_value.setText(f"{value / 100:.2f}")
-        self._set(strength=value / 100)
+        self._set(**{self.controller.settings.strength_key: value / 100})  # Upscale has its own
 
     def _toggle_backend(self) -> None:
         if self.controller.backend.state.value in ("starting", "running"):
@@ -241,10 +245,13 @@ class RefinerPanel(QWidget):
             _select_data(self.source, s.source)
             if self.prompt.toPlainText() != s.prompt:
                 self.prompt.setPlainText(s.prompt)
-            self.strength.setValue(round(s.strength * 100))
-            self.strength_value.setText(f"{s.strength:.2f}")
+            strength = getattr(s, s.strength_key)
+            self.strength.setRange(*strength_range(s.mode))
+            self.strength.setValue(round(strength * 100))
+            self.strength_value.setText(f"{strength:.2f}")
         finally:
             self._loading = False
+        self.upscale.show_settings(s)
         self.advanced.show_settings(s)
         self.dialog.show_settings(s)
         self._update_backend_button()  # "Set up…" until a backend command is set
@@ -266,7 +273,10 @@ class RefinerPanel(QWidget):
             item = model.item(row)
             ok = self.mode.itemData(row) in supported
             item.setEnabled(ok)
-            item.setToolTip("" if ok else "This backend has no base model for this mode")
+            upscale = self.mode.itemData(row) == "upscale"
+            why = "This backend cannot upscale: update it" if upscale else "This backend has no base model for it"
+            item.setToolTip("" if ok else why)
+        self.upscale.show_capabilities(caps)
         if self.mode.currentData() not in supported and "refine" in supported:
             _select_data(self.mode, "refine")
 

@@ -27,6 +27,7 @@ from ..core.settings import Settings
 from ..workflow.controller import Controller
 from .setup_view import SetupView
 from .slots import on_click
+from .upscaler_setup import UpscalerSetup
 from .widgets import state_text, wrap_label
 
 
@@ -49,6 +50,8 @@ class SettingsDialog(QDialog):
         self.setup = SetupView(controller)
         root.addWidget(self.setup)
         root.addWidget(self._build_backend())
+        self.upscaler = UpscalerSetup(controller)  # the local backend's --upscaler, and its download
+        root.addWidget(self.upscaler)
         root.addWidget(self._build_keys())
         root.addStretch(1)
         scroll.setWidget(content)
@@ -160,6 +163,7 @@ class SettingsDialog(QDialog):
                     field.setText(value)
         finally:
             self._loading = False
+        self.upscaler.show_settings(s)
 
     def show_connection(self, state: str, detail: str, backend: str) -> None:
         self.connection.setText(state_text(state, detail))

@@ -10,10 +10,12 @@ Every public method a button calls takes no arguments or a job/entry id, and is 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from krita_sdxl.backend.setup.plan import mismatch
+from krita_sdxl.backend.setup.plan.upscalers import MODELS_FOLDER
 from krita_sdxl.protocol import Image, ImageSpec, Message, ProtocolError
 from krita_sdxl.protocol.geometry import Box, Extent
 from krita_sdxl.protocol.policy import paints_from_noise
@@ -31,7 +33,10 @@ from ..core.processes import LocalBackend, Processes
 from ..core.settings import Settings
 from ..core.signals import Signal
 from ..core.thumbs import rgba8_thumbnail
+from ..core.upscale import UPSCALE, UpscaleProblem
+from . import upscale
 from .setup_runner import SetupRunner
+from .upscaler_download import UpscalerDownload
 
 STATUS_AFTER_SILENCE = 15.0  # seconds without news of a job in the service before asking for status
 WATCH_MS = 5000  # how often jobs in the service are checked for silence
@@ -79,6 +84,8 @@ class Controller:
         self.setup = SetupRunner(self.backend, self._start_set_up_backend, processes, timers, self.app_data)
         s = self.settings
         self.setup.configure(self.setup.folder_of(s.setup_folder), s.setup_base, s.setup_torch)
+        self.upscaler_download = UpscalerDownload(processes, lambda: self.setup.env)  # ⚙: Download upscaler
+        self.upscaler_download.finished.connect(self._on_upscaler_downloaded)
         self.backend_mismatch: str | None = None  # the connected backend is not this plugin's version
         self._status_pending: set[str] | None = None
         self._watch: Repeating | None = None
@@ -134,8 +141,10 @@ class Controller:
 
     @property
     def supported_modes(self) -> list[str]:
-        modes = self.client.capabilities.get("modes") if self.client.capabilities else None
-        return [m for m in modes if isinstance(m, str)] if isinstance(modes, list) else ["refine"]
+        caps = self.client.capabilities or {}
+        modes = caps.get("modes")
+        known = [m for m in modes if isinstance(m, str)] if isinstance(modes, list) else ["refine"]
+        return known + ([UPSCALE] if isinstance(caps.get("upscale"), dict) else [])  # core/upscale.py
 
     # --- jobs --------------------------------------------------------------------------------
 
@@ -147,6 +156,8 @@ class Controller:
             self.notice.emit(f"The backend does not support the {s.mode!r} mode.", "error")
             return None
 
+        if s.mode == UPSCALE:
+            return self._upscale(s)
         from_noise = paints_from_noise(s.mode, s.strength)
 
         def planner(canvas: Extent, source_bounds: Box, selection: Box | None) -> RefinePlan:
@@ -174,6 +185,24 @@ class Controller:
             self.notice.emit(nothing_visible(target.source, target.description, capture.mask is not None), "error")
             return None
         return self._submit(self._make_job(s, capture))
+
+    def _upscale(self, s: Settings) -> Job | None:
+        """The Upscale mode (workflow/upscale.py): the region, the result's size, then as any job."""
+        try:
+            capture, target = upscale.capture(self.adapter, s)
+        except (UnsupportedFormat, NothingToRefine, UpscaleProblem, AdapterError) as exc:
+            self.notice.emit(str(exc), "error")
+            return None
+        except Exception as exc:  # a Krita surprise must never become a modal error dialog
+            self.notice.emit(f"Could not read the document: {type(exc).__name__}: {exc}", "error")
+            return None
+        if not any_visible(capture.fmt, capture.pixels, None):
+            self.notice.emit(f"Nothing to upscale: {capture.target.description} is fully transparent there. "
+                             "Nothing was sent.", "error")  # fmt: skip
+            return None
+        job = self._make_job(s, capture)
+        job.params = replace(job.params, mode=UPSCALE, strength=s.upscale_strength, upscale=target)
+        return self._submit(job)
 
     def _make_job(self, s: Settings, capture: Capture) -> Job:
         crop = capture.plan.crop
@@ -311,8 +340,8 @@ class Controller:
         self.jobs_changed.emit()
 
     def _on_result(self, job: Job, image: Image) -> None:
-        crop = job.plan.crop
-        expected = job.fmt.spec(crop.width, crop.height)
+        crop = job.plan.crop if job.params.upscale is None else job.params.upscale.box
+        expected = job.fmt.spec(*job.result_size)
         if image.spec != expected:
             job.fail(f"the backend returned {image.spec}, expected {expected}")
             self.notice.emit(job.status_text, "error")
@@ -334,7 +363,10 @@ class Controller:
             elapsed=job.elapsed,
         )
         try:
-            self._placed(entry, self.adapter.apply(job.target, crop, job.fmt, image.data, job.layer_name))
+            if job.params.upscale is not None:
+                self._upscaled(entry, upscale.place(self.adapter, job, image.data))
+            else:
+                self._placed(entry, self.adapter.apply(job.target, crop, job.fmt, image.data, job.layer_name))
         except NotApplied as exc:
             entry.note = f"not applied: {exc}"
             self.notice.emit(
@@ -348,6 +380,15 @@ class Controller:
         self._thumbnail(entry, job.transfer)
         self.history.add(entry)
         self.history_changed.emit()
+
+    def _upscaled(self, entry: Entry, where: Placed | str) -> None:
+        if isinstance(where, Placed):  # "Scale this document": scaled, the result as a layer
+            self._placed(entry, where)
+            return
+        entry.applied, entry.note = True, f"opened as {where}"
+        target = entry.job.params.upscale if entry.job is not None else None
+        size = f" ({upscale.described(target)})" if target is not None else ""
+        self.notice.emit(f"Opened “{entry.name}” as the new document {where}{size}.", "info")
 
     def _placed(self, entry: Entry, placed: Placed, own_document: bool = True) -> None:
         entry.applied = True
@@ -456,11 +497,26 @@ class Controller:
     @guarded
     def start_backend(self) -> None:
         s = self.settings
-        self.backend.start(s.backend_command, s.backend_args, s.endpoint)
+        extra = ["--upscaler", s.upscaler_file] if s.upscaler_file and "--upscaler" not in s.backend_args else []
+        self.backend.start(s.backend_command, s.backend_args, s.endpoint, extra)
 
     @guarded
     def stop_backend(self) -> None:
         self.backend.stop()
+
+    @guarded
+    def download_upscaler(self) -> None:
+        """Fetch the upscaler model into the models folder with the local backend's command (a click in ⚙)."""
+        self.upscaler_download.start(self.settings.backend_command, self.setup.folder / MODELS_FOLDER)
+
+    @guarded
+    def _on_upscaler_downloaded(self, ok: bool, message: str) -> None:
+        if ok and self.upscaler_download.path is not None:
+            self.update_settings(upscaler_file=str(self.upscaler_download.path))
+            running = self.backend.state.value in ("starting", "running")
+            message += " Restart the local backend (■ Stop, ▶ Start) to use it." if running else (
+                " The local backend uses it from its next start.")  # fmt: skip
+        self.notice.emit(message, "info" if ok else "error")
 
     def _start_set_up_backend(self, python: str) -> None:
         """The setup's last step: its environment's Python serves as the local backend from now on."""
