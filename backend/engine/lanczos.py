@@ -30,7 +30,7 @@ def resize_plane(
     """One float32 plane (H x W) resampled to ``size`` = (width, height) with Lanczos; ``box``: the
     source region (Pillow's ``box``, in source pixels) that maps onto the result."""
     plane = PILImage.fromarray(np.ascontiguousarray(values, dtype=np.float32), mode="F")
-    return np.asarray(plane.resize(size, LANCZOS, box=box), dtype=np.float32)
+    return np.array(plane.resize(size, LANCZOS, box=box), dtype=np.float32)  # writable
 
 
 def _pillow_8bit(image: Image, size: tuple[int, int]) -> np.ndarray:
