@@ -182,3 +182,25 @@ def test_vendored_zip_refines_from_the_menu_action(tmp_path: Path, backend_endpo
     assert value["source_unchanged"], f"the Source layer changed\n{story}"
     ui = value["ui"]
     print(f"vendored zip, menu action: layer after {value['time_to_layer_s']} s, UI max gap {ui['max_gap_ms']} ms")
+
+
+def test_upscale_by_clicking_in_real_krita(tmp_path: Path, backend_endpoint: str) -> None:
+    """The docker's Upscale mode (one Krita start): a 512x384 document upscaled 2x into a new 1024x768 document,
+    the source untouched; then "Scale this document": 1024x768, the result a new layer above the scaled Source."""
+    require_krita()
+    zip_path = build_plugin.build(tmp_path / "krita_sdxl_refiner.zip", vendor=False)
+    params = {"width": 512, "height": 384, "timeout_s": 150}
+    run, value = run_scenario("scenario_upscale", zip_path, backend_endpoint, tmp_path / "krita", "e2e-upscale",
+                              params, timeout_s=420)  # fmt: skip
+    story = run.describe() + f"\nscenario value: {value}"
+    assert run.result is not None and run.result["uncaught"] == [] and value["internal_errors"] == [], story
+    assert value["button"] == "Upscale", story
+    new = value["new"]
+    assert new["size"] == [1024, 768] and new["opaque"], story
+    assert [bounds for _name, bounds in new["layers"]] == [[1024, 768]], story
+    assert new["source_size"] == [512, 384] and new["source_layers_same"] and new["source_unchanged"], story
+    scaled = value["scale"]
+    assert scaled["size"] == [1024, 768] and scaled["source_bounds"] == [1024, 768], story
+    assert scaled["layer_bounds"] == [0, 0, 1024, 768] and scaled["directly_above"], story
+    assert scaled["layer"].startswith("Upscale"), story
+    print(f"upscale in Krita: new document after {new['seconds']} s, scaled document after {scaled['seconds']} s")

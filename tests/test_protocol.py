@@ -127,7 +127,7 @@ def test_every_message_type_has_a_schema_and_known_field_kinds():
     for table in (CLIENT_MESSAGES, SERVICE_MESSAGES):
         for fields in table.values():
             for f in fields.values():
-                assert f.kind in ("str", "int", "float", "bool", "map", "list", "image")
+                assert f.kind in ("str", "int", "float", "bool", "map", "list", "image", "upscale")
 
 
 @pytest.mark.parametrize("sample, depth", FORMATS)

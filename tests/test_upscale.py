@@ -46,7 +46,7 @@ def upscaler(tmp_path_factory) -> Path:
 def service(demo_models, upscaler):
     tiles = ["--tile-size", str(TILE), "--tile-overlap", str(OVERLAP)]
     svc = start_service(["--demo", "--speed", "off", "--log-level", "warning", *tiles, "--upscaler", str(upscaler),
-                         "--max-pixels", "512x512"])  # fmt: skip
+                         "--max-pixels", "512x512"], env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})  # fmt: skip
     yield svc
     assert svc.stop() == 0, svc.log
 

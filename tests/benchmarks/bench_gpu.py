@@ -697,6 +697,8 @@ def main() -> int:
     ap.add_argument("--results-dir", type=Path, help="also write <date>-<card>-gpu.json/.md here")
     ap.add_argument("--speed-options", help='KRITA_SDXL_SPEED_OPTIONS for the service, e.g. {"dynamic": true}')
     ap.add_argument("--vae-ab", action="store_true", help="stage 7 (VAE decoder NCHW vs channels_last) if time is left")
+    ap.add_argument("--upscale-levels", help="last stage, if time is left: 1024 -> 2048 upscale-refine per speed "
+                    "level, e.g. off,compile (bench_upscale.py)")  # fmt: skip
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.budget is None:
@@ -738,6 +740,11 @@ def main() -> int:
         b.stage("whole", 200, lambda: speed_in_process(b, root, size, state, "whole"))
     if args.vae_ab and device == "cuda":
         b.stage("vae_ab", 60, lambda: vae_channels_last(b, size))
+    if args.upscale_levels:
+        from bench_upscale import upscale_levels
+
+        levels = tuple(v.strip() for v in args.upscale_levels.split(",") if v.strip())
+        b.stage("upscale", 60, lambda: upscale_levels(b, root, size, levels, tile=size))
     b.record("total_s", round(time.monotonic() - b.t0, 1))
     save_tables(args, b.results, table(b.results), device, "gpu")
     shutil.rmtree(root, ignore_errors=True)
