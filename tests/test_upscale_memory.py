@@ -4,9 +4,10 @@ Budget (stated in README.md): the job's peak RSS stays under 1.5 GiB, and above 
 upscale (512 -> 1024 px) in the same process by no more than what the picture itself adds: the result's
 buffer (width x height x 4 bytes for RGBA8), the band of one row of tiles the decoded tiles are blended in
 (width x tile x 12 bytes) and the source, plus 64 MiB for the allocator. Without a fixed mmap threshold
-(backend/engine/upscale.py) glibc's heap made it grow with the number of tiles: +248 MiB here. The models' working set is that of one
-1024 px tile, whatever the picture. Tiles of 1024 px without overlap (16 of them: the memory is the same
-with an overlap, the run shorter); one denoising step without guidance, to keep a CPU run short."""
+(backend/engine/upscale.py) glibc's heap made it grow with the number of tiles: +248 MiB here. The
+models' working set is that of one 1024 px tile, whatever the picture. Tiles of 1024 px without overlap
+(16 of them: the memory is the same with an overlap, the run shorter); one denoising step without
+guidance, to keep a CPU run short."""
 
 from __future__ import annotations
 
