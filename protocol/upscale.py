@@ -156,3 +156,20 @@ def largest_factor(width: int, height: int, max_pixels: int, max_side: int = MAX
 def factor_text(factor: float) -> str:
     """``2x``, ``1.5x``, ``2.83x``."""
     return f"{factor:.{FACTOR_DIGITS}f}".rstrip("0").rstrip(".") + "x"
+
+
+def limit_problem(width: int, height: int, out_width: int, out_height: int, max_pixels: int) -> str | None:
+    """Why an upscale of a ``width`` x ``height`` image to ``out_width`` x ``out_height`` exceeds ``max_pixels``
+    (None when it fits), naming the largest factor that fits: the service's ``limit`` error and the CLI say this."""
+    if out_width * out_height <= max_pixels:
+        return None
+    best = largest_factor(width, height, max_pixels)
+    if best is None:
+        fits = "the image itself is as large as that"
+    else:
+        fit_width, fit_height = scaled_size(width, height, best)
+        fits = f"the largest factor that fits is {factor_text(best)} ({fit_width}x{fit_height} from {width}x{height})"
+    return (
+        f"upscale to {out_width}x{out_height} = {out_width * out_height} pixels; this service returns at most "
+        f"{max_pixels}: {fits}"
+    )

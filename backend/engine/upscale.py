@@ -245,8 +245,9 @@ def refine_in_place(
                     raise JobCancelled()
                 rgb = engine._decode(latents[..., box.y : box.bottom, box.x : box.right])
                 watermark = getattr(engine, "watermark", None)
-                if watermark is not None:
+                if watermark is not None:  # on the decoded values before the clamp, as stock (work_image.finish)
                     rgb = watermark.apply(rgb)
+                rgb = np.clip(rgb, 0.0, 1.0)
                 writer.add(_pixels(box), rgb)
                 del rgb
             writer.flush(starts[n + 1] * LATENT if n + 1 < len(starts) else rows * LATENT)

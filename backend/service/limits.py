@@ -12,7 +12,7 @@ from typing import Any
 from krita_sdxl.protocol import Message, ProtocolError
 from krita_sdxl.protocol import errors as codes
 from krita_sdxl.protocol.codec import MAX_HEADER_BYTES
-from krita_sdxl.protocol.upscale import factor_text, largest_factor, scaled_size
+from krita_sdxl.protocol.upscale import limit_problem
 
 _MAX_BYTES_PER_PIXEL = 16  # RGBA float32
 GiB = 1024**3
@@ -49,6 +49,15 @@ class Limits:
         """All clients together: four clients' worth (a fifth client still gets in: the queue then
         drops the biggest holder's newest queued job)."""
         return self.max_total_bytes if self.max_total_bytes is not None else 4 * self.client_bytes
+
+    def describe(self) -> dict[str, int]:
+        """``welcome.capabilities.limits``: what a client can check before it sends a job."""
+        return {
+            "max_pixels": self.max_pixels,
+            "max_prompt_chars": self.max_prompt_chars,
+            "max_jobs_per_client": self.max_jobs_per_client,
+            "max_jobs_total": self.max_jobs_total,
+        }
 
     def queue_budgets(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~krita_sdxl.backend.service.jobs.JobQueue`."""
@@ -88,19 +97,8 @@ class Limits:
     def _check_upscale(self, msg: Message) -> None:
         """An upscale's result counts against ``max_pixels``; the message names the largest factor that fits."""
         spec, image = msg.fields.get("upscale"), msg.fields.get("image")
-        if spec is None or image is None or spec.width * spec.height <= self.max_pixels:
+        if spec is None or image is None:
             return
-        best = largest_factor(image.width, image.height, self.max_pixels)
-        if best is None:
-            fits = "the image itself is as large as that"
-        else:
-            width, height = scaled_size(image.width, image.height, best)
-            source = f"{image.width}x{image.height}"
-            fits = f"the largest factor that fits is {factor_text(best)} ({width}x{height} from {source})"
-        raise ProtocolError(
-            codes.LIMIT,
-            f"upscale to {spec.width}x{spec.height} = {spec.pixel_count} pixels; this service returns at most "
-            f"{self.max_pixels}: {fits}",
-            "upscale",
-            msg.job,
-        )
+        problem = limit_problem(image.width, image.height, spec.width, spec.height, self.max_pixels)
+        if problem is not None:
+            raise ProtocolError(codes.LIMIT, problem, "upscale", msg.job)

@@ -47,10 +47,9 @@ def download_upscaler(file: UpscalerFile, folder: Path, emit: Emit) -> Path:
         raise DownloadFailed(problems[0], "Nothing was downloaded.")
     emit("file", name=file.name, size=file.size, resumed=have)
     progress = Progress(emit, needed)
-    fetch(file.url, partial, file.size, progress.add, headers=HEADERS)
+    got = fetch(file.url, partial, file.size, progress.add, new_hash=hashlib.sha256, headers=HEADERS)
     progress.flush()
-    emit("verify", name=file.name)
-    got = sha256_of(partial)
+    emit("verify", name=file.name)  # hashed as it was written: no second read
     if got != file.sha256:
         partial.unlink(missing_ok=True)
         raise DownloadFailed(
