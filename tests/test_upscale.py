@@ -217,7 +217,7 @@ def test_refine_upscale_from_the_command_line(service, tmp_path):
         assert b.size == (300, 200)  # the aspect is kept
     too_big = krita_sdxl("refine", str(source), "--upscale", "10", "-o", str(tmp_path / "big.png"),
                          "--endpoint", service.endpoint)  # fmt: skip
-    assert_refused(too_big, 1, "limit", "largest factor that fits is 6.96x (626x418 from 90x60)")
+    assert_refused(too_big, 2, "--upscale", "largest factor that fits is 6.96x (626x418 from 90x60)")  # before decoding
     assert not (tmp_path / "big.png").exists()
 
 

@@ -147,3 +147,16 @@ def test_the_dockers_download_button(app, ctx, server, tmp_path, monkeypatch):
     finally:
         d.panel.dialog.close()
         d.close()
+
+
+def test_spandrel_loads_upscalers_without_a_torchvision_that_fits(tmp_path):
+    """spandrel imports torchvision for two architectures that are no upscalers; CI (and a CPU PyTorch beside
+    the CUDA torchvision) has none that imports: the backend stands in for it while spandrel imports, only."""
+    import importlib.util
+
+    from krita_sdxl.backend.engine.upscaler_model import load_upscaler
+
+    had = "torchvision" in sys.modules
+    model = load_upscaler(tiny_esrgan(tmp_path / "x4.pth"))
+    assert model.describe() == {"name": "x4.pth", "architecture": "ESRGAN", "scale": 4}
+    assert ("torchvision" in sys.modules) == had or importlib.util.find_spec("torchvision") is not None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,59 @@ class UpscalerModel:
         return out
 
 
+def _stand_in_for_torchvision() -> dict[str, Any]:
+    """Modules that stand in for torchvision while spandrel imports (see :func:`import_spandrel`)."""
+    import enum
+    import importlib.machinery
+    import types
+
+    def unavailable(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("this architecture needs torchvision, which does not import with this PyTorch")
+
+    root, transforms, functional = (types.ModuleType(n) for n in TORCHVISION_MODULES)
+    functional.InterpolationMode = enum.Enum("InterpolationMode", "NEAREST BILINEAR BICUBIC")  # type: ignore[attr-defined]
+    functional.rotate = functional.normalize = unavailable  # type: ignore[attr-defined]
+    transforms.functional = functional  # type: ignore[attr-defined]
+    root.transforms = transforms  # type: ignore[attr-defined]
+    modules = dict(zip(TORCHVISION_MODULES, (root, transforms, functional), strict=True))
+    for name, module in modules.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    return modules
+
+
+TORCHVISION_MODULES = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+
+
+def import_spandrel(file: Path) -> Any:
+    """spandrel, or UpscalerError naming ``file`` when it is not installed. spandrel imports torchvision for
+    two architectures that are no upscalers (LaMa inpainting and RestoreFormer face restoration use three of
+    its functions); where torchvision is missing or does not match this PyTorch (the CUDA build of
+    torchvision beside a CPU PyTorch fails to import), those two get a stand-in that refuses to run, only
+    while spandrel imports: every upscaler architecture loads and runs without torchvision."""
+    try:
+        import spandrel
+    except ModuleNotFoundError as exc:
+        if exc.name != "torchvision":
+            raise UpscalerError(
+                f"{file}: upscaler models need the spandrel library: pip install 'krita-sdxl[upscale]'"
+            ) from None
+    except RuntimeError:  # a torchvision that does not match this PyTorch failed inside its own import
+        pass
+    else:
+        return spandrel
+    for name in [n for n in sys.modules if n.split(".")[0] in ("torchvision", "spandrel")]:
+        del sys.modules[name]  # what the failed imports left half-made
+    stand_in = _stand_in_for_torchvision()
+    sys.modules.update(stand_in)
+    try:
+        import spandrel
+    finally:
+        for name in stand_in:
+            sys.modules.pop(name, None)
+    log.info("spandrel imported without torchvision (missing or not this PyTorch's build)")
+    return spandrel
+
+
 def load_upscaler(path: str | Path) -> UpscalerModel:
     """The upscaler in ``path``, on the CPU; :class:`UpscalerError` names the file and the problem."""
     file = Path(path).expanduser()
@@ -114,12 +168,7 @@ def load_upscaler(path: str | Path) -> UpscalerModel:
         raise UpscalerError(f"{file}: no such file" if not file.exists() else f"{file} is a folder, not a model file")
     if file.suffix.lower() not in SUFFIXES:
         raise UpscalerError(f"{file}: expected a .pth or .safetensors upscaler model file")
-    try:
-        import spandrel
-    except ImportError:
-        raise UpscalerError(
-            f"{file}: upscaler models need the spandrel library: pip install 'krita-sdxl[upscale]'"
-        ) from None
+    spandrel = import_spandrel(file)
     try:
         descriptor = spandrel.ModelLoader().load_from_file(file)
     except spandrel.UnsupportedModelError:
