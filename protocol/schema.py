@@ -127,6 +127,8 @@ CLIENT_MESSAGES: dict[str, dict[str, Field]] = {
         "transfer": _str("srgb", max_len=16, choices=("srgb", "linear")),
         "denoising_end": Field("float", 0.8, lo=0.0, lo_open=True, hi=1.0),
         "keep_unmasked": Field("bool", True),
+        "live": Field("bool", False),
+        "replaces": OPTIONAL_JOB,
         "image": Field("image"),
         "mask": Field("image", None, nullable=True),
     },

@@ -358,6 +358,7 @@ class Service:
             err.job = job_id
             raise
         nbytes = sum(img.spec.byte_length for img in msg.images.values())
+        self._supersede(owner, msg)
 
         def announce(position: int) -> None:  # under the queue's lock: no worker sees the job before this
             self._send(
@@ -371,7 +372,7 @@ class Service:
             )
 
         try:
-            dropped = self.queue.submit(Job(owner, job_id, request, nbytes=nbytes), announce)
+            dropped = self.queue.submit(Job(owner, job_id, request, nbytes=nbytes, live=msg["live"]), announce)
         except QueueFull as exc:
             raise ProtocolError(codes.LIMIT, str(exc), None, job_id) from None
         except KeyError:
@@ -392,6 +393,16 @@ class Service:
                     "client held the most of it. Submit fewer jobs at once",
                 ),
             )
+
+    def _supersede(self, owner: Owner, msg: Message) -> None:
+        """A ``live`` submit (or one that names the job it ``replaces``) supersedes: the older job, if
+        still queued, ends now with ``cancelled`` (reason ``superseded``); if running, the worker stops
+        it at its next step boundary and sends the same. Called once the new job has passed every check."""
+        if not msg["live"] and msg["replaces"] is None:
+            return
+        for old in self.queue.supersede(owner, msg["live"], msg["replaces"]):
+            log.info("job %.80r superseded by %.80r", old.id, msg["job"])
+            self._send_to(old.owner, "cancelled", job=old.id, reason="superseded")
 
     def _on_unload(self, owner: Owner, msg: Message) -> None:
         """Free a model; a running job keeps it until it ends, a later job that needs it loads it again."""
