@@ -17,7 +17,9 @@ from .adapters.timers import QtTimers
 from .core import settings as settings_mod
 from .core.connection import Connection
 from .core.document import Adapter
+from .core.live_port import LivePort
 from .workflow.controller import Controller, curve_of
+from .workflow.live import LiveRefine
 
 
 def app_data() -> Path:
@@ -25,19 +27,24 @@ def app_data() -> Path:
     return Path(QStandardPaths.writableLocation(QStandardPaths.AppDataLocation))
 
 
-def build_controller(adapter: Adapter, client: Connection | None = None) -> Controller:
+def build_controller(adapter: Adapter, client: Connection | None = None, live: LivePort | None = None) -> Controller:
     """The controller on ``adapter``, with Qt's adapters. ``client``: an already made connection (tests
-    give one with short timeouts); by default a :class:`Client` to the endpoint and keys in the settings."""
+    give one with short timeouts); by default a :class:`Client` to the endpoint and keys in the settings.
+    ``live``: the live document port (Krita's, or a test's): live refine is attached to the controller."""
     if client is None:
         stored = settings_mod.load(adapter.read_setting)
         client = Client(stored.endpoint, curve=curve_of(stored))
-    return Controller(
+    timers = QtTimers()
+    controller = Controller(
         adapter,
         client=client,
         backend=Backend(),
         processes=QtProcesses(),
-        timers=QtTimers(),
+        timers=timers,
         pictures=QtPictures(),
         keys=keys,
         app_data=app_data(),
     )
+    if live is not None:
+        controller.live = LiveRefine(controller, live, timers)
+    return controller

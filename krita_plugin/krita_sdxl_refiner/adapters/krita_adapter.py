@@ -41,44 +41,7 @@ class KritaAdapter:
         doc = Krita.instance().activeDocument()
         if doc is None:
             raise AdapterError("Open a document first.")
-        canvas = Extent(doc.width(), doc.height())
-        node: Node | None = None
-        if source == "layer":
-            node = _source_layer(doc)
-            fmt = pixel_format(node.colorModel(), node.colorDepth())
-            doc_fmt = pixel_format(doc.colorModel(), doc.colorDepth())
-            if fmt != doc_fmt:
-                raise UnsupportedFormat(
-                    f"The layer “{node.name()}” is {fmt.label} but the image is {doc_fmt.label}; "
-                    "convert the layer to the image's colour space first. Nothing was sent."
-                )
-            bounds = _box(node.bounds())
-            description = f"layer “{node.name()}” in {_doc_name(doc)}"
-        else:
-            fmt = pixel_format(doc.colorModel(), doc.colorDepth())
-            bounds = Box.from_extent(canvas)
-            description = f"the visible image of {_doc_name(doc)}"
-        profile = doc.colorProfile()
-        selection = _selection_box(doc.selection())
-        plan = planner(canvas, bounds, selection)
-        crop = plan.crop
-        doc.waitForDone()  # pending strokes would leave the projection stale
-        if node is not None:
-            pixels = node.projectionPixelData(*crop)
-        else:
-            pixels = doc.pixelData(*crop)
-        expected = crop.width * crop.height * fmt.bytes_per_pixel
-        if pixels is None or pixels.size() != expected:
-            got = 0 if pixels is None else pixels.size()
-            raise AdapterError(f"Krita returned {got} bytes for {crop}, expected {expected}.")
-        mask = None
-        if plan.masked:
-            sel = doc.selection()
-            mask = sel.pixelData(*crop) if sel is not None else None
-            if mask is None or mask.size() != crop.width * crop.height:
-                raise AdapterError("Could not read the selection.")
-        target = Target(doc, node.uniqueId() if node is not None else None, source, description)
-        return Capture(plan, fmt, profile, transfer_of(profile), pixels, mask, target)
+        return capture_from(doc, _source_layer(doc) if source == "layer" else None, planner)
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -137,6 +100,47 @@ class KritaAdapter:
 
     def active_document(self) -> Any:
         return Krita.instance().activeDocument()
+
+
+def capture_from(doc: Document, node: Node | None, planner: Planner) -> Capture:
+    """The pixels a job sends: ``node``'s (a layer source) or the visible image's (None), and the selection."""
+    canvas = Extent(doc.width(), doc.height())
+    source = "layer" if node is not None else "canvas"
+    if node is not None:
+        fmt = pixel_format(node.colorModel(), node.colorDepth())
+        doc_fmt = pixel_format(doc.colorModel(), doc.colorDepth())
+        if fmt != doc_fmt:
+            raise UnsupportedFormat(
+                f"The layer “{node.name()}” is {fmt.label} but the image is {doc_fmt.label}; "
+                "convert the layer to the image's colour space first. Nothing was sent."
+            )
+        bounds = _box(node.bounds())
+        description = f"layer “{node.name()}” in {_doc_name(doc)}"
+    else:
+        fmt = pixel_format(doc.colorModel(), doc.colorDepth())
+        bounds = Box.from_extent(canvas)
+        description = f"the visible image of {_doc_name(doc)}"
+    profile = doc.colorProfile()
+    selection = _selection_box(doc.selection())
+    plan = planner(canvas, bounds, selection)
+    crop = plan.crop
+    doc.waitForDone()  # pending strokes would leave the projection stale
+    if node is not None:
+        pixels = node.projectionPixelData(*crop)
+    else:
+        pixels = doc.pixelData(*crop)
+    expected = crop.width * crop.height * fmt.bytes_per_pixel
+    if pixels is None or pixels.size() != expected:
+        got = 0 if pixels is None else pixels.size()
+        raise AdapterError(f"Krita returned {got} bytes for {crop}, expected {expected}.")
+    mask = None
+    if plan.masked:
+        sel = doc.selection()
+        mask = sel.pixelData(*crop) if sel is not None else None
+        if mask is None or mask.size() != crop.width * crop.height:
+            raise AdapterError("Could not read the selection.")
+    target = Target(doc, node.uniqueId() if node is not None else None, source, description)
+    return Capture(plan, fmt, profile, transfer_of(profile), pixels, mask, target)
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ class Settings:
     setup_folder: str = ""  # Set up: where the backend's environment and log go ("" = in Krita's app data)
     setup_base: bool = False  # Set up: also download the SDXL base
     setup_torch: str = "auto"  # Set up: the PyTorch build (auto = from the GPU found)
+    live_calls: int = 6  # Live: at most this many UNet calls a job (the steps are capped, the strength kept)
+    live_side: int = 1024  # Live: the work size's long side at most (px); smaller areas run at their own size
+    live_wait_ms: int = 250  # Live: a job starts once the canvas has been still this long
 
     @property
     def random_seed(self) -> bool:
@@ -67,6 +70,9 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "feather_fraction": (0.0, 0.5),
     "padding_fraction": (0.0, 1.0),
     "denoising_end": (0.05, 1.0),
+    "live_calls": (1, 20),
+    "live_side": (256, 2048),
+    "live_wait_ms": (0, 5000),
 }
 
 

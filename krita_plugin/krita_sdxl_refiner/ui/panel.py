@@ -32,6 +32,7 @@ from ..core.settings import Settings
 from ..workflow.controller import Controller
 from .advanced import AdvancedSettings
 from .history_view import HistoryView
+from .live import LiveBar
 from .settings_dialog import SettingsDialog
 from .slots import on_click
 from .widgets import Collapsible, MessageLog, ProgressLine, describe_backend, state_text, wrap_label
@@ -134,6 +135,10 @@ class RefinerPanel(QWidget):
         row.addWidget(self.source)
         row.addWidget(self.refine_button, 1)
         root.addLayout(row)
+
+        if self.controller.live is not None:  # live refine (ui/live.py): in Krita, not without a live port
+            self.live = LiveBar(self.controller)
+            root.addWidget(self.live)
 
         self.advanced = AdvancedSettings(self.controller)
         self.advanced_section = Collapsible("Advanced", self.advanced)

@@ -82,6 +82,7 @@ class Controller:
         self.backend_mismatch: str | None = None  # the connected backend is not this plugin's version
         self._status_pending: set[str] | None = None
         self._watch: Repeating | None = None
+        self.live: Any = None  # live refine (workflow/live.py), attached by the composition root when Krita has it
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -276,6 +277,8 @@ class Controller:
         if self.backend_mismatch:
             self.notice.emit(self.backend_mismatch, "warning")
         self.capabilities_changed.emit(server, capabilities)
+        if self.live is not None:
+            self.live.on_welcome()
         for job in self.jobs.waiting():
             self._send(job)
         if self.jobs.in_service():
@@ -286,6 +289,8 @@ class Controller:
     def _on_message(self, msg: Message) -> None:
         if msg.type == "status":
             self._reconcile(msg.fields)
+            return
+        if self.live is not None and self.live.handles(msg):
             return
         job = self.jobs.get(msg.job)
         if job is None:
@@ -345,7 +350,13 @@ class Controller:
         except Exception as exc:
             entry.note = f"not applied: {type(exc).__name__}: {exc}"
             self.notice.emit(f"“{entry.name}” is kept in the history; applying it failed: {exc}", "error")
-        self._thumbnail(entry, job.transfer)
+        self.keep_result(entry, job.transfer)
+
+    def keep_result(self, entry: Entry, transfer: str, placed: Placed | None = None) -> None:
+        """Add a result to the history (with its thumbnail), noting the layer it became, if any."""
+        if placed is not None:
+            self._placed(entry, placed)
+        self._thumbnail(entry, transfer)
         self.history.add(entry)
         self.history_changed.emit()
 
