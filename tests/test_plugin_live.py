@@ -349,6 +349,22 @@ def test_a_byte_changed_anywhere_is_seen_within_one_round_of_bands():
     assert watch.check(Shape(Extent(4096, 3000), Box(1, 1, 5, 5)), box, read)  # a new selection
 
 
+def test_source_image_changes_are_seen_in_the_layers_and_history_another_painted_layer_is_no_change():
+    box = Box(0, 0, 64, 64)
+    layer_a, layer_b = bytes(64 * 64 * 4), bytes([1]) * (64 * 64 * 4)
+    shape = Shape(Extent(64, 64), None, layers=(("a", True, 255, "normal"),), history=(3, 2), reader="a")
+    watch = Watch()
+    assert watch.check(shape, box, lambda b: layer_a)  # the first look: a change (the first preview)
+    assert not watch.check(shape, box, lambda b: layer_a)
+    other = Shape(Extent(64, 64), None, layers=(("a", True, 255, "normal"),), history=(3, 2), reader="b")
+    assert not watch.check(other, box, lambda b: layer_b)  # another layer chosen: a new baseline only
+    assert watch.check(other, box, lambda b: layer_a)  # ... whose pixels then change
+    hidden = Shape(Extent(64, 64), None, layers=(("a", False, 255, "normal"),), history=(3, 2), reader="b")
+    assert watch.check(hidden, box, lambda b: layer_a)
+    undone = Shape(Extent(64, 64), None, layers=(("a", False, 255, "normal"),), history=(3, 1), reader="b")
+    assert watch.check(undone, box, lambda b: layer_a)
+
+
 def test_the_watched_area_is_what_a_refine_reads():
     canvas = Extent(640, 480)
     assert watched_box(canvas, None, 0.06) == Box(0, 0, 640, 480)

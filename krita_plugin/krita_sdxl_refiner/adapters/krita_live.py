@@ -20,6 +20,7 @@ from typing import Any
 
 from krita import Document, Krita, Node  # type: ignore[import-not-found]
 from PyQt5.QtCore import QByteArray, QTimer
+from PyQt5.QtWidgets import QAbstractItemView
 
 from krita_sdxl.protocol.geometry import Box, Extent
 
@@ -28,7 +29,16 @@ from ..core.live_port import PREVIEW_NAME, LiveBusy, LiveGone
 from ..core.live_watch import Shape
 from ..core.pixelformat import PixelFormat
 from .buffers import to_qbytearray
-from .krita_adapter import _doc_name, _find_node, _is_open, _placed, _selection_box, _source_layer, capture_from
+from .krita_adapter import (
+    MASK_TYPES,
+    _doc_name,
+    _find_node,
+    _is_open,
+    _placed,
+    _selection_box,
+    _source_layer,
+    capture_from,
+)
 
 RESTORE_ACTIVE_MS = (0, 150)  # Krita makes a new layer active a moment after adding it: put the source back
 
@@ -42,6 +52,7 @@ class Session:
     active_id: Any  # the layer the artist paints on: kept active
     name: str  # the source layer's name, for messages
     box: Box | None = None  # where the preview holds pixels
+    history_view: Any = None  # Krita's Undo History list (found once)
 
 
 class KritaLive:
@@ -70,13 +81,19 @@ class KritaLive:
         selection = doc.selection()
         box = _selection_box(selection)
         mask = selection.pixelData(*box) if box is not None and selection is not None else None
-        return Shape(Extent(doc.width(), doc.height()), box, mask)
+        canvas = Extent(doc.width(), doc.height())
+        if session.node_id is not None:
+            return Shape(canvas, box, mask)
+        active = self._painted(session)
+        return Shape(canvas, box, mask, _layers(doc.rootNode(), session.preview_id), self._history(session),
+                     active.uniqueId() if active is not None else None)  # fmt: skip
 
     def read(self, session: Session, box: Box) -> QByteArray:
-        doc = self._doc(session)
-        if session.node_id is None:
-            return doc.pixelData(*box)
-        return self._source(session).projectionPixelData(*box)
+        self._doc(session)
+        if session.node_id is not None:
+            return self._source(session).projectionPixelData(*box)
+        active = self._painted(session)  # Source: Image: the layer being painted on (the preview covers the image)
+        return active.projectionPixelData(*box) if active is not None else QByteArray()
 
     def capture(self, session: Session, planner: Planner) -> Capture:
         doc = self._doc(session)
@@ -143,6 +160,31 @@ class KritaLive:
             raise LiveGone(f"the “{PREVIEW_NAME}” layer of {_doc_name(session.doc)} was deleted or undone")
         return node
 
+    def _painted(self, session: Session) -> Node | None:
+        """The layer the artist paints on (a mask's layer), None when that is the preview itself."""
+        node = session.doc.activeNode()
+        if node is not None and node.type() in MASK_TYPES:
+            node = node.parentNode()
+        if node is None or node.parentNode() is None or node.uniqueId() == session.preview_id:
+            return None
+        return node
+
+    def _history(self, session: Session) -> tuple[int, int] | None:
+        """Krita's undo stack of the document shown (as its Undo History docker lists it): its length and
+        position. Every edit of any layer, undo and redo move it. None when the session's document is not
+        the one shown, or the docker is missing."""
+        if Krita.instance().activeDocument() != session.doc:
+            return None
+        if session.history_view is None:
+            session.history_view = _history_view()
+        view = session.history_view
+        try:
+            model = view.model() if view is not None else None
+            return (model.rowCount(), view.currentIndex().row()) if model is not None else None
+        except RuntimeError:  # the docker was deleted (its window closed)
+            session.history_view = None
+            return None
+
     @staticmethod
     def _not_busy(doc: Document) -> None:
         if not doc.tryBarrierLock():
@@ -169,3 +211,27 @@ class KritaLive:
         restore()
         for ms in RESTORE_ACTIVE_MS:
             QTimer.singleShot(ms, restore)
+
+
+def _layers(root: Node, preview_id: Any) -> tuple[Any, ...]:
+    """Every layer's id and how it shows (visibility, opacity, blending), the preview left out."""
+    out: list[Any] = []
+
+    def walk(node: Node) -> None:
+        for child in node.childNodes():
+            if child.uniqueId() != preview_id:
+                out.append((child.uniqueId(), child.visible(), child.opacity(), child.blendingMode()))
+                walk(child)
+
+    walk(root)
+    return tuple(out)
+
+
+def _history_view() -> QAbstractItemView | None:
+    """The list in Krita's Undo History docker (it exists, shown or not, in every window)."""
+    for docker in Krita.instance().dockers():
+        if docker.objectName() == "History":
+            views = docker.findChildren(QAbstractItemView)
+            if views:
+                return views[0]
+    return None

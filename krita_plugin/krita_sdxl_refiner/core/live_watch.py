@@ -7,6 +7,11 @@ about 1 ms for 16 MiB): no change is missed, and a check costs one band's read w
 A 2048x2048 canvas is one band; a 4096x4096 canvas four (a change there is seen within four checks).
 The selection's bounds and mask are compared at every check.
 
+Source: Layer reads the source layer. Source: Image cannot read the image: the opaque preview on top hides
+what changes under it. It reads the layer being painted on (the active one) and compares, at every check,
+every layer's visibility, opacity and blending and Krita's undo stack (which every edit of any layer goes
+through); the preview is left out of all of it.
+
 :class:`Stillness` is the debounce: a job starts once nothing has changed for ``wait`` seconds.
 """
 
@@ -39,11 +44,15 @@ def bands(box: Box, max_pixels: int = BAND_PIXELS) -> list[Box]:
 
 @dataclass(frozen=True)
 class Shape:
-    """What is compared at every check besides the pixels: the canvas, the selection and its mask."""
+    """What is compared at every check besides the pixels: the canvas, the selection and its mask, and for
+    Source: Image the layers and the undo history (the preview covers the image: its pixels cannot tell)."""
 
     canvas: Extent
     selection: Box | None
     mask: Any = field(default=None, compare=False)  # the selection's bytes over its bounds (opaque buffer)
+    layers: tuple[Any, ...] = ()  # Source: Image: each layer's id, visibility, opacity, blending (not the preview)
+    history: Any = None  # Source: Image: Krita's undo stack (its length and position) while the document is shown
+    reader: Any = field(default=None, compare=False)  # whose pixels are read: another is a new baseline, no change
 
     def same(self, other: Shape | None) -> bool:
         return other is not None and self == other and _same_bytes(self.mask, other.mask)
@@ -73,10 +82,14 @@ class Watch:
 
     def check(self, shape: Shape, box: Box, read: Any) -> bool:
         """True when something changed: the shape, the area, or the next band's bytes. A changed shape or
-        area takes a new baseline at once (the next job reads it anyway)."""
+        area takes a new baseline at once (the next job reads it anyway); so does another ``reader`` (the
+        artist chose another layer to paint on: nothing changed yet)."""
         if not shape.same(self.shape) or bands(box) != self.boxes:
             self.reset(shape, box, read)
             return True
+        if self.shape is None or shape.reader != self.shape.reader:
+            self.reset(shape, box, read)
+            return False
         if not self.boxes:
             return False
         i = self.next

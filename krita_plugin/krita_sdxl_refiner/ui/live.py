@@ -52,7 +52,7 @@ class LiveBar(QWidget):
         self.apply_button = QPushButton("Apply")
         self.apply_button.setToolTip(TIPS["apply"])
         self.seed_button = QToolButton()
-        self.seed_button.setText("🎲")
+        self.seed_button.setText("↻")
         self.seed_button.setToolTip(TIPS["seed"])
         self.status = ElidedLabel()
         self.status.setToolTip(TIPS["latency"])

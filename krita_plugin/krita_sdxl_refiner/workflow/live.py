@@ -20,7 +20,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from krita_sdxl.protocol import Image, ImageSpec, Message, ProtocolError
@@ -53,7 +53,6 @@ class LiveJob:
     sent_at: float = 0.0
     result_at: float = 0.0
     result: Image | None = None
-    moments: dict[str, float] = field(default_factory=dict)
 
 
 class LiveRefine:
@@ -70,7 +69,7 @@ class LiveRefine:
         self.status = "Off"
         self.latency: float | None = None  # seconds, stroke end to preview shown (the last update)
         self.superseded = 0  # live jobs the service stopped or dropped for a newer one (this session)
-        self.timeline: deque[dict[str, float]] = deque(maxlen=TIMELINE)
+        self.timeline: deque[dict[str, Any]] = deque(maxlen=TIMELINE)
         self._session: Any = None
         self._timer: Repeating | None = None
         self._watch = Watch()
@@ -123,6 +122,7 @@ class LiveRefine:
         except (LiveGone, NotApplied, AdapterError) as exc:
             self.notice.emit(f"Could not apply the live preview: {exc}", "error")
             return
+        self._rebaseline()  # the new layer and its undo step are no change to refine
         entry = Entry(id=new_job_id(), name=name, job=job, box=job.plan.crop, fmt=job.fmt, profile=job.profile,
                       target=job.target, data=shown.result.data, prompt=p.prompt, seed=job.seed, strength=p.strength,
                       mode=p.mode, elapsed=job.elapsed)  # fmt: skip
@@ -214,11 +214,14 @@ class LiveRefine:
             self._still.changed(now)
 
     def _rebaseline(self) -> None:
-        """After the preview changed the image itself (Source: Image): what is seen now is not a change."""
+        """After the plugin changed the document itself (Apply): what is seen now is not a change."""
         s = self.controller.settings
-        shape = self.port.shape(self._session)
-        self._watch.reset(shape, watched_box(shape.canvas, shape.selection, s.padding_fraction),
-                          lambda b: self.port.read(self._session, b))  # fmt: skip
+        try:
+            shape = self.port.shape(self._session)
+            self._watch.reset(shape, watched_box(shape.canvas, shape.selection, s.padding_fraction),
+                              lambda b: self.port.read(self._session, b))  # fmt: skip
+        except LiveGone as exc:
+            self._gone(exc)
 
     def _fire(self, now: float) -> None:
         client = self.controller.client
@@ -314,11 +317,9 @@ class LiveRefine:
         shown_at = self.clock()
         self._waiting_result = None
         self._shown = live
-        if live.job.target.source == "canvas":
-            self._rebaseline()
         self.latency = shown_at - live.changed_at
-        self.timeline.append({"changed": live.changed_at, "fired": live.fired_at, "sent": live.sent_at,
-                              "result": live.result_at, "shown": shown_at})  # fmt: skip
+        self.timeline.append({"job": live.job.id, "changed": live.changed_at, "fired": live.fired_at,
+                              "sent": live.sent_at, "result": live.result_at, "shown": shown_at})  # fmt: skip
         self._said = ""
         self.status = f"Live: {self.latency:.2f} s"
         self.changed.emit()
