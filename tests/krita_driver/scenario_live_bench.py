@@ -80,7 +80,7 @@ def run(ctx: Any) -> Any:
     ticker = Ticker(10)
     ticker.start()
     probe.records.clear()
-    send, capture, show, total = [], [], [], []
+    send, capture, show, total, seen, late = [], [], [], [], [], []
     for i in range(p.get("strokes", 30)):
         x, y = (37 * i) % (size - 20), (53 * i) % (size - 20)
         source.setPixelData(bytes((i & 255, 80, 200, 255)) * 400, x, y, 20, 20)
@@ -89,12 +89,16 @@ def run(ctx: Any) -> Any:
         t = live.timeline[-1]
         send.append(t["sent"] - ended - wait_s)
         capture.append(t["sent"] - t["fired"])
+        seen.append(t["changed"] - ended)
+        late.append(t["fired"] - t["changed"] - wait_s)
         show.append(t["shown"] - received.get(t["job"], t["result"]))
         total.append(t["shown"] - ended)
         yield 50
     ui = ticker.stop()
     out["stroke_end_to_sent_minus_wait"] = stats(send)
     out["capture_encode_send"] = stats(capture)
+    out["change_seen_after"] = stats(seen)
+    out["fired_after_the_wait"] = stats(late)
     out["result_received_to_shown"] = stats(show)
     out["stroke_end_to_shown"] = stats(total)
     out["ui"] = ui

@@ -75,6 +75,7 @@ class LiveRefine:
         self._watch = Watch()
         self._still = Stillness(0.25)
         self._last_check = 0.0
+        self._armed = False  # a tick is set for the end of the wait
         self._jobs: dict[str, LiveJob] = {}  # sent and not ended
         self._seq = 0
         self._last_id: str | None = None  # the newest live job sent: the next one replaces it
@@ -212,6 +213,23 @@ class LiveRefine:
         box = watched_box(shape.canvas, shape.selection, s.padding_fraction)
         if self._watch.check(shape, box, lambda b: self.port.read(self._session, b)):
             self._still.changed(now)
+            self._arm()
+
+    def _arm(self) -> None:
+        """A tick at the moment the wait ends (not up to a tick later); one outstanding at a time."""
+        if not self._armed:
+            self._armed = True
+            left = self._still.changed_at + self._still.wait_s - self.clock()
+            self.timers.later(max(0, int(left * 1000) + 1), self._on_due)
+
+    @guarded
+    def _on_due(self) -> None:
+        self._armed = False
+        if self.on and self._still.pending:
+            if self._still.due(self.clock()):
+                self._tick()
+            else:
+                self._arm()  # a newer change moved the end of the wait
 
     def _rebaseline(self) -> None:
         """After the plugin changed the document itself (Apply): what is seen now is not a change."""
