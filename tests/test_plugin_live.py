@@ -331,7 +331,7 @@ def test_live_settings_are_typed_and_kept(live):
 def test_a_byte_changed_anywhere_is_seen_within_one_round_of_bands():
     box = Box(0, 0, 4096, 3000)
     parts = bands(box)
-    assert len(parts) == 3 and all(b.width * b.height <= BAND_PIXELS for b in parts)
+    assert len(parts) == 6 and all(b.width * b.height <= BAND_PIXELS for b in parts)
     assert sum(b.height for b in parts) == 3000 and parts[0].y == 0 and parts[-1].bottom == 3000
     picture = bytearray(4096 * 3000)
 

@@ -1,7 +1,8 @@
 """Registration with Krita: the Refine action and the "SDXL Refiner" docker, and the one controller they share.
 
-Only this module and ``adapters.krita_adapter`` import ``krita``. The controller is wired in :mod:`compose`
-(the composition root: Krita's document adapter, the ZeroMQ client, the local backend, Qt's timers). The
+Only this module, ``adapters.krita_adapter`` and ``adapters.krita_live`` import ``krita``. The controller is wired
+in :mod:`compose` (the composition root: Krita's document adapter, the ZeroMQ client, the local backend, Qt's
+timers, live refine on Krita's live port). The
 vendored dependencies are activated before anything imports zmq or msgpack; when none fits the running
 Python, the docker shows why.
 """

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -254,7 +255,9 @@ def table(r: dict[str, Any]) -> str:
         what = f"superseded job, demo model on the CPU ({sup['median_step_s'] * 1000:.0f} ms a step)"
         stop = f"stopped {sup['median_stop_s'] * 1000:.0f} ms after the newer submit (median)"
         rows.append((what, f"{stop}, at most {sup['max_steps_after']} step(s) later"))
-    return "\n".join(["| what | figure |", "|---|---|", *(f"| {w} | {f} |" for w, f in rows)])
+    before, after = r.get("load_before", [0.0])[0], r.get("load_after", [0.0])[0]
+    load = f"{r.get('machine', '')}, load average {before:.1f} before, {after:.1f} after"
+    return "\n".join([f"Machine: {load}", "", "| what | figure |", "|---|---|", *(f"| {w} | {f} |" for w, f in rows)])
 
 
 def main() -> int:
@@ -280,10 +283,12 @@ def main() -> int:
         path.write_text(json.dumps(result, indent=1))
         print(json.dumps(result, indent=1))
         return 0
-    results: dict[str, Any] = {"date": str(date.today()), "machine": f"{platform.machine()}, {platform.processor()}"}
+    results: dict[str, Any] = {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                               "load_before": os.getloadavg()}  # fmt: skip
     if not args.skip_krita:
         results["krita"] = in_krita(args)
     results["supersede"] = supersede_stop(args.trials)
+    results["load_after"] = os.getloadavg()
     text = table(results)
     print(text)
     RESULTS.mkdir(exist_ok=True)

@@ -109,7 +109,6 @@ def run(ctx: Any) -> Any:
     probe.wrap(live, "_tick", "tick")
     probe.wrap(controller.client, "_handle", "message")
     probe.wrap(live, "set_on", "on/off")
-    probe.wrap(live, "apply", "apply")
     ticker.start()
     click(bar.toggle)
     counter.start()
@@ -162,7 +161,9 @@ def run(ctx: Any) -> Any:
     (out_dir / "preview.bgra").write_bytes(preview_pixels)
     out["preview_differs_from_painting"] = preview_pixels != painting
     ctx.save_bgra_png("live-preview", preview_pixels, crop.width, crop.height)
-    panel.grab().save(str(out_dir / "docker-live.png"), "PNG")
+    shot = ctx.artifact_path("docker")
+    if shot is not None and docker.grab().save(str(shot), "PNG"):  # the docker while Live is on (README)
+        ctx.files.append(str(shot))
     ctx.screenshot("live-screen")
 
     # --- Apply, then Live off ------------------------------------------------------------------
@@ -182,7 +183,7 @@ def run(ctx: Any) -> Any:
     out["slow_plugin_calls"] = probe.slow(0.05)
     out["plugin_calls_max_ms"] = {
         label: round(max((d for lab, _t, d in probe.records if lab == label), default=0.0) * 1000, 1)
-        for label in ("on/off", "tick", "message", "apply")
+        for label in ("on/off", "tick", "message")
     }
     click(bar.toggle)
     yield 300

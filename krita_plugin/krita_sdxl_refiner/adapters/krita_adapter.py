@@ -1,4 +1,5 @@
-"""The thin adapter: the only code (besides registering the plugin) that calls Krita's API.
+"""The thin adapter: with ``krita_live`` (the live preview layer), the only code (besides registering the plugin) that
+calls Krita's API.
 
 Reads: the active document's geometry, colour space, selection and pixels (``pixelData`` /
 ``projectionPixelData`` / ``Selection.pixelData``: raw bytes in Krita's own layout; no pixel loops
