@@ -46,6 +46,8 @@ LIVE = {"prompt": "a harbour at dusk, oil on canvas", "strength": 0.3}  # the do
 LIVE_CALLS = 6  # the docker's default cap
 SIZES = (512, 768, 1024)
 LEVELS = ("off", "compile", "draft", "fp8", "trt")  # backend/speed/levels.py; a level that cannot run steps down
+PLUGIN_MS = 45.0  # the plugin's own share at 1024x1024 in Krita (stroke end -> sent minus the wait, result -> shown;
+# medians measured by the Krita part on a 2-core CPU machine): added to the GPU figures
 
 
 def picture(width: int, height: int, seed: int = 0) -> Image:
