@@ -151,8 +151,30 @@ def test_a_live_job_that_fails_its_checks_supersedes_nothing():
             assert forged is not None and forged.type == "error" and forged["field"] == "live"
             long_id = artist.ask(live_frames("live4", replaces="r" * 129))
             assert long_id is not None and long_id.type == "error" and long_id["field"] == "replaces"
+            number = artist.ask(live_frames("live5", replaces=5))
+            assert number is not None and number.type == "error" and number["field"] == "replaces"
             events = until(artist, final("live1"), timeout=30)
     assert events[-1].type == "result"  # nothing stopped live1
+
+
+def test_a_flood_of_live_submits_leaves_one_running_one_waiting_and_the_service_serving():
+    with Running(Service(SlowEngine(step_s=0.05), "tcp://127.0.0.1:*")) as running:
+        service = running.service
+        with Peer(running.endpoint) as artist:
+            most = 0
+            for i in range(200):
+                artist.send(live_frames(f"live{i}", replaces=f"live{i - 1}" if i else None))
+                if i % 20 == 0:
+                    time.sleep(0.05)
+                    most = max(most, len(service.queue))
+            events = until(artist, final("live199"), timeout=60)
+            artist.send(normal_frames("after"))
+            after = until(artist, final("after"), timeout=30)
+    ends = {e.job: e for e in events if e.type in ("result", "error", "cancelled")}
+    assert len(ends) == 200 and ends["live199"].type == "result", len(ends)
+    assert all(e.type == "cancelled" and e["reason"] == "superseded" for j, e in ends.items() if j != "live199")
+    assert not [e for e in events if e.type == "error"]  # no limit was hit: superseded jobs free their budget
+    assert most <= 2 and after[-1].type == "result"
 
 
 def test_a_live_job_gives_the_pixels_of_the_same_normal_job(demo_models, krita_sdxl_cache):

@@ -92,6 +92,8 @@ class Controller:
             self._watch = self.timers.repeat(WATCH_MS, self._check_silent_jobs)
 
     def shutdown(self) -> None:
+        if self.live is not None:
+            self.live.shutdown()
         if self._watch is not None:
             self._watch.stop()
             self._watch = None

@@ -139,6 +139,13 @@ class LiveRefine:
         self._on_event(live, msg)
         return True
 
+    def shutdown(self) -> None:
+        """Krita is quitting: stop the loop; the documents are left as they are (they are closing)."""
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        self.on = False
+
     def on_welcome(self) -> None:
         """A (re)connection: live jobs sent before it may be lost; start a fresh one."""
         if self.on and (self._jobs or self._still.pending):
