@@ -94,6 +94,9 @@ class FakeLive:
         self.applied.append((name, box, bytes(data)))
         return Placed(f"applied-{len(self.applied)}", "paint.kra", True, "doc")
 
+    def notify(self, session: Any, poke: Any) -> None:
+        self.poke = poke  # the document's edit signal
+
     def stop(self, session: Any) -> None:
         self.previews -= 1
         self.preview = None

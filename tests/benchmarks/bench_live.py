@@ -230,11 +230,24 @@ def table(r: dict[str, Any]) -> str:
         rows.append(("  of it: the change seen (a check every 30 ms)", _ms(k["change_seen_after"])))
         rows.append(("  of it: started after the wait ended (Qt's timer)", _ms(k["fired_after_the_wait"])))
         rows.append(("  of it: capture, encode, send", _ms(k["capture_encode_send"])))
+        calls = k["plugin_calls_on_ui_thread"]
+        for label, what in (("capture", "Krita's read of the picture"), ("any_visible", "the visibility check"),
+                            ("send", "encode and queue")):  # fmt: skip
+            if label in calls:
+                rows.append((f"    {what}", _ms(calls[label])))
+        if "brush" in k:
+            brush = k["brush"]
+            rows.append((f"brush stroke with the mouse: stroke end -> job sent, minus the wait, {n} (goal 30 ms)",
+                         _ms(brush["stroke_end_to_sent_minus_wait"])))  # fmt: skip
+            rows.append(("  of it: the change seen (Krita's undo signal)", _ms(brush["change_seen_after"])))
+            rows.append(("  brush stroke end -> preview shown (identity backend, wait included)",
+                         _ms(brush["stroke_end_to_shown"])))  # fmt: skip
         rows.append((f"result received -> preview shown, {n} (goal 30 ms)", _ms(k["result_received_to_shown"])))
+        if "show" in calls:
+            rows.append(("  of it: setPixelData and Krita's redraw (refreshProjection)", _ms(calls["show"])))
         rows.append(
             (f"stroke end -> preview shown, {n} (identity backend, wait included)", _ms(k["stroke_end_to_shown"]))
         )
-        calls = k["plugin_calls_on_ui_thread"]
         longest = f"tick {calls['tick']['max_ms']} ms, message {calls['message']['max_ms']} ms"
         rows.append(("the plugin's longest call on Krita's UI thread (goal < 50 ms)", longest))
         ui = k["ui"]

@@ -24,8 +24,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from PyQt5.QtCore import QTimer  # type: ignore[import-not-found]
-from PyQt5.QtWidgets import QAbstractItemView  # type: ignore[import-not-found]
+from PyQt5.QtCore import QEvent, QPoint, QPointF, Qt, QTimer  # type: ignore[import-not-found]
+from PyQt5.QtGui import QMouseEvent  # type: ignore[import-not-found]
+from PyQt5.QtWidgets import QAbstractItemView, QApplication, QWidget  # type: ignore[import-not-found]
 from scenario_tools import Probe, Ticker, click, find_docker, pattern, until
 
 PREVIEW = "Live preview"
@@ -72,6 +73,34 @@ def stroke(doc: Any, layer: Any, x: int, y: int, color: tuple[int, int, int]) ->
         layer.setPixelData(bytes((b, g, r, 255)) * (side * side), x, y, side, side)
         doc.refreshProjection()
         yield 30
+    return time.monotonic()
+
+
+def canvas(app: Any) -> Any:
+    """Krita's canvas widget in the active window (OpenGL or QPainter)."""
+    names = ("KisOpenGLCanvas2", "KisQPainterCanvas")
+    found = [w for w in app.activeWindow().qwindow().findChildren(QWidget) if w.metaObject().className() in names]
+    visible = [w for w in found if w.isVisible()]
+    if not visible:
+        raise AssertionError(f"no visible canvas widget among {[w.metaObject().className() for w in found]}")
+    return visible[0]
+
+
+def mouse_stroke(app: Any, dx: int, dy: int) -> Any:
+    """A real brush stroke with the mouse (press, 12 moves 15 ms apart, release) from the canvas's middle,
+    as a person draws: Krita's brush tool paints it and pushes its undo step ("Freehand Brush Stroke")."""
+    widget = canvas(app)
+    start = widget.rect().center()
+
+    def send(kind: Any, pos: Any, button: Any, buttons: Any) -> None:
+        event = QMouseEvent(kind, QPointF(pos), QPointF(widget.mapToGlobal(pos)), button, buttons, Qt.NoModifier)
+        QApplication.sendEvent(widget, event)
+
+    send(QEvent.MouseButtonPress, start, Qt.LeftButton, Qt.LeftButton)
+    for i in range(1, 13):
+        yield 15
+        send(QEvent.MouseMove, start + QPoint(dx * i // 12, dy * i // 12), Qt.NoButton, Qt.LeftButton)
+    send(QEvent.MouseButtonRelease, start + QPoint(dx, dy), Qt.LeftButton, Qt.NoButton)
     return time.monotonic()
 
 
@@ -124,15 +153,23 @@ def run(ctx: Any) -> Any:
     out["preview_above_source"] = siblings.index(PREVIEW) == siblings.index("Source") + 1
     colours = [(0, 0, 255), (0, 255, 0), (255, 0, 0), (0, 255, 255), (255, 0, 255)]
     pauses = []
+    mouse = 0
     for i, kind in enumerate(p.get("strokes", STROKES)):
-        ended = yield from stroke(doc, source, (40 + 70 * i) % (width - 48), (30 + 40 * i) % (height - 48),
-                                  colours[i % len(colours)])  # fmt: skip
+        if i == 3:  # one stroke with the mouse and Krita's brush, as a person paints
+            ended = yield from mouse_stroke(ctx.app, 60, 30)
+            mouse += 1
+        else:
+            ended = yield from stroke(doc, source, (40 + 70 * i) % (width - 48), (30 + 40 * i) % (height - 48),
+                                      colours[i % len(colours)])  # fmt: skip
         data_now = bytes(source.pixelData(0, 0, width, height))
         pause = wait_s + job_s / 3 if kind == "short" else wait_s + 2 * job_s + 1.0
         pauses.append(round(pause, 3))
         yield int(pause * 1000)
         ctx.log(f"stroke {i} ({kind}) ended {time.monotonic() - ended:.2f} s ago; superseded so far {live.superseded}")
     out["pauses_s"] = pauses
+    out["mouse_strokes"] = mouse
+    doc.waitForDone()
+    data_now = bytes(source.pixelData(0, 0, width, height))  # with the brush stroke, done
 
     def settled() -> bool:  # the newest job sent has been shown, nothing is pending
         shown = live._shown

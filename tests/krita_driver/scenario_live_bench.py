@@ -1,10 +1,10 @@
 """Benchmark inside real Krita: live refine's own cost on Krita's UI thread (tests/benchmarks/bench_live.py).
 
 1. measure: a SIZE x SIZE document, Source: Layer, Live on; ``strokes`` strokes (one write each, then a wait
-   for the preview). Per update: stroke end -> job sent, minus the wait (detection within one tick, capture,
-   encode, send); capture -> sent; result received (the client's socket read) -> preview shown (decode,
-   ``setPixelData``, redraw). A 10 ms timer gives the UI thread's largest stall; a probe times the plugin's
-   own calls on it (a tick, a message handled).
+   for the preview), then ``mouse_strokes`` real brush strokes with the mouse on Krita's canvas. Per
+   update: stroke end -> job sent, minus the wait (the change seen, capture, encode, send); capture ->
+   sent; result received (the client's socket read) -> preview shown (decode, ``setPixelData``, redraw).
+   A 10 ms timer gives the UI thread's largest stall; a probe times the plugin's own calls on it.
 2. soak: ``updates`` more updates as fast as they come: Krita's memory (VmRSS), the layer count and the undo
    stack (Krita's Undo History docker) before and after.
 3. detect: one check of the change detection on a DETECT x DETECT layer, Source: Layer and Source: Image,
@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scenario_live import previews, undo_rows
+from scenario_live import mouse_stroke, previews, undo_rows
 from scenario_tools import Probe, Ticker, click, find_docker, pattern, until
 
 
@@ -69,6 +69,11 @@ def run(ctx: Any) -> Any:
     probe = Probe()
     probe.wrap(live, "_tick", "tick")
     probe.wrap(controller.client, "_handle", "message")
+    probe.wrap(live.port, "capture", "capture")  # inside the tick: the port's read of the picture
+    probe.wrap(live.port, "show", "show")  # inside the message: setPixelData and Krita's redraw
+    probe.wrap(controller.client, "send", "send")  # encode and queue the submit
+    live_module = sys.modules[type(live).__module__]
+    probe.wrap(live_module, "any_visible", "any_visible")
     click(panel.live.toggle)
     yield from until(ctx, lambda: live.latency is not None, p.get("timeout_s", 120), "the first preview")
     wait_s = controller.settings.live_wait_ms / 1000
@@ -94,6 +99,18 @@ def run(ctx: Any) -> Any:
         show.append(t["shown"] - received.get(t["job"], t["result"]))
         total.append(t["shown"] - ended)
         yield 50
+    # the same with real brush strokes (the mouse on Krita's canvas): Krita's undo signal says when one ends
+    m_send, m_seen, m_total = [], [], []
+    for i in range(p.get("mouse_strokes", 15)):
+        ended = yield from mouse_stroke(ctx.app, 40 + 7 * i, 25 - 3 * i)
+        yield from until(ctx, lambda ended=ended: shown_after(ended), p.get("timeout_s", 120), f"brush preview {i}")
+        t = live.timeline[-1]
+        m_send.append(t["sent"] - ended - wait_s)
+        m_seen.append(t["changed"] - ended)
+        m_total.append(t["shown"] - ended)
+        yield 50
+    out["brush"] = {"stroke_end_to_sent_minus_wait": stats(m_send), "change_seen_after": stats(m_seen),
+                    "stroke_end_to_shown": stats(m_total)}  # fmt: skip
     ui = ticker.stop()
     out["stroke_end_to_sent_minus_wait"] = stats(send)
     out["capture_encode_send"] = stats(capture)
@@ -103,7 +120,8 @@ def run(ctx: Any) -> Any:
     out["stroke_end_to_shown"] = stats(total)
     out["ui"] = ui
     out["plugin_calls_on_ui_thread"] = {
-        label: stats([d for lab, _t, d in probe.records if lab == label]) for label in ("tick", "message")
+        label: stats([d for lab, _t, d in probe.records if lab == label])
+        for label in ("tick", "message", "capture", "any_visible", "send", "show")
     }
 
     # --- 2. soak ----------------------------------------------------------------------------------

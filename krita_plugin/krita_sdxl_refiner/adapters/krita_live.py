@@ -15,7 +15,9 @@ the artist's pen is down (``tryBarrierLock`` fails) nothing here waits on the im
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from krita import Document, Krita, Node  # type: ignore[import-not-found]
@@ -53,6 +55,7 @@ class Session:
     name: str  # the source layer's name, for messages
     box: Box | None = None  # where the preview holds pixels
     history_view: Any = None  # Krita's Undo History list (found once)
+    hooks: list[Any] = field(default_factory=list)  # (signal, slot) connected by ``notify``
 
 
 class KritaLive:
@@ -132,7 +135,29 @@ class KritaLive:
         self._keep_active(session, layer)
         return _placed(doc, layer)
 
+    def notify(self, session: Session, poke: Callable[[], None]) -> None:
+        """Call ``poke`` whenever Krita's undo stack moves (a stroke ends, an edit, undo, redo): the change
+        is looked for at once instead of at the next check. Krita's own signal where it has one: its Undo
+        History list's model; without that docker the checks alone see every change."""
+        view = session.history_view = session.history_view or _history_view()
+        if view is None:
+            return
+
+        def slot(*_args: Any) -> None:
+            poke()
+
+        model, selection = view.model(), view.selectionModel()
+        signals = [model.rowsInserted, model.rowsRemoved, model.modelReset] if model is not None else []
+        signals += [selection.currentChanged] if selection is not None else []
+        for signal in signals:
+            signal.connect(slot)
+            session.hooks.append((signal, slot))
+
     def stop(self, session: Session) -> None:
+        for signal, slot in session.hooks:
+            with contextlib.suppress(TypeError, RuntimeError):  # already gone with its docker
+                signal.disconnect(slot)
+        session.hooks.clear()
         try:
             if _is_open(session.doc):
                 preview = _find_node(session.doc.rootNode(), session.preview_id)

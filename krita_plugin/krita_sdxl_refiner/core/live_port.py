@@ -7,6 +7,7 @@ one preview layer, made when Live is turned on and removed when it is turned off
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from krita_sdxl.protocol.geometry import Box
@@ -54,6 +55,11 @@ class LivePort(Protocol):
 
     def apply(self, session: Any, name: str, box: Box, data: Any) -> Placed:
         """A normal result layer (one undo step) with ``data`` over ``box``, directly below the preview."""
+        ...
+
+    def notify(self, session: Any, poke: Callable[[], None]) -> None:
+        """Call ``poke()`` when the document signals an edit (optional: the checks see every change anyway;
+        a signal only sees it sooner)."""
         ...
 
     def stop(self, session: Any) -> None:

@@ -174,6 +174,7 @@ class LiveRefine:
         self._still.changed(self.clock() - self._still.wait_s)  # the first preview at once
         self.status = "Live: starting…"
         self._timer = self.timers.repeat(TICK_MS, self._tick)
+        self.port.notify(self._session, lambda: self.timers.later(0, self._tick))  # Krita's edit signal: check now
         self.changed.emit()
 
     def _stop(self, status: str) -> None:
