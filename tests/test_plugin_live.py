@@ -392,3 +392,20 @@ SIZES = [((300, 200), 1024, (296, 200)), ((2000, 1000), 1024, (1024, 512)), ((40
 @pytest.mark.parametrize(("area", "side", "work"), SIZES)
 def test_the_live_work_size_is_the_area_capped_never_scaled_up(area, side, work):
     assert tuple(live_work(Extent(*area), side)) == work
+
+
+@pytest.mark.parametrize("depth", ["U8", "U16", "F16", "F32"])
+def test_the_quick_visibility_check_finds_one_pixel_anywhere_under_the_mask(depth):
+    from krita_sdxl_refiner.core.pixelformat import any_visible
+
+    fmt, n = pixel_format("RGBA", depth), 1000
+    bpp, size = fmt.bytes_per_pixel, fmt.depth // 8
+    alpha = fmt.order.index("A") * size
+    assert not any_visible(fmt, bytes(n * bpp))
+    for px in (0, 1, 60, 61, 999):  # on and off the sampled pixels (every 61st)
+        data = bytearray(n * bpp)
+        data[px * bpp + alpha + size - 1] = 1
+        mask = bytearray([255]) * n
+        assert any_visible(fmt, bytes(data)) and any_visible(fmt, bytes(data), bytes(mask)), px
+        mask[px] = 0
+        assert not any_visible(fmt, bytes(data), bytes(mask)), px

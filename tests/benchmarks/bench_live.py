@@ -225,7 +225,10 @@ def table(r: dict[str, Any]) -> str:
     else:
         n = f"{k['size']}x{k['size']}"
         rows.append(
-            (f"stroke end -> job sent, minus the wait, {n} (goal 30 ms)", _ms(k["stroke_end_to_sent_minus_wait"]))
+            (
+                f"API stroke: stroke end -> job sent, minus the wait, {n} (goal 30 ms)",
+                _ms(k["stroke_end_to_sent_minus_wait"]),
+            )
         )
         rows.append(("  of it: the change seen (a check every 30 ms)", _ms(k["change_seen_after"])))
         rows.append(("  of it: started after the wait ended (Qt's timer)", _ms(k["fired_after_the_wait"])))
@@ -246,7 +249,7 @@ def table(r: dict[str, Any]) -> str:
         if "show" in calls:
             rows.append(("  of it: setPixelData and Krita's redraw (refreshProjection)", _ms(calls["show"])))
         rows.append(
-            (f"stroke end -> preview shown, {n} (identity backend, wait included)", _ms(k["stroke_end_to_shown"]))
+            ("  API stroke end -> preview shown (identity backend, wait included)", _ms(k["stroke_end_to_shown"]))
         )
         longest = f"tick {calls['tick']['max_ms']} ms, message {calls['message']['max_ms']} ms"
         rows.append(("the plugin's longest call on Krita's UI thread (goal < 50 ms)", longest))
