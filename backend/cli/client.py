@@ -16,13 +16,11 @@ from zmq.utils.monitor import recv_monitor_message
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
 from krita_sdxl.protocol.endpoint import DEFAULT_ENDPOINT, EndpointError, check_ipc_connect, parse_endpoint
 
-_WATCHED = (
-    zmq.EVENT_DISCONNECTED
-    | zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-)
+from .reachability import EVENTS as REACHABILITY_EVENTS
+from .reachability import Reachability
+
+_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+_WATCHED = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _FAILED | REACHABILITY_EVENTS
 
 
 class ServiceUnavailable(ConnectionError):
@@ -89,6 +87,8 @@ class ServiceClient:
         self._handshaken = self._dropped = self._reconnected = False
         self._last_heard = time.monotonic()
         self._last_sent = 0.0  # when this client last sent anything (the service's proof of life)
+        # why nothing answers, told within seconds (nothing listening, a name that does not resolve, not ZeroMQ)
+        self._reach = Reachability(parsed, curve=self.socket.getsockopt(zmq.MECHANISM) == zmq.CURVE)
         self._monitor = self.socket.get_monitor_socket(_WATCHED)
         self._monitor.setsockopt(zmq.LINGER, 0)
         self._poller = zmq.Poller()
@@ -101,12 +101,13 @@ class ServiceClient:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
             kind, value = event["event"], event["value"]
+            self._reach.seen(kind)
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._reconnected = self._reconnected or self._dropped
                 self._handshaken, self._dropped = True, False
             elif kind == zmq.EVENT_DISCONNECTED:
                 self._dropped = self._dropped or self._handshaken
-            else:
+            elif kind & _FAILED:
                 self.handshake_error = self._handshake_text(kind, value)
 
     def _handshake_text(self, kind: int, value: int) -> str:
@@ -115,11 +116,16 @@ class ServiceClient:
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self._secret_file is not None:
             from zmq.auth import load_certificate
 
+            from krita_sdxl.protocol.authorize import authorize_command
+
             public = load_certificate(str(self._secret_file))[0].decode("ascii")
             return (
-                f"{where} refused this client's key; on the service's machine run: "
-                f"krita-sdxl authorize {public} --dir <its authorized keys folder>"
+                f"{where} refused this client's key; on the service's machine run (with the folder given to "
+                f"serve --authorized-keys): {authorize_command(public)}"
             )
+        not_zeromq = self._reach.handshake_failed()  # a peer that is not a ZeroMQ service at all
+        if not_zeromq is not None:
+            return not_zeromq
         if curve:
             if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
                 return f"{where} does not use CURVE keys; leave out --server-key and --client-key"
@@ -168,6 +174,8 @@ class ServiceClient:
                 return event
 
     def _silence_text(self, wait: float) -> str:
+        if not self._handshaken and (why := self._reach.verdict(forced=True)) is not None:
+            return why
         if self._dropped:
             return f"lost the connection to {self.endpoint}: no answer for {wait:g} s (did the service stop?)"
         return f"no answer from {self.endpoint} within {wait:g} s: is `krita-sdxl serve` running there?"
@@ -176,11 +184,13 @@ class ServiceClient:
         """Wait up to one heartbeat interval (at most ``left`` s) for a message; None when nothing but a
         heartbeat reply or a connection event came. A message after a silence of more than two
         intervals marks a possible restart (checked by ``events``)."""
-        ready = dict(self._poller.poll(int(min(left, self.heartbeat_interval) * 1000) + 1))
-        if self._monitor in ready:
+        ready = dict(self._poller.poll(int(min(left, self.heartbeat_interval, self._reach.wait_left()) * 1000) + 1))
+        if self._monitor in ready or not self._handshaken:
             self._watch()
         if self.handshake_error is not None:
             raise ServiceUnavailable(self.handshake_error)
+        if not self._handshaken and (why := self._reach.verdict()) is not None:
+            raise ServiceUnavailable(why)  # nothing listens, or not a ZeroMQ service: no use waiting for the timeout
         if time.monotonic() - self._last_sent >= self.heartbeat_interval:
             # On a schedule, whatever arrives: a job streaming progress faster than the interval
             # would otherwise leave the service without news, and it cancels a silent client's jobs.

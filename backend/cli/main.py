@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -17,12 +18,14 @@ from typing import NoReturn
 
 from krita_sdxl.backend.common.config import EXIT_INTERRUPTED, EXIT_USAGE, CommandFailed, ConfigError, Settings
 from krita_sdxl.backend.engine.loading import configure_logging, load_engine, tiling
+from krita_sdxl.backend.setup.plan import VERSION
 
 from . import demo as demo_cmd
 from . import setup as setup_cmd
+from .connection import connect
 from .job_options import add_job_flags
-from .options import add_common, add_settings, resolve
-from .refine import add_connection_flags, cmd_refine, connect, say
+from .options import add_client_flags, add_common, add_settings, resolve
+from .refine import cmd_refine, say
 
 log = logging.getLogger("krita_sdxl")
 
@@ -61,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=raw,
     )
+    parser.add_argument("--version", action="version", version=f"krita-sdxl {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = Parser(add_help=False)
     add_common(common)
@@ -91,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a missing folder is created)",
     )
     refine.add_argument("--local", action="store_true", help="run the pipeline in this process, no service")
-    add_connection_flags(refine, timeout=30.0)
+    add_client_flags(refine, timeout=30.0)
     add_job_flags(refine)
     add_settings(refine, "refine")
 
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a running service's capabilities",
         description="Ask a running service what it runs: device, models, modes, limits.",
     )
-    add_connection_flags(info, timeout=5.0)
+    add_client_flags(info, timeout=5.0)
     info.add_argument("--json", action="store_true", help="machine-readable output")
 
     setup_cmd.add_parser(sub, common)
@@ -238,6 +242,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         state = "" if "loaded" not in m else (", loaded" if m["loaded"] else ", not loaded")
         print(f"model       {m.get('role')}: {m.get('name')}" + (f" ({m['path']}{state})" if m.get("path") else ""))
     print(f"modes       {', '.join(caps.get('modes', []))}")
+    limits = caps.get("limits") or {}
+    if limits:
+        print(f"limits      pictures up to {limits.get('max_pixels'):,} pixels, prompts up to "
+              f"{limits.get('max_prompt_chars'):,} characters")  # fmt: skip
     memory = caps.get("memory") or {}
     if memory:
         print(f"memory      {memory.get('mode')}" + (f" (auto: {memory['reason']})" if memory.get("reason") else ""))
@@ -266,9 +274,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
         public, secret = write_keys(args.dir, args.name, force=args.force)
     except (SecurityError, OSError) as exc:
         raise ConfigError(str(exc)) from None
+    from krita_sdxl.protocol.authorize import authorize_command
+
     key = zmq.auth.load_certificate(str(public))[0].decode("ascii")
-    print(f"public key: {public}   (give this file, or the key {key}, to the other side)")
+    print(f"public key: {public}   (give this file, or the key {shlex.quote(key)}, to the other side)")
     print(f"secret key: {secret}   (keep it private)")
+    print(f"a service admits this key with: {authorize_command(key)}")
     return 0
 
 
@@ -291,7 +302,18 @@ def cmd_authorize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printable_names() -> None:
+    """A file name that is not valid UTF-8 (kept by Python as lone surrogates) prints escaped, never as a
+    UnicodeEncodeError after the work is done."""
+    import io
+
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _printable_names()
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     commands = {

@@ -86,6 +86,20 @@ class Settings:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """How the client commands (refine, info) reach a service: flags, else ``[client]``, else ``[serve]``'s
+    endpoint (one file configures both on one machine); help, flags and checks are in ``options.CLIENT_OPTIONS``."""
+
+    endpoint: str = DEFAULT_ENDPOINT
+    server_key: str = ""  # a CURVE service's public key, or its .key file ("" = no CURVE)
+    client_key: str = ""  # this client's NAME.key_secret file
+    timeout: float = 0.0  # seconds of silence before giving up; 0 = the command's own default
+
+
+TABLES = ("serve", "client")  # the tables a settings file may hold
+
+
 class ConfigError(ValueError):
     """A bad flag, setting, file or model, found before any work: one line, exit status 2."""
 
@@ -98,8 +112,16 @@ class CommandFailed(RuntimeError):
         self.code = code
 
 
-def load_toml(path: Path) -> dict[str, Any]:
-    """The ``[serve]`` table of a TOML settings file."""
+def did_you_mean(word: str, known: list[str] | tuple[str, ...], shown: str = "{}") -> str:
+    """`` (did you mean X?)`` for a near miss of one of ``known``, else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f" (did you mean {shown.format(close[0])}?)" if close else ""
+
+
+def load_toml(path: Path) -> dict[str, dict[str, Any]]:
+    """The tables of a TOML settings file (``[serve]``, ``[client]``); anything else is refused in one line."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -111,7 +133,13 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read (permission denied)") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    section = data.get("serve", {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"config file {path}: [serve] must be a table")
-    return section
+    known = ", ".join(f"[{t}]" for t in sorted(TABLES))
+    for name, value in data.items():
+        if name in TABLES and not isinstance(value, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {name} = {value!r} is outside any table; put it under one of {known}")
+        if name not in TABLES:
+            hint = did_you_mean(name, TABLES, "[{}]")
+            raise ConfigError(f"{path}: unknown table [{name}]{hint}; known: {known}")
+    return {name: data.get(name, {}) for name in TABLES}

@@ -49,6 +49,15 @@ class Limits:
         drops the biggest holder's newest queued job)."""
         return self.max_total_bytes if self.max_total_bytes is not None else 4 * self.client_bytes
 
+    def describe(self) -> dict[str, int]:
+        """``welcome.capabilities.limits``: what a client can check before it sends a job."""
+        return {
+            "max_pixels": self.max_pixels,
+            "max_prompt_chars": self.max_prompt_chars,
+            "max_jobs_per_client": self.max_jobs_per_client,
+            "max_jobs_total": self.max_jobs_total,
+        }
+
     def queue_budgets(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~krita_sdxl.backend.service.jobs.JobQueue`."""
         return {

@@ -118,6 +118,7 @@ class Service:
         self._capabilities = dict(engine.describe())
         self._capabilities["protocol_version"] = PROTOCOL_VERSION
         self._capabilities["backend_version"] = VERSION  # the plugin says "Update the backend" when it differs
+        self._capabilities["limits"] = self.limits.describe()  # clients check a job against them before sending
         self._next_housekeeping = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
