@@ -10,6 +10,7 @@ Every public method a button calls takes no arguments or a job/entry id, and is 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,13 @@ from krita_sdxl.protocol.geometry import Box, Extent
 from krita_sdxl.protocol.policy import paints_from_noise
 
 from ..core import settings as settings_mod
+from ..core.authorize import authorize_command
 from ..core.connection import Connection, ConnectionState, CurveKeys
 from ..core.document import Adapter, AdapterError, Capture, NotApplied, Placed
 from ..core.guard import guarded
 from ..core.history import THUMBNAIL_SIDE, Entry, History
 from ..core.host import KeyFiles, Pictures, Repeating, Timers
-from ..core.jobs import Job, JobList, JobParams, JobState, new_job_id, status_job_ids
+from ..core.jobs import Job, JobList, JobParams, JobState, new_job_id, new_seed, status_job_ids
 from ..core.pixelformat import UnsupportedFormat, any_visible
 from ..core.plan import NothingToRefine, RefinePlan, nothing_visible, plan_refine
 from ..core.processes import LocalBackend, Processes
@@ -120,11 +122,17 @@ class Controller:
             return s
         secret = self.keys.ensure_client_keys(self.app_data / KEYS_FOLDER)
         self.notice.emit(
-            "Created this computer's key pair. On the backend machine run: krita-sdxl authorize "
-            f"{self.keys.public_key_text(secret)} --dir AUTHORIZED_KEYS_FOLDER",
+            "Created this computer's key pair. On the backend machine run: "
+            + authorize_command(self.keys.public_key_text(secret)),
             "info",
         )
         return s.changed(client_secret_key=str(secret))
+
+    def authorize_line(self) -> str:
+        """The shell line that authorizes this computer's key on the backend machine ("" without keys)."""
+        secret = self.settings.client_secret_key.strip()
+        public = self.keys.public_key_text(secret) if secret and self.settings.server_public_key.strip() else ""
+        return authorize_command(public) if public else ""
 
     @property
     def backend_tiles_large_images(self) -> bool:
@@ -187,7 +195,7 @@ class Controller:
             strength=s.strength,
             steps=s.steps,
             guidance=s.guidance,
-            seed=None if s.random_seed else s.seed,
+            seed=new_seed() if s.random_seed else s.seed,  # drawn now: a resubmission runs with it too
             preview=s.preview,
             denoising_end=s.denoising_end,
             keep_unmasked=s.keep_unmasked,
@@ -241,13 +249,17 @@ class Controller:
             return
         if job.state is JobState.lost:
             job.cancel_locally("dropped")
+            self.notice.emit(f"Dropped: “{job.layer_name}” (lost by the backend) will not be resubmitted.", "info")
         elif not job.state.finished:
             self._cancel(job)
         self.jobs_changed.emit()
 
     def _cancel(self, job: Job) -> None:
+        """A job not sent yet ends here; one in the service is asked to stop (its ``cancelled`` event
+        ends it, with a line in the message log)."""
         if job.state is JobState.waiting:
             job.cancel_locally()
+            self.notice.emit(f"Cancelled: “{job.layer_name}” before it was sent.", "info")
         elif self.client.is_connected:
             self.client.send("cancel", job=job.id)
 
@@ -308,6 +320,8 @@ class Controller:
             self.notice.emit(job.status_text, "error")
         elif msg.type == "cancelled" and job.state is JobState.lost:
             self.notice.emit(job.status_text, "warning")
+        elif msg.type == "cancelled":
+            self.notice.emit(f"Cancelled: “{job.layer_name}”{_at_step(job)}.", "info")
         self.jobs_changed.emit()
 
     def _on_result(self, job: Job, image: Image) -> None:
@@ -321,6 +335,7 @@ class Controller:
         entry = Entry(
             id=job.id,
             name=job.layer_name,
+            number=job.number,
             job=job,
             box=crop,
             fmt=job.fmt,
@@ -333,8 +348,9 @@ class Controller:
             mode=p.mode,
             elapsed=job.elapsed,
         )
+        target = replace(job.target, above=self.history.layers_of_source(job.target, job.capture_id))
         try:
-            self._placed(entry, self.adapter.apply(job.target, crop, job.fmt, image.data, job.layer_name))
+            self._placed(entry, self.adapter.apply(target, crop, job.fmt, image.data, job.layer_name))
         except NotApplied as exc:
             entry.note = f"not applied: {exc}"
             self.notice.emit(
@@ -423,12 +439,12 @@ class Controller:
     @guarded
     def again(self, entry_id: str) -> Job | None:
         """Run the job of a history entry once more with a new seed, from the pixels it was captured
-        with (not the layer that is active now), its result placed above the earlier ones."""
+        with (not the layer that is active now); its result goes above the earlier ones, as every result."""
         entry = self.history.get(entry_id)
         if entry is None or entry.job is None or not entry.can_again:
             self.notice.emit("The source pixels of this result were dropped to save memory.", "warning")
             return None
-        return self._submit(entry.job.again(self.history.layers_of_capture(entry.capture_id)))
+        return self._submit(entry.job.again())
 
     def _entry_with_pixels(self, entry_id: str) -> Entry | None:
         entry = self.history.get(entry_id)
@@ -466,6 +482,11 @@ class Controller:
         """The setup's last step: its environment's Python serves as the local backend from now on."""
         self.update_settings(backend_command=python, backend_args="serve")
         self.start_backend()
+
+
+def _at_step(job: Job) -> str:
+    """`` at step 3/15`` for a job that had started, else nothing."""
+    return f" at step {job.step}/{job.total}" if job.step and job.total else ""
 
 
 def curve_of(s: Settings) -> CurveKeys | None:
