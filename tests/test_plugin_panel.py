@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,8 +25,9 @@ from PyQt5.QtTest import QTest  # noqa: E402
 from PyQt5.QtWidgets import QApplication, QLabel, QWidget  # noqa: E402
 
 from krita_sdxl.protocol import Image, ImageSpec  # noqa: E402
+from krita_sdxl.protocol.geometry import Box, Extent  # noqa: E402
 from krita_sdxl_refiner.adapters.backend import Backend  # noqa: E402
-from krita_sdxl_refiner.core.jobs import JobState  # noqa: E402
+from krita_sdxl_refiner.core.jobs import JobState, Target  # noqa: E402
 from krita_sdxl_refiner.ui.panel import MessagePanel, RefinerPanel  # noqa: E402
 
 
@@ -318,6 +320,64 @@ def test_resubmit_runs_with_the_seed_it_was_captured_with(online):
     assert numbers == [1, 2]  # the layer names keep their "#1", "#2"
 
 
+def big_capture(d: Docker, width: int, height: int, alpha: int, read_threads: list, gate=None):
+    """Make the fake document a ``width`` x ``height`` layer whose pixels are read later, by a reader that
+    notes the thread it runs on (and waits for ``gate``, if given), as Krita's adapter does."""
+    from krita_sdxl_refiner.core.document import Capture
+    from krita_sdxl_refiner.core.pixelformat import pixel_format
+
+    def capture(source, planner):
+        plan = planner(Extent(width, height), Box(0, 0, width, height), None)
+        crop = plan.crop
+
+        def read():
+            read_threads.append(threading.get_ident())
+            if gate is not None:
+                gate.wait(10)
+            return bytes([9, 9, 9, alpha]) * (crop.width * crop.height), None
+
+        target = Target(d.adapter.document, "big", source, "layer “Big” in big.kra")
+        return Capture(plan, pixel_format("RGBA", "U8"), "", "srgb", None, None, target, reader=read)
+
+    d.adapter.capture = capture
+
+
+def test_a_large_layer_is_read_off_the_ui_thread_and_then_sent(online):
+    """A 3000x2000 layer (24 MB): Run returns at once with the job "Reading the pixels…"; the copy runs
+    on another thread; then the job is sent with every byte. In Krita the copy is ``projectionPixelData``."""
+    d = online
+    threads: list[int] = []
+    gate = threading.Event()
+    big_capture(d, 3000, 2000, 255, threads, gate)
+    click(d.panel.refine_button)
+    (job,) = d.controller.jobs
+    assert job.state is JobState.reading and "Reading the pixels" in d.panel.history.job_rows[job.id].detail.text()
+    gate.set()
+    d.pump(lambda: bool(d.submits()))
+    submit = d.submits()[0][1]
+    assert threads and threads[0] != threading.get_ident()
+    assert submit.images["image"].spec.width == 3000 and len(bytes(submit.images["image"].data)) == 3000 * 2000 * 4
+    assert job.state is JobState.sent
+
+
+def test_a_large_layer_cancelled_while_read_or_with_nothing_visible_sends_nothing(online):
+    d = online
+    threads: list[int] = []
+    gate = threading.Event()
+    big_capture(d, 3000, 2000, 255, threads, gate)
+    click(d.panel.refine_button)
+    (job,) = d.controller.jobs
+    click(d.panel.history.job_rows[job.id].cancel_button)
+    gate.set()
+    settle(d.app, 0.3)
+    assert job.state is JobState.cancelled and not d.submits() and "before it was sent" in d.messages()[-1]
+    big_capture(d, 3000, 2000, 0, threads)  # fully transparent: refused once read, with the reason
+    click(d.panel.refine_button)
+    d.pump(lambda: d.messages()[-1].startswith("Nothing to refine"))
+    assert "layer “Big” in big.kra is fully transparent" in d.messages()[-1]
+    assert [j.id for j in d.controller.jobs] == [job.id] and not d.panel.history.job_rows and not d.submits()
+
+
 def test_kept_result_of_a_closed_document_stays_visible(online):
     d = online
     d.adapter.apply_reason = "its document was closed"
@@ -531,8 +591,8 @@ def test_the_panel_reads_top_down_and_stays_small(offline):
         panel.prompt,
         panel.strength,
         panel.refine_button,
-        panel.advanced_section,
         panel.progress,
+        panel.advanced_section,
         panel.messages,
         panel.history,
         panel.connection,

@@ -1,6 +1,7 @@
 """Job records and their state machine. Pure Python.
 
-A job goes waiting (captured, not sent yet: no backend) -> sent -> queued (``accepted``) ->
+A job goes reading (a large layer's pixels are copied off the UI thread) -> waiting (captured, not
+sent yet: no backend) -> sent -> queued (``accepted``) ->
 running (first ``progress``) -> done / failed / cancelled, or lost (the backend went away with it:
 it keeps its pixels and can be resubmitted). A job keeps the pixels it was captured with until it
 ends; a done job hands them to the results history (:mod:`history`) for "Again with a new seed".
@@ -33,6 +34,7 @@ def new_seed() -> int:
 
 
 class JobState(str, Enum):
+    reading = "reading"  # its pixels are being read from the document, off the UI thread
     waiting = "waiting"  # captured; sent as soon as the backend is connected
     sent = "sent"
     queued = "queued"
@@ -209,7 +211,7 @@ class Job:
         self.message = message
         self.images.clear()
 
-    def cancel_locally(self, reason: str = "cancelled before it was sent") -> None:
+    def cancel_locally(self, reason: str = "before it was sent") -> None:
         self.state = JobState.cancelled
         self.message = reason
         self.images.clear()
@@ -217,6 +219,8 @@ class Job:
     @property
     def status_text(self) -> str:
         s = self.state
+        if s is JobState.reading:
+            return "Reading the pixels…"
         if s is JobState.waiting:
             return "Waiting for the backend…"
         if s is JobState.sent:
@@ -232,7 +236,7 @@ class Job:
             return f"Failed: {self.message}"
         if s is JobState.lost:
             return f"Lost: {self.message}. Resubmit to run it again."
-        return f"Cancelled: {self.message}"
+        return "Cancelled" + (f": {self.message}" if self.message not in ("", "cancelled") else "")
 
 
 class JobList:
@@ -262,6 +266,10 @@ class JobList:
 
     def get(self, job_id: str | None) -> Job | None:
         return self._jobs.get(job_id) if job_id else None
+
+    def remove(self, job_id: str) -> Job | None:
+        """Forget a job that never became one (its capture was refused)."""
+        return self._jobs.pop(job_id, None)
 
     def unfinished(self) -> list[Job]:
         return [j for j in self._jobs.values() if not j.state.finished]

@@ -1,6 +1,6 @@
 """The docker's content, top-down in the order an artist works: prompt, strength, mode / source /
-Run; then what happens (progress, messages, queue and results); one connection line at the
-bottom. Advanced settings fold away; the connection settings live in a dialog (the ⚙ button).
+Run and the job's progress; the folded Advanced settings; then what happened (messages, queue and
+results); one connection line at the bottom. The connection settings live in a dialog (the ⚙ button).
 The content scrolls (:mod:`scroll`), so the docker fits whatever height Krita gives it.
 
 Pure PyQt5 (runs offscreen in tests). Edits go straight to the controller, which persists them.
@@ -147,11 +147,7 @@ class RefinerPanel(QWidget):
         row.addWidget(self.refine_button, 1)
         root.addLayout(row)
 
-        self.advanced = AdvancedSettings(self.controller)
-        self.advanced_section = Collapsible("Advanced", self.advanced)
-        root.addWidget(self.advanced_section)
-
-        row = QHBoxLayout()
+        row = QHBoxLayout()  # right under Run: in a short docker (a laptop) the job's progress still shows
         self.progress = ProgressLine()
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setToolTip(TIPS["cancel"])
@@ -162,6 +158,10 @@ class RefinerPanel(QWidget):
         row.addWidget(self.cancel_button)
         row.addWidget(self.resubmit_button)
         root.addLayout(row)
+
+        self.advanced = AdvancedSettings(self.controller)
+        self.advanced_section = Collapsible("Advanced", self.advanced)
+        root.addWidget(self.advanced_section)
 
         self.messages = MessageLog(lines=3)
         root.addWidget(self.messages)

@@ -25,14 +25,15 @@ from ..core.connection import Connection, ConnectionState, CurveKeys
 from ..core.document import Adapter, AdapterError, Capture, NotApplied, Placed
 from ..core.guard import guarded
 from ..core.history import THUMBNAIL_SIDE, Entry, History
-from ..core.host import KeyFiles, Pictures, Repeating, Timers
+from ..core.host import Background, KeyFiles, Pictures, Repeating, Timers
 from ..core.jobs import Job, JobList, JobParams, JobState, new_job_id, new_seed, status_job_ids
-from ..core.pixelformat import UnsupportedFormat, any_visible
-from ..core.plan import NothingToRefine, RefinePlan, nothing_visible, plan_refine
+from ..core.pixelformat import UnsupportedFormat
+from ..core.plan import NothingToRefine, RefinePlan, plan_refine
 from ..core.processes import LocalBackend, Processes
 from ..core.settings import Settings
 from ..core.signals import Signal
 from ..core.thumbs import rgba8_thumbnail
+from .capture import read_checked, reads_at_once
 from .setup_runner import SetupRunner
 
 STATUS_AFTER_SILENCE = 15.0  # seconds without news of a job in the service before asking for status
@@ -62,6 +63,7 @@ class Controller:
         pictures: Pictures,
         keys: KeyFiles,
         app_data: Path,
+        background: Background,
     ) -> None:
         self.adapter = adapter
         self.settings = settings_mod.load(adapter.read_setting)
@@ -69,6 +71,7 @@ class Controller:
         self.history = History()
         self.last_seed: int | None = None
         self.timers, self.pictures, self.keys, self.app_data = timers, pictures, keys, Path(app_data)
+        self.background = background
         self.client = client
         self.client.state_changed.connect(self.connection_changed)
         self.client.welcomed.connect(self._on_welcome)
@@ -149,7 +152,8 @@ class Controller:
 
     @guarded
     def refine(self) -> Job | None:
-        """Capture the active document and submit (or queue until connected). Never raises."""
+        """Capture the active document and submit (or queue until connected). A large layer's pixels are
+        read off the UI thread: its job shows "Reading the pixels…" meanwhile. Never raises."""
         s = self.settings
         if self.client.capabilities and s.mode not in self.supported_modes:
             self.notice.emit(f"The backend does not support the {s.mode!r} mode.", "error")
@@ -177,17 +181,33 @@ class Controller:
         except Exception as exc:  # a Krita surprise must never become a modal error dialog
             self.notice.emit(f"Could not read the document: {type(exc).__name__}: {exc}", "error")
             return None
-        if not from_noise and not any_visible(capture.fmt, capture.pixels, capture.mask):
-            target = capture.target
-            self.notice.emit(nothing_visible(target.source, target.description, capture.mask is not None), "error")
-            return None
-        return self._submit(self._make_job(s, capture))
+        if reads_at_once(capture):
+            try:
+                read_checked(capture, from_noise)
+            except Exception as exc:
+                self.notice.emit(_unread(exc), "error")
+                return None
+            return self._submit(self._make_job(s, capture))
+        job = self.jobs.add(self._make_job(s, capture))
+        self.jobs_changed.emit()
+        self.background.run(lambda: read_checked(capture, from_noise), lambda read: self._on_read(job, read))
+        return job
+
+    @guarded
+    def _on_read(self, job: Job, read: Capture | BaseException) -> None:
+        """A large capture's pixels, read off the UI thread (or why not): the job goes on as any other."""
+        if job.state is not JobState.reading:
+            return  # cancelled meanwhile: the pixels go
+        if isinstance(read, BaseException):
+            self.jobs.remove(job.id)  # refused: as if it had been refused at the click
+            self.notice.emit(_unread(read), "error")
+            self.jobs_changed.emit()
+            return
+        job.images = _images(read)
+        job.state = JobState.waiting
+        self._submit(job)
 
     def _make_job(self, s: Settings, capture: Capture) -> Job:
-        crop = capture.plan.crop
-        images = {"image": Image(capture.fmt.spec(crop.width, crop.height), capture.pixels)}
-        if capture.mask is not None:
-            images["mask"] = Image(ImageSpec(crop.width, crop.height, "L", 8, "uint"), capture.mask)
         params = JobParams(
             mode=s.mode,
             prompt=s.prompt,
@@ -208,7 +228,8 @@ class Controller:
             capture.target,
             transfer=capture.transfer,
             profile=capture.profile,
-            images=images,
+            images=_images(capture) if capture.reader is None else {},
+            state=JobState.waiting if capture.reader is None else JobState.reading,
         )
 
     def _submit(self, job: Job) -> Job:
@@ -257,7 +278,7 @@ class Controller:
     def _cancel(self, job: Job) -> None:
         """A job not sent yet ends here; one in the service is asked to stop (its ``cancelled`` event
         ends it, with a line in the message log)."""
-        if job.state is JobState.waiting:
+        if job.state in (JobState.reading, JobState.waiting):
             job.cancel_locally()
             self.notice.emit(f"Cancelled: “{job.layer_name}” before it was sent.", "info")
         elif self.client.is_connected:
@@ -482,6 +503,22 @@ class Controller:
         """The setup's last step: its environment's Python serves as the local backend from now on."""
         self.update_settings(backend_command=python, backend_args="serve")
         self.start_backend()
+
+
+def _unread(exc: BaseException) -> str:
+    """Why a capture's pixels were not sent, for the message log."""
+    if isinstance(exc, (NothingToRefine, AdapterError)):
+        return str(exc)
+    return f"Could not read the document: {type(exc).__name__}: {exc}"
+
+
+def _images(capture: Capture) -> dict[str, Image]:
+    """A capture's frames: the pixels, and the selection's mask."""
+    crop = capture.plan.crop
+    images = {"image": Image(capture.fmt.spec(crop.width, crop.height), capture.pixels)}
+    if capture.mask is not None:
+        images["mask"] = Image(ImageSpec(crop.width, crop.height, "L", 8, "uint"), capture.mask)
+    return images
 
 
 def _at_step(job: Job) -> str:
