@@ -103,6 +103,7 @@ def run_scenario(
     return run, run.check()
 
 
+@pytest.mark.timeout(780)  # one Krita run of every phase: 3 to 6 minutes on a 2-core machine shared with others
 def test_docker_in_real_krita(tmp_path: Path, backend_endpoint: str, demo_cache: Path) -> None:
     require_krita()
     zip_path = build_plugin.build(tmp_path / "krita_sdxl_refiner.zip", vendor=False)
@@ -117,7 +118,7 @@ def test_docker_in_real_krita(tmp_path: Path, backend_endpoint: str, demo_cache:
         "timeout_s": 90,
     }
     run, value = run_scenario("scenario_docker", zip_path, backend_endpoint, tmp_path / "krita", "e2e-docker",
-                              params, timeout_s=600, screen=SCREEN)  # fmt: skip
+                              params, timeout_s=570, screen=SCREEN)  # fmt: skip
     story = run.describe() + f"\nscenario value: {value}"
     assert run.result is not None and run.result["uncaught"] == [] and value["internal_errors"] == [], story
 
@@ -188,7 +189,8 @@ def test_docker_in_real_krita(tmp_path: Path, backend_endpoint: str, demo_cache:
     assert kept["row_after_discard"] is False, story
 
     local = value["local"]
-    assert local["started"] == "■ Stop" and "stopped" in local["lost"] and local["resubmit_visible"], story
+    assert local["started"] == "■ Stop" and local["resubmit_visible"], story
+    assert ("stopped" if local["lost_at_stop"] else "no longer has this job") in local["lost"], story
     assert len(local["layers"]) == 1, story
     assert local["resubmitted_seed"] == local["lost_seed"] is not None, story  # item 8: as captured, seed included
     assert f"seed {local['lost_seed']}" in local["layers"][0], story
@@ -197,9 +199,13 @@ def test_docker_in_real_krita(tmp_path: Path, backend_endpoint: str, demo_cache:
     print(
         f"docker E2E, {big['size'][0]}x{big['size'][1]} layer: sent after {big['sent_s']} s; UI thread: largest gap "
         f"between 10 ms ticks {big['max_gap_ms']} ms (idle before: {big['idle_max_gap_ms']} ms), top "
-        f"{big['top_gaps_ms']}; the plugin's work on the UI thread (ms): {big['plugin_worst_ms']}"
+        f"{big['top_gaps_ms']}; the click {big['click_ms']} ms; the plugin's work on the UI thread (ms): "
+        f"{big['plugin_worst_ms']}; reads [on the UI thread, pixels, ms]: {big['reads']}"
     )
-    assert big["state"] == "cancelled" and max(big["plugin_worst_ms"].values()) < MAX_CAPTURE_WORK_MS, story
+    assert big["state"] == "cancelled", story
+    reads = [on_ui for on_ui, pixels, _ms in big["reads"] if pixels == 6000 * 4000]
+    assert reads == [False], f"the 6000x4000 layer was read on the UI thread\n{story}"
+    assert max(big["plugin_worst_ms"].values()) < MAX_CAPTURE_WORK_MS, story
 
     ui = value["measure"]["ui"]
     print(

@@ -16,6 +16,7 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 pytest.importorskip("PyQt5.QtWidgets")
 zmq = pytest.importorskip("zmq")
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
 from plugin_fakes import FakeAdapter, FakeService, make_controller, pump  # noqa: E402
@@ -488,6 +489,34 @@ def test_settings_dialog_apply_keeps_it_open_and_the_backend_row_describes_the_b
         d.close()
         first.close()
         second.close()
+
+
+def test_a_server_key_entered_in_the_dialog_shows_the_authorize_line_to_paste(offline, tmp_path):
+    """OK with a server key: this computer's key pair is made, and the line for the backend machine is in
+    the message log and in the dialog, quoted for a shell (Z85 keys hold * ? ( ) & < > # $ !)."""
+    import shlex
+
+    from zmq import auth as zmq_auth
+
+    d = offline
+    d.controller.app_data = tmp_path  # the key pair goes here, not into the real application data
+    server_key = zmq.curve_keypair()[0].decode()
+    click(d.panel.settings_button)
+    dialog = d.panel.dialog
+    assert not dialog.authorize.isVisible()
+    type_over(dialog.server_key, server_key)
+    click(dialog.ok_button)
+    line = d.messages()[-1].split("On the backend machine run: ", 1)[1]
+    argv = shlex.split(line)
+    public = zmq_auth.load_certificate(d.controller.settings.client_secret_key)[0].decode()
+    assert argv == ["krita-sdxl", "authorize", public, "--dir", "AUTHORIZED_KEYS_FOLDER"]
+    click(d.panel.settings_button)
+    assert (
+        dialog.authorize.isVisible()
+        and shlex.quote(public).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        in dialog.authorize.text()
+    )
+    assert dialog.client_key.text() == d.controller.settings.client_secret_key
 
 
 def test_a_bad_endpoint_in_kritarc_is_shown_in_the_connection_line(app, ctx):

@@ -43,6 +43,7 @@ class SettingsDialog(QDialog):
         super().__init__(parent)
         self.controller = controller
         self._shown: dict[str, str] = {}
+        self._keys_shown: tuple[str, str] | None = None  # the keys the authorize line was made for
         self.setWindowTitle("SDXL Refiner: connection")
         self.setMinimumWidth(460)
         outer = QVBoxLayout(self)
@@ -224,9 +225,11 @@ class SettingsDialog(QDialog):
             if every_field or self._shown.get(name) != value:
                 self._shown[name] = value
                 field.setText(value)
-        line = self.controller.authorize_line()
-        self.authorize.setText(f"On the backend machine run:<br><code>{escape(line)}</code>" if line else "")
-        self.authorize.setVisible(bool(line))
+        if (s.server_public_key, s.client_secret_key) != self._keys_shown:  # reads a key file: only when they change
+            self._keys_shown = (s.server_public_key, s.client_secret_key)
+            line = self.controller.authorize_line()
+            self.authorize.setText(f"On the backend machine run:<br><code>{escape(line)}</code>" if line else "")
+            self.authorize.setVisible(bool(line))
         self.validate()
 
     show_settings = load
