@@ -14,6 +14,7 @@ from cli_helpers import assert_refused, jobs_seen, krita_sdxl, rgba_picture, spa
 from PIL import Image as PILImage
 
 from krita_sdxl.backend.cli.launcher import ServiceProcess, start_service
+from krita_sdxl.protocol import PROTOCOL_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,21 @@ def test_help_reads_well():
         assert options_without_help(krita_sdxl(command, "--help").stdout) == [], command
 
 
+def test_version_and_the_demo_refusing_to_overwrite_its_result(tmp_path):
+    version = krita_sdxl("--version")
+    assert version.returncode == 0 and re.fullmatch(r"krita-sdxl \d+\.\d+\.\d+\S*\n", version.stdout), version
+    same = krita_sdxl("demo", "-o", "x.png", "--save-input", "./sub/../x.png", cwd=tmp_path)
+    assert_refused(same, 2, "--save-input ./sub/../x.png and -o x.png name the same file")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_one_step_job_draws_no_unknown_rate(service, picture, tmp_path):
+    proc = krita_sdxl("refine", str(picture), "--endpoint", service.endpoint, "--steps", "1", "--strength", "1",
+                      "-o", str(tmp_path / "o.png"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "1/1" in proc.stderr and "?" not in proc.stderr, proc.stderr
+
+
 def options_without_help(text: str) -> list[str]:
     """Option lines of --help with no description beside or below them."""
     lines, bare = text.splitlines(), []
@@ -66,7 +82,7 @@ def test_refine_writes_where_asked_creating_the_folder(service, picture, tmp_pat
         assert res.getchannel("A").tobytes() == src.getchannel("A").tobytes()
     info = krita_sdxl("info", "--endpoint", service.endpoint)
     assert info.returncode == 0, info.stderr
-    assert "protocol    1" in info.stdout and "refine" in info.stdout
+    assert f"protocol    {PROTOCOL_VERSION}" in info.stdout and "refine" in info.stdout
     for noise in ("Loading pipeline", "Loading weights", "[transformers]", "Warning", "Traceback"):
         assert noise not in service.log, service.log  # the service's log is quiet at the default level
 
@@ -76,6 +92,7 @@ def test_jpeg_output_drops_alpha_with_a_note(service, picture, tmp_path):
     proc = krita_sdxl("refine", str(picture), "--endpoint", service.endpoint, "--steps", "2", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "JPEG has no alpha channel" in proc.stderr
+    assert "8-bit colour, seed" in proc.stdout and "with alpha" not in proc.stdout  # the summary says what was written
     with PILImage.open(out) as res:
         assert (res.format, res.mode, res.size) == ("JPEG", "RGB", (101, 67))
 
@@ -86,7 +103,7 @@ def test_jpeg_output_drops_alpha_with_a_note(service, picture, tmp_path):
         (".", ["is a folder"]),
         ("{tmp}", ["is a folder"]),
         ("{tmp}/out_noext", ["no file extension", "out_noext.png"]),
-        ("{tmp}/out.xyz", ["cannot write .xyz files"]),
+        ("{tmp}/out.xyz", ["cannot write .xyz files", ".png, .tif, .jpg, .webp, .bmp or .gif"]),
         ("{picture}", ["is the input picture"]),
         ("{picture}/x.png", ["is a file"]),
     ],
@@ -110,7 +127,7 @@ def test_output_mistakes_are_refused_before_any_job(service, picture, tmp_path, 
         (["--timeout", "-3"], ["--timeout", "above 0"]),
         (["--model", "x.safetensors"], ["--model applies only with --local"]),
         (["--device", "cpu", "--memory", "none"], ["--memory, --device apply only with --local"]),
-        (["--config", "c.toml"], ["--config applies only with --local"]),
+        (["--config", "c.toml"], ["config file c.toml does not exist"]),  # refine reads its [client] table
         (["--strength", "1.5"], ["--strength", "<= 1"]),
         (["--steps", "0"], ["--steps"]),
         (["--work-size", "big"], ["--work-size"]),
@@ -158,11 +175,11 @@ def test_progress_draws_each_step_once_and_the_step_change_is_told(service, pict
 def test_prompt_limits_share_one_wording(service, picture, tmp_path):
     protocol = krita_sdxl("refine", str(picture), "--endpoint", service.endpoint, "--prompt", "x" * 9000,
                           "-o", str(tmp_path / "a.png"))  # fmt: skip
-    line = assert_refused(protocol, 2, "prompt is 9000 characters long; the limit is 8000")
+    line = assert_refused(protocol, 2, "prompt is 9000 characters long; the limit is 4000")
     ours = krita_sdxl("refine", str(picture), "--endpoint", service.endpoint, "--negative-prompt", "x" * 200,
                       "-o", str(tmp_path / "b.png"))  # fmt: skip
-    line2 = assert_refused(ours, 1, "negative_prompt is 200 characters long; the limit is 100")
-    assert line.split("long;")[1].split(" 8000")[0] == line2.split("long;")[1].split(" 100")[0]
+    line2 = assert_refused(ours, 2, "negative-prompt is 200 characters long; the limit is 100")  # before sending
+    assert line.split("long;")[1].split(" 4000")[0] == line2.split("long;")[1].split(" 100")[0]
     assert not list(tmp_path.iterdir())
 
 
@@ -236,6 +253,16 @@ def test_the_progress_bar_rates_steps_from_the_first_one_on(capsys: pytest.Captu
         progress.step(step, 5)
     progress.close()
     err = capsys.readouterr().err
-    assert "1/5 [00:00<?, ?step/s]" in err  # no rate from the first step
+    assert "1/5 [00:00]" in err and "?" not in err  # no rate from the first step, and no "?step/s" for it
     rates = [float(r) for r in re.findall(r"([\d.]+)step/s", err)]
     assert rates and all(2.0 < r < 20.0 for r in rates), rates  # about 10 step/s
+
+
+def test_a_one_step_job_shows_no_unknown_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    from krita_sdxl.backend.cli.refine import Progress
+
+    progress = Progress()
+    progress.step(1, 1)
+    progress.close()
+    err = capsys.readouterr().err
+    assert "1/1 [00:00]" in err and "?" not in err, err

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import shlex
 import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 import zmq.auth
-from cli_helpers import assert_refused, krita_sdxl, rgba_picture
+from cli_helpers import COMMAND, assert_refused, krita_sdxl, rgba_picture
 from PIL import Image as PILImage
 
 from krita_sdxl.backend.cli.launcher import start_service
+from krita_sdxl.protocol import PROTOCOL_VERSION
+from krita_sdxl.protocol.authorize import authorize_command
 
 
 def mode(path) -> int:
@@ -45,6 +50,35 @@ def test_a_planted_link_is_not_written_through(tmp_path):
     assert not target.exists()  # the link was replaced, not followed
     secret = folder / "server.key_secret"
     assert stat.S_ISREG(os.lstat(secret).st_mode) and mode(secret) == 0o600
+
+
+def in_a_shell(line: str) -> subprocess.CompletedProcess:
+    """``line`` pasted into bash, with this environment's krita-sdxl first on PATH."""
+    path = f"{Path(COMMAND[0]).parent}{os.pathsep}{os.environ['PATH']}" if len(COMMAND) == 1 else os.environ["PATH"]
+    if len(COMMAND) > 1:  # no console script: a krita-sdxl function in the shell
+        line = f'krita-sdxl() {{ {shlex.join(COMMAND)} "$@"; }}; {line}'
+    return subprocess.run(
+        ["bash", "-c", line], capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": path}
+    )
+
+
+def test_the_printed_authorize_line_pastes_into_a_shell(tmp_path):
+    """Every Z85 character a key may hold survives the shell: the key ``keys`` prints is the key authorized."""
+    made = krita_sdxl("keys", "--dir", str(tmp_path / "keys"), "--name", "laptop")
+    assert made.returncode == 0, made.stderr
+    public = zmq.auth.load_certificate(str(tmp_path / "keys" / "laptop.key"))[0].decode()
+    line = next(x for x in made.stdout.splitlines() if "krita-sdxl authorize" in x).split(": ", 1)[1]
+    worst = "0*?()0&<>#0$!{}0[]^%0@:+=0/.-*0?&<#0$!()"  # a valid key of the shell's worst characters
+    for key in (public, worst):
+        pasted = (
+            authorize_command(key, str(tmp_path / "clients"))
+            if key != public
+            else line.replace("AUTHORIZED_KEYS_FOLDER", shlex.quote(str(tmp_path / "clients")))
+        )
+        proc = in_a_shell(pasted)
+        assert proc.returncode == 0, (pasted, proc.stderr)
+    stored = sorted(zmq.auth.load_certificate(str(f))[0].decode() for f in (tmp_path / "clients").glob("*.key"))
+    assert stored == sorted([public, worst])
 
 
 def test_each_authorized_client_gets_its_own_file(tmp_path):
@@ -87,10 +121,11 @@ def test_info_and_refine_against_a_curve_service(curve_service, tmp_path):
     mine = ["--server-key", str(keys / "server.key"), "--client-key", str(keys / "artist.key_secret")]
     public = zmq.auth.load_certificate(str(keys / "artist.key"))[0].decode()
     refused = krita_sdxl("info", "--endpoint", svc.endpoint, *mine)
-    assert_refused(refused, 1, "refused this client's key", f"krita-sdxl authorize {public}")
-    assert krita_sdxl("authorize", str(keys / "artist.key"), "--dir", str(keys / "clients")).returncode == 0
+    line = assert_refused(refused, 1, "refused this client's key", f"krita-sdxl authorize {shlex.quote(public)}")
+    pasted = line.split(": ")[-1].replace("AUTHORIZED_KEYS_FOLDER", shlex.quote(str(keys / "clients")))
+    assert in_a_shell(pasted).returncode == 0  # the line as printed, pasted into a shell (Z85 keys hold * ? < > #)
     info = krita_sdxl("info", "--endpoint", svc.endpoint, *mine)
-    assert info.returncode == 0 and "protocol    1" in info.stdout, info.stderr
+    assert info.returncode == 0 and f"protocol    {PROTOCOL_VERSION}" in info.stdout, info.stderr
     server_key = zmq.auth.load_certificate(str(keys / "server.key"))[0].decode()
     picture, out = rgba_picture(tmp_path / "in.png"), tmp_path / "out.png"
     proc = krita_sdxl("refine", str(picture), "--endpoint", svc.endpoint, "--server-key", server_key,

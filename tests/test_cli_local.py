@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -78,6 +79,7 @@ def test_a_checkpoint_that_is_not_sdxl_is_one_line(tmp_path):
 def test_demo_writes_only_the_files_it_names(demo_models, tmp_path):
     proc = krita_sdxl("demo", "-o", "out/r.png", "--steps", "4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert f"its model is built once into {os.environ['KRITA_SDXL_CACHE']}" in proc.stdout  # where the cache is
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["out", "out/r.png"]
     with PILImage.open(tmp_path / "out" / "r.png") as im:
         assert (im.size, im.mode) == ((512, 384), "RGBA")

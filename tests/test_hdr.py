@@ -132,3 +132,33 @@ def test_the_engine_refines_the_tone_mapped_picture_and_restores_the_range(engin
     tolerance = 1e-5 if depth == 32 else 2e-3 * expected.max()
     assert np.allclose(colour(out), expected, rtol=1e-3, atol=tolerance)
     assert colour(out).max() > 1.0  # where the model's picture is above the knee, it goes above 1
+
+
+# --- the selection decides the curve, not the context around it ----------------------------------------
+
+
+def mask_image(rows: slice, cols: slice) -> Image:
+    mask = np.zeros((H, W), np.uint8)
+    mask[rows, cols] = 255
+    return Image(ImageSpec(W, H, "L", 8), mask.tobytes())
+
+
+def test_the_curve_comes_from_the_selected_pixels() -> None:
+    rgba = document()
+    rgba[0:8, 56:64, :3] = 6.0  # a brighter lamp in the context, outside the selection
+    job = work_image.prepare(request(as_image(rgba), mask=mask_image(*LAMP)), pixels.image_mask(
+        as_image(rgba), mask_image(*LAMP)))  # fmt: skip
+    assert job.tone is not None and job.tone.peak == pytest.approx(2.5)  # the selection's peak, not 6.0
+
+
+def test_a_selection_without_values_above_1_is_refined_as_in_an_sdr_document(engine: Engine) -> None:
+    """The context holds a 2.5 lamp; the selection (left of it) nothing above 1.0: the selected pixels come
+    back exactly as from the same document with its context clipped to 1, and the lamp as it was."""
+    selection = (slice(0, H), slice(0, 12))
+    bright = document()
+    sdr = bright.copy()
+    sdr[..., :3] = np.minimum(sdr[..., :3], 1.0)
+    jobs = [request(as_image(rgba), strength=0.5, mask=mask_image(*selection)) for rgba in (bright, sdr)]
+    outs = [colour(engine.refine(job, lambda *a: None, lambda: False)) for job in jobs]
+    assert np.array_equal(outs[0][selection], outs[1][selection])
+    assert np.array_equal(outs[0][LAMP], bright[LAMP][..., :3])  # outside the selection: as it was

@@ -1,7 +1,7 @@
 """The ``krita-sdxl authorize ...`` line the docker shows: pasted into a shell as it is, it makes the real
 ``krita-sdxl authorize`` store exactly the docker's key, for keys holding every character a shell treats
 specially (Z85 has ``* ? ( ) & < > # $ ! { } [ ]``). The backend quotes the line it prints by the same
-rule (``shlex.join``); the plugin mirrors it in ``core/authorize.py`` (it cannot import the backend)."""
+rule: both build it with ``krita_sdxl.protocol.authorize`` (the protocol package, which the plugin ships)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from zmq.utils import z85
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
-from krita_sdxl_refiner.core.authorize import KEYS_FOLDER, authorize_command
+from krita_sdxl.protocol.authorize import KEYS_FOLDER, authorize_command
 
 SPECIAL = set("*?()&<>#$!{}[]")  # what sh would expand, redirect, run or cut at
 

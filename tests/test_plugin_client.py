@@ -24,7 +24,7 @@ zmq = pytest.importorskip("zmq")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
-from plugin_fakes import CAPS, FakeAdapter, FakeService, make_controller, pump  # noqa: E402
+from plugin_fakes import CAPS, FakeAdapter, FakeService, Uploads, make_controller, pump, result_frames  # noqa: E402
 
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, ImageSpec, Message, decode, encode  # noqa: E402
 from krita_sdxl.protocol.geometry import Box, Extent  # noqa: E402
@@ -70,7 +70,8 @@ def test_events_reach_the_received_signal_with_zero_copy_images(app, ctx):
         assert bytes(submit.images["image"].data) == bytes(range(32)) and submit["prompt"] == "p"
         service.send(ident, "accepted", job="j1", position=0, seed=9, steps=30, denoise_steps=9)
         service.send(ident, "result", images={"image": img}, job="j1", seed=9, elapsed=0.5)
-        pump(app, lambda: len(got) == 2, [service])
+        pump(app, lambda: len([m for m in got if m.type != "credit"]) == 2, [service])
+        got = [m for m in got if m.type != "credit"]  # the upload's progress
         assert [m.type for m in got] == ["accepted", "result"]
         assert bytes(got[1].images["image"].data) == bytes(range(32))
     finally:
@@ -417,6 +418,7 @@ class EchoServiceThread(threading.Thread):
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        uploads = Uploads()
         while not self.stop.is_set():
             if not poller.poll(20):
                 continue
@@ -426,12 +428,14 @@ class EchoServiceThread(threading.Thread):
                 reply = [encode(SERVICE, "welcome", server="echo", capabilities=CAPS)]
             elif msg.type == "heartbeat":
                 reply = [encode(SERVICE, "heartbeat")]
-            elif msg.type == "submit":
-                job = msg["job"]
-                reply = [
-                    encode(SERVICE, "accepted", job=job, position=0, seed=3, steps=30, denoise_steps=9),
-                    encode(SERVICE, "result", images={"image": msg.images["image"]}, job=job, seed=3, elapsed=0.0),
-                ]
+            elif msg.type in ("submit", "chunk"):
+                done, reply = uploads.feed(ident, msg)
+                if done is not None:
+                    job = done["job"]
+                    reply += [
+                        encode(SERVICE, "accepted", job=job, position=0, seed=3, steps=30, denoise_steps=9),
+                        *result_frames(done.images["image"], job=job, seed=3, elapsed=0.0),
+                    ]
             else:
                 reply = []
             for frames_out in reply:
@@ -620,7 +624,7 @@ def test_plugin_creates_its_key_pair_and_connects_to_a_curve_service(app, ctx, m
         path = f"{command_dir(tmp_path)}{os.pathsep}{os.environ['PATH']}"
         subprocess.run(["sh", "-c", pasteable(line, authorized)], check=True, env={**os.environ, "PATH": path})
         pump(app, lambda: c.client.is_connected, [], timeout=15)
-        assert c.client.capabilities["protocol_version"] == 1
+        assert c.client.capabilities["protocol_version"] == 2
     finally:
         c.shutdown()
         svc.stop()

@@ -99,7 +99,7 @@ def online(app, ctx):
 
 def finish_job(d: Docker, index: int = -1, seed: int = 1234, value: int = 9):
     """Let the service answer the ``index``-th submit with accepted and a result of ``value`` bytes."""
-    d.pump(lambda: len(d.submits()) > (index if index >= 0 else len(d.submits()) + index))
+    d.pump(lambda: len(d.submits()) > (index if index >= 0 else 0))  # its pixels are in (a round trip for credit)
     ident, submit = d.submits()[index]
     d.service.send(ident, "accepted", job=submit.job, position=0, seed=seed, steps=30, denoise_steps=15)
     spec = submit.images["image"].spec
@@ -111,6 +111,26 @@ def finish_job(d: Docker, index: int = -1, seed: int = 1234, value: int = 9):
 
 
 # --- the buttons ---------------------------------------------------------------------------------
+
+
+def test_a_large_layers_upload_shows_its_progress_in_the_docker(online):
+    """Issue 20, item 2: the pixels go up in chunks under the service's credit; the docker's bar shows
+    how much of them the service holds while they go (a large layer over a slow link takes a while)."""
+    d = online
+    d.adapter.selection = None
+    d.adapter.canvas, d.adapter.bounds = Extent(2048, 1024), Box(0, 0, 2048, 1024)  # 8 MiB of BGRA pixels
+    d.service.uploads.window = 2 * 1024 * 1024
+    d.service.uploads.hold = True  # the link stalls after the first credit: the bar stands still
+    click(d.panel.refine_button)
+    d.pump(lambda: "Uploading" in d.panel.progress.format())
+    assert d.panel.progress.format() == "Uploading 0% of 8 MiB…" and d.panel.progress.maximum() == 100
+    for ident, frames in d.service.uploads.release():  # the link goes on: 2 MiB at a time
+        d.service.router.send_multipart([ident, *frames])
+    d.pump(lambda: 0 < d.panel.progress.value() < 100)
+    assert d.panel.progress.format().startswith("Uploading ") and d.panel.progress.maximum() == 100
+    submit = finish_job(d)
+    assert submit.images["image"].spec.byte_length == 2048 * 1024 * 4
+    assert d.panel.progress.format().startswith("Done")
 
 
 def test_refine_button_captures_and_queues_a_job(offline):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
-from krita_sdxl.protocol import CLIENT, ImageSpec, encode
+from krita_sdxl.protocol import CLIENT, Image, ImageSpec, encode
 from krita_sdxl.protocol.geometry import Box, Extent
 from krita_sdxl.protocol.policy import paints_from_noise
 from krita_sdxl_refiner.adapters.backend import invocation, is_python
@@ -227,10 +227,24 @@ def test_job_fields_encode_as_a_valid_submit():
     assert fields["denoising_end"] == 0.8 and fields["keep_unmasked"] is True and fields["transfer"] == "srgb"
     crop = job.plan.crop
     spec = job.fmt.spec(crop.width, crop.height)
-    from krita_sdxl.protocol import Image
 
     frames = encode(CLIENT, "submit", images={"image": Image(spec, bytes(spec.byte_length))}, **fields)
-    assert len(frames) == 2
+    assert len(frames) == 1  # the header: the pixels follow in chunks
+
+
+def test_a_large_uploads_progress_counts_the_bytes_the_service_holds():
+    job = make_job()
+    job.images = {"image": Image(ImageSpec(1024, 2048, "BGRA", 8), bytes(1024 * 2048 * 4))}  # 8 MiB
+    job.mark_sent()
+    assert job.upload_percent == 0 and job.status_text == "Uploading 0% of 8 MiB…"
+    assert job.on_event("credit", {"received": 2 * 1024 * 1024, "until": 6 * 1024 * 1024})
+    assert job.upload_percent == 25 and job.status_text == "Uploading 25% of 8 MiB…"
+    job.on_event("accepted", {"position": 0, "seed": 1, "steps": 30, "denoise_steps": 9})
+    assert job.upload_percent is None and job.status_text == "Queued…"
+    small = make_job("j2")
+    small.images = {"image": Image(ImageSpec(64, 64, "BGRA", 8), bytes(64 * 64 * 4))}
+    small.mark_sent()
+    assert small.upload_percent is None and small.status_text == "Sent…"  # over before a bar could show it
 
 
 def test_job_state_machine():

@@ -211,3 +211,70 @@ def test_check_reports_this_environment(tmp_path) -> None:
     data = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and data["problems"] == []
     assert data["torch"].startswith("2.13.0") and data["device"] == "cpu" and data["backend_version"]
+
+
+def text_download(server: HubServer, hf_home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cli("download", *args), env=env_for(server, hf_home), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+def test_verified_only_when_every_checksum_was_checked(server, tmp_path) -> None:
+    """New files are hashed as they are written; files already there get their size checked, and the
+    command says so; --verify checks every checksum (a flipped byte in the cache is found there)."""
+    hf = tmp_path / "hf"
+    first = text_download(server, hf)
+    assert first.returncode == 0 and f"{REPO}: verified (every file's checksum)" in first.stdout, first.stdout
+    blob = next(p for p in (hub.repo_folder(hf / "hub", REPO) / "blobs").iterdir() if p.stat().st_size > 1_000_000)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit, same size
+    blob.write_bytes(bytes(data))
+    again = text_download(server, hf)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"{REPO}: sizes checked (`krita-sdxl setup download --verify` checks their checksums)" in again.stdout
+    assert f"{REPO}: verified" not in again.stdout
+    full = text_download(server, hf, "--verify")
+    assert full.returncode == 1 and "is damaged" in full.stderr and "SHA-256" in full.stderr, full.stderr
+
+
+NO_REREADING = """
+import sys
+from krita_sdxl.backend.setup.plan import hub
+def no_rereading(*a, **k):
+    raise AssertionError("a file just downloaded was read back to hash it")
+hub.sha256_file = hub.git_blob_sha1 = no_rereading
+from krita_sdxl.backend.cli.main import main
+sys.exit(main(["setup", "download", "--json-progress"]))
+"""
+
+
+def test_a_download_is_checked_as_it_is_written_not_read_again(server, tmp_path) -> None:
+    def run(hf_home: Path) -> tuple[int, list[dict], str]:
+        proc = subprocess.run([sys.executable, "-c", NO_REREADING], env=env_for(server, hf_home), capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        return proc.returncode, [e for e in map(events.parse, proc.stdout.splitlines()) if e], proc.stdout + proc.stderr
+
+    code, found, out = run(tmp_path / "hf")
+    assert code == 0 and found[-1]["event"] == "done", out
+    assert found[-1]["verified"] == found[-1]["files"] == 12
+    server.state.corrupt = {UNET}  # a byte changed on the way: caught by the hash of the stream
+    code, found, out = run(tmp_path / "hf2")
+    assert code == 1 and "SHA-256" in found[-1]["why"], out
+
+
+def fake_nvidia_smi(folder: Path, cuda: str) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    smi = folder / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho 'NVIDIA-SMI 450.00  Driver Version: 450.00  CUDA Version: {cuda}'\n")
+    smi.chmod(0o755)
+    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_the_terminal_setup_names_its_own_commands(tmp_path) -> None:
+    """No docker button (Repair) in a terminal, and the --base a --no-download check was run with."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "KRITA_SDXL_TORCH_INDEX": "pip",
+           **fake_nvidia_smi(tmp_path / "bin", "11.0")}  # fmt: skip
+    proc = subprocess.run(cli("--base", "--no-download"), env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Repair" not in out and "run `krita-sdxl setup --fix-torch` to get the GPU build" in out
+    assert out.count("to download: krita-sdxl setup --base)") == 2, out  # the refiner and the base

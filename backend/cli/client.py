@@ -1,4 +1,11 @@
-"""A blocking DEALER client for the CLI, tests and benchmarks (the Krita plugin has its own, on Qt)."""
+"""A blocking DEALER client for the CLI, tests and benchmarks (the Krita plugin has its own, on Qt).
+
+Pixels go up and come back in chunks under credit (protocol/transfer.py): ``submit`` sends the
+header, and the chunks follow as the service's ``credit`` events arrive while the caller waits for
+events; a connection uploads one job at a time, so a submit made meanwhile waits here until the one
+before is accepted. A ``result`` is handed to the caller only once all its chunks are there (each
+acknowledged with a ``credit``). ``credit`` events are passed on too (``received`` of the job's bytes:
+upload progress)."""
 
 from __future__ import annotations
 
@@ -15,14 +22,13 @@ from zmq.utils.monitor import recv_monitor_message
 
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
 from krita_sdxl.protocol.endpoint import DEFAULT_ENDPOINT, EndpointError, check_ipc_connect, parse_endpoint
+from krita_sdxl.protocol.streams import ClientStreams
 
-_WATCHED = (
-    zmq.EVENT_DISCONNECTED
-    | zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-)
+from .reachability import EVENTS as REACHABILITY_EVENTS
+from .reachability import Reachability
+
+_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+_WATCHED = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _FAILED | REACHABILITY_EVENTS
 
 
 class ServiceUnavailable(ConnectionError):
@@ -69,6 +75,7 @@ class ServiceClient:
             from krita_sdxl.backend.service.security import client_curve
 
             client_curve(self.socket, server_key, client_secret_file)
+        self._streams = ClientStreams()  # pixels up and down in chunks (protocol/streams.py)
         self._connect(endpoint, client_secret_file)
         self._prefix = f"{os.getpid()}-{id(self):x}-"
 
@@ -89,6 +96,8 @@ class ServiceClient:
         self._handshaken = self._dropped = self._reconnected = False
         self._last_heard = time.monotonic()
         self._last_sent = 0.0  # when this client last sent anything (the service's proof of life)
+        # why nothing answers, told within seconds (nothing listening, a name that does not resolve, not ZeroMQ)
+        self._reach = Reachability(parsed, curve=self.socket.getsockopt(zmq.MECHANISM) == zmq.CURVE)
         self._monitor = self.socket.get_monitor_socket(_WATCHED)
         self._monitor.setsockopt(zmq.LINGER, 0)
         self._poller = zmq.Poller()
@@ -101,12 +110,13 @@ class ServiceClient:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
             kind, value = event["event"], event["value"]
+            self._reach.seen(kind)
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._reconnected = self._reconnected or self._dropped
                 self._handshaken, self._dropped = True, False
             elif kind == zmq.EVENT_DISCONNECTED:
                 self._dropped = self._dropped or self._handshaken
-            else:
+            elif kind & _FAILED:
                 self.handshake_error = self._handshake_text(kind, value)
 
     def _handshake_text(self, kind: int, value: int) -> str:
@@ -115,11 +125,16 @@ class ServiceClient:
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and self._secret_file is not None:
             from zmq.auth import load_certificate
 
+            from krita_sdxl.protocol.authorize import authorize_command
+
             public = load_certificate(str(self._secret_file))[0].decode("ascii")
             return (
-                f"{where} refused this client's key; on the service's machine run: "
-                f"krita-sdxl authorize {public} --dir <its authorized keys folder>"
+                f"{where} refused this client's key; on the service's machine run (with the folder given to "
+                f"serve --authorized-keys): {authorize_command(public)}"
             )
+        not_zeromq = self._reach.handshake_failed()  # a peer that is not a ZeroMQ service at all
+        if not_zeromq is not None:
+            return not_zeromq
         if curve:
             if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
                 return f"{where} does not use CURVE keys; leave out --server-key and --client-key"
@@ -143,9 +158,11 @@ class ServiceClient:
     def new_job_id(self) -> str:
         return f"{self._prefix}{next(self._ids)}"
 
-    def send(self, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> None:
+    def send(self, msg_type: str, images: dict[str, Image] | None = None, payload: Any = None, **fields: Any) -> None:
         """Queue one message; never blocks (ServiceUnavailable when ZeroMQ cannot queue it)."""
-        frames = encode(CLIENT, msg_type, images=images, **fields)
+        self._send_frames(encode(CLIENT, msg_type, images=images, payload=payload, **fields))
+
+    def _send_frames(self, frames: list[Any]) -> None:
         try:
             self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -168,6 +185,8 @@ class ServiceClient:
                 return event
 
     def _silence_text(self, wait: float) -> str:
+        if not self._handshaken and (why := self._reach.verdict(forced=True)) is not None:
+            return why
         if self._dropped:
             return f"lost the connection to {self.endpoint}: no answer for {wait:g} s (did the service stop?)"
         return f"no answer from {self.endpoint} within {wait:g} s: is `krita-sdxl serve` running there?"
@@ -176,11 +195,13 @@ class ServiceClient:
         """Wait up to one heartbeat interval (at most ``left`` s) for a message; None when nothing but a
         heartbeat reply or a connection event came. A message after a silence of more than two
         intervals marks a possible restart (checked by ``events``)."""
-        ready = dict(self._poller.poll(int(min(left, self.heartbeat_interval) * 1000) + 1))
-        if self._monitor in ready:
+        ready = dict(self._poller.poll(int(min(left, self.heartbeat_interval, self._reach.wait_left()) * 1000) + 1))
+        if self._monitor in ready or not self._handshaken:
             self._watch()
         if self.handshake_error is not None:
             raise ServiceUnavailable(self.handshake_error)
+        if not self._handshaken and (why := self._reach.verdict()) is not None:
+            raise ServiceUnavailable(why)  # nothing listens, or not a ZeroMQ service: no use waiting for the timeout
         if time.monotonic() - self._last_sent >= self.heartbeat_interval:
             # On a schedule, whatever arrives: a job streaming progress faster than the interval
             # would otherwise leave the service without news, and it cancels a silent client's jobs.
@@ -195,7 +216,15 @@ class ServiceClient:
         if now - self._last_heard > 2 * self.heartbeat_interval + 0.5:
             self._reconnected = True
         self._last_heard = now
-        return None if event.type == "heartbeat" else event
+        return None if event.type == "heartbeat" else self._stream(event)
+
+    def _stream(self, event: Message) -> Message | None:
+        """Chunks and credits (protocol/streams.py): send what they call for; the event to hand to the
+        caller (a result only once complete), or None."""
+        event_out, send = self._streams.on_event(event)
+        for frames in send:
+            self._send_frames(frames)
+        return event_out
 
     def hello(self, name: str = "krita-sdxl cli") -> dict[str, Any]:
         """The service's ``welcome``, within ``timeout`` seconds in all: heartbeat replies keep
@@ -223,7 +252,8 @@ class ServiceClient:
         images = {"image": image}
         if mask is not None:
             images["mask"] = mask
-        self.send("submit", images=images, job=job, **params)
+        for frames in self._streams.submit(images, job=job, **params):  # checked now, sent in its turn
+            self._send_frames(frames)
         return job
 
     def events(self, job: str, timeout: float | None = None) -> Iterator[Message]:
@@ -244,11 +274,13 @@ class ServiceClient:
             if left <= 0:
                 raise ServiceUnavailable(self._silence_text(wait))
             event = self._next(left)
+            if self._streams.downloading(job) or self._streams.waiting(job):  # arriving, or not sent yet
+                ask_at, unknown = time.monotonic() + self.status_interval, 0
             if event is None:
                 continue
             if event.type == "status":
                 asked = 0.0
-                if _mentions(event, job):
+                if _mentions(event, job) or self._streams.downloading(job) or self._streams.waiting(job):
                     ask_at, unknown = time.monotonic() + self.status_interval, 0
                     continue
                 unknown += 1
@@ -285,6 +317,9 @@ class ServiceClient:
         raise AssertionError("unreachable")
 
     def cancel(self, job: str) -> None:
+        """Cancel a job (one still waiting here for its upload's turn is forgotten; the service answers
+        ``unknown_job`` for it)."""
+        self._streams.cancel(job)
         self.send("cancel", job=job)
 
     def unload(self, model: str) -> dict[str, Any]:

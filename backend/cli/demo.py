@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
-from krita_sdxl.backend.common.config import CommandFailed
+from krita_sdxl.backend.common.config import CommandFailed, ConfigError, default_cache_dir
 from krita_sdxl.protocol import Image, ImageSpec
 
 
@@ -35,6 +36,10 @@ def sample_image(width: int = 512, height: int = 384) -> Image:
     return Image(ImageSpec(width, height, "RGBA", 8), img.tobytes())
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from .client import ServiceClient
     from .imageio import Picture, plan_output
@@ -45,10 +50,17 @@ def run_demo(args: argparse.Namespace) -> int:
     source = Picture(sample_image(), grey=False)
     out = plan_output(args.output, source)  # checked before the service starts
     sample = plan_output(args.save_input, source) if args.save_input else None
+    if sample is not None and _same_file(sample.path, out.path):
+        raise ConfigError(
+            f"--save-input {args.save_input} and -o {args.output} name the same file; give the input picture "
+            "another name"
+        )
     fields = dict(prompt=args.prompt, strength=args.strength, steps=args.steps, seed=args.seed)
     check_job(source.image, fields)
     extra = ["--cache-dir", args.cache_dir] if args.cache_dir else []
-    print("starting krita-sdxl serve --demo in the background ...", flush=True)
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    print(f"starting krita-sdxl serve --demo in the background (its model is built once into {cache}, "
+          "then reused) ...", flush=True)  # fmt: skip
     service = start_service(["--demo", "--log-level", "warning", *extra])
     progress = Progress()
     try:
@@ -90,7 +102,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="run the whole system offline on the tiny demo model",
         description="Start a demo service in the background, refine a generated picture through it exactly as "
-        "the Krita plugin would, write the result, stop the service. Writes only -o (and --save-input).",
+        "the Krita plugin would, write the result, stop the service. Writes -o (and --save-input) where you "
+        "are; the demo model (about 7 MB) is built once into the cache folder (--cache-dir) and reused.",
     )
     p.add_argument("-o", "--output", default="refined.png", help="the result (default: refined.png)")
     p.add_argument("--save-input", metavar="FILE", help="also write the generated input picture here")

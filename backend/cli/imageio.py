@@ -11,19 +11,41 @@ from __future__ import annotations
 import io
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from krita_sdxl.backend.common.config import ConfigError
-from krita_sdxl.protocol import Image, ImageSpec
+from krita_sdxl.protocol import MAX_SIDE, Image, ImageSpec
 
 from .png16 import encode_png16
 
 _DTYPES = {("uint", 8): np.dtype("u1"), ("uint", 16): np.dtype("<u2"), ("float", 32): np.dtype("<f4")}
 _GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2 luma, as Pillow's convert("L")
+
+
+def describe(spec: ImageSpec, grey: bool, alpha: bool | None = None) -> str:
+    """``16-bit colour with alpha``: what a picture holds (``alpha``: as written, when it differs)."""
+    depth = "float" if spec.sample == "float" else f"{spec.depth}-bit"
+    alpha = spec.has_alpha if alpha is None else alpha
+    return f"{depth} {'grey' if grey else 'colour'}{' with alpha' if alpha else ''}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a picture file holds, from its header alone (no pixel decoded): the frame it will become."""
+
+    spec: ImageSpec  # the frame's size, channels (RGB or RGBA), depth and sample
+    grey: bool
+    icc: bytes | None = None
+
+    @property
+    def describe(self) -> str:
+        return describe(self.spec, self.grey)
 
 
 @dataclass(frozen=True)
@@ -34,10 +56,68 @@ class Picture:
     notes: tuple[str, ...] = ()  # lines to print (e.g. a depth Pillow could not read)
 
     @property
+    def spec(self) -> ImageSpec:
+        return self.image.spec
+
+    @property
     def describe(self) -> str:
-        s = self.image.spec
-        depth = "float" if s.sample == "float" else f"{s.depth}-bit"
-        return f"{depth} {'grey' if self.grey else 'colour'}{' with alpha' if s.has_alpha else ''}"
+        return describe(self.image.spec, self.grey)
+
+
+@contextmanager
+def _sized_by_us() -> Iterator[None]:
+    """Pillow's decompression-bomb guard off: the size is checked here, against the protocol's and the
+    service's limits, before any pixel is decoded (Pillow would refuse pictures the protocol carries)."""
+    from PIL import Image as PILImage
+
+    saved, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = saved
+
+
+def _layout_of(im: Any) -> tuple[str, int, bool, bool]:
+    """(sample, depth, alpha, grey) of the frame an opened picture becomes, as :func:`_pixels` decodes it."""
+    mode, rawmode = im.mode, _tile_rawmode(im) or ""
+    if mode in ("RGB", "RGBA") and rawmode[-3:] in ("16B", "16L", "16N"):
+        return "uint", 16, rawmode.startswith(("RGBA", "LA")), rawmode.startswith("LA")
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return "uint", 16, False, True
+    if mode == "F":
+        return "float", 32, False, True
+    alpha = "A" in mode or "a" in mode or "transparency" in im.info
+    return "uint", 8, alpha, mode in ("1", "L", "LA", "La", "I", "F")
+
+
+_TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def peek_picture(path: Path) -> Layout:
+    """The picture's size and format from its header (Pillow's lazy open: nothing decoded); ConfigError
+    when it cannot be read or is larger than the protocol carries."""
+    from PIL import Image as PILImage
+
+    try:
+        with _sized_by_us(), PILImage.open(path) as im:
+            width, height = im.size
+            header_exif = "exif" in im.info or im.format == "TIFF"  # PNG's getexif() decodes otherwise
+            if header_exif and im.getexif().get(0x0112) in _TURNED:
+                width, height = height, width
+            sample, depth, alpha, grey = _layout_of(im)
+            icc = im.info.get("icc_profile")
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; give an image file") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow: UnidentifiedImageError is an OSError
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if max(width, height) > MAX_SIDE:
+        raise ConfigError(
+            f"{path} is {width}x{height} pixels; the largest picture the service takes is {MAX_SIDE} px a side: "
+            "scale it down, or crop the part to refine"
+        )
+    return Layout(ImageSpec(width, height, "RGBA" if alpha else "RGB", depth, sample), grey, icc)
 
 
 def _tile_rawmode(im: Any) -> str | None:
@@ -108,9 +188,12 @@ def _pixels(path: Path) -> tuple[np.ndarray, bool, list[str], bytes | None]:
 
 
 def read_picture(path: Path) -> Picture:
-    """The picture in ``path`` as a protocol frame at its own depth; ConfigError when it cannot be read."""
+    """The picture in ``path`` as a protocol frame at its own depth; ConfigError when it cannot be read
+    (its size is checked from the header first: :func:`peek_picture`)."""
+    peek_picture(path)
     try:
-        values, grey, notes, icc = _pixels(path)
+        with _sized_by_us():
+            values, grey, notes, icc = _pixels(path)
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist") from None
     except IsADirectoryError:
@@ -144,10 +227,15 @@ class Output:
     grey: bool
     icc: bytes | None
     note: str | None = None  # printed once: e.g. JPEG drops alpha
+    describe: str = ""  # what the file holds, as written ("8-bit colour": a JPEG has no alpha)
 
 
-def _mode(picture: Picture, keep_alpha: bool) -> str:
-    s = picture.image.spec
+PictureLike = Layout | Picture
+WRITABLE = (".png", ".tif", ".jpg", ".webp", ".bmp", ".gif")  # offered in messages (any Pillow can write works)
+
+
+def _mode(picture: PictureLike, keep_alpha: bool) -> str:
+    s = picture.spec
     if s.sample == "float":
         return "F" if picture.grey and not keep_alpha else "float colour"
     if s.depth == 16:
@@ -162,7 +250,7 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")
 
 
-def plan_output(name: Path | str, picture: Picture, source: Path | None = None) -> Output:
+def plan_output(name: Path | str, picture: PictureLike, source: Path | None = None) -> Output:
     """Check the output file name (as typed) against the result it will hold; ConfigError says what to change."""
     from PIL import Image as PILImage
 
@@ -174,7 +262,8 @@ def plan_output(name: Path | str, picture: Picture, source: Path | None = None) 
         raise ConfigError(f"-o {text} has no file extension; add one, such as {text}.png")
     fmt = PILImage.registered_extensions().get(ext)
     if fmt is None or fmt not in PILImage.SAVE:
-        raise ConfigError(f"-o {text}: cannot write {ext} files; use .png, .tif, .jpg or .webp")
+        offered = [e for e in WRITABLE if PILImage.registered_extensions().get(e) in PILImage.SAVE]
+        raise ConfigError(f"-o {text}: cannot write {ext} files; use {', '.join(offered[:-1])} or {offered[-1]}")
     if source is not None and path.exists() and path.resolve() == source.resolve():
         raise ConfigError(f"-o {text} is the input picture; write the result to another file")
     anchor = _nearest_existing(path.parent)
@@ -182,15 +271,16 @@ def plan_output(name: Path | str, picture: Picture, source: Path | None = None) 
         raise ConfigError(f"-o {text}: {anchor} is a file, so no folder can be made there")
     if not os.access(anchor, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ConfigError(f"-o {text}: permission denied (cannot write in {anchor})")
-    keep_alpha, note = picture.image.spec.has_alpha, None
+    spec = picture.spec
+    keep_alpha, note = spec.has_alpha, None
     if keep_alpha and fmt == "JPEG":
         keep_alpha, note = False, f"note: JPEG has no alpha channel; {path.name} is written without it"
     mode = _mode(picture, keep_alpha)
-    out = Output(path, fmt, mode, keep_alpha, picture.grey, picture.icc, note)
+    out = Output(path, fmt, mode, keep_alpha, picture.grey, picture.icc, note, describe(spec, picture.grey, keep_alpha))
     try:
-        _encode(out, np.zeros((2, 2, 4), _DTYPES[(picture.image.spec.sample, picture.image.spec.depth)]))
+        _encode(out, np.zeros((2, 2, 4), _DTYPES[(spec.sample, spec.depth)]))
     except (OSError, ValueError, KeyError, TypeError):
-        need = ".tif" if picture.image.spec.sample == "float" else ".png"
+        need = ".tif" if spec.sample == "float" else ".png"
         raise ConfigError(f"-o {text}: {fmt} files cannot hold this {picture.describe} result; use {need}") from None
     return out
 
@@ -242,5 +332,5 @@ def keep_somewhere(out: Output, result: Image, job: str) -> Path:
 
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in job)[-60:]
     fallback = Path(tempfile.gettempdir()) / f"krita-sdxl-{safe}{out.path.suffix}"
-    write_picture(Output(fallback, out.format, out.mode, out.keep_alpha, out.grey, out.icc), result)
+    write_picture(replace(out, path=fallback), result)
     return fallback

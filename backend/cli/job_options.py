@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from krita_sdxl.backend.common.config import ConfigError
-from krita_sdxl.protocol import CLIENT, Image, Message, ProtocolError, decode, encode
+from krita_sdxl.protocol import CLIENT, Image, ImageSpec, Message, ProtocolError, decode, encode
 from krita_sdxl.protocol.schema import CLIENT_MESSAGES
 
 SUBMIT = CLIENT_MESSAGES["submit"]
@@ -95,15 +96,68 @@ def job_fields(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _flag(field: str) -> str:
+    flags = {opt.field: opt.flag for opt in JOB_OPTIONS}
+    flags.update(work_width="--work-size", work_height="--work-size")
+    return flags.get(field, field)
+
+
+def _check_text(fields: dict[str, Any]) -> None:
+    """Text the terminal passed in another encoding than UTF-8 (Python keeps such bytes as lone surrogates)."""
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code = ord(value[exc.start])
+            what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+            raise ConfigError(
+                f"{_flag(name)}: not valid UTF-8 text ({what} at character {exc.start + 1}); "
+                "set the terminal to UTF-8 or retype it"
+            ) from None
+
+
+def check_fields(spec: ImageSpec, fields: dict[str, Any]) -> None:
+    """Check the job's fields as the service will, before the picture is decoded: with a tiny frame of the
+    picture's format in its place (no submit field depends on the image's size)."""
+    tiny = ImageSpec(8, 8, spec.order, spec.depth, spec.sample)
+    check_job(Image(tiny, bytes(tiny.byte_length)), fields)
+
+
+def check_limits(spec: ImageSpec, fields: dict[str, Any], limits: dict[str, Any], name: str) -> None:
+    """The service's limits (``welcome.capabilities.limits``) on the picture ``name`` (its size from the
+    header), the work size and the prompts: ConfigError before any pixel is decoded or sent."""
+    most = limits.get("max_pixels")
+    if isinstance(most, int):
+        side = math.isqrt(most)
+        most_text = f"{most} ({side}x{side})" if side * side == most else str(most)
+        pixels = spec.width * spec.height
+        if pixels > most:
+            raise ConfigError(
+                f"{name} is {spec.width}x{spec.height} = {pixels} pixels; this service accepts at most "
+                f"{most_text}: scale it down, or crop the part to refine"
+            )
+        ww, wh = fields.get("work_width"), fields.get("work_height")
+        if ww is not None and wh is not None and ww * wh > most:
+            raise ConfigError(f"--work-size {ww}x{wh} = {ww * wh} pixels; this service accepts at most {most_text}")
+    chars = limits.get("max_prompt_chars")
+    if isinstance(chars, int):
+        for field in ("prompt", "negative_prompt"):
+            text = fields.get(field) or ""
+            if len(text) > chars:
+                long = f"{_flag(field)} is {len(text)} characters long"
+                raise ConfigError(f"{long}; the limit is {chars} (this service's)")
+
+
 def check_job(image: Image, fields: dict[str, Any], job: str = "local") -> Message:
     """Check a job exactly as the service will (the protocol codec); ConfigError names the flag."""
+    _check_text(fields)
     try:
         return decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job=job, **fields))
     except ProtocolError as err:
-        flags = {opt.field: opt.flag for opt in JOB_OPTIONS}
-        flags.update(work_width="--work-size", work_height="--work-size")
         name = (err.field or "").split(".")[0]
-        where = f"{flags[name]}: " if name in flags else ""
+        where = f"{_flag(name)}: " if _flag(name) != name else ""
         raise ConfigError(f"{where}{err.message}") from None
 
 

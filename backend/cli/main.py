@@ -10,19 +10,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
 import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
 
-from krita_sdxl.backend.common.config import EXIT_INTERRUPTED, EXIT_USAGE, CommandFailed, ConfigError, Settings
+from krita_sdxl.backend.common.config import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CommandFailed,
+    ConfigError,
+    Settings,
+)
 from krita_sdxl.backend.engine.loading import configure_logging, load_engine, tiling
+from krita_sdxl.backend.setup.plan import VERSION
 
 from . import demo as demo_cmd
 from . import setup as setup_cmd
+from .connection import connect
 from .job_options import add_job_flags
-from .options import add_common, add_settings, resolve
-from .refine import add_connection_flags, cmd_refine, connect, say
+from .options import add_client_flags, add_common, add_settings, resolve
+from .refine import cmd_refine, say
 
 log = logging.getLogger("krita_sdxl")
 
@@ -61,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=raw,
     )
+    parser.add_argument("--version", action="version", version=f"krita-sdxl {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = Parser(add_help=False)
     add_common(common)
@@ -91,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a missing folder is created)",
     )
     refine.add_argument("--local", action="store_true", help="run the pipeline in this process, no service")
-    add_connection_flags(refine, timeout=30.0)
+    add_client_flags(refine, timeout=30.0)
     add_job_flags(refine)
     add_settings(refine, "refine")
 
@@ -125,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a running service's capabilities",
         description="Ask a running service what it runs: device, models, modes, limits.",
     )
-    add_connection_flags(info, timeout=5.0)
+    add_client_flags(info, timeout=5.0)
     info.add_argument("--json", action="store_true", help="machine-readable output")
 
     setup_cmd.add_parser(sub, common)
@@ -153,6 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = resolve(args)
     configure_logging(settings.log_level)
     check_pool(settings)  # the pool settings fit together, Ray Serve is installed
+    signal.signal(signal.SIGTERM, _interrupt)  # while starting: stop what was started (a local Ray), then exit
     curve = check_serve(settings)  # endpoint, exposure, keys, a test bind, device, checkpoint: before the load
     pool = None
     if settings.pool == "ray":  # the same service; the jobs run on Ray Serve replicas (backend/pool)
@@ -175,6 +188,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_prompt_chars=settings.max_prompt_chars,
         max_jobs_per_client=settings.max_jobs_per_client,
         max_jobs_total=settings.max_queue,
+        max_connections=settings.max_connections,
+        result_ttl=settings.result_ttl,
     )
     try:
         service = Service(
@@ -186,6 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             insecure=settings.insecure,
             warm_up=settings.warmup,
             worker=pool.dispatcher if pool is not None else None,
+            admin_keys=Path(settings.admin_keys).expanduser() if settings.admin_keys else None,
         )
     except SecurityError as exc:
         raise ConfigError(str(exc)) from None
@@ -196,6 +212,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pool.close()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: service.stop())
+    if pool is not None:  # Ray gone under the service: its clients hear why, then it exits non-zero
+        pool.watch(lambda why: service.fail(f"the GPU pool failed: {why}; the service stops (submit again once "
+                                            "it is back)"))  # fmt: skip
     caps = engine.describe()
     log.info(
         "device %s, dtype %s, model %s",
@@ -204,14 +223,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ", ".join(m.get("name", "?") for m in caps.get("models", [])),
     )
     if pool is not None:
-        log.info("pool: %s", pool.plan.describe())
+        log.info("pool %s: %s", pool.name, pool.plan.describe())
     print(f"krita-sdxl ready on {service.endpoint}", flush=True)
     try:
         service.serve_forever()
     finally:
         if pool is not None:
             pool.close()
+    if service.failure is not None:  # exit now: Ray's exit hooks would wait for the Ray that is gone
+        say(f"krita-sdxl serve: error: {service.failure}")
+        logging.shutdown()
+        os._exit(EXIT_FAILED)
     return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -238,6 +265,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         state = "" if "loaded" not in m else (", loaded" if m["loaded"] else ", not loaded")
         print(f"model       {m.get('role')}: {m.get('name')}" + (f" ({m['path']}{state})" if m.get("path") else ""))
     print(f"modes       {', '.join(caps.get('modes', []))}")
+    limits = caps.get("limits") or {}
+    if limits:
+        print(f"limits      pictures up to {limits.get('max_pixels'):,} pixels, prompts up to "
+              f"{limits.get('max_prompt_chars'):,} characters")  # fmt: skip
     memory = caps.get("memory") or {}
     if memory:
         print(f"memory      {memory.get('mode')}" + (f" (auto: {memory['reason']})" if memory.get("reason") else ""))
@@ -266,9 +297,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
         public, secret = write_keys(args.dir, args.name, force=args.force)
     except (SecurityError, OSError) as exc:
         raise ConfigError(str(exc)) from None
+    from krita_sdxl.protocol.authorize import authorize_command
+
     key = zmq.auth.load_certificate(str(public))[0].decode("ascii")
-    print(f"public key: {public}   (give this file, or the key {key}, to the other side)")
+    print(f"public key: {public}   (give this file, or the key {shlex.quote(key)}, to the other side)")
     print(f"secret key: {secret}   (keep it private)")
+    print(f"a service admits this key with: {authorize_command(key)}")
     return 0
 
 
@@ -291,7 +325,18 @@ def cmd_authorize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printable_names() -> None:
+    """A file name that is not valid UTF-8 (kept by Python as lone surrogates) prints escaped, never as a
+    UnicodeEncodeError after the work is done."""
+    import io
+
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _printable_names()
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     commands = {

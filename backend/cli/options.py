@@ -1,6 +1,7 @@
-"""The one table of service settings: it builds the command-line flags (with help and the default
-shown), reads the TOML file and fills :class:`Settings`, checking every value with the option's own
-validator, whichever way it came in. Types and defaults come from :class:`Settings`."""
+"""The one table of settings: it builds the command-line flags (with help and the default shown), reads
+the TOML file and fills :class:`Settings` (``[serve]``) and :class:`ClientSettings` (``[client]``, for
+refine and info), checking every value with the option's own validator, whichever way it came in.
+Types and defaults come from those two classes."""
 
 from __future__ import annotations
 
@@ -10,11 +11,18 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from krita_sdxl.backend.common.config import ConfigError, Settings, default_config_path, load_toml
+from krita_sdxl.backend.common.config import (
+    ClientSettings,
+    ConfigError,
+    Settings,
+    default_config_path,
+    did_you_mean,
+    load_toml,
+)
 from krita_sdxl.backend.speed.levels import CHOICES as SPEED_CHOICES
-from krita_sdxl.protocol.endpoint import EndpointError, parse_endpoint
+from krita_sdxl.protocol.endpoint import DEFAULT_ENDPOINT, EndpointError, parse_endpoint
 from krita_sdxl.protocol.images import MAX_SIDE
 from krita_sdxl.protocol.schema import MAX_PROMPT_CHARS
 
@@ -57,6 +65,37 @@ def bind_endpoint(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+def connect_endpoint(value: str) -> str:
+    try:
+        parse_endpoint(value)
+    except EndpointError as exc:
+        raise ValueError(str(exc)) from None
+    return value.strip()
+
+
+def positive_seconds(value: float) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a number of seconds above 0")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A flag's number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
+def pool_name(value: str) -> str:
+    from krita_sdxl.backend.pool.plan import check_pool_name
+
+    return check_pool_name(value)
+
+
 def device_name(value: str) -> str:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
         raise ValueError("must be auto, cuda, cuda:N (a GPU number), mps or cpu")
@@ -87,6 +126,7 @@ class Option:
     shown: str | None = None  # the default as --help shows it ("" = none shown)
     off_flag: str | None = None  # a setting on by default: the flag that turns it off
     hidden: bool = False
+    table: str = "serve"  # the TOML table, and the settings class: serve (Settings), client (ClientSettings)
 
     @property
     def flag(self) -> str:
@@ -154,12 +194,18 @@ OPTIONS: tuple[Option, ...] = (
            metavar="PIXELS", shown="8192x8192"),
     Option("max_prompt_chars", "longest prompt, in characters", LIMITS,
            int_range(0, MAX_PROMPT_CHARS, " (the protocol's limit)")),
+    Option("max_connections", "most connections open at once (beyond it a connection that has sent nothing yet "
+           "is closed, or the new one refused); also kept below the open files limit", LIMITS, int_range(16, 10**6)),
+    Option("result_ttl", "seconds a result that its client does not read is kept; then it is dropped and the "
+           "client told", LIMITS, float_range(10, 7 * 86400, "seconds")),
     Option("heartbeat_timeout", "seconds of silence after which a client counts as gone and its jobs are "
            "cancelled (clients send a heartbeat every 1 to 2 s)", LIMITS, float_range(3, 86400, "seconds")),
     Option("curve_secret_key", "the service's CURVE secret key file (krita-sdxl keys --name server)", SECURITY,
            metavar="FILE", shown=""),
     Option("authorized_keys", "folder with the public .key file of every client allowed in", SECURITY,
            metavar="DIR", shown=""),
+    Option("admin_keys", "folder with the public .key file of every client allowed to unload models from "
+           "another machine (clients on this machine always may)", SECURITY, metavar="DIR", shown=""),
     Option("insecure", "listen on a non-loopback address without authentication (not recommended)", SECURITY,
            shown=""),
     Option("identity", "", SERVICE, hidden=True),
@@ -173,6 +219,12 @@ OPTIONS: tuple[Option, ...] = (
            metavar="N"),
     Option("ray_address", "the Ray cluster to join: auto (the one started with `ray start` on this machine) or "
            "HOST:PORT of its head", POOL, metavar="ADDRESS", shown="start a local Ray"),
+    Option("pool_name", "the pool's name on the Ray cluster (its Ray Serve application): one per service; "
+           "letters, digits, '.', '_' and '-'", POOL, pool_name, metavar="NAME",
+           shown="krita-sdxl-HOST-<hash of --endpoint>"),
+    Option("replica_timeout", "seconds a job waits while no replica of the pool is running (all lost, or none "
+           "could start) before it ends with model_error", POOL, float_range(1, 86400, "seconds"),
+           metavar="SECONDS"),
     Option("tile_threshold", "tile images larger than this many pixels, or WxH (0 = never tile)", TILES,
            int_range(0, MAX_PIXELS), where="local", parse=pixel_count, metavar="PIXELS", shown="2048x2048"),
     Option("tile_size", "tile side in pixels", TILES, int_range(64, MAX_SIDE, multiple=8), where="local",
@@ -180,23 +232,39 @@ OPTIONS: tuple[Option, ...] = (
     Option("tile_overlap", "pixels neighbouring tiles share", TILES, int_range(0, MAX_SIDE), where="local",
            metavar="PX"),
 )  # fmt: skip
+CLIENT = "service"
+CLIENT_OPTIONS: tuple[Option, ...] = (
+    Option("endpoint", "the service's address: tcp://HOST:PORT, ipc://PATH or ipc", CLIENT, connect_endpoint,
+           table="client", shown=f"[client] endpoint of the settings file, else its [serve] endpoint, else "
+           f"{DEFAULT_ENDPOINT}"),
+    Option("timeout", "seconds without any answer from the service (not even a heartbeat) before giving up",
+           CLIENT, positive_seconds, table="client", parse=seconds),
+    Option("server_key", "a CURVE service's public key, or its .key file", CLIENT, table="client",
+           metavar="KEY|FILE", shown=""),
+    Option("client_key", "this client's NAME.key_secret (from `krita-sdxl keys`; its public key authorized on the "
+           "service)", CLIENT, table="client", metavar="FILE", shown=""),
+)  # fmt: skip
 BY_NAME = {o.name: o for o in OPTIONS}
-LOCAL_ONLY = (*(o.name for o in OPTIONS if o.where == "local"), "config")  # refine: only with --local
-_TYPES = {f.name: type(f.default) for f in fields(Settings)}
-_DEFAULTS = {f.name: f.default for f in fields(Settings)}
+BY_TABLE = {"serve": BY_NAME, "client": {o.name: o for o in CLIENT_OPTIONS}}
+LOCAL_ONLY = tuple(o.name for o in OPTIONS if o.where == "local")  # refine: only with --local
+_CLASSES: dict[str, Any] = {"serve": Settings, "client": ClientSettings}
+_TYPES = {table: {f.name: type(f.default) for f in fields(cls)} for table, cls in _CLASSES.items()}
+_DEFAULTS = {table: {f.name: f.default for f in fields(cls)} for table, cls in _CLASSES.items()}
 _KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string in quotes"}
+AnySettings = TypeVar("AnySettings", Settings, ClientSettings)
 
 
-def _help(option: Option) -> str:
+def _help(option: Option, shown: str | None = None) -> str:
     if option.hidden:
         return argparse.SUPPRESS
-    shown = option.shown if option.shown is not None else str(_DEFAULTS[option.name])
+    shown = shown if shown is not None else option.shown
+    shown = shown if shown is not None else str(_DEFAULTS[option.table][option.name])
     return f"{option.help} (default: {shown})" if shown else option.help
 
 
-def _add(target: Any, option: Option) -> None:
-    kind = _TYPES[option.name]
-    kw: dict[str, Any] = {"dest": option.name, "default": None, "help": _help(option)}
+def _add(target: Any, option: Option, shown: str | None = None) -> None:
+    kind = _TYPES[option.table][option.name]
+    kw: dict[str, Any] = {"dest": option.name, "default": None, "help": _help(option, shown)}
     if kind is bool:
         kw["action"] = "store_false" if option.off_flag else "store_true"
     else:
@@ -222,33 +290,50 @@ def add_settings(parser: argparse.ArgumentParser, command: str) -> None:
         if title not in groups:
             groups[title] = parser.add_argument_group(title)
         _add(groups[title], option)
-    groups[MODEL if command == "serve" else local].add_argument(
+    if command == "serve":
+        add_config_flag(groups[MODEL])
+
+
+def add_config_flag(target: Any) -> None:
+    target.add_argument(
         "--config",
         metavar="FILE",
-        help="TOML settings file with a [serve] table; flags win over it (default: "
-        f"{default_config_path()} if it exists)",
+        help="TOML settings file: a [serve] table for the service, a [client] table for refine and info (where "
+        f"to connect); flags win over it (default: {default_config_path()} if it exists)",
     )
+
+
+def add_client_flags(parser: argparse.ArgumentParser, timeout: float) -> None:
+    """refine and info: where the service is, the keys, how long to wait (``timeout``: this command's default)."""
+    group = parser.add_argument_group("service (flags win over the [client] table of the settings file)")
+    for option in CLIENT_OPTIONS:
+        _add(group, option, f"{timeout:g}" if option.name == "timeout" else None)
+    add_config_flag(group)
+    parser.set_defaults(default_timeout=timeout)
 
 
 def given_local_flags(args: argparse.Namespace) -> list[str]:
     """The --local-only flags given on this refine command line."""
-    flags = {**{o.name: o.flag for o in OPTIONS}, "config": "--config"}
-    return [flags[name] for name in LOCAL_ONLY if getattr(args, name, None) is not None]
+    return [BY_NAME[name].flag for name in LOCAL_ONLY if getattr(args, name, None) is not None]
 
 
-def merge(base: Settings, values: dict[str, Any], source: str, toml: bool = False) -> Settings:
-    """Apply ``values`` (None = not given), checking names, types and ranges; ConfigError names the culprit."""
+def merge(base: AnySettings, values: dict[str, Any], source: str, toml: bool = False) -> AnySettings:
+    """Apply ``values`` (None = not given), checking names, types and ranges; ConfigError names the culprit.
+    ``base`` is a Settings ([serve]) or a ClientSettings ([client])."""
+    table = "client" if isinstance(base, ClientSettings) else "serve"
+    options, types = BY_TABLE[table], _TYPES[table]
     clean: dict[str, Any] = {}
     for key, value in values.items():
         if value is None:
             continue
         name = key.replace("-", "_")
-        option = BY_NAME.get(name)
+        option = options.get(name)
         where = f"{source}: {key} = {value!r}" if toml else f"{option.flag if option else key} {value}"
-        if option is None or name not in _TYPES:
-            known = ", ".join(sorted(BY_NAME))
-            raise ConfigError(f"{source}: unknown setting {key!r}; known: {known}")
-        expected = _TYPES[name]
+        if option is None or name not in types:
+            known = sorted(options)
+            hint = did_you_mean(name, known, "'{}'")
+            raise ConfigError(f"{source}: unknown setting {key!r}{hint}; known: {', '.join(known)}")
+        expected = types[name]
         if expected is float and type(value) is int:
             value = float(value)
         if expected is int and option.parse is pixel_count and type(value) is str:
@@ -267,13 +352,87 @@ def merge(base: Settings, values: dict[str, Any], source: str, toml: bool = Fals
     return replace(base, **clean)
 
 
-def resolve(args: argparse.Namespace) -> Settings:
-    """Defaults, then the TOML file (--config, or the default one if it exists), then the flags given."""
-    settings = Settings()
+def _config_file(args: argparse.Namespace) -> tuple[Path | None, dict[str, dict[str, Any]]]:
+    """The settings file (--config, or the default one if it exists) and its tables, every value checked:
+    a mistake anywhere in the file is refused by every command that reads it."""
     config = getattr(args, "config", None)
     path = Path(config).expanduser() if config else default_config_path()
-    if config or path.is_file():
-        settings = merge(settings, load_toml(path), str(path), toml=True)
+    if not (config or path.is_file()):
+        return None, {}
+    tables = load_toml(path)
+    merge(Settings(), tables["serve"], str(path), toml=True)
+    merge(ClientSettings(), tables["client"], f"{path} [client]", toml=True)
+    return path, tables
+
+
+def resolve(args: argparse.Namespace) -> Settings:
+    """Defaults, then the TOML file's [serve] table, then the flags given."""
+    settings = Settings()
+    path, tables = _config_file(args)
+    if path is not None:
+        settings = merge(settings, tables["serve"], str(path), toml=True)
     serve = getattr(args, "command", "serve") == "serve"  # refine's --endpoint is where to connect, not a setting
     flags = {o.name: getattr(args, o.name, None) for o in OPTIONS if serve or o.where != "serve"}
     return merge(settings, flags, "command line")
+
+
+def reachable_endpoint(serve_endpoint: str, source: str) -> str:
+    """The address a client on this machine connects to for a service that listens on ``serve_endpoint``:
+    a wildcard host (``*``, ``0.0.0.0``, ``[::]``) is reached on loopback; port ``*`` cannot be known."""
+    endpoint = parse_endpoint(serve_endpoint, bind=True)
+    if endpoint.scheme != "tcp":
+        return endpoint.text
+    if endpoint.port == "*":
+        raise ConfigError(
+            f"{source}: [serve] endpoint {serve_endpoint!r} picks a free port, so a client cannot know it; set "
+            "endpoint in a [client] table (or pass --endpoint)"
+        )
+    host = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(endpoint.host, None)
+    return f"tcp://{host}:{endpoint.port}" if host else endpoint.text
+
+
+@dataclass(frozen=True)
+class ClientChoice:
+    """The client settings of one command, and where each came from (for the messages)."""
+
+    settings: ClientSettings
+    origin: dict[str, str]  # setting name -> "--flag" or "FILE [client]" / "FILE [serve]"
+
+    def named(self, name: str) -> str:
+        """How a message names a setting: its flag, or its key in the file it came from."""
+        flag = BY_TABLE["client"][name].flag
+        source = self.origin.get(name, flag)
+        return flag if source == flag else f"{name} in {source}"
+
+
+def resolve_client(args: argparse.Namespace) -> ClientChoice:
+    """refine and info: defaults, then the file's [serve] endpoint, then its [client] table (key files
+    relative to the file's folder), then the flags given; no timeout anywhere: the command's default."""
+    settings, origin = ClientSettings(), {}
+    path, tables = _config_file(args)
+    if path is not None:
+        client, serve_endpoint = tables["client"], tables["serve"].get("endpoint")
+        if "endpoint" not in client and serve_endpoint is not None:
+            settings = replace(settings, endpoint=reachable_endpoint(serve_endpoint, str(path)))
+            origin["endpoint"] = f"{path} [serve]"
+        settings = merge(settings, client, f"{path} [client]", toml=True)
+        origin.update({name: f"{path} [client]" for name in client})
+        settings = replace(settings, **_beside(path.parent, settings, client))
+    flags = {o.name: getattr(args, o.name, None) for o in CLIENT_OPTIONS}
+    origin.update({name: BY_TABLE["client"][name].flag for name, value in flags.items() if value is not None})
+    settings = merge(settings, flags, "command line")
+    if not settings.timeout:
+        settings = replace(settings, timeout=float(getattr(args, "default_timeout", 10.0)))
+    return ClientChoice(settings, origin)
+
+
+def _beside(folder: Path, settings: ClientSettings, given: dict[str, Any]) -> dict[str, str]:
+    """The file's key file names, relative to the file's own folder (not to where the command runs)."""
+    out = {}
+    for name in ("server_key", "client_key"):
+        value = getattr(settings, name)
+        if name in given and value and not Path(value).expanduser().is_absolute():
+            beside = folder / value
+            if name == "client_key" or beside.is_file():  # a server key may be the key itself
+                out[name] = str(beside)
+    return out

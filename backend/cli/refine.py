@@ -1,110 +1,68 @@
 """``krita-sdxl refine``: one picture through a running service (or ``--local``), every check first.
 
-Order: flags, input picture, output file, job fields (the protocol codec), keys and endpoint; only
-then a connection or a model load. Ctrl-C cancels the job on the service. A result that arrives is
-always kept: when its file cannot be written it goes to the temporary folder.
+Order: flags, the input picture's header (size and format: nothing decoded), output file, job fields
+(the protocol codec), endpoint and keys; then the service's ``welcome``, whose limits (largest picture,
+longest prompt) are checked before the picture is decoded and sent; with ``--local`` the model loads.
+Ctrl-C cancels the job on the service. A result that arrives is always kept: when its file cannot be
+written it goes to the temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import secrets
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from krita_sdxl.backend.common.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_JOB_LOST, CommandFailed, ConfigError
 
-from .imageio import Output, Picture, keep_somewhere, plan_output, read_picture, write_picture
-from .job_options import check_job, job_fields, step_note
+from .imageio import Layout, Output, Picture, keep_somewhere, peek_picture, plan_output, read_picture, write_picture
+from .job_options import check_fields, check_job, check_limits, job_fields, step_note
 
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
-    return value
-
-
-def add_connection_flags(parser: argparse.ArgumentParser, timeout: float) -> None:
-    from .client import DEFAULT_ENDPOINT
-
-    g = parser.add_argument_group("service")
-    g.add_argument(
-        "--endpoint",
-        default=DEFAULT_ENDPOINT,
-        help=f"the service's address: tcp://HOST:PORT, ipc://PATH or ipc (default: {DEFAULT_ENDPOINT})",
-    )
-    g.add_argument(
-        "--timeout",
-        type=seconds,
-        default=timeout,
-        help=f"seconds without any answer from the service (not even a heartbeat) before giving up "
-        f"(default: {timeout:g})",
-    )
-    g.add_argument("--server-key", metavar="KEY|FILE", help="a CURVE service's public key, or its .key file")
-    g.add_argument(
-        "--client-key",
-        metavar="FILE",
-        type=Path,
-        help="this client's NAME.key_secret (from `krita-sdxl keys`; its public key authorized on the service)",
-    )
-
-
-def client_keys(args: argparse.Namespace) -> dict[str, Any]:
-    """ServiceClient's CURVE arguments from --server-key and --client-key, checked."""
-    import zmq.auth
-    import zmq.utils.z85
-
-    if args.server_key is None and args.client_key is None:
-        return {}
-    if args.server_key is None or args.client_key is None:
-        raise ConfigError("CURVE needs both --server-key (the service's public key) and --client-key (yours)")
-    key = args.server_key.strip()
-    if Path(key).expanduser().is_file():
-        try:
-            key = zmq.auth.load_certificate(str(Path(key).expanduser()))[0].decode("ascii")
-        except (OSError, ValueError):
-            raise ConfigError(f"--server-key {args.server_key}: no public key in that file") from None
-    try:
-        valid = len(key) == 40 and len(zmq.utils.z85.decode(key)) == 32
-    except (ValueError, KeyError, IndexError, TypeError):
-        valid = False
-    if not valid:
-        raise ConfigError("--server-key: expected the service's 40-character public key, or its .key file")
-    try:
-        secret = zmq.auth.load_certificate(str(args.client_key.expanduser()))[1]
-    except (OSError, ValueError):
-        secret = None
-    if not secret:
-        raise ConfigError(f"--client-key {args.client_key}: no secret key there; give a NAME.key_secret file")
-    return {"server_key": key, "client_secret_file": args.client_key.expanduser()}
+UPLOAD_BAR_BYTES = 4 * 2**20  # one credit window (protocol/README.md, Streams); smaller uploads show no bar
+NO_RATE = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]"  # until a second step gives a rate (no "?step/s")
 
 
 class Progress:
-    """One progress bar on stderr, made when the step count is known; each step drawn once."""
+    """One progress bar on stderr: the upload's bytes while the picture goes up (a large layer over a
+    slow link takes a while), then the steps, made when their count is known; each step drawn once."""
 
     def __init__(self) -> None:
         self.bar: Any = None
+        self.uploading = False
+
+    def upload(self, received: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            if total <= UPLOAD_BAR_BYTES:  # goes up in one credit window: a bar would only flash
+                return
+            self.bar = tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload", leave=False,
+                mininterval=0.2, file=sys.stderr, bar_format=NO_RATE,
+            )  # fmt: skip
+            self.uploading = True
+        if self.uploading and received > self.bar.n:
+            self.bar.bar_format = None  # tqdm's own, with the rate, once bytes have moved
+            self.bar.update(received - self.bar.n)
 
     def step(self, step: int, total: int) -> None:
         from tqdm import tqdm
 
+        if self.uploading:  # the upload is over: its bar makes way for the steps'
+            self.close()
         if self.bar is None:  # made at the first step, which counts as done before the bar (no rate from it)
-            self.bar = tqdm(
-                total=total, initial=step, unit="step", desc="refine", leave=False, mininterval=0, file=sys.stderr
-            )
+            self.bar = tqdm(total=total, initial=step, unit="step", desc="refine", leave=False, mininterval=0,
+                            file=sys.stderr, bar_format=NO_RATE)  # fmt: skip
         self.bar.total = total  # tiles x steps when the service tiles a large picture
         if step != self.bar.n:
+            self.bar.bar_format = None  # tqdm's own, with the rate of the steps since the first
             self.bar.update(step - self.bar.n)
 
     def note(self, text: str) -> None:
@@ -118,6 +76,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.uploading = False
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
@@ -132,22 +91,50 @@ def cmd_refine(args: argparse.Namespace) -> int:
         )
     if args.local and (args.server_key or args.client_key):
         raise ConfigError("--server-key and --client-key are for a service; --local needs none")
-    picture = read_picture(args.input)
-    out = plan_output(args.output, picture, source=args.input)
+    layout = peek_picture(args.input)  # size and format from the header: nothing decoded yet
+    out = plan_output(args.output, layout, source=args.input)
     fields = job_fields(args)
-    message = check_job(picture.image, fields)
+    check_fields(layout.spec, fields)
+    if args.local:
+        picture, out = _decode(args, layout, out)
+        t0 = time.perf_counter()
+        result, seed, job = _refine_local(args, check_job(picture.image, fields))
+    else:
+        from .connection import connect
+
+        with connect(args) as client:
+            limits = _hello(client).get("limits") or {}  # what the service takes, before any pixel is decoded
+            check_limits(layout.spec, fields, limits, str(args.input))
+            picture, out = _decode(args, layout, out)
+            t0 = time.perf_counter()
+            result, seed, job = _refine_remote(client, picture, fields)
+    save(out, result, job)
+    s = result.spec
+    print(f"wrote {out.path} ({s.width}x{s.height}, {out.describe}, seed {seed}, {time.perf_counter() - t0:.2f} s)")
+    return 0
+
+
+def _hello(client: Any) -> dict[str, Any]:
+    """The service's capabilities (its ``welcome``); CommandFailed when it cannot be reached."""
+    from .client import JobFailed, ServiceUnavailable
+
+    try:
+        return client.hello()["capabilities"]
+    except (ServiceUnavailable, JobFailed) as exc:
+        raise CommandFailed(str(exc)) from None
+
+
+def _decode(args: argparse.Namespace, layout: Layout, out: Output) -> tuple[Picture, Output]:
+    """The picture's pixels; the output planned again if they came out in another format than its header said."""
+    picture = read_picture(args.input)
+    if (picture.spec.order, picture.spec.depth, picture.spec.sample, picture.grey) != (
+        layout.spec.order, layout.spec.depth, layout.spec.sample, layout.grey
+    ):  # fmt: skip
+        out = plan_output(args.output, picture, source=args.input)
     for line in [*picture.notes, out.note]:
         if line:
             say(line)
-    t0 = time.perf_counter()
-    if args.local:
-        result, seed, job = _refine_local(args, message)
-    else:
-        result, seed, job = _refine_remote(args, picture, fields)
-    save(out, result, job)
-    s = result.spec
-    print(f"wrote {out.path} ({s.width}x{s.height}, {picture.describe}, seed {seed}, {time.perf_counter() - t0:.2f} s)")
-    return 0
+    return picture, out
 
 
 def save(out: Output, result: Any, job: str) -> None:
@@ -159,61 +146,47 @@ def save(out: Output, result: Any, job: str) -> None:
         raise CommandFailed(f"cannot write {out.path} ({exc.strerror or exc}); the result is kept in {kept}") from None
 
 
-def connect(args: argparse.Namespace) -> Any:
-    """A ServiceClient for --endpoint and the keys: ConfigError for what was typed wrong (exit 2),
-    CommandFailed when the service cannot be used (its ipc socket is missing or not yours: exit 1)."""
-    from krita_sdxl.protocol.endpoint import EndpointError, parse_endpoint
-
-    from .client import ServiceClient
-
-    try:
-        parse_endpoint(args.endpoint)
-    except EndpointError as exc:
-        raise ConfigError(str(exc)) from None
-    keys = client_keys(args)
-    try:
-        return ServiceClient(args.endpoint, timeout=args.timeout, **keys)
-    except EndpointError as exc:
-        raise CommandFailed(str(exc)) from None
-
-
-def _refine_remote(args: argparse.Namespace, picture: Picture, fields: dict[str, Any]) -> tuple[Any, int, str]:
+def _refine_remote(client: Any, picture: Picture, fields: dict[str, Any]) -> tuple[Any, int, str]:
     from .client import JobLost, ServiceUnavailable
 
-    client = connect(args)
     progress = Progress()
-    with client:
-        job = client.submit(picture.image, **fields)
-        try:
-            for event in client.events(job):
-                if event.type == "accepted":
-                    note = step_note(fields["steps"], fields["strength"], event["steps"], event["denoise_steps"],
-                                     fields["mode"])  # fmt: skip
-                    for line in (note, f"queued: {event['position']} job(s) ahead" if event["position"] else None):
-                        if line:
-                            progress.note(line)
-                elif event.type == "progress":
-                    progress.step(event["step"], event["total"])
-                elif event.type == "result":
-                    return event.images["image"], event["seed"], job
-                else:  # error or cancelled
-                    code = event.fields.get("code") or event.fields.get("reason", "cancelled")
-                    text = event.fields.get("message") or f"the job was cancelled ({code})"
-                    field = event.fields.get("field")
-                    raise CommandFailed(f"{code}: {text}" + (f" (field {field})" if field else ""))
-        except KeyboardInterrupt:
-            progress.close()
-            outcome = _interrupted(client, job)
-            if isinstance(outcome, CommandFailed):
-                raise outcome from None
-            say("interrupted, but the job had already finished: keeping its result")
-            return outcome.images["image"], outcome["seed"], job
-        except JobLost as exc:
-            raise CommandFailed(f"{exc}; run the command again", EXIT_JOB_LOST) from None
-        except ServiceUnavailable as exc:
-            raise CommandFailed(str(exc), EXIT_FAILED) from None
-        finally:
-            progress.close()
+    job = client.submit(picture.image, **fields)
+    total = picture.image.spec.byte_length
+    try:
+        for event in client.events(job):
+            if event.type == "credit":
+                progress.upload(event["received"], total)
+            elif event.type == "accepted":
+                if progress.uploading:
+                    progress.upload(total, total)
+                    progress.close()
+                note = step_note(fields["steps"], fields["strength"], event["steps"], event["denoise_steps"],
+                                 fields["mode"])  # fmt: skip
+                for line in (note, f"queued: {event['position']} job(s) ahead" if event["position"] else None):
+                    if line:
+                        progress.note(line)
+            elif event.type == "progress":
+                progress.step(event["step"], event["total"])
+            elif event.type == "result":
+                return event.images["image"], event["seed"], job
+            else:  # error or cancelled
+                code = event.fields.get("code") or event.fields.get("reason", "cancelled")
+                text = event.fields.get("message") or f"the job was cancelled ({code})"
+                field = event.fields.get("field")
+                raise CommandFailed(f"{code}: {text}" + (f" (field {field})" if field else ""))
+    except KeyboardInterrupt:
+        progress.close()
+        outcome = _interrupted(client, job)
+        if isinstance(outcome, CommandFailed):
+            raise outcome from None
+        say("interrupted, but the job had already finished: keeping its result")
+        return outcome.images["image"], outcome["seed"], job
+    except JobLost as exc:
+        raise CommandFailed(f"{exc}; run the command again", EXIT_JOB_LOST) from None
+    except ServiceUnavailable as exc:
+        raise CommandFailed(str(exc), EXIT_FAILED) from None
+    finally:
+        progress.close()
     raise CommandFailed("the service ended the job without a result")
 
 

@@ -167,8 +167,10 @@ class _TextProgress:
         elif kind == "file" and self.bar is not None:
             self.bar.set_description(fields["name"].rsplit("/", 1)[-1][:30])
         elif kind == "done":
+            from krita_sdxl.backend.setup.download import describe_check
+
             self.close()
-            print(f"{fields['repo']}: verified, in {fields['snapshot']}", flush=True)
+            print(f"{fields['repo']}: {describe_check(fields)}, in {fields['snapshot']}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -190,7 +192,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
     facts = machine.gather()
     print(f"this machine    {facts.summary}")
     try:
-        choice = torch_builds.choose_torch(facts, args.torch, args.torch_index)
+        redo = "run `krita-sdxl setup --fix-torch`"  # the docker's warning says "click Repair"
+        choice = torch_builds.choose_torch(facts, args.torch, args.torch_index, redo=redo)
     except torch_builds.SetupProblem as exc:
         print(f"krita-sdxl setup: error: {exc.why} {exc.what}", file=sys.stderr)
         return EXIT_FAILED
@@ -211,8 +214,9 @@ def cmd_setup(args: argparse.Namespace) -> int:
         cache = hub.hf_cache_dir()
         for model in hub.models(args.base):
             there = hub.snapshot_ready(cache, model.repo)
+            command = "krita-sdxl setup --base" if args.base else "krita-sdxl setup"
             print(f"model           {model.repo}: " + ("in the cache" if there else
-                  f"not in {cache} (about {human(model.approx_bytes)} to download: krita-sdxl setup)"))  # fmt: skip
+                  f"not in {cache} (about {human(model.approx_bytes)} to download: {command})"))  # fmt: skip
             status = status if there else EXIT_FAILED
     else:
         status = cmd_download(argparse.Namespace(base=args.base, verify=args.verify, json_progress=False))

@@ -61,10 +61,13 @@ class Settings:
     max_queue: int = 1000  # jobs queued or running, all clients together
     max_jobs_per_client: int = 32
     max_pixels: int = 8192 * 8192  # per image
-    max_prompt_chars: int = 4000
+    max_prompt_chars: int = 4000  # the protocol's limit (protocol/schema.py MAX_PROMPT_CHARS); a service may lower it
+    max_connections: int = 1000  # open connections; also capped by the open files limit
+    result_ttl: float = 600.0  # seconds an unread result is kept before it is dropped (with an error to its owner)
     heartbeat_timeout: float = 10.0  # seconds without a message before a client counts as gone
     curve_secret_key: str = ""  # the service's CURVE secret key file (from `krita-sdxl keys`)
     authorized_keys: str = ""  # folder of client public .key files allowed to connect
+    admin_keys: str = ""  # folder of client public .key files allowed to unload models from another machine
     insecure: bool = False  # allow a non-loopback endpoint without CURVE
     identity: bool = False  # benchmark only: no model, results are the input pixels
     pool: str = "none"  # none: one worker in this process; ray: a Ray Serve pool of replicas (backend/pool)
@@ -72,6 +75,8 @@ class Settings:
     min_replicas: int = 0  # pool autoscaling: fewest replicas (with max_replicas)
     max_replicas: int = 0  # pool autoscaling: most replicas; 0 = a fixed number (replicas)
     ray_address: str = ""  # pool: "" = start a local Ray here; auto or HOST:PORT = join a running cluster
+    pool_name: str = ""  # pool: the Ray Serve application's name; "" = one per service (host and endpoint)
+    replica_timeout: float = 180.0  # pool: seconds a job waits while no replica runs, then model_error
     speed: str = "off"  # speed level (backend/speed/levels.py): off, compile, trt, fp8, draft; auto, on
     warmup: bool = True  # serve: compile the speed path at start-up, before the first job
     compile_cache: str = ""  # torch.compile caches; "" = <cache_dir>/torch-compile
@@ -86,6 +91,20 @@ class Settings:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """How the client commands (refine, info) reach a service: flags, else ``[client]``, else ``[serve]``'s
+    endpoint (one file configures both on one machine); help, flags and checks are in ``options.CLIENT_OPTIONS``."""
+
+    endpoint: str = DEFAULT_ENDPOINT
+    server_key: str = ""  # a CURVE service's public key, or its .key file ("" = no CURVE)
+    client_key: str = ""  # this client's NAME.key_secret file
+    timeout: float = 0.0  # seconds of silence before giving up; 0 = the command's own default
+
+
+TABLES = ("serve", "client")  # the tables a settings file may hold
+
+
 class ConfigError(ValueError):
     """A bad flag, setting, file or model, found before any work: one line, exit status 2."""
 
@@ -98,8 +117,16 @@ class CommandFailed(RuntimeError):
         self.code = code
 
 
-def load_toml(path: Path) -> dict[str, Any]:
-    """The ``[serve]`` table of a TOML settings file."""
+def did_you_mean(word: str, known: list[str] | tuple[str, ...], shown: str = "{}") -> str:
+    """`` (did you mean X?)`` for a near miss of one of ``known``, else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f" (did you mean {shown.format(close[0])}?)" if close else ""
+
+
+def load_toml(path: Path) -> dict[str, dict[str, Any]]:
+    """The tables of a TOML settings file (``[serve]``, ``[client]``); anything else is refused in one line."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -111,7 +138,13 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read (permission denied)") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    section = data.get("serve", {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"config file {path}: [serve] must be a table")
-    return section
+    known = ", ".join(f"[{t}]" for t in sorted(TABLES))
+    for name, value in data.items():
+        if name in TABLES and not isinstance(value, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {name} = {value!r} is outside any table; put it under one of {known}")
+        if name not in TABLES:
+            hint = did_you_mean(name, TABLES, "[{}]")
+            raise ConfigError(f"{path}: unknown table [{name}]{hint}; known: {known}")
+    return {name: data.get(name, {}) for name in TABLES}

@@ -8,13 +8,17 @@ One ``torch.Generator`` (CPU, seeded with the job's seed) serves the whole job, 
 order: the engine samples the source's VAE latent from it first when the first model runs img2img
 on the source (as stock img2img does), then every pipeline draws its noise from it in turn. A masked
 job holds its unmasked area with the very noise its stage's pipeline draws: :func:`initial_noise`
-reads it from a copy of the generator's state just before the pipeline is called.
+reads it from a copy of the generator's state just before the pipeline is called. A masked stage that
+runs on the source picture draws once more after its noise, as stock's inpaint pipeline does when it
+encodes the masked picture (:func:`inpaint_draw`): ancestral schedulers (Euler Ancestral, KDPM2
+Ancestral, DDPM), which draw at every step, then give stock's picture for the same seed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,15 +78,46 @@ def initial_noise(generator: torch.Generator, like: torch.Tensor, dtype: torch.d
     return randn_tensor(tuple(like.shape), generator=peek, device=like.device, dtype=dtype)
 
 
+@contextmanager
+def inpaint_draw(pipe: Any, like: torch.Tensor) -> Iterator[None]:
+    """While ``pipe`` runs: one latent-sized draw from its generator after its noise, before its first step.
+
+    Stock's inpaint pipeline encodes the masked picture (``prepare_mask_latents``: a VAE latent *sampled*
+    with the job's generator) between drawing the noise and the first scheduler step, even where its UNet
+    never reads that latent. The img2img pipeline calls ``prepare_extra_step_kwargs`` at that very point,
+    so the draw goes there; the sample is thrown away, the generator moves on as stock's does."""
+    own = pipe.prepare_extra_step_kwargs
+
+    def with_draw(generator: Any, eta: Any) -> Any:
+        if generator is not None:
+            randn_tensor(tuple(like.shape), generator=generator, device=like.device, dtype=torch.float32)
+        return own(generator, eta)
+
+    pipe.prepare_extra_step_kwargs = with_draw
+    try:
+        yield
+    finally:
+        del pipe.prepare_extra_step_kwargs  # the class's own again
+
+
 def _run(
-    pipe: Any, reporter: StepReporter, expected: int, what: str, draws_noise: bool = True, **kwargs: Any
+    pipe: Any,
+    reporter: StepReporter,
+    expected: int,
+    what: str,
+    draws_noise: bool = True,
+    on_source: bool = False,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """Run one pipeline; ``draws_noise``: it starts by drawing its initial noise (every pipeline here
-    but the refiner that takes over at the split, which continues from the base's latents)."""
+    but the refiner that takes over at the split, which continues from the base's latents). ``on_source``:
+    it runs img2img on the source picture (with a mask, stock's inpaint pipeline would encode it)."""
     if reporter.mask is not None and draws_noise:
         reporter.mask.use_noise(initial_noise(kwargs["generator"], reporter.mask.source, reporter.dtype))
     before = reporter.done
-    result = pipe(callback_on_step_end=reporter, callback_on_step_end_tensor_inputs=["latents"], **kwargs)
+    draw = inpaint_draw(pipe, reporter.mask.source) if reporter.mask is not None and on_source else nullcontext()
+    with draw:
+        result = pipe(callback_on_step_end=reporter, callback_on_step_end_tensor_inputs=["latents"], **kwargs)
     ran = reporter.done - before
     if ran != expected:
         log.warning("the %s ran %d denoising steps, the step plan said %d", what, ran, expected)
@@ -124,6 +159,7 @@ def run_stages(
                 reporter,
                 stages.base_steps,
                 "base (img2img)",
+                on_source=True,
                 image=latents,
                 strength=req.strength,
                 num_inference_steps=stages.steps,
@@ -156,4 +192,7 @@ def run_stages(
         refiner_args.update(strength=1.0, denoising_start=split)
     else:  # img2img on the source (refine) or on the base's picture (two_stage)
         refiner_args.update(strength=stages.refiner_strength)
-    return _run(models.refiner, reporter, stages.refiner_steps, "refiner", not takes_over, **refiner_args, **common)
+    on_source = not takes_over and not stages.base_steps  # a refine: img2img on the source picture
+    return _run(
+        models.refiner, reporter, stages.refiner_steps, "refiner", not takes_over, on_source, **refiner_args, **common
+    )

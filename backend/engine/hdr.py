@@ -14,8 +14,11 @@ on each pixel's brightest channel and :meth:`ToneMap.restore` undoes it on the m
 - The curve scales R, G and B of a pixel by the same factor (its brightest channel's), so hue and
   saturation are kept.
 
-A picture with no value above 1 is not touched at all (``tone_map`` returns it and None), so SDR
-documents run exactly as before. Negative values and NaN are not part of this: the model gets them
+The curve is decided by the selected pixels (the job's mask), not by the context around them: a
+selection with no value above 1 is not tone-mapped at all (``tone_map`` returns it and None), so it
+runs exactly as in an SDR document, however bright the context; the context is then clipped to 1 for the
+model, and comes back as it was. A selection with brighter pixels maps its own peak to 1.0 (brighter
+context is clipped for the model). Negative values and NaN are not part of this: the model gets them
 as 0 (the source pixels outside a mask are kept as they were).
 """
 
@@ -76,12 +79,15 @@ class ToneMap:
         return self._scaled(np.clip(rgb, 0.0, 1.0), forward=False)
 
 
-def tone_map(rgb: np.ndarray) -> tuple[np.ndarray, ToneMap | None]:
-    """(the picture for the model in [0, 1], the curve to undo or None when nothing exceeds 1).
-    ``rgb``: HxWx3 float, negatives and NaN allowed (they become 0)."""
+def tone_map(rgb: np.ndarray, selected: np.ndarray | None = None) -> tuple[np.ndarray, ToneMap | None]:
+    """(the picture for the model in [0, 1], the curve to undo or None when nothing selected exceeds 1).
+    ``rgb``: HxWx3 float, negatives and NaN allowed (they become 0). ``selected``: HxW bool, the pixels the
+    job refines (its selection); the curve is decided by them alone, so a selection with no value above 1
+    is refined exactly as an SDR one however bright the context around it (the context is then clipped to
+    1 for the model: it is only context, and comes back as it was)."""
     values = sanitize(np.clip(rgb, 0.0, HDR_MAX, dtype=np.float32), copy=False)
-    peak = float(values.max(initial=0.0))
+    peak = float((values if selected is None else values[selected]).max(initial=0.0))
     if peak <= 1.0:
-        return values, None
+        return np.clip(values, 0.0, 1.0, out=values), None
     curve = ToneMap(peak)
     return curve.apply(values), curve

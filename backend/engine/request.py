@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from krita_sdxl.protocol import Image, Message, StepPlan, plan_img2img
+from krita_sdxl.protocol import Image, Message, StepPlan
 
 if TYPE_CHECKING:
     from .stages import Stages, TimestepsFn
@@ -44,18 +44,15 @@ class RefineRequest:
 
     @classmethod
     def from_message(cls, msg: Message, seed: int, timesteps: TimestepsFn | None = None) -> RefineRequest:
-        """``timesteps``: the refiner scheduler's (for the generate split); None = SDXL 1.0's."""
+        """``timesteps``: the models' :class:`~.stages.Schedule` (the engine's ``timesteps``); None = SDXL 1.0's."""
         f = msg.fields
         work = None
         if f.get("work_width") is not None and f.get("work_height") is not None:
             work = (f["work_width"], f["work_height"])
         mode = f.get("mode", "refine")
-        if mode == "refine":
-            plan, stages = plan_img2img(f["steps"], f["strength"]), None
-        else:
-            from .stages import plan_job
+        from .stages import plan_job  # the UNet calls each stage makes with the models' schedulers
 
-            plan, stages = plan_job(mode, f["steps"], f["strength"], f.get("denoising_end", 0.8), timesteps)
+        plan, stages = plan_job(mode, f["steps"], f["strength"], f.get("denoising_end", 0.8), timesteps)
         return cls(
             image=msg.images["image"],
             prompt=f["prompt"],

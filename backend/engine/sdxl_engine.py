@@ -14,6 +14,7 @@ source's VAE latent sampled from it first (img2img from the source), then the pi
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -34,7 +35,7 @@ from . import pixels, work_image
 from .denoise import StepReporter, default_stages, job_generator, run_stages
 from .latent_mask import LatentMask, fit_mask
 from .request import JobCancelled, ProgressFn, RefineRequest, StopFn
-from .stages import BASE_MODES, MODES, Stages, TimestepsFn, scheduler_timesteps
+from .stages import BASE_MODES, MODES, Schedule, Stages, scheduler_timesteps
 from .watermark import Watermark
 
 if TYPE_CHECKING:
@@ -100,7 +101,24 @@ class Engine:
         self._depth = 0  # refine() calls in progress (tiles call it again from inside)
         self._pending_unload: set[str] = set()
         self._pending_lock = threading.Lock()
-        self.timesteps: TimestepsFn = scheduler_timesteps(dict(pipe.scheduler.config))
+        self._schedule: tuple[str, Schedule] | None = None
+
+    @property
+    def timesteps(self) -> Schedule:
+        """The step arithmetic of the refiner's and the base's schedulers (:mod:`.stages`): a loaded model's
+        own scheduler, a model not loaded (yet) by its folder's config; nothing is loaded for it."""
+        configs = [self._scheduler_config(role) for role in ("refiner", "base")]
+        key = json.dumps(configs, sort_keys=True, default=str)
+        if self._schedule is None or self._schedule[0] != key:
+            self._schedule = key, scheduler_timesteps(configs[0], configs[1])
+        return self._schedule[1]
+
+    def _scheduler_config(self, role: str) -> dict[str, Any] | None:
+        pipe = self.models.if_loaded(role)
+        if pipe is not None:
+            return {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
+        source = self.models.sources.get(role)
+        return source.scheduler_config() if source is not None else None
 
     @property
     def pipe(self) -> StableDiffusionXLImg2ImgPipeline:
@@ -261,12 +279,16 @@ class Engine:
         raised: the first job then compiles, or runs eagerly."""
         if self.speed is None or not self.speed.needs_warmup:
             return None
-        from krita_sdxl.protocol import ImageSpec, plan_img2img
+        from krita_sdxl.protocol import ImageSpec
+
+        from .stages import plan_job
 
         t = time.monotonic()
         grey = Image(ImageSpec(size, size, "RGB", 8), bytes([128]) * (size * size * 3))
-        req = RefineRequest(image=grey, prompt="", negative_prompt="", strength=1.0, plan=plan_img2img(1, 1.0),
-                            seed=0, guidance_scale=5.0, aesthetic_score=6.0, negative_aesthetic_score=2.5)  # fmt: skip
+        plan, stages = plan_job("refine", 1, 1.0, timesteps=self.timesteps)
+        req = RefineRequest(image=grey, prompt="", negative_prompt="", strength=1.0, plan=plan, seed=0,
+                            guidance_scale=5.0, aesthetic_score=6.0, negative_aesthetic_score=2.5,
+                            stages=stages)  # fmt: skip
         log.info("speed path: compiling (warm-up at %dx%d; the compile cache makes later starts quicker)", size, size)
         try:
             self.refine(req, lambda *a: None, should_stop)
@@ -408,12 +430,13 @@ class Engine:
         return (z - stats[0]) * factor / stats[1] if stats is not None else z * factor
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Scaled latents -> HxWx3 float32 [0, 1] numpy array (stock's denormalisation)."""
+        """Scaled latents -> HxWx3 float32 numpy array on the [0, 1] scale (stock's denormalisation), not yet
+        clamped: the watermark marks the decoded picture before the clamp, as stock does (work_image.finish)."""
         factor = self.vae.config.scaling_factor
         stats = self._latent_stats(latents)
         z = latents * stats[1] / factor + stats[0] if stats is not None else latents / factor
         image = self._run_vae(lambda vae, dtype: vae.decode(z.to(dtype)).sample, "decode")
-        image = ((image[0].float().clamp(-1.0, 1.0) + 1.0) * 0.5).permute(1, 2, 0)
+        image = ((image[0].float() + 1.0) * 0.5).permute(1, 2, 0)
         return image.cpu().numpy()
 
     def _run_vae(self, fn: Any, what: str) -> torch.Tensor:

@@ -13,8 +13,10 @@ Modes (``submit.mode``):
 - ``two_stage`` (SDEdit, as on the refiner's model card): the base generates from noise with all
   ``steps``, then the refiner runs img2img on the base's result at ``strength``.
 
-Step counts follow diffusers' own arithmetic on the scheduler's timesteps, so the ``total`` in
-``progress`` events is exactly the number of UNet calls that run. Scheduler steps never exceed
+Step counts follow diffusers' own arithmetic on each model's scheduler (:class:`Schedule`: its timesteps and
+its order), so the ``total`` in ``progress`` events is exactly the number of UNet calls that run, for any
+scheduler: a second-order one (Heun, KDPM2) calls the UNet twice per step after the first (refine at 20
+steps x 0.5: 19 calls), PNDM adds its warm-up steps. Scheduler steps never exceed
 ``MAX_STEPS`` (the protocol's limit): a ``strength`` or ``denoising_end`` that would need more is
 refused with a ``bad_field`` error naming the smallest value that works.
 """
@@ -35,6 +37,7 @@ BASE_MODES = ("generate", "two_stage")  # the modes that need the base model
 
 # scheduler steps -> the scheduler's full timestep list for that many steps (descending)
 TimestepsFn = Callable[[int], Sequence[int]]
+TRAIN_STEPS = 1000  # the SDXL schedulers' num_train_timesteps
 
 
 @dataclass(frozen=True)
@@ -61,64 +64,131 @@ class Stages:
         return self.base_from_source or not self.base_steps
 
 
-def scheduler_timesteps(config: dict[str, Any] | None = None) -> TimestepsFn:
-    """The timesteps function of a scheduler config (default: the SDXL 1.0 Euler scheduler)."""
-    from diffusers import EulerDiscreteScheduler
+class Schedule:
+    """One scheduler's step arithmetic, exactly as diffusers' SDXL pipelines do it: its timesteps for a step
+    count, its order, and the UNet calls of each kind of pipeline call. Callable as a :data:`TimestepsFn`.
+    ``base``: the base model's schedule, when it has its own scheduler (else this one)."""
 
-    from krita_sdxl.backend.models.demo import SCHEDULER_CONFIG
+    def __init__(self, config: dict[str, Any] | None = None, base: Schedule | None = None) -> None:
+        self.config = dict(config) if config is not None else None
+        self._base = base
 
-    @functools.lru_cache(maxsize=2 * MAX_STEPS)
-    def cached(steps: int) -> tuple[int, ...]:
-        if config is None:
-            scheduler: Any = EulerDiscreteScheduler(**SCHEDULER_CONFIG)  # any diffusers scheduler
+    @property
+    def base(self) -> Schedule:
+        return self._base or self
+
+    @functools.lru_cache(maxsize=2 * MAX_STEPS)  # noqa: B019 (a schedule lives as long as its engine)
+    def _set(self, steps: int) -> tuple[tuple[int, ...], int, int]:
+        """(timesteps, order, num_train_timesteps) of the scheduler set up for ``steps``."""
+        from diffusers import EulerDiscreteScheduler
+
+        from krita_sdxl.backend.models.demo import SCHEDULER_CONFIG
+
+        if self.config is None:
+            scheduler: Any = EulerDiscreteScheduler(**SCHEDULER_CONFIG)
         else:
             import diffusers
 
-            cls = getattr(diffusers, str(config.get("_class_name", "EulerDiscreteScheduler")))
-            scheduler = cls.from_config(config)
+            cls = getattr(diffusers, str(self.config.get("_class_name", "EulerDiscreteScheduler")))
+            scheduler = cls.from_config(self.config)
         scheduler.set_timesteps(steps)
-        return tuple(int(t) for t in scheduler.timesteps)
+        train = int(getattr(scheduler.config, "num_train_timesteps", TRAIN_STEPS))
+        return tuple(int(t) for t in scheduler.timesteps), int(getattr(scheduler, "order", 1)), train
 
-    def timesteps(steps: int) -> list[int]:
-        return list(cached(steps))
+    def __call__(self, steps: int) -> list[int]:
+        return list(self._set(steps)[0])
 
-    return timesteps
+    def order(self, steps: int = 10) -> int:
+        return self._set(steps)[1]
+
+    def _cutoff(self, steps: int, split: float) -> int:
+        return _cutoff(split, self._set(steps)[2])
+
+    def text2img(self, steps: int, end: float | None = None) -> int:
+        """UNet calls of a text-to-image call (the base from noise), up to ``denoising_end``."""
+        timesteps = self._set(steps)[0]
+        if end is None or not 0.0 < end < 1.0:
+            return len(timesteps)
+        cut = self._cutoff(steps, end)
+        return sum(1 for t in timesteps if t >= cut)
+
+    def img2img(self, steps: int, strength: float, end: float | None = None) -> int:
+        """UNet calls of an img2img call at ``strength`` (``get_timesteps``), up to ``denoising_end``."""
+        timesteps, order, _ = self._set(steps)
+        start = max(steps - min(int(steps * strength), steps), 0)
+        rerun = timesteps[start * order :]
+        if end is None or not 0.0 < end < 1.0:
+            return len(rerun)
+        cut = self._cutoff(steps, end)
+        return sum(1 for t in rerun if t >= cut)
+
+    def takeover(self, steps: int, start: float) -> int:
+        """UNet calls of the refiner taking over at ``denoising_start`` (a second-order scheduler's count is
+        made odd, so that it ends after a whole step, as diffusers does)."""
+        timesteps, order, _ = self._set(steps)
+        cut = self._cutoff(steps, start)
+        n = sum(1 for t in timesteps if t < cut)
+        return n + 1 if order == 2 and n % 2 == 0 else n
 
 
-def _cutoff(split: float, train_steps: int = 1000) -> int:
+def _cutoff(split: float, train_steps: int = TRAIN_STEPS) -> int:
     """diffusers' ``discrete_timestep_cutoff`` for denoising_end / denoising_start."""
     return round(train_steps - split * train_steps)
 
 
-def _refine(mode: str, steps: int, strength: float) -> tuple[StepPlan, Stages]:
+def scheduler_timesteps(config: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> Schedule:
+    """The :class:`Schedule` of a scheduler config (default: the SDXL 1.0 Euler scheduler); ``base``: the
+    base model's scheduler config, when it is known and differs."""
+    return Schedule(config, Schedule(base) if base is not None and base != config else None)
+
+
+def as_schedule(timesteps: TimestepsFn | None) -> Schedule:
+    """A :class:`Schedule` for what callers pass: a Schedule, None (SDXL 1.0's), or a bare timesteps function
+    (first-order arithmetic on its timesteps)."""
+    if isinstance(timesteps, Schedule):
+        return timesteps
+    if timesteps is None:
+        return Schedule()
+    return _Timesteps(timesteps)
+
+
+class _Timesteps(Schedule):
+    """A bare timesteps function as a first-order schedule."""
+
+    def __init__(self, fn: TimestepsFn) -> None:
+        super().__init__()
+        self._fn = fn
+
+    def _set(self, steps: int) -> tuple[tuple[int, ...], int, int]:  # type: ignore[override]
+        return tuple(int(t) for t in self._fn(steps)), 1, TRAIN_STEPS
+
+
+def _refine(mode: str, steps: int, strength: float, schedule: Schedule) -> tuple[StepPlan, Stages]:
     plan = plan_img2img(steps, strength)
-    return plan, Stages(mode, plan.steps, 0, plan.denoise_steps, refiner_strength=strength)
+    calls = schedule.img2img(plan.steps, strength)
+    return StepPlan(plan.steps, calls, plan.adjusted), Stages(mode, plan.steps, 0, calls, refiner_strength=strength)
 
 
-def _generate(steps: int, strength: float, split: float, timesteps: TimestepsFn) -> tuple[StepPlan, Stages]:
-    cut = _cutoff(split)
+def _generate(steps: int, strength: float, split: float, schedule: Schedule) -> tuple[StepPlan, Stages]:
+    base_schedule, splits = schedule.base, split < 1.0
     if strength >= 1.0:  # from noise; raise steps (up to MAX_STEPS) until the base gets at least one
         n, last = steps, max(steps, MAX_STEPS)
         while True:
-            ts = timesteps(n)
-            base = sum(1 for t in ts if t >= cut)
+            base = base_schedule.text2img(n, split)
             if base >= 1:
                 break
             if n >= last:
-                raise _split_too_small(split, steps, last, timesteps)
+                raise _split_too_small(split, steps, last, base_schedule)
             n += 1
-        refiner = len(ts) - base
+        refiner = schedule.takeover(n, split) if splits else 0
         plan = StepPlan(n, base + refiner, n != steps)
-        return plan, Stages("generate", n, base, refiner, split=split if split < 1.0 else None)
+        return plan, Stages("generate", n, base, refiner, split=split if splits else None)
     img = plan_img2img(steps, strength)
-    ts = timesteps(img.steps)
-    rerun = ts[img.steps - img.denoise_steps :]
-    base = sum(1 for t in rerun if t >= cut)
+    base = base_schedule.img2img(img.steps, strength, split)
     if base == 0:  # all of the re-run part is the refiner's: a plain refine
-        plan, stages = _refine("generate", steps, strength)
-        return plan, stages
-    refiner = sum(1 for t in ts if t < cut)
-    stages = Stages("generate", img.steps, base, refiner, True, split if split < 1.0 else None, strength)
+        return _refine("generate", steps, strength, schedule)
+    refiner = schedule.takeover(img.steps, split) if splits else 0
+    stages = Stages("generate", img.steps, base, refiner, True, split if splits else None, strength)
     return StepPlan(img.steps, base + refiner, img.adjusted), stages
 
 
@@ -136,10 +206,11 @@ def _split_too_small(split: float, steps: int, last: int, timesteps: TimestepsFn
     )
 
 
-def _two_stage(steps: int, strength: float) -> tuple[StepPlan, Stages]:
+def _two_stage(steps: int, strength: float, schedule: Schedule) -> tuple[StepPlan, Stages]:
     refine = plan_img2img(steps, strength)
     # both run with the same scheduler steps (raised for both when the step policy raises them)
-    stages = Stages("two_stage", refine.steps, refine.steps, refine.denoise_steps, refiner_strength=strength)
+    base, refiner = schedule.base.text2img(refine.steps), schedule.img2img(refine.steps, strength)
+    stages = Stages("two_stage", refine.steps, base, refiner, refiner_strength=strength)
     return StepPlan(refine.steps, stages.total, refine.adjusted), stages
 
 
@@ -147,13 +218,15 @@ def plan_job(
     mode: str, steps: int, strength: float, split: float = 0.8, timesteps: TimestepsFn | None = None
 ) -> tuple[StepPlan, Stages]:
     """The step plan (as reported in ``accepted``: ``denoise_steps`` = every UNet call of the job)
-    and the stages of one job. ``split`` is ``denoising_end``; ``timesteps`` the scheduler's."""
+    and the stages of one job. ``split`` is ``denoising_end``; ``timesteps`` the models' :class:`Schedule`
+    (None: SDXL 1.0's Euler scheduler)."""
+    schedule = as_schedule(timesteps)
     if mode == "refine":
-        return _refine(mode, steps, strength)
+        return _refine(mode, steps, strength, schedule)
     if not 0.0 < split <= 1.0:
         raise ValueError(f"denoising_end must be in (0, 1], got {split}")
     if mode == "generate":
-        return _generate(steps, strength, split, timesteps or scheduler_timesteps())
+        return _generate(steps, strength, split, schedule)
     if mode == "two_stage":
-        return _two_stage(steps, strength)
+        return _two_stage(steps, strength, schedule)
     raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")

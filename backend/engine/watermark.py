@@ -30,7 +30,9 @@ def available() -> bool:
 
 
 class Watermark:
-    """``apply(rgb)`` marks an HxWx3 float [0, 1] image when marking is active."""
+    """``apply(rgb)`` marks an HxWx3 float image on the [0, 1] scale when marking is active. Give it the
+    decoded picture before any clamp, as diffusers does (``StableDiffusionXLWatermarker`` runs on the VAE's
+    output, then the pipeline clamps); a marked picture comes back within [0, 1]."""
 
     def __init__(self, enabled: bool = True) -> None:
         self._marker: Any = None

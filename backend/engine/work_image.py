@@ -6,14 +6,16 @@ On the way in (:func:`prepare`), from the document's pixels:
 
 1. fully transparent pixels get the colour of their visible neighbourhood (:mod:`.alpha_fill`),
    so the colour hidden under them does not bleed into visible edges;
-2. a float picture with values above 1 is tone-mapped into [0, 1] (:mod:`.hdr`);
+2. a float picture whose selected pixels go above 1 is tone-mapped into [0, 1] (:mod:`.hdr`; the
+   context's values do not decide it);
 3. linear-light pixels are encoded to sRGB (the model was trained on sRGB pictures);
 4. the picture is resized to the job's work size.
 
 On the way back (:func:`finish`), from the model's result at the work size:
 
 1. resized back to the document's size;
-2. the invisible watermark, where it is on (see below);
+2. the invisible watermark, where it is on (see below), on the decoded values before they are clamped
+   to [0, 1], as diffusers marks them; then the clamp;
 3. sRGB back to linear light, the tone map undone (values above 1 come back);
 4. the source's own pixels back where the mask is 0 (the artist's pixels outside a selection are
    never changed), and the result in the document's format by the output rule of :mod:`.pixels`
@@ -75,8 +77,8 @@ def prepare(req: RefineRequest, mask: np.ndarray | None = None) -> WorkImage:
     if float_samples:
         hdr.sanitize(source, copy=False)  # (a fresh array)
     rgb, tone = fill_transparent(source, alpha), None
-    if float_samples:
-        rgb, tone = hdr.tone_map(rgb)
+    if float_samples:  # the curve is decided by the selected pixels alone (the context may be brighter)
+        rgb, tone = hdr.tone_map(rgb, None if mask is None else mask > 0.0)
     if req.transfer == "linear":
         rgb = pixels.linear_to_srgb(rgb)
     work = work_size(req)
@@ -86,15 +88,17 @@ def prepare(req: RefineRequest, mask: np.ndarray | None = None) -> WorkImage:
 
 
 def finish(job: WorkImage, out: np.ndarray, watermark: Any = None) -> Image:
-    """The result in the document's size and format from the model's result ``out`` (HxWx3 in
-    [0, 1] at the work size). ``watermark``: a :class:`.watermark.Watermark` to mark the returned
-    picture with (None for a tile: the tiled job marks the blended whole). A tile's mask reaches
+    """The result in the document's size and format from the model's result ``out`` (HxWx3 on the [0, 1]
+    scale at the work size, as decoded: not yet clamped, so that the watermark marks what stock marks).
+    ``watermark``: a :class:`.watermark.Watermark` to mark the returned picture with (None for a tile: the
+    tiled job marks the blended whole). A tile's mask reaches
     only its alpha (tiles are opaque RGBA, backend/engine/tiling.py), so the whole is blended once."""
     req, spec = job.req, job.req.image.spec
     if job.work is not None:
         out = pixels.resize(out, (spec.width, spec.height))
-    if watermark is not None:
+    if watermark is not None:  # on the decoded picture before the clamp, as stock marks it
         out = watermark.apply(out)
+    out = np.clip(out, 0.0, 1.0)
     if req.transfer == "linear":
         out = pixels.srgb_to_linear(out)
     if job.tone is not None:

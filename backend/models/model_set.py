@@ -23,6 +23,11 @@ class ModelUnavailable(RuntimeError):
     """A job needs a model this service has no source for."""
 
 
+def same_scheduler(a: Any, b: Any) -> bool:
+    """The same kind of scheduler with the same settings (the base's img2img pipeline has a copy of its own)."""
+    return type(a) is type(b) and dict(a.config) == dict(b.config)
+
+
 class ModelSet:
     def __init__(
         self,
@@ -53,6 +58,10 @@ class ModelSet:
 
     def loaded(self, role: str) -> bool:
         return role in self._pipes
+
+    def if_loaded(self, role: str) -> Any:
+        """The ``role`` pipeline when it is loaded now, else None (never loads)."""
+        return self._pipes.get(role)
 
     def pipes(self) -> list[Any]:
         with self._lock:
@@ -113,7 +122,11 @@ class ModelSet:
         """The base's components as an img2img pipeline (for generate with a source image)."""
         base = self.base
         with self._lock:
-            if self._img2img is None or self._img2img.unet is not base.unet:
+            if (
+                self._img2img is None
+                or self._img2img.unet is not base.unet
+                or not same_scheduler(self._img2img.scheduler, base.scheduler)
+            ):
                 self._img2img = base_img2img(base)
             return self._img2img
 

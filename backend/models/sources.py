@@ -38,6 +38,24 @@ class ModelSource:
     name: str  # for people
     config: Path | None = None  # single_file: the diffusers config folder it is loaded with
 
+    def scheduler_config(self) -> dict[str, Any] | None:
+        """The scheduler config the model loads with (its folder's, or the config folder of a single file),
+        read without loading anything; None when there is none to read."""
+        import json
+
+        folder = Path(self.config if self.config is not None else self.path)
+        try:
+            data = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+            index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        named = index.get("scheduler") if isinstance(index, dict) else None
+        if isinstance(named, list) and len(named) == 2 and isinstance(named[1], str):
+            data["_class_name"] = named[1]  # the class diffusers loads is the one model_index.json names
+        return data
+
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": self.role, "name": self.name, "path": str(self.path), "source": self.kind}
         if self.config is not None:

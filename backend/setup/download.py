@@ -137,28 +137,51 @@ def _headers() -> dict[str, str]:
     return {**build_hf_headers(), "Accept-Encoding": "identity"}
 
 
-def fetch(url: str, partial: Path, size: int, on_bytes: Callable[[int], None]) -> None:
-    """Fetch ``url`` into ``partial`` until it holds ``size`` bytes, continuing what is there."""
+def _hash_prefix(new_hash: Callable[[], Any], partial: Path, have: int) -> Any:
+    """A fresh hash fed the first ``have`` bytes already in ``partial`` (a download being continued)."""
+    hasher = new_hash()
+    with partial.open("rb") as f:
+        left = have
+        while left and (chunk := f.read(min(_CHUNK, left))):
+            hasher.update(chunk)
+            left -= len(chunk)
+    return hasher
+
+
+def fetch(
+    url: str, partial: Path, size: int, on_bytes: Callable[[int], None], new_hash: Callable[[], Any] | None = None
+) -> str | None:
+    """Fetch ``url`` into ``partial`` until it holds ``size`` bytes, continuing what is there. ``new_hash``
+    (a fresh hashlib object each call): every byte of the file goes through it as it is written (the part
+    already on disk first), so the download is checked without reading it again; returns its hex digest."""
     opener, headers = _opener(), _headers()
     partial.parent.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
     received = 0
+    hasher, hashed = None, -1  # the bytes of the file the hash has seen (-1: none yet)
     while True:
         have = partial.stat().st_size if partial.exists() else 0
         if have > size:
             partial.unlink()
             have = 0
+        if new_hash is not None and hashed != have:  # first round, or a write that broke off: from the disk
+            hasher, hashed = _hash_prefix(new_hash, partial, have) if have else new_hash(), have
         if have == size:
-            return
+            return hasher.hexdigest() if hasher is not None else None
         request = urllib.request.Request(url, headers={**headers, **({"Range": f"bytes={have}-"} if have else {})})
         try:
             with opener.open(request, timeout=TIMEOUT_S) as response:
                 if have and response.status != 206:  # the server ignored the range: start over
                     on_bytes(-have)
                     have = 0
+                    if new_hash is not None:
+                        hasher, hashed = new_hash(), 0
                 with partial.open("ab" if have else "wb") as out:
                     while chunk := response.read1(_CHUNK):  # what has arrived: steady progress
                         out.write(chunk)
+                        if hasher is not None:
+                            hasher.update(chunk)
+                            hashed += len(chunk)
                         received += len(chunk)
                         on_bytes(len(chunk))
         except urllib.error.HTTPError as exc:
@@ -209,19 +232,19 @@ def _disk_full(cache: Path, done: int, needed: int) -> DownloadFailed:
     )
 
 
-def _install(cache: Path, rp: RepoPlan, file: RemoteFile, progress: Progress, emit: Emit, check: bool) -> None:
-    """Fetch one file if needed, verify it, move it into place and link it into the snapshot."""
+def _install(cache: Path, rp: RepoPlan, file: RemoteFile, progress: Progress, emit: Emit, check: bool) -> bool:
+    """Fetch one file if needed, verify it, move it into place and link it into the snapshot. True when its
+    content was checked against its checksum in this run (downloaded now, or ``check``); False: its size only."""
     from huggingface_hub import hf_hub_download, hf_hub_url
 
     blob = hub.blob(cache, rp.repo, file)
     if file in rp.missing:
         partial = blob.with_name(file.etag + ".incomplete")
         emit("file", name=file.name, size=file.size, resumed=hub.partial_bytes(cache, rp.repo, file))
-        fetch(
-            hf_hub_url(rp.repo, file.name, revision=rp.commit, endpoint=_endpoint()), partial, file.size, progress.add
-        )
+        url = hf_hub_url(rp.repo, file.name, revision=rp.commit, endpoint=_endpoint())
+        digest = fetch(url, partial, file.size, progress.add, lambda: hub.content_hash(file))
         emit("verify", name=file.name)
-        problem = hub.verify(partial, file)
+        problem = hub.digest_problem(file, digest) if digest is not None else hub.verify(partial, file)
         if problem:
             partial.unlink(missing_ok=True)
             raise DownloadFailed(f"the download of {rp.repo} was damaged: {problem}.",
@@ -229,6 +252,7 @@ def _install(cache: Path, rp: RepoPlan, file: RemoteFile, progress: Progress, em
         os.replace(partial, blob)
     path = Path(hf_hub_download(rp.repo, file.name, revision=rp.commit, cache_dir=cache))
     linked = path.resolve() == blob.resolve()  # else huggingface_hub fetched it itself, or copied it (no symlinks)
+    hashed = file in rp.missing and hub.content_hash(file) is not None
     if (check and file not in rp.missing) or (file in rp.missing and not linked):
         emit("verify", name=file.name)
         problem = hub.verify(path.resolve(), file)
@@ -236,7 +260,9 @@ def _install(cache: Path, rp: RepoPlan, file: RemoteFile, progress: Progress, em
             for p in {path, path.resolve()}:
                 p.unlink(missing_ok=True)
             raise DownloadFailed(f"{rp.repo} in the cache is damaged: {problem}.",
-                                 "Run the setup again (Repair) to fetch that file anew.")  # fmt: skip
+                                 "Run the setup again to fetch that file anew.")  # fmt: skip
+        hashed = hub.content_hash(file) is not None
+    return hashed
 
 
 def download(repos: list[str], emit: Emit, *, verify_all: bool = False, cache: Path | None = None) -> list[Path]:
@@ -254,9 +280,10 @@ def download(repos: list[str], emit: Emit, *, verify_all: bool = False, cache: P
     progress = Progress(emit, needed)
     snapshots = []
     for rp in plans:
+        verified = 0
         for file in rp.files:
             try:
-                _install(cache, rp, file, progress, emit, verify_all)
+                verified += _install(cache, rp, file, progress, emit, verify_all)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                     raise _disk_full(cache, progress.done, needed) from None
@@ -268,8 +295,19 @@ def download(repos: list[str], emit: Emit, *, verify_all: bool = False, cache: P
         (refs / "main").write_text(rp.commit, encoding="utf-8")  # what `serve` resolves the repo id with
         snapshot = hub.repo_folder(cache, rp.repo) / "snapshots" / rp.commit
         snapshots.append(snapshot)
-        emit("done", repo=rp.repo, snapshot=str(snapshot))
+        emit("done", repo=rp.repo, snapshot=str(snapshot), files=len(rp.files), verified=verified)
     return snapshots
+
+
+def describe_check(event: dict[str, Any]) -> str:
+    """What a ``done`` event says was checked: "verified" only when every file's checksum was."""
+    files, verified = event.get("files", 0), event.get("verified", 0)
+    if verified >= files:
+        return "verified (every file's checksum)"
+    later = "`krita-sdxl setup download --verify` checks their checksums"
+    if not verified:
+        return f"sizes checked ({later})"
+    return f"{verified} files downloaded and verified, {files - verified} already there with sizes checked ({later})"
 
 
 def describe_plan(event: dict[str, Any]) -> str:

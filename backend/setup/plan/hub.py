@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REFINER_REPO = "stabilityai/stable-diffusion-xl-refiner-1.0"
 BASE_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -121,6 +122,25 @@ def snapshot_ready(cache: Path, repo: str) -> bool:
     if not commit or not (snap / "model_index.json").is_file():
         return False
     return all(any(p.is_file() for p in (snap / part).glob("*.safetensors")) for part in ("unet", "vae"))
+
+
+def content_hash(file: RemoteFile) -> Any:
+    """A fresh hash of what ``file`` is checked with (feed it the content): SHA-256 for Git LFS files, git's
+    blob SHA-1 (its ``blob SIZE\\0`` header included) for the others; None when the Hub gave neither."""
+    if file.sha256:
+        return hashlib.sha256()
+    if file.blob_id:
+        return hashlib.sha1(f"blob {file.size}\0".encode())
+    return None
+
+
+def digest_problem(file: RemoteFile, digest: str) -> str | None:
+    """None when ``digest`` (of :func:`content_hash`) is the file's; else why not."""
+    if file.sha256:
+        return None if digest == file.sha256 else f"{file.name}: SHA-256 {digest} downloaded, {file.sha256} expected"
+    if file.blob_id and digest != file.blob_id:
+        return f"{file.name}: git SHA-1 {digest} downloaded, {file.blob_id} expected"
+    return None
 
 
 def git_blob_sha1(path: Path) -> str:

@@ -77,9 +77,12 @@ def _cpu_warning(why: str) -> str:
     return f"{why}: the CPU build is installed, and a refine takes minutes instead of seconds."
 
 
-def choose_torch(machine: Machine, build: str = "auto", index: str | None = None) -> TorchChoice:
+def choose_torch(
+    machine: Machine, build: str = "auto", index: str | None = None, redo: str = "click Repair"
+) -> TorchChoice:
     """The build for ``machine``. ``build``: auto, or one of :data:`BUILDS` to force it. ``index``:
-    None for PyTorch's index, ``"pip"`` for pip's own configuration, or an index URL.
+    None for PyTorch's index, ``"pip"`` for pip's own configuration, or an index URL. ``redo``: how the
+    warnings say to run this step again (the docker's button; the CLI names its command).
     Raises :class:`SetupProblem` where PyTorch has no build at all."""
     system, arch = machine.system, machine.arch
     if build not in BUILDS:
@@ -109,7 +112,7 @@ def choose_torch(machine: Machine, build: str = "auto", index: str | None = None
         oldest = CUDA_BUILDS[-1][1]
         return _make("cpu", "cpu", machine, "the NVIDIA driver is too old", _cpu_warning(
             f"The NVIDIA driver supports CUDA {have}; PyTorch {TORCH_VERSION} needs {oldest[0]}.{oldest[1]} or "
-            "newer. Update the NVIDIA driver and click Repair to get the GPU build. Until then"), index)  # fmt: skip
+            f"newer. Update the NVIDIA driver and {redo} to get the GPU build. Until then"), index)  # fmt: skip
     if machine.rocm and system == "Linux" and arch == "x86_64":
         chosen = _newest(ROCM_BUILDS, machine.rocm)
         have = f"{machine.rocm[0]}.{machine.rocm[1]}"

@@ -68,7 +68,8 @@ def settings_problems(endpoint: str, server_public_key: str, client_secret_file:
 
 class Connection(Protocol):
     """Signals: ``state_changed(state, detail)``, ``welcomed(server, capabilities)``, ``received(Message)``
-    (every event but welcome and heartbeat), ``problem(text)``."""
+    (every event but welcome and heartbeat; ``credit`` events tell a submit's upload progress, a
+    ``result`` comes with all its pixels), ``problem(text)``."""
 
     state_changed: SignalLike
     welcomed: SignalLike

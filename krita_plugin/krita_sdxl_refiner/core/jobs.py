@@ -1,7 +1,7 @@
 """Job records and their state machine. Pure Python.
 
 A job goes reading (a large layer's pixels are copied off the UI thread) -> waiting (captured, not
-sent yet: no backend) -> sent -> queued (``accepted``) ->
+sent yet: no backend) -> sent (its pixels going up: ``credit`` events count them) -> queued (``accepted``) ->
 running (first ``progress``) -> done / failed / cancelled, or lost (the backend went away with it:
 it keeps its pixels and can be resubmitted). A job keeps the pixels it was captured with until it
 ends; a done job hands them to the results history (:mod:`history`) for "Again with a new seed".
@@ -31,6 +31,9 @@ RANDOM_SEEDS = 2**32  # a random seed is drawn below this, as the service draws 
 def new_seed() -> int:
     """A random seed for a job whose settings say "Random"."""
     return random.SystemRandom().randrange(RANDOM_SEEDS)
+
+
+UPLOAD_SHOWN_BYTES = 4 * 1024 * 1024  # smaller uploads are over before a progress bar could mean anything
 
 
 class JobState(str, Enum):
@@ -98,6 +101,8 @@ class Job:
     step: int = 0
     total: int = 0
     position: int | None = None
+    uploaded: int = 0  # bytes of its pixels the service holds (its credit events), while they go up
+    upload_total: int = 0
     message: str = ""
     elapsed: float | None = None
     number: int = 0  # "#3" in its layer's name: counts this session's jobs (JobList.add); a resubmission keeps it
@@ -138,6 +143,11 @@ class Job:
         """Apply one service event for this job. Returns True when the state changed meaningfully."""
         if self.state.finished:
             return False
+        if msg_type == "credit":  # the upload's progress
+            received = int(fields.get("received") or 0)
+            changed = received != self.uploaded
+            self.uploaded = received
+            return changed
         if msg_type == "accepted":
             self.state = JobState.queued if self.state in (JobState.waiting, JobState.sent) else self.state
             self.position = fields.get("position")
@@ -174,6 +184,16 @@ class Job:
     def mark_sent(self) -> None:
         self.state = JobState.sent
         self.touched = time.monotonic()
+        self.uploaded = 0
+        self.upload_total = sum(image.spec.byte_length for image in self.images.values())
+
+    @property
+    def upload_percent(self) -> int | None:
+        """How much of its pixels the service holds, while they go up and take long enough to show
+        (``UPLOAD_SHOWN_BYTES`` or more); None otherwise."""
+        if self.state is not JobState.sent or self.upload_total < UPLOAD_SHOWN_BYTES:
+            return None
+        return min(100, self.uploaded * 100 // self.upload_total)
 
     def lose(self, message: str) -> None:
         """The backend no longer has this job (restarted or replaced): keep everything for a resubmit."""
@@ -224,7 +244,10 @@ class Job:
         if s is JobState.waiting:
             return "Waiting for the backend…"
         if s is JobState.sent:
-            return "Sent…"
+            percent = self.upload_percent
+            if percent is None:
+                return "Sent…"
+            return f"Uploading {percent}% of {self.upload_total / 2**20:.0f} MiB…"
         if s is JobState.queued:
             return "Queued" + (f" (position {self.position})" if self.position else "") + "…"
         if s is JobState.running:

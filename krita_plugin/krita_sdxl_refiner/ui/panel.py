@@ -293,6 +293,8 @@ class RefinerPanel(QWidget):
         text = job.status_text + more
         if job.state is JobState.running and job.total:
             self._progress(0, job.total, min(job.step, job.total), text)
+        elif job.upload_percent is not None:
+            self._progress(0, 100, job.upload_percent, text)  # a large layer going up
         elif job.state is JobState.done:
             self._progress(0, max(1, job.total), max(1, job.total), text)
         elif unfinished:

@@ -16,11 +16,11 @@ from typing import Any
 
 from krita_sdxl.backend.setup.plan import mismatch
 from krita_sdxl.protocol import Image, ImageSpec, Message, ProtocolError
+from krita_sdxl.protocol.authorize import authorize_command
 from krita_sdxl.protocol.geometry import Box, Extent
 from krita_sdxl.protocol.policy import paints_from_noise
 
 from ..core import settings as settings_mod
-from ..core.authorize import authorize_command
 from ..core.connection import Connection, ConnectionState, CurveKeys
 from ..core.document import Adapter, AdapterError, Capture, NotApplied, Placed
 from ..core.guard import guarded
