@@ -12,11 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from attack import Peer, Running, SlowEngine, final, header, rgba, submit_frames
+from attack import Peer, Running, SlowEngine, chunk_frames, final, header, rgba, submit_frames
 
 from krita_sdxl.backend.service.jobs import Job, JobQueue, Owner
 from krita_sdxl.backend.service.server import Service
-from krita_sdxl.protocol import Message
+from krita_sdxl.protocol import Message, Outgoing
 from krita_sdxl.protocol.policy import capped_steps, denoise_steps
 
 A, B = Owner(b"a" * 16), Owner(b"b" * 16)
@@ -91,41 +91,81 @@ def test_a_job_the_client_cancelled_keeps_its_reason():
 # -- the service, over real sockets ----------------------------------------------------------------
 
 
+UPLOADS: dict[int, dict[str, Outgoing]] = {}  # per peer: the pixels of the jobs sent with ``send_job``
+BACKLOG: dict[int, list[Message]] = {}  # per peer: events ``send_job`` read while its upload went on
+
+
+def send_job(peer: Peer, name: str, image: Any, **fields: Any) -> None:
+    """Submit as a client does: the header, then the pixels as the service's credit comes, until the upload
+    ends (a connection uploads one job at a time); the events meanwhile wait for ``until``."""
+    peer.send(submit_frames(name, image, **fields))
+    UPLOADS.setdefault(id(peer), {})[name] = Outgoing(name, [image.data])
+    BACKLOG.setdefault(id(peer), []).extend(_events(peer, lambda e: e.job == name, 30.0))
+
+
 def until(peer: Peer, done: Callable[[Message], bool], timeout: float = 30.0) -> list[Message]:
-    """``peer``'s events until ``done`` (included), heartbeats skipped; fails after ``timeout`` seconds in all."""
+    """``peer``'s events until ``done`` (included), heartbeats and credit skipped (answered with the
+    job's chunks); fails after ``timeout`` seconds in all."""
+    backlog = BACKLOG.setdefault(id(peer), [])
+    for i, event in enumerate(backlog):
+        if done(event):
+            out, backlog[:] = backlog[: i + 1], backlog[i + 1 :]
+            return out
+    out, backlog[:] = list(backlog), []
+    out += _events(peer, done, timeout)
+    if not out or not done(out[-1]):
+        raise AssertionError(f"not done within {timeout} s; events: {[(e.type, e.job) for e in out]}")
+    return out
+
+
+def _events(peer: Peer, done: Callable[[Message], bool], timeout: float) -> list[Message]:
     out: list[Message] = []
     deadline = time.monotonic() + timeout
+    beat = time.monotonic() + 0.5
     while time.monotonic() < deadline:
         event = peer.recv(0.5)
-        if event is None:
+        if time.monotonic() >= beat:
             peer.send([header("heartbeat")])
-        elif event.type != "heartbeat":
-            out.append(event)
-            if done(event):
-                return out
-    raise AssertionError(f"not done within {timeout} s; events: {[(e.type, e.job) for e in out]}")
+            beat = time.monotonic() + 0.5
+        if event is None or event.type == "heartbeat":
+            continue
+        if event.type == "credit":
+            upload = UPLOADS.get(id(peer), {}).get(event.job or "")
+            if upload is not None:
+                upload.grant(event["received"], event["until"])
+                for offset, data in upload.chunks():
+                    peer.send(chunk_frames(upload.job, offset, data))
+            continue
+        out.append(event)
+        if done(event):
+            break
+    return out
+
+
+def send_live(peer: Peer, name: str, **fields: Any) -> None:
+    send_job(peer, name, rgba(32, 32), **{"steps": 10, "strength": 1.0, "live": True, **fields})
+
+
+def send_normal(peer: Peer, name: str) -> None:
+    send_job(peer, name, rgba(16, 16), steps=4, strength=1.0)
 
 
 def live_frames(name: str, **fields: Any) -> list[Any]:
-    fields = {"steps": 10, "strength": 1.0, "live": True, **fields}
-    return submit_frames(name, rgba(32, 32), **fields)
-
-
-def normal_frames(name: str) -> list[Any]:
-    return submit_frames(name, rgba(16, 16), steps=4, strength=1.0)
+    """A live submit's header alone: for submits refused before any pixel is asked for."""
+    return submit_frames(name, rgba(32, 32), **{"steps": 10, "strength": 1.0, "live": True, **fields})
 
 
 def test_the_service_supersedes_within_one_step_and_keeps_normal_jobs():
     with Running(Service(SlowEngine(step_s=0.2), "tcp://127.0.0.1:*")) as running:
         with Peer(running.endpoint) as artist, Peer(running.endpoint) as other:
-            artist.send(live_frames("live1", seed=1))
-            artist.send(normal_frames("normal1"))
-            other.send(live_frames("theirs", seed=5))  # another client's live job: never touched
+            send_live(artist, "live1", seed=1)
+            send_normal(artist, "normal1")
+            send_live(other, "theirs", seed=5)  # another client's live job: never touched
             events = until(artist, lambda e: e.job == "live1" and e.type == "progress" and e["step"] >= 3)
             seen = len(events)
-            artist.send(live_frames("live2", replaces="live1"))
-            artist.send(live_frames("live3", replaces="live2"))  # live2 still waits: dropped at once
-            artist.send(normal_frames("normal2"))
+            send_live(artist, "live2", replaces="live1")
+            send_live(artist, "live3", replaces="live2")  # live2 still waits: dropped at once
+            send_normal(artist, "normal2")
             events += until(artist, final("normal2"), timeout=30)
             theirs = until(other, final("theirs"), timeout=30)
     ends = {e.job: e for e in events if e.type in ("result", "error", "cancelled")}
@@ -142,11 +182,12 @@ def test_the_service_supersedes_within_one_step_and_keeps_normal_jobs():
 def test_a_live_job_that_fails_its_checks_supersedes_nothing():
     with Running(Service(SlowEngine(step_s=0.05), "tcp://127.0.0.1:*")) as running:
         with Peer(running.endpoint) as artist:
-            artist.send(live_frames("live1"))
+            send_live(artist, "live1")
             until(artist, lambda e: e.job == "live1" and e.type == "progress")
+            BACKLOG.pop(id(artist), None)
             bad = artist.ask(live_frames("live2", replaces="live1", strength=2.0))
             assert bad is not None and bad.type == "error" and bad["field"] == "strength"
-            frames = [header("submit", job="live3", live="yes", image={"width": 4, "height": 4}), b"\0" * 64]
+            frames = [header("submit", job="live3", live="yes", image={"width": 4, "height": 4})]
             forged = artist.ask(frames)
             assert forged is not None and forged.type == "error" and forged["field"] == "live"
             long_id = artist.ask(live_frames("live4", replaces="r" * 129))
@@ -163,12 +204,12 @@ def test_a_flood_of_live_submits_leaves_one_running_one_waiting_and_the_service_
         with Peer(running.endpoint) as artist:
             most = 0
             for i in range(200):
-                artist.send(live_frames(f"live{i}", replaces=f"live{i - 1}" if i else None))
+                send_live(artist, f"live{i}", replaces=f"live{i - 1}" if i else None)
                 if i % 20 == 0:
                     time.sleep(0.05)
                     most = max(most, len(service.queue))
             events = until(artist, final("live199"), timeout=60)
-            artist.send(normal_frames("after"))
+            send_normal(artist, "after")
             after = until(artist, final("after"), timeout=30)
     ends = {e.job: e for e in events if e.type in ("result", "error", "cancelled")}
     assert len(ends) == 200 and ends["live199"].type == "result", len(ends)
@@ -186,9 +227,9 @@ def test_a_live_job_gives_the_pixels_of_the_same_normal_job(demo_models, krita_s
     fields = {"prompt": "a lighthouse", "strength": 0.3, "steps": capped_steps(30, 0.3, 6), "seed": 77}
     fields.update(work_width=96, work_height=64)
     with Running(Service(engine, "tcp://127.0.0.1:*")) as running, Peer(running.endpoint) as peer:
-        peer.send(submit_frames("live", image, live=True, **fields))
+        send_job(peer, "live", image, live=True, **fields)
         live = until(peer, final("live"), timeout=120)[-1]
-        peer.send(submit_frames("normal", image, **fields))
+        send_job(peer, "normal", image, **fields)
         normal = until(peer, final("normal"), timeout=120)[-1]
     assert live.type == normal.type == "result"
     assert bytes(live.images["image"].data) == bytes(normal.images["image"].data)
@@ -255,7 +296,7 @@ def test_the_pool_cancels_a_superseded_jobs_call_on_its_replica(monkeypatch, ctx
     from krita_sdxl.backend.pool.capabilities import ReplicaBook
     from krita_sdxl.backend.pool.plan import PoolPlan
 
-    monkeypatch.setattr(transfer, "ship", lambda payload: {})  # no object store here: the rule, not Ray
+    monkeypatch.setattr(transfer, "ship", lambda *_a, **_k: {})  # no object store here: the rule, not Ray
     monkeypatch.setattr(dispatcher, "routing_key", lambda payload: "")
     pull = ctx.socket(zmq.PULL)
     endpoint = "inproc://live-lane-pool"

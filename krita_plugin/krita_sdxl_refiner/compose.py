@@ -1,6 +1,7 @@
-"""The composition root: builds the adapters (ZeroMQ client, local backend, processes, timers, pictures, key
-files, the application data folder) and hands them to the workflow. ``plugin.py`` (in Krita) and the tests
-build the controller here, so both are wired the same way. No krita import: it runs in tests too."""
+"""The composition root: builds the adapters (ZeroMQ client, local backend, processes, timers, a worker
+thread, pictures, key files, the application data folder) and hands them to the workflow. ``plugin.py``
+(in Krita) and the tests build the controller here, so both are wired the same way. No krita import: it
+runs in tests too."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from PyQt5.QtCore import QStandardPaths
 
 from .adapters import keys
 from .adapters.backend import Backend
+from .adapters.background import QtBackground
 from .adapters.buffers import QtPictures
 from .adapters.client import Client
 from .adapters.setup_probe import QtProcesses
@@ -44,6 +46,7 @@ def build_controller(adapter: Adapter, client: Connection | None = None, live: L
         pictures=QtPictures(),
         keys=keys,
         app_data=app_data(),
+        background=QtBackground(),
     )
     if live is not None:
         controller.live = LiveRefine(controller, live, timers)

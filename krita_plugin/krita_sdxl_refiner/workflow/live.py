@@ -117,7 +117,7 @@ class LiveRefine:
             self.notice.emit("Nothing to apply yet: the live preview is still empty.", "warning")
             return
         job, p = shown.job, shown.job.params
-        name = layer_name("live", p.prompt, job.seed)
+        name = layer_name(job.number, "live", p.prompt, job.seed)
         try:
             placed = self.port.apply(self._session, name, job.plan.crop, shown.result.data)
         except (LiveGone, NotApplied, AdapterError) as exc:
