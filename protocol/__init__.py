@@ -7,20 +7,25 @@ from .codec import CLIENT, MAX_HEADER_BYTES, PROTOCOL_VERSION, SERVICE, Message,
 from .errors import ProtocolError
 from .images import DEPTHS, FORMATS, MAX_SIDE, ORDERS, SAMPLES, Image, ImageSpec
 from .policy import StepPlan, plan_img2img
+from .transfer import MAX_CHUNK_BYTES, WINDOW_BYTES, Incoming, Outgoing
 
 __all__ = [
     "CLIENT",
     "DEPTHS",
     "FORMATS",
+    "MAX_CHUNK_BYTES",
     "MAX_HEADER_BYTES",
     "MAX_SIDE",
     "ORDERS",
     "PROTOCOL_VERSION",
     "SAMPLES",
     "SERVICE",
+    "WINDOW_BYTES",
     "Image",
     "ImageSpec",
+    "Incoming",
     "Message",
+    "Outgoing",
     "ProtocolError",
     "StepPlan",
     "decode",

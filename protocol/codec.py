@@ -1,6 +1,8 @@
-"""Encode and decode multipart messages: one msgpack header frame, then one raw frame per image.
+"""Encode and decode messages: one msgpack header frame, then at most one raw frame.
 
-Pure functions over buffers; no sockets here. Zero-copy: decoding keeps pixel frames as the
+The raw frame is a ``chunk``'s piece of a pixel stream (transfer.py) or a ``progress`` preview;
+a submit's and a result's pixels never follow their header (they are streamed in chunks).
+Pure functions over buffers; no sockets here. Zero-copy: decoding keeps raw frames as the
 caller's buffers (memoryview of a zmq frame), encoding returns them untouched for ``copy=False``.
 """
 
@@ -12,17 +14,27 @@ from typing import Any
 
 import msgpack
 
-from .errors import BAD_HEADER, FRAME_MISMATCH, VERSION_MISMATCH, ProtocolError, clip, shown
+from .errors import BAD_HEADER, FRAME_MISMATCH, MISSING_FIELD, VERSION_MISMATCH, ProtocolError, clip, shown
 from .images import Image, ImageSpec
-from .schema import CLIENT_MESSAGES, IMAGE_SLOTS, MAX_JOB_ID_CHARS, SERVICE_MESSAGES, Field, validate_fields
+from .schema import (
+    CLIENT_MESSAGES,
+    IMAGE_SLOTS,
+    MAX_JOB_ID_CHARS,
+    PAYLOAD_TYPES,
+    SERVICE_MESSAGES,
+    STREAMED_SLOTS,
+    Field,
+    validate_fields,
+)
+from .transfer import MAX_CHUNK_BYTES
 from .upscale import UpscaleSpec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: pixels in chunks under credit (transfer.py); 1 sent them whole after the header
 MAX_HEADER_BYTES = 256 * 1024
 MAX_HEADER_DEPTH = 32  # nesting of maps and lists in a header (a valid one needs 4 at most)
-# The most frames a client message may have: its header and one pixel frame per image slot
-# (the largest valid one is a submit with an image and a mask).
-MAX_CLIENT_FRAMES = 1 + max(len(IMAGE_SLOTS[name]) for name in CLIENT_MESSAGES)
+# Every message: a header frame and at most one raw frame (a chunk, or a preview), none larger than this.
+MAX_CLIENT_FRAMES = 2
+MAX_FRAME_BYTES = max(MAX_CHUNK_BYTES, MAX_HEADER_BYTES)
 
 CLIENT = "client"  # messages a client sends (the service decodes these)
 SERVICE = "service"  # events the service sends (a client decodes these)
@@ -37,6 +49,7 @@ class Message:
     type: str
     fields: dict[str, Any] = field(default_factory=dict)
     images: dict[str, Image] = field(default_factory=dict)
+    payload: Any = None  # a chunk's bytes (a memoryview of its frame)
 
     @property
     def job(self) -> str | None:
@@ -46,8 +59,12 @@ class Message:
         return self.fields[key]
 
 
-def encode(direction: str, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> list[Any]:
-    """Build the frames of one message. Fields are validated exactly as the receiver will."""
+def encode(
+    direction: str, msg_type: str, images: dict[str, Image] | None = None, payload: Any = None, **fields: Any
+) -> list[Any]:
+    """Build the frames of one message. Fields are validated exactly as the receiver will.
+    Streamed images (a submit's, a result's) give their specs only: send their bytes with
+    :func:`stream_buffers` and ``chunk`` messages. ``payload``: a chunk's bytes."""
     images = images or {}
     table = _TABLES[direction]
     wire = dict(fields)
@@ -63,7 +80,21 @@ def encode(direction: str, msg_type: str, images: dict[str, Image] | None = None
             if slot not in images:
                 raise ValueError(f"{msg_type}.{slot} declared without pixels")
             frames.append(images[slot].data)
+    if msg_type in PAYLOAD_TYPES:
+        if payload is None:
+            raise ValueError(f"a {msg_type} message needs its payload")
+        frames.append(payload)
     return frames
+
+
+def stream_specs(msg: Message) -> list[tuple[str, ImageSpec]]:
+    """The streamed images a submit or a result declares, in stream order."""
+    return [(s, msg.fields[s]) for s in STREAMED_SLOTS.get(msg.type, ()) if msg.fields.get(s) is not None]
+
+
+def stream_buffers(msg_type: str, images: dict[str, Image]) -> list[Any]:
+    """The pixel buffers of a message's streamed images, in stream order."""
+    return [images[s].data for s in STREAMED_SLOTS.get(msg_type, ()) if images.get(s) is not None]
 
 
 def _peek_job(header: Any) -> str | None:
@@ -129,8 +160,10 @@ def decode(direction: str, frames: Sequence[Any]) -> Message:
     header = decode_header(frames[0])
     job = _peek_job(header)
     try:
-        version = header.get("v")
-        if version != PROTOCOL_VERSION:
+        if "v" not in header:
+            raise ProtocolError(MISSING_FIELD, "v (the protocol version) is required in every message", "v")
+        version = header["v"]
+        if type(version) is not int or version != PROTOCOL_VERSION:  # 1.0 and true are not the integer 1
             raise ProtocolError(
                 VERSION_MISMATCH,
                 f"protocol version {shown(version)} received, this side speaks version {PROTOCOL_VERSION}; "
@@ -142,22 +175,48 @@ def decode(direction: str, frames: Sequence[Any]) -> Message:
             raw_type, {k: v for k, v in header.items() if k not in ("v", "type")}, _TABLES[direction]
         )
         msg_type = str(raw_type)  # a known type name: validate_fields refused anything else
-        images = _attach_images(msg_type, fields, frames[1:])
+        payload = None
+        rest = frames[1:]
+        if msg_type in PAYLOAD_TYPES:
+            payload = _payload(msg_type, rest)
+            rest = []
+        images = _attach_images(msg_type, fields, rest)
     except ProtocolError as err:
         err.job = err.job or job
         raise
-    return Message(msg_type, fields, images)
+    return Message(msg_type, fields, images, payload)
+
+
+def _payload(msg_type: str, rest: Sequence[Any]) -> memoryview:
+    if len(rest) != 1:
+        raise ProtocolError(
+            FRAME_MISMATCH, f"a {msg_type} message needs exactly one frame after its header, got {len(rest)}", None
+        )
+    data = memoryview(rest[0])
+    if not 0 < data.nbytes <= MAX_CHUNK_BYTES:
+        raise ProtocolError(
+            FRAME_MISMATCH, f"a {msg_type} holds 1 to {MAX_CHUNK_BYTES} bytes, this one {data.nbytes}", "offset"
+        )
+    return data
 
 
 def _attach_images(msg_type: str, fields: dict[str, Any], payload: Sequence[Any]) -> dict[str, Image]:
     slots = [s for s in IMAGE_SLOTS[msg_type] if fields.get(s) is not None]
     if len(payload) != len(slots):
-        expected = ", ".join(slots) if slots else "none"
+        if not slots:
+            streamed = STREAMED_SLOTS.get(msg_type)
+            how = f": its {' and '.join(streamed)} pixels follow in chunk messages" if streamed else ""
+            raise ProtocolError(
+                FRAME_MISMATCH,
+                f"a {msg_type} message is its header frame alone, got {len(payload)} more frame(s){how}",
+                None,
+            )
+        expected = ", ".join(slots)
         raise ProtocolError(
             FRAME_MISMATCH,
             f"a {msg_type} message declaring images [{expected}] needs {len(slots)} pixel frame(s) "
             f"after the header, got {len(payload)}",
-            slots[0] if slots else None,
+            slots[0],
         )
     images: dict[str, Image] = {}
     for slot, frame in zip(slots, payload, strict=True):
@@ -195,6 +254,7 @@ def error_fields(err: ProtocolError) -> dict[str, Any]:
 __all__ = [
     "CLIENT",
     "MAX_CLIENT_FRAMES",
+    "MAX_FRAME_BYTES",
     "MAX_HEADER_BYTES",
     "MAX_HEADER_DEPTH",
     "PROTOCOL_VERSION",
@@ -207,4 +267,6 @@ __all__ = [
     "error_event",
     "error_fields",
     "peek_job",
+    "stream_buffers",
+    "stream_specs",
 ]

@@ -22,6 +22,7 @@ OUT_OF_MEMORY = "out_of_memory"  # the accelerator ran out of memory
 SHUTTING_DOWN = "shutting_down"  # the service is stopping and takes no new jobs
 INTERNAL = "internal"  # a bug in the service; the message says what happened
 BAD_IDENTITY = "bad_identity"  # the client's ZeroMQ routing id is predictable, or another client's
+FORBIDDEN = "forbidden"  # this client may not do that (unload from another machine without an admin key)
 
 ALL_CODES = frozenset(
     {
@@ -40,6 +41,7 @@ ALL_CODES = frozenset(
         SHUTTING_DOWN,
         INTERNAL,
         BAD_IDENTITY,
+        FORBIDDEN,
     }
 )
 

@@ -13,8 +13,9 @@ from .policy import MAX_STEPS
 from .upscale import UpscaleSpec
 from .upscale import check_submit as check_upscale_submit
 
-MAX_PROMPT_CHARS = 8000
+MAX_PROMPT_CHARS = 4000  # the one prompt limit: the codec refuses longer ones (a service may set a lower one)
 MAX_JOB_ID_CHARS = 128
+MAX_STREAM_OFFSET = 2**40  # far beyond any stream (the largest submit is about 1.1 GiB): a sanity bound
 MAX_SEED = 2**64 - 1
 
 _REQUIRED = object()
@@ -112,6 +113,7 @@ def _str(default: Any = _REQUIRED, max_len: int = 1000, **kw: Any) -> Field:
 
 JOB = Field("str", max_len=MAX_JOB_ID_CHARS)
 OPTIONAL_JOB = Field("str", None, nullable=True, max_len=MAX_JOB_ID_CHARS)
+OFFSET = Field("int", lo=0, hi=MAX_STREAM_OFFSET)
 
 # Messages a client sends to the service.
 CLIENT_MESSAGES: dict[str, dict[str, Field]] = {
@@ -134,10 +136,14 @@ CLIENT_MESSAGES: dict[str, dict[str, Field]] = {
         "transfer": _str("srgb", max_len=16, choices=("srgb", "linear")),
         "denoising_end": Field("float", 0.8, lo=0.0, lo_open=True, hi=1.0),
         "keep_unmasked": Field("bool", True),
+        "live": Field("bool", False),
+        "replaces": OPTIONAL_JOB,
         "image": Field("image"),
         "mask": Field("image", None, nullable=True),
         "upscale": Field("upscale", None, nullable=True),  # the result's size: protocol/upscale.py
     },
+    "chunk": {"job": JOB, "offset": OFFSET},  # one frame of the submit's pixel stream follows the header
+    "credit": {"job": JOB, "received": OFFSET},  # bytes of a result's stream received so far
     "cancel": {"job": JOB},
     "unload": {"model": _str(max_len=16, choices=("base", "refiner"))},
     "status": {"job": OPTIONAL_JOB},
@@ -160,6 +166,7 @@ SERVICE_MESSAGES: dict[str, dict[str, Field]] = {
         "total": Field("int", lo=1),
         "preview": Field("image", None, nullable=True),
     },
+    "credit": {"job": JOB, "received": OFFSET, "until": OFFSET},  # an upload may go on up to byte `until`
     "result": {
         "job": JOB,
         "seed": Field("int", lo=0, hi=MAX_SEED),
@@ -172,6 +179,7 @@ SERVICE_MESSAGES: dict[str, dict[str, Field]] = {
         "message": _str(max_len=4000),
         "field": _str(None, nullable=True, max_len=200),
     },
+    "chunk": {"job": JOB, "offset": OFFSET},  # one frame of a result's pixel stream follows the header
     "cancelled": {"job": JOB, "reason": _str("cancelled", max_len=200)},
     "unloaded": {"model": _str(max_len=16), "was_loaded": Field("bool"), "deferred": Field("bool", False)},
     "status": {
@@ -185,9 +193,15 @@ SERVICE_MESSAGES: dict[str, dict[str, Field]] = {
 # Rules across the fields of one message, run after every field was checked alone.
 RULES = {"submit": check_upscale_submit}
 
-# Image fields, in the order their pixel frames follow the header frame.
+# Streamed image fields: their pixels do not follow the header; they travel as one byte stream (the
+# images' bytes one after the other, in this order) in ``chunk`` messages (transfer.py).
+STREAMED_SLOTS: dict[str, tuple[str, ...]] = {"submit": ("image", "mask"), "result": ("image",)}
+# Messages whose header is followed by one raw payload frame (a piece of a stream).
+PAYLOAD_TYPES = frozenset({"chunk"})
+
+# Inline image fields (a ``progress`` preview), in the order their pixel frames follow the header frame.
 IMAGE_SLOTS: dict[str, tuple[str, ...]] = {
-    name: tuple(k for k, f in fields.items() if f.kind == "image")
+    name: tuple(k for k, f in fields.items() if f.kind == "image" and k not in STREAMED_SLOTS.get(name, ()))
     for table in (CLIENT_MESSAGES, SERVICE_MESSAGES)
     for name, fields in table.items()
 }

@@ -2,17 +2,20 @@
 
 Shared by the CI test (tests/test_fuzz.py, 50,000 messages) and the benchmark
 (tests/benchmarks/bench_fuzz.py, as many as asked). Messages start from valid ones (submit with an
-image and sometimes a mask, hello, status, cancel, heartbeat, unload) and get one to three mutations:
-field types, huge/negative/NaN/infinite numbers, long strings and keys, deep nesting, image specs,
-the version and type, frame counts and sizes, truncated or flipped header bytes, random bytes.
+image and sometimes a mask, its pixels in a chunk message right after it; hello, status, cancel,
+heartbeat, unload; a chunk or a credit for no job) and get one to three mutations: field types,
+huge/negative/NaN/infinite numbers, long strings and keys, deep nesting, image specs, the version and
+type, frame counts and sizes, chunk offsets and sizes, truncated or flipped header bytes, random bytes.
 
 Sockets: several clients with unguessable routing ids; clients with predictable ones (short, a zero
 first byte, libzmq's own) that must get ``bad_identity`` for everything; and one that forges a live
 client's id, which must get nothing at all. Every event received is decoded and validated with
 the protocol codec. The accounting is exact: every message to a well-identified client gets exactly
-one immediate answer, and every ``accepted`` job ends with exactly one ``result`` or ``cancelled`` (a
-mutated ``cancel`` can name a live job: a job id mutated to a long string is the same string every time).
-A ``cancelled`` both answers the cancel and ends the job; for a running job it comes when the worker stops.
+one immediate answer (a ``credit`` answers a submit or a chunk), and every ``accepted`` job ends with
+exactly one ``result`` or ``cancelled`` (a mutated ``cancel`` can name a live job: a job id mutated to a
+long string is the same string every time). A ``cancelled`` both answers the cancel and ends the job;
+for a running job it comes when the worker stops. A result's chunks are acknowledged with ``credit``
+as a client does (those messages get no answer); an upload a mutated chunk left waiting is cancelled.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import msgpack
 import zmq
 from soak import rss_kib
 
-from krita_sdxl.protocol import SERVICE, decode
+from krita_sdxl.protocol import PROTOCOL_VERSION, SERVICE, decode
 from krita_sdxl.protocol.errors import ALL_CODES
 
-IMMEDIATE = {"error", "welcome", "status", "heartbeat", "unloaded", "accepted", "cancelled"}
+V = PROTOCOL_VERSION
+
+IMMEDIATE = {"error", "welcome", "status", "heartbeat", "unloaded", "accepted", "cancelled", "credit"}
 WEIRD_NUMBERS = [0, -1, 1, 2**31, 2**63 - 1, -(2**63), 2**64 - 1, 1e-300, 1e-30, -1e-9, 1e308, -1e308,
                  math.nan, math.inf, -math.inf, 0.5, 499, 500, 501, 16385]  # fmt: skip
 ORDERS = ["RGBA", "BGRA", "RGB", "BGR", "L"]
@@ -43,9 +48,11 @@ class Mutator:
 
     # -- valid messages --------------------------------------------------------------------
 
-    def valid(self) -> tuple[dict[str, Any], list[bytes]]:
+    def valid(self) -> list[tuple[dict[str, Any], list[bytes]]]:
+        """One valid request: a message, or a submit and the chunk with its pixels."""
         r = self.rng
-        kind = r.choices(["submit", "hello", "status", "cancel", "heartbeat", "unload"], [6, 1, 1, 1, 1, 1])[0]
+        kind = r.choices(["submit", "hello", "status", "cancel", "heartbeat", "unload", "chunk", "credit"],
+                         [6, 1, 1, 1, 1, 1, 1, 1])[0]  # fmt: skip
         if kind == "submit":
             self.jobs += 1
             w, h = r.randint(1, 24), r.randint(1, 24)
@@ -59,20 +66,25 @@ class Mutator:
                 "strength": r.choice([0.3, 1.0, 0.05]),
                 "seed": r.randint(0, 2**32),
             }
-            frames = [bytes(w * h * len(order) * depth // 8)]
+            stream = bytes(w * h * len(order) * depth // 8)
             if r.random() < 0.2:
                 head["mask"] = {"width": w, "height": h, "order": "L"}
-                frames.append(bytes(w * h))
-            return {"v": 1, "type": "submit", **head}, frames
+                stream += bytes(w * h)
+            chunk = {"v": V, "type": "chunk", "job": head["job"], "offset": 0}
+            return [({"v": V, "type": "submit", **head}, []), (chunk, [stream])]
         if kind == "cancel":  # never a job that exists: its answer is always immediate
-            return {"v": 1, "type": "cancel", "job": f"c{r.randrange(10**6)}"}, []
+            return [({"v": V, "type": "cancel", "job": f"c{r.randrange(10**6)}"}, [])]
         if kind == "hello":
-            return {"v": 1, "type": "hello", "client": "fuzz"}, []
+            return [({"v": V, "type": "hello", "client": "fuzz"}, [])]
         if kind == "status":
-            return {"v": 1, "type": "status", "job": r.choice([None, "f1", "zz"])}, []
+            return [({"v": V, "type": "status", "job": r.choice([None, "f1", "zz"])}, [])]
         if kind == "unload":
-            return {"v": 1, "type": "unload", "model": r.choice(["base", "refiner"])}, []
-        return {"v": 1, "type": "heartbeat"}, []
+            return [({"v": V, "type": "unload", "model": r.choice(["base", "refiner"])}, [])]
+        if kind == "chunk":  # for no upload: unknown_job
+            return [({"v": V, "type": "chunk", "job": f"n{r.randrange(10**6)}", "offset": 0}, [b"x" * 16])]
+        if kind == "credit":  # for no result: unknown_job
+            return [({"v": V, "type": "credit", "job": f"n{r.randrange(10**6)}", "received": 16}, [])]
+        return [({"v": V, "type": "heartbeat"}, [])]
 
     # -- mutations -------------------------------------------------------------------------
 
@@ -108,7 +120,7 @@ class Mutator:
     def mutate(self, head: dict[str, Any], frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
         r = self.rng
         keys = [k for k in head if k not in ("v", "type")] or ["job"]
-        what = r.randrange(12)
+        what = r.randrange(13)
         if what == 0:  # a field gets another type or a weird value
             head[r.choice(keys)] = self.value()
         elif what == 1:  # weird numbers where numbers belong
@@ -122,10 +134,10 @@ class Mutator:
             key = r.choice(["width", "height", "order", "depth", "sample", "extra" * r.randrange(1, 80)])
             head["image"][key] = self.value()
         elif what == 5:  # version and type
-            head[r.choice(["v", "type"])] = r.choice([self.value(), 2, 0, "submit", "submitt", "x" * 5000])
+            head[r.choice(["v", "type"])] = r.choice([self.value(), 1, 2.0, True, 0, "submit", "chunk", "x" * 5000])
         elif what == 6:  # a missing field
             head.pop(r.choice([*keys, "v", "type"]), None)
-        elif what == 7 and frames:  # a pixel frame of the wrong size
+        elif what == 7 and frames:  # a chunk of the wrong size
             i = r.randrange(len(frames))
             frames[i] = frames[i][: r.randrange(len(frames[i]) + 1)] if r.random() < 0.5 else frames[i] + b"\0" * 7
         elif what == 8:  # frames missing or added, sometimes very many
@@ -138,17 +150,33 @@ class Mutator:
                         strength=r.choice([1e-30, 1e-9, 1e-3, 1.0]), denoising_end=r.choice([1e-300, 0.8]))  # fmt: skip
         elif what == 10:
             head["job"] = r.choice(["", "j" * 129, 5, None, ["x"], "j" * 128])
+        elif what == 11 and head.get("type") == "chunk":  # offsets
+            head["offset"] = r.choice([1, -1, 2**40, 2**41, 0.0, "0", None])
         else:
             head["prompt"] = "p" * r.choice([8000, 8001, 100_000])
         return head, frames
 
-    def message(self) -> tuple[list[bytes], bool]:
-        """The frames of one message, and whether it is a valid one, unmutated."""
+    def messages(self) -> list[list[bytes]]:
+        """The frames of one request's messages (one, or a submit and its chunk), one of them mutated
+        (or none)."""
         r = self.rng
-        head, frames = self.valid()
+        request = self.valid()
         roll = r.random()
         if roll < 0.25:
-            return [msgpack.packb(head, use_bin_type=True), *frames], True
+            return [[msgpack.packb(head, use_bin_type=True), *frames] for head, frames in request]
+        target = r.randrange(len(request))
+        out = []
+        for i, (head, frames) in enumerate(request):
+            if i == target:
+                out.append(self._mutated(head, frames, roll))
+            else:
+                out.append([msgpack.packb(head, use_bin_type=True), *frames])
+        if target == 1:  # a mutated chunk may leave its upload waiting for ever: the client gives up on it
+            out.append([msgpack.packb({"v": V, "type": "cancel", "job": request[0][0]["job"]})])
+        return out
+
+    def _mutated(self, head: dict[str, Any], frames: list[bytes], roll: float) -> list[bytes]:
+        r = self.rng
         for _ in range(r.randint(1, 3)):
             head, frames = self.mutate(head, frames)
         packed = msgpack.packb(head, use_bin_type=True)
@@ -157,7 +185,7 @@ class Mutator:
             if how == 4:  # not a map
                 packed = msgpack.packb(r.choice([[1, 2], "hello", 42, None, b"bytes", 1.5]))
             elif how == 3:
-                packed = b"\x82\xa1v" + b"\x91" * r.choice([1000, 1100, 5000]) + b"\x01\xa4type\xa5hello"
+                packed = b"\x82\xa1v" + b"\x91" * r.choice([1000, 1100, 5000]) + b"\x02\xa4type\xa5hello"
             elif how == 0:
                 packed = packed[: r.randrange(len(packed) + 1)]
             elif how == 1 and packed:
@@ -165,7 +193,7 @@ class Mutator:
                 packed = packed[:i] + bytes([r.randrange(256)]) + packed[i + 1 :]
             else:
                 packed = r.randbytes(r.randrange(64))
-        return [packed, *frames], False
+        return [packed, *frames]
 
 
 @dataclass
@@ -176,19 +204,47 @@ class Tally:
     results: int = 0
     ended: int = 0  # results and cancellations: each accepted job ends once
     events: int = 0
+    chunks: int = 0  # of results (acknowledged)
+    open_uploads: set[str] = field(default_factory=set)  # credited, not yet accepted or refused
+    downloading: dict[str, int] = field(default_factory=dict)  # results whose chunks are on their way
+    accepted_jobs: set[str] = field(default_factory=set)
     codes: dict[str, int] = field(default_factory=dict)
 
 
-def _receive(sock: zmq.Socket, tally: Tally, problems: list[str]) -> None:
+def _receive(sock: zmq.Socket, tally: Tally, problems: list[str]) -> Any:
     event = decode(SERVICE, sock.recv_multipart(copy=False))  # validates every field, as a client does
     tally.events += 1
-    if event.type in IMMEDIATE:
+    if event.type == "chunk":  # a result's bytes: acknowledged, as a client does (no answer to that)
+        tally.chunks += 1
+        received = event["offset"] + event.payload.nbytes
+        if received >= tally.downloading.get(event.job, 0):
+            tally.downloading.pop(event.job, None)
+        sock.send(msgpack.packb({"v": V, "type": "credit", "job": event.job, "received": received}))
+        return event
+    stalled = event.type == "error" and "its upload was dropped" in event["message"]  # the end of an upload
+    if event.type in IMMEDIATE and not stalled:
         tally.immediate += 1
+    stuck: set[str] = set()
+    if event.type == "credit":
+        if 0 < event["received"] < event["until"]:
+            stuck.add(event.job)  # a short chunk: this client sent its one chunk, the upload waits for ever
+        else:
+            tally.open_uploads.add(event.job)
+    elif event.type == "error" and "still uploading" in event["message"]:
+        stuck |= tally.open_uploads  # the upload before waits for a chunk that was mutated away
+    elif event.type in ("accepted", "error", "cancelled"):
+        tally.open_uploads.discard(event.job)
+    for job in sorted(stuck):  # cancelled (its answer: cancelled, or unknown_job if it ended meanwhile)
+        tally.open_uploads.discard(job)
+        sock.send(msgpack.packb({"v": V, "type": "cancel", "job": job}))
+        tally.sent += 1
     if event.type == "accepted":
         tally.accepted += 1
+        tally.accepted_jobs.add(event.job)
     if event.type == "result":
         tally.results += 1
-    if event.type in ("result", "cancelled"):
+        tally.downloading[event.job] = event["image"].byte_length  # its chunks follow
+    if event.type == "result" or (event.type == "cancelled" and event.job in tally.accepted_jobs):
         tally.ended += 1
     if event.type == "error":
         code = event["code"]
@@ -197,6 +253,7 @@ def _receive(sock: zmq.Socket, tally: Tally, problems: list[str]) -> None:
             problems.append(f"unknown error code {code!r}")
         if code == "internal":
             problems.append(f"internal error: {event['message'][:300]}")
+    return event
 
 
 def run_fuzz(endpoint: str, pid: int, count: int, seed: int = 1, clients: int = 4, batch: int = 250) -> dict:
@@ -230,7 +287,7 @@ def _fuzz(ctx: zmq.Context, endpoint: str, pid: int, count: int, seed: int, clie
     # duplicate of a live id and gets nothing at all; tests/test_sessions.py covers that attack)
     bad = [sock(None), sock(b"\x00" + rng.randbytes(20)), sock(b"short")]
     for s in good:  # connected and known before anyone forges their ids
-        s.send(msgpack.packb({"v": 1, "type": "heartbeat"}))
+        s.send(msgpack.packb({"v": V, "type": "heartbeat"}))
         if not s.poll(10_000):
             raise RuntimeError("the service does not answer")
         s.recv_multipart()
@@ -241,19 +298,19 @@ def _fuzz(ctx: zmq.Context, endpoint: str, pid: int, count: int, seed: int, clie
     t0 = time.monotonic()
     sent = 0
     while sent < count:
-        n = min(batch, count - sent)
+        n = min(batch, count - sent)  # requests; a submit is two messages (its chunk follows)
         for _ in range(n):
             target = rng.choice(good) if rng.random() < 0.85 else rng.choice(bad)
-            frames, _ = mutator.message()
-            target.send_multipart(frames)
-            tallies[id(target)].sent += 1
+            for frames in mutator.messages():
+                target.send_multipart(frames)
+                tallies[id(target)].sent += 1
         if rng.random() < 0.05:
-            forger.send(msgpack.packb({"v": 1, "type": "status"}))
+            forger.send(msgpack.packb({"v": V, "type": "status"}))
         sent += n
         deadline = time.monotonic() + 30
         for s in good + bad:  # every message answered before the next batch goes
             t = tallies[id(s)]
-            while t.immediate < t.sent or t.ended < t.accepted:
+            while t.immediate < t.sent or t.ended < t.accepted or t.downloading:
                 left = deadline - time.monotonic()
                 if left <= 0 or not s.poll(int(left * 1000)):
                     raise AssertionError(f"no answer after {sent} messages: {t}")
@@ -265,8 +322,8 @@ def _fuzz(ctx: zmq.Context, endpoint: str, pid: int, count: int, seed: int, clie
         while any(s.poll(0) for s in good + bad):  # nothing more than expected
             for s in good + bad:
                 if s.poll(0):
-                    problems.append("an unexpected extra event")
-                    _receive(s, tallies[id(s)], problems)
+                    extra = _receive(s, tallies[id(s)], problems)
+                    problems.append(f"an unexpected extra event: {extra.type} {extra.fields}"[:300])
         if sent % 5000 < batch:
             rss.append((sent, rss_kib(pid)))
     seconds = time.monotonic() - t0
@@ -285,16 +342,19 @@ def _fuzz(ctx: zmq.Context, endpoint: str, pid: int, count: int, seed: int, clie
         totals.accepted += t.accepted
         totals.results += t.results
         totals.ended += t.ended
+        totals.chunks += t.chunks
         for code, k in t.codes.items():
             totals.codes[code] = totals.codes.get(code, 0) + k
     return {
-        "messages": sent,
+        "requests": sent,  # a submit and its chunk are one request
+        "messages": totals.sent,
         "seconds": round(seconds, 2),
-        "messages_per_s": round(sent / seconds),
+        "messages_per_s": round(totals.sent / seconds),
         "events": totals.events,
         "accepted": totals.accepted,
         "results": totals.results,
         "ended": totals.ended,
+        "result_chunks": totals.chunks,
         "error_codes": dict(sorted(totals.codes.items())),
         "rss_kib": rss,
         "rss_warm_kib": warm,

@@ -18,7 +18,8 @@ from PyQt5.QtWidgets import QApplication
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
 from krita_sdxl.backend.setup.plan import VERSION
-from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
+from krita_sdxl.protocol import CLIENT, SERVICE, Image, Incoming, Message, decode, encode
+from krita_sdxl.protocol.codec import stream_specs
 from krita_sdxl.protocol.geometry import Box, Extent
 from krita_sdxl_refiner.adapters.client import Client
 from krita_sdxl_refiner.compose import build_controller
@@ -27,8 +28,56 @@ from krita_sdxl_refiner.core.jobs import Target
 from krita_sdxl_refiner.core.pixelformat import pixel_format
 from krita_sdxl_refiner.workflow.controller import Controller
 
-CAPS = {"device": "cpu", "dtype": "float32", "models": [], "modes": ["refine"], "protocol_version": 1,
+CAPS = {"device": "cpu", "dtype": "float32", "models": [], "modes": ["refine"], "protocol_version": 2,
         "backend_version": VERSION}  # fmt: skip
+
+
+class Uploads:
+    """The service's side of a submit's stream, as a fake does it: credit for everything at once,
+    and the submit (with its pixels) once its last chunk is in."""
+
+    def __init__(self) -> None:
+        self._incoming: dict[tuple[bytes, str], tuple[Message, Incoming]] = {}
+        self.window: int | None = None  # None: credit for everything at once; else as the service does
+        self.hold = False  # True: no more credit until it is False again (a slow link, seen from the docker)
+
+    def feed(self, ident: bytes, msg: Message) -> tuple[Message | None, list[list[Any]]]:
+        """(the complete submit, or None; the answers to send)."""
+        if msg.type == "submit":
+            incoming = Incoming(msg.job or "", stream_specs(msg))
+            self._incoming[(ident, incoming.job)] = (msg, incoming)
+            return None, [encode(SERVICE, "credit", job=incoming.job, received=0, until=self._until(incoming))]
+        if msg.type == "chunk" and (ident, msg.job) in self._incoming:
+            submit, incoming = self._incoming[(ident, msg.job or "")]
+            incoming.put(msg["offset"], msg.payload)
+            if not incoming.done:
+                return None, [encode(SERVICE, "credit", job=incoming.job, received=incoming.received,
+                                     until=self._until(incoming))]  # fmt: skip
+            del self._incoming[(ident, incoming.job)]
+            submit.images = incoming.images()
+            return submit, []
+        return None, []
+
+    def _until(self, incoming: Incoming) -> int:
+        if self.window is None:
+            return incoming.total
+        return min(incoming.total, incoming.received + (0 if self.hold else self.window))
+
+    def release(self) -> list[tuple[bytes, list[Any]]]:
+        """``hold`` ended: the credits to send for the uploads under way."""
+        self.hold = False
+        return [(ident, encode(SERVICE, "credit", job=incoming.job, received=incoming.received,
+                               until=self._until(incoming)))
+                for (ident, _), (_, incoming) in self._incoming.items()]  # fmt: skip
+
+
+def result_frames(image: Image, **fields: Any) -> list[list[Any]]:
+    """A result as a service sends it: its header, then its pixels in chunks (all at once: a fake)."""
+    data = memoryview(image.data).cast("B")
+    step = 1024 * 1024
+    chunks = [encode(SERVICE, "chunk", payload=data[o : o + step], job=fields["job"], offset=o)
+              for o in range(0, data.nbytes, step)]  # fmt: skip
+    return [encode(SERVICE, "result", images={"image": image}, **fields), *chunks]
 
 
 class FakeService:
@@ -56,7 +105,8 @@ class FakeService:
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.alive = True
         self.caps = dict(CAPS)
-        self.received: list[tuple[bytes, Message]] = []
+        self.received: list[tuple[bytes, Message]] = []  # a submit once all its pixels are in
+        self.uploads = Uploads()
 
     def poll(self) -> None:
         while True:
@@ -65,6 +115,15 @@ class FakeService:
             except zmq.Again:
                 return
             ident, msg = frames[0], decode(CLIENT, frames[1:])
+            if msg.type in ("submit", "chunk"):
+                done, answers = self.uploads.feed(ident, msg)
+                for answer in answers if self.alive else []:
+                    self.router.send_multipart([ident, *answer])
+                if done is None:
+                    continue
+                msg = done
+            if msg.type == "credit":  # a result's chunks acknowledged
+                continue
             self.received.append((ident, msg))
             if not self.alive:
                 continue
@@ -74,6 +133,10 @@ class FakeService:
                 self.send(ident, "heartbeat")
 
     def send(self, ident: bytes, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> None:
+        if msg_type == "result" and images:
+            for frames in result_frames(images["image"], **fields):
+                self.router.send_multipart([ident, *frames])
+            return
         self.router.send_multipart([ident, *encode(SERVICE, msg_type, images=images, **fields)])
 
     def of_type(self, msg_type: str) -> list[tuple[bytes, Message]]:
@@ -104,6 +167,7 @@ class FakeAdapter:
         self.apply_reason: str | None = None
         self.to_active: list[str] = []
         self.canvas = Extent(300, 200)
+        self.bounds = Box(0, 0, 300, 200)  # the layer's painted area
         self.selection: Box | None = Box(100, 50, 60, 40)
         self.fail_capture: Exception | None = None
         self.targets: list[Target] = []
@@ -125,7 +189,7 @@ class FakeAdapter:
     def capture(self, source: str, planner) -> Capture:
         if self.fail_capture:
             raise self.fail_capture
-        plan = planner(self.canvas, Box(0, 0, 300, 200), self.selection)
+        plan = planner(self.canvas, self.bounds, self.selection)
         fmt = pixel_format("RGBA", "U8")
         crop = plan.crop
         self.captures += 1

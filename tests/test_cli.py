@@ -14,6 +14,7 @@ from cli_helpers import assert_refused, jobs_seen, krita_sdxl, rgba_picture, spa
 from PIL import Image as PILImage
 
 from krita_sdxl.backend.cli.launcher import ServiceProcess, start_service
+from krita_sdxl.protocol import PROTOCOL_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_refine_writes_where_asked_creating_the_folder(service, picture, tmp_pat
         assert res.getchannel("A").tobytes() == src.getchannel("A").tobytes()
     info = krita_sdxl("info", "--endpoint", service.endpoint)
     assert info.returncode == 0, info.stderr
-    assert "protocol    1" in info.stdout and "refine" in info.stdout
+    assert f"protocol    {PROTOCOL_VERSION}" in info.stdout and "refine" in info.stdout
     for noise in ("Loading pipeline", "Loading weights", "[transformers]", "Warning", "Traceback"):
         assert noise not in service.log, service.log  # the service's log is quiet at the default level
 
@@ -174,11 +175,11 @@ def test_progress_draws_each_step_once_and_the_step_change_is_told(service, pict
 def test_prompt_limits_share_one_wording(service, picture, tmp_path):
     protocol = krita_sdxl("refine", str(picture), "--endpoint", service.endpoint, "--prompt", "x" * 9000,
                           "-o", str(tmp_path / "a.png"))  # fmt: skip
-    line = assert_refused(protocol, 2, "prompt is 9000 characters long; the limit is 8000")
+    line = assert_refused(protocol, 2, "prompt is 9000 characters long; the limit is 4000")
     ours = krita_sdxl("refine", str(picture), "--endpoint", service.endpoint, "--negative-prompt", "x" * 200,
                       "-o", str(tmp_path / "b.png"))  # fmt: skip
     line2 = assert_refused(ours, 2, "negative-prompt is 200 characters long; the limit is 100")  # before sending
-    assert line.split("long;")[1].split(" 8000")[0] == line2.split("long;")[1].split(" 100")[0]
+    assert line.split("long;")[1].split(" 4000")[0] == line2.split("long;")[1].split(" 100")[0]
     assert not list(tmp_path.iterdir())
 
 

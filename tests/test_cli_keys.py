@@ -14,6 +14,7 @@ from cli_helpers import COMMAND, assert_refused, krita_sdxl, rgba_picture
 from PIL import Image as PILImage
 
 from krita_sdxl.backend.cli.launcher import start_service
+from krita_sdxl.protocol import PROTOCOL_VERSION
 from krita_sdxl.protocol.authorize import authorize_command
 
 
@@ -124,7 +125,7 @@ def test_info_and_refine_against_a_curve_service(curve_service, tmp_path):
     pasted = line.split(": ")[-1].replace("AUTHORIZED_KEYS_FOLDER", shlex.quote(str(keys / "clients")))
     assert in_a_shell(pasted).returncode == 0  # the line as printed, pasted into a shell (Z85 keys hold * ? < > #)
     info = krita_sdxl("info", "--endpoint", svc.endpoint, *mine)
-    assert info.returncode == 0 and "protocol    1" in info.stdout, info.stderr
+    assert info.returncode == 0 and f"protocol    {PROTOCOL_VERSION}" in info.stdout, info.stderr
     server_key = zmq.auth.load_certificate(str(keys / "server.key"))[0].decode()
     picture, out = rgba_picture(tmp_path / "in.png"), tmp_path / "out.png"
     proc = krita_sdxl("refine", str(picture), "--endpoint", svc.endpoint, "--server-key", server_key,

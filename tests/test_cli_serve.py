@@ -71,6 +71,7 @@ def test_curve_without_its_files_is_refused_before_the_model_loads(tmp_path):
         str(tmp_path),
         words=("does not exist", "krita-sdxl keys"),
     )
+    refused_before_loading(tmp_path, "--admin-keys", str(tmp_path / "no-such-folder"), words=("admin keys folder",))
 
 
 @pytest.mark.parametrize(
@@ -81,7 +82,9 @@ def test_curve_without_its_files_is_refused_before_the_model_loads(tmp_path):
         (["--heartbeat-timeout", "-1"], ("--heartbeat-timeout -1",)),
         (["--max-pixels", str(2**63)], ("--max-pixels", "the protocol's limit")),
         (["--max-pixels", "20000x20000"], ("--max-pixels 400000000",)),
-        (["--max-prompt-chars", "9000"], ("--max-prompt-chars", "8000")),
+        (["--max-prompt-chars", "9000"], ("--max-prompt-chars", "4000")),
+        (["--max-connections", "3"], ("--max-connections 3", "16 to")),
+        (["--result-ttl", "1"], ("--result-ttl 1", "10 to")),
         (["--max-queue", "0"], ("--max-queue 0",)),
         (["--max-jobs-per-client", "-5"], ("--max-jobs-per-client -5",)),
         (["--tile-size", "100"], ("--tile-size 100", "multiple of 8")),

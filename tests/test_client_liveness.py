@@ -69,7 +69,7 @@ def test_a_hello_that_is_never_answered_ends_within_the_timeout() -> None:
             if router.poll(50):
                 ident, header = router.recv_multipart()[:2]
                 if msgpack.unpackb(header).get("type") == "heartbeat":
-                    router.send_multipart([ident, msgpack.packb({"v": 1, "type": "heartbeat"})])
+                    router.send_multipart([ident, msgpack.packb({"v": 2, "type": "heartbeat"})])
 
     thread = threading.Thread(target=answer_heartbeats_only, daemon=True)
     thread.start()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from attack import Peer, Running, SlowEngine, final, rgba, submit_frames
+from attack import Peer, Running, SlowEngine, final, rgba
 
 from krita_sdxl.backend.cli.client import ServiceClient
 from krita_sdxl.backend.cli.launcher import start_service
@@ -132,12 +132,13 @@ def test_one_clients_burst_does_not_starve_another(tmp_path):
     )
     try:
         with Peer(svc.endpoint) as hog, ServiceClient(svc.endpoint, timeout=60) as artist:
-            for i in range(10):
-                hog.send(submit_frames(f"h{i}", image=rgba(64, 64), steps=4, strength=1.0, seed=i))
-            hog_accepted = [hog.recv(30) for _ in range(10)]
+            hog_accepted = [
+                hog.submit(f"h{i}", image=rgba(64, 64), steps=4, strength=1.0, seed=i, timeout=30)[-1]
+                for i in range(10)
+            ]
             assert [e.type for e in hog_accepted] == ["accepted"] * 10
             job = artist.submit(rgba(64, 64), steps=4, strength=1.0, seed=1)
-            mine = list(artist.events(job, timeout=60))
+            mine = [e for e in artist.events(job, timeout=60) if e.type != "credit"]
             assert mine[0].type == "accepted" and mine[0]["position"] <= 2, mine[0].fields
             assert mine[-1].type == "result"
             hog_done = [e.job for e in hog.events_until(final("h9"), timeout=60) if e.type == "result"]
@@ -159,7 +160,7 @@ def gated():
 def test_byte_budget_per_client_over_sockets(gated):
     running, _engine = gated
     with Peer(running.endpoint) as peer:
-        replies = [peer.ask(submit_frames(f"j{i}", image=rgba(256, 256))) for i in range(3)]  # 256 KiB each
+        replies = [peer.submit(f"j{i}", image=rgba(256, 256))[-1] for i in range(3)]  # 256 KiB each
         assert [r.type for r in replies] == ["accepted", "accepted", "error"]
         assert replies[2]["code"] == "limit" and "per client" in replies[2]["message"]
         assert replies[2].job == "j2"
@@ -168,42 +169,44 @@ def test_byte_budget_per_client_over_sockets(gated):
 def test_a_new_client_gets_in_when_the_queue_is_full(gated):
     running, engine = gated
     with Peer(running.endpoint) as hog, Peer(running.endpoint) as artist:
-        assert [hog.ask(submit_frames(f"h{i}")).type for i in range(4)] == ["accepted"] * 4
-        assert artist.ask(submit_frames("mine")).type == "accepted"
+        # the total is 4 jobs beyond each client's first: the hog gets 5, then the total is full for it
+        assert [hog.submit(f"h{i}")[-1].type for i in range(6)] == ["accepted"] * 5 + ["error"]
+        assert artist.submit("mine")[-1].type == "accepted"  # a first job always gets in
+        assert hog.recv(timeout=0.5) is None  # and takes nothing from anyone
+        assert artist.submit("mine2")[-1].type == "accepted"  # a second one: the biggest holder makes room
         dropped = hog.recv()
-        assert (dropped.type, dropped["code"], dropped.job) == ("error", "limit", "h3")
+        assert (dropped.type, dropped["code"], dropped.job) == ("error", "limit", "h4")
         assert "make room for another client" in dropped["message"]
-        refused = hog.ask(submit_frames("h4"))
+        assert hog.recv(timeout=0.5) is None  # one job for one
+        refused = hog.submit("h5")[-1]
         assert (refused.type, refused["code"]) == ("error", "limit")
         engine.gate.set()
-        assert artist.events_until(final("mine"))[-1].type == "result"
-        assert [e.job for e in hog.events_until(final("h2")) if e.type == "result"] == ["h0", "h1", "h2"]
+        assert artist.events_until(final("mine2"))[-1].type == "result"
+        assert [e.job for e in hog.events_until(final("h3")) if e.type == "result"] == ["h0", "h1", "h2", "h3"]
 
 
 def test_results_a_client_does_not_read_count_against_it():
-    """A client that submits and never reads: its results pile up in ZeroMQ at the service; once they
-    fill its budget it gets ``limit`` until it reads them."""
+    """A client that submits and never reads: its results wait at the service; once they fill its
+    budget it gets ``limit`` until it reads them."""
     limits = Limits(max_client_bytes=12 * 1024 * 1024)
     with Running(Service(SlowEngine(), "tcp://127.0.0.1:*", limits=limits)) as running:
         queue = running.service.queue
-        with Peer(running.endpoint, rcvhwm=1) as slow:
-            for i in range(10):
-                slow.send(submit_frames(f"r{i}", image=rgba(1024, 1024, seed=i)))  # 4 MiB each
-                time.sleep(0.3)
-                assert queue.total_bytes <= limits.client_bytes
-            held = queue.bytes_of(slow.routing_id)
-            assert held >= 4 * 1024 * 1024, held  # results still in ZeroMQ's hands count
-            events = []
-            while (event := slow.recv(timeout=2)) is not None:
-                events.append(event)
-            refused = [e for e in events if e.type == "error"]
-            assert refused and all(e["code"] == "limit" for e in refused)
-            assert "undelivered results" in refused[0]["message"]
-            results = [e for e in events if e.type == "result"]
-            assert len(results) == 10 - len(refused)
+        with Peer(running.endpoint) as slow:
+            slow.hold_results = True
+            for i in range(3):
+                assert slow.submit(f"r{i}", image=rgba(1024, 1024, seed=i))[-1].type == "accepted"  # 4 MiB each
+            deadline = time.monotonic() + 10
+            while running.service.downloads.pending_bytes < 12 * 1024 * 1024 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert queue.bytes_of(slow.routing_id) == 12 * 1024 * 1024  # unread results count
+            refused = slow.submit("r3", image=rgba(1024, 1024, seed=3))[-1]
+            assert (refused.type, refused["code"]) == ("error", "limit")
+            assert "undelivered results" in refused["message"]
+            results = slow.read_held()
+            assert sorted(e.job for e in results) == ["r0", "r1", "r2"]
             assert all(
                 bytes(e.images["image"].data) == bytes(rgba(1024, 1024, seed=int(e.job[1:])).data) for e in results
             )
             time.sleep(0.5)
             assert queue.bytes_of(slow.routing_id) == 0  # read: released
-            assert slow.ask(submit_frames("after")).type == "accepted"
+            assert slow.submit("after")[-1].type == "accepted"

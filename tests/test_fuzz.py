@@ -28,10 +28,10 @@ def test_fuzzed_messages_never_break_the_service():
             f"errors {report['error_codes']}"
         )
         assert report["problems"] == [], report["problems"][:20]
-        assert report["messages"] == FUZZ_COUNT and report["ended"] == report["accepted"] > 0
+        assert report["requests"] == FUZZ_COUNT and report["ended"] == report["accepted"] > 0
         assert report["results"] > 0.9 * report["accepted"]  # cancellations are rare
         assert svc.proc.poll() is None
-        for code in ("bad_identity", "bad_header", "bad_field", "frame_mismatch", "version_mismatch"):
+        for code in ("bad_identity", "bad_header", "bad_field", "frame_mismatch", "version_mismatch", "unknown_job"):
             assert report["error_codes"].get(code, 0) > 0, code  # the fuzzer reached every kind of refusal
         growth = report["rss_end_kib"] - report["rss_warm_kib"]
         assert growth < 0.05 * report["rss_warm_kib"] + 4096, report["rss_kib"]  # flat after warm-up

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
-from krita_sdxl.protocol import CLIENT, ImageSpec, encode
+from krita_sdxl.protocol import CLIENT, Image, ImageSpec, encode
 from krita_sdxl.protocol.geometry import Box, Extent
 from krita_sdxl.protocol.policy import paints_from_noise
 from krita_sdxl_refiner.adapters.backend import invocation, is_python
@@ -200,12 +200,14 @@ def test_nothing_visible_names_the_source_and_the_way_out():
     assert "fully transparent. Select an area" in image and "Source: Image" not in image
 
 
-def test_layer_names():
-    assert layer_name("refine", "a castle at dawn", 1234) == "Refine · a castle at dawn · seed 1234"
-    assert layer_name("refine", "", 7) == "Refine · seed 7"
-    assert layer_name("two_stage", "x", None) == "Two-stage · x"
-    long = layer_name("refine", "word " * 20, 99)
-    assert long.startswith("Refine · word word") and long.endswith(" · seed 99")
+def test_layer_names_start_with_what_tells_them_apart():
+    """The Layers docker cuts names at its right edge: the number and the seed come first."""
+    assert layer_name(3, "refine", "a castle at dawn", 1234) == "#3 · seed 1234 · a castle at dawn"
+    assert layer_name(4, "refine", "", 7) == "#4 · seed 7 · Refine"
+    assert layer_name(5, "two_stage", "x", None) == "#5 · Two-stage · x"
+    assert layer_name(6, "generate", "a cat", 9) == "#6 · seed 9 · Generate · a cat"
+    long = layer_name(12, "refine", "word " * 20, 99)
+    assert long.startswith("#12 · seed 99 · word word") and long.endswith("…")
     assert len(short_prompt("word " * 20)) == 30 and short_prompt("a\n  b") == "a b"
 
 
@@ -225,10 +227,24 @@ def test_job_fields_encode_as_a_valid_submit():
     assert fields["denoising_end"] == 0.8 and fields["keep_unmasked"] is True and fields["transfer"] == "srgb"
     crop = job.plan.crop
     spec = job.fmt.spec(crop.width, crop.height)
-    from krita_sdxl.protocol import Image
 
     frames = encode(CLIENT, "submit", images={"image": Image(spec, bytes(spec.byte_length))}, **fields)
-    assert len(frames) == 2
+    assert len(frames) == 1  # the header: the pixels follow in chunks
+
+
+def test_a_large_uploads_progress_counts_the_bytes_the_service_holds():
+    job = make_job()
+    job.images = {"image": Image(ImageSpec(1024, 2048, "BGRA", 8), bytes(1024 * 2048 * 4))}  # 8 MiB
+    job.mark_sent()
+    assert job.upload_percent == 0 and job.status_text == "Uploading 0% of 8 MiB…"
+    assert job.on_event("credit", {"received": 2 * 1024 * 1024, "until": 6 * 1024 * 1024})
+    assert job.upload_percent == 25 and job.status_text == "Uploading 25% of 8 MiB…"
+    job.on_event("accepted", {"position": 0, "seed": 1, "steps": 30, "denoise_steps": 9})
+    assert job.upload_percent is None and job.status_text == "Queued…"
+    small = make_job("j2")
+    small.images = {"image": Image(ImageSpec(64, 64, "BGRA", 8), bytes(64 * 64 * 4))}
+    small.mark_sent()
+    assert small.upload_percent is None and small.status_text == "Sent…"  # over before a bar could show it
 
 
 def test_job_state_machine():
@@ -241,7 +257,9 @@ def test_job_state_machine():
     assert "position 2" in job.status_text
     job.on_event("progress", {"step": 3, "total": 9})
     assert job.state is JobState.running and job.status_text == "Step 3/9"
-    assert job.layer_name == "Refine · a cat · seed 77"
+    assert job.layer_name == "seed 77 · a cat"  # no number until a JobList holds it
+    JobList().add(job)
+    assert job.layer_name == "#1 · seed 77 · a cat"
     job.on_event("result", {"seed": 77, "elapsed": 1.25})
     assert job.state is JobState.done and job.step == 9 and "1.2" in job.status_text
     assert not job.on_event("error", {"message": "late"})  # finished jobs ignore events

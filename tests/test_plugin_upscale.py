@@ -63,7 +63,7 @@ def answer(d: Docker, size: tuple[int, int] | None = None, value: int = 9):
 def test_upscale_a_selection_into_a_new_document(docker):
     d = docker
     choose(d.panel.mode, "upscale")
-    assert d.panel.refine_button.text() == "Upscale" and d.panel.upscale.isVisible()
+    assert d.panel.refine_button.text() == "Run" and d.panel.upscale.isVisible()
     assert d.panel.strength.value() == 30 and d.panel.strength.minimum() == 0  # its own strength, 0 allowed
     click(d.panel.refine_button)
     submit = answer(d)
@@ -73,7 +73,9 @@ def test_upscale_a_selection_into_a_new_document(docker):
     assert "mask" not in submit.images and submit["work_width"] is None  # the region, whole, no mask
     assert (submit.images["image"].spec.width, submit.images["image"].spec.height) == (60, 40)
     assert d.adapter.opened_boxes == [Box(0, 0, 120, 80)] and not d.adapter.applied and not d.adapter.scaled
-    assert any(m.startswith("Opened “Upscale") and "2x (120x80)" in m for m in d.messages()), d.messages()
+    assert any(m.startswith("Opened “#") and " · Upscale · " in m and "2x (120x80)" in m for m in d.messages()), (
+        d.messages()
+    )
     d.no_internal_error()
 
 
@@ -89,9 +91,7 @@ def test_scale_this_document_scales_it_and_adds_the_result_as_a_layer(docker):
     submit = answer(d)
     assert (submit["upscale"].width, submit["upscale"].height) == (450, 300) and submit["strength"] == 0.0
     assert d.adapter.scaled == [(Extent(300, 200), Extent(450, 300))]
-    assert [(box, name.startswith("Upscale")) for box, _data, name in d.adapter.applied] == [
-        (Box(0, 0, 450, 300), True)
-    ]
+    assert [(box, " · Upscale" in name) for box, _data, name in d.adapter.applied] == [(Box(0, 0, 450, 300), True)]
     choose(d.panel.mode, "refine")  # back: the refine's own strength, never 0
     assert d.panel.strength.minimum() == 1 and d.panel.strength.value() == 50
 

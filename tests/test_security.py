@@ -69,7 +69,7 @@ def test_curve_admits_authorized_clients_only(tmp_path: Path, make_ctx):
         server_key = zmq.auth.load_certificate(str(server_pub))[0]
         endpoint = f"tcp://127.0.0.1:{port}"
         with ServiceClient(endpoint, timeout=5, server_key=server_key, client_secret_file=good_secret) as good:
-            assert good.hello()["capabilities"]["protocol_version"] == 1
+            assert good.hello()["capabilities"]["protocol_version"] == 2
         with ServiceClient(endpoint, timeout=2, server_key=server_key, client_secret_file=bad_secret) as bad:
             with pytest.raises(ServiceUnavailable):
                 bad.hello()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,11 +15,9 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
-from attack import Peer, Running, SlowEngine, final, good_id, header, rgba, submit_frames
+from attack import CurveService, Peer, SlowEngine, final, good_id, header, keypair, rgba, submit_frames
 
 from krita_sdxl.backend.cli.launcher import start_service
-from krita_sdxl.backend.service.security import CurveConfig
-from krita_sdxl.backend.service.server import Service
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +27,15 @@ def demo(tmp_path_factory):
     assert svc.stop() == 0, svc.log
 
 
-def long_job(job: str) -> list:
-    return submit_frames(job, image=rgba(96, 96, seed=3), steps=12, strength=1.0, seed=7)
+def long_job(job: str) -> dict:
+    return dict(image=rgba(96, 96, seed=3), steps=12, strength=1.0, seed=7)
 
 
 def test_a_forged_routing_id_gets_nothing_and_the_victim_keeps_its_job(demo):
     """The attack: a peer sets ROUTING_ID to a live client's id, asks for status, cancels, listens."""
     with Peer(demo.endpoint) as victim:
-        victim.send(long_job("precious"))
-        events = victim.events_until(lambda e: e.type == "progress", timeout=60)
+        events = [e for e in victim.submit("precious", **long_job("precious")) if e.type != "credit"]
+        events += victim.events_until(lambda e: e.type == "progress", timeout=60)
         assert [e.type for e in events] == ["accepted", "progress"], [e.fields for e in events]
         with Peer(demo.endpoint, routing_id=victim.routing_id) as attacker:
             attacker.send([header("status")])
@@ -58,7 +55,7 @@ def test_a_forged_routing_id_gets_nothing_and_the_victim_keeps_its_job(demo):
 )
 def test_predictable_routing_ids_are_refused_and_get_no_work(demo, routing_id):
     with Peer(demo.endpoint, routing_id=routing_id) as peer:
-        for frames in (long_job("mine"), [header("status")], [header("cancel", job="mine")]):
+        for frames in (submit_frames("mine", **long_job("mine")), [header("status")], [header("cancel", job="mine")]):
             event = peer.ask(frames)
             assert (event.type, event["code"]) == ("error", "bad_identity"), event.fields
             assert "ZMQ_ROUTING_ID" in event["message"] and "16 or more random bytes" in event["message"]
@@ -78,7 +75,7 @@ def test_a_dead_peers_id_is_freed_for_the_same_client_reconnecting(demo):
         s = zmq.Context().socket(zmq.DEALER)
         s.setsockopt(zmq.ROUTING_ID, {routing_id!r})
         s.connect({demo.endpoint!r})
-        s.send(b'\\x82\\xa1v\\x01\\xa4type\\xa5hello')
+        s.send(b'\\x82\\xa1v\\x02\\xa4type\\xa5hello')
         s.recv_multipart()
         print("connected", flush=True)
         sys.stdin.read()
@@ -100,43 +97,6 @@ def test_a_dead_peers_id_is_freed_for_the_same_client_reconnecting(demo):
 # -- CURVE: jobs belong to (key, routing id) -------------------------------------------------
 
 
-def keypair(folder: Path, name: str, authorize_in: Path | None = None) -> Path:
-    """A key pair in ``folder`` (returns the secret file); its public file copied to ``authorize_in``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(folder), name)
-    if authorize_in is not None:
-        authorize_in.mkdir(parents=True, exist_ok=True)
-        shutil.copy(public, authorize_in / f"{name}.key")
-    return Path(secret)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class CurveService:
-    def __init__(self, tmp: Path, authorized: Path, engine: SlowEngine) -> None:
-        server_secret = keypair(tmp / "server", "server")
-        self.server_public = zmq.auth.load_certificate(str(server_secret))[0]
-        self.authorized = authorized
-        port = free_port()
-        self.ctx = zmq.Context()  # its own: the CURVE authenticator is per context
-        service = Service(engine, f"tcp://127.0.0.1:{port}", ctx=self.ctx, curve=CurveConfig(server_secret, authorized))
-        self.running = Running(service)
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-
-    def peer(self, secret: Path, routing_id: bytes | None = b"") -> Peer:
-        return Peer(self.endpoint, routing_id=routing_id, curve=(self.server_public, secret))
-
-    def close(self) -> None:
-        try:
-            self.running.__exit__()
-        finally:
-            self.ctx.destroy(linger=0)
-
-
 @pytest.fixture
 def curve(tmp_path: Path):
     authorized = tmp_path / "authorized"
@@ -154,8 +114,7 @@ def curve(tmp_path: Path):
 def test_curve_a_second_key_with_the_same_id_gets_nothing_of_the_victim(curve):
     svc, engine, artist, other = curve
     with svc.peer(artist) as victim:
-        victim.send(submit_frames("precious", steps=40, strength=1.0))
-        assert victim.recv().type == "accepted"
+        assert victim.submit("precious", steps=40, strength=1.0)[-1].type == "accepted"
         with svc.peer(other, routing_id=victim.routing_id) as attacker:
             attacker.send([header("status")])
             attacker.send([header("cancel", job="precious")])
@@ -172,8 +131,7 @@ def test_curve_an_id_left_by_its_client_is_not_handed_to_another_key(curve):
     refused, cannot see or cancel the victim's jobs and gets none of their events."""
     svc, engine, artist, other = curve
     victim = svc.peer(artist)
-    victim.send(submit_frames("precious", steps=5, strength=1.0))
-    assert victim.recv().type == "accepted"
+    assert victim.submit("precious", steps=5, strength=1.0)[-1].type == "accepted"
     victim.close()
     time.sleep(0.3)
     with svc.peer(other, routing_id=victim.routing_id) as attacker:
@@ -191,9 +149,7 @@ def test_curve_an_id_left_by_its_client_is_not_handed_to_another_key(curve):
 def test_curve_status_and_cancel_never_cross_keys(curve):
     svc, engine, artist, other = curve
     with svc.peer(artist) as a, svc.peer(other) as b:
-        a.send(submit_frames("same-id", steps=3))
-        b.send(submit_frames("same-id", steps=3))
-        assert a.recv().type == b.recv().type == "accepted"
+        assert a.submit("same-id", steps=3)[-1].type == b.submit("same-id", steps=3)[-1].type == "accepted"
         assert [j["job"] for j in b.ask([header("status")])["jobs"]] == ["same-id"]
         assert b.ask([header("cancel", job="same-id")]).type == "cancelled"
         engine.gate.set()
@@ -223,11 +179,9 @@ def test_deleting_the_authorized_keys_folder_admits_nobody(curve):
 def test_removing_a_key_ends_that_clients_live_session(curve):
     svc, engine, artist, other = curve
     with svc.peer(artist) as victim, svc.peer(other) as bystander:
-        victim.send(submit_frames("running", steps=200, strength=1.0))
-        victim.send(submit_frames("queued", steps=2))
-        assert [victim.recv().type, victim.recv().type] == ["accepted", "accepted"]
-        bystander.send(submit_frames("theirs", steps=2))
-        assert bystander.recv().type == "accepted"
+        assert victim.submit("running", steps=200, strength=1.0)[-1].type == "accepted"
+        assert victim.submit("queued", steps=2)[-1].type == "accepted"
+        assert bystander.submit("theirs", steps=2)[-1].type == "accepted"
         engine.gate.set()
         assert victim.events_until(lambda e: e.type == "progress")[-1].type == "progress"
         (svc.authorized / "artist.key").unlink()

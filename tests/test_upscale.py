@@ -30,6 +30,10 @@ FAST = {"steps": 4, "strength": 0.25, "guidance_scale": 1.0}  # one denoising st
 def tiny_esrgan(path: Path) -> Path:
     """A randomly initialised 4x ESRGAN (spandrel's RRDBNet), saved as a .pth state dict."""
     import torch
+
+    from krita_sdxl.backend.engine.upscaler_model import import_spandrel
+
+    import_spandrel(path)  # as the backend imports it (no torchvision needed)
     from spandrel.architectures.ESRGAN import ESRGAN
 
     torch.manual_seed(0)
@@ -150,8 +154,11 @@ def test_cancel_mid_tile_leaves_nothing_behind(client):
 
 
 def test_a_tiny_esrgan_enlarges_before_the_refine(client, upscaler):
-    import spandrel
     import torch
+
+    from krita_sdxl.backend.engine.upscaler_model import import_spandrel
+
+    spandrel = import_spandrel(upscaler)
 
     image = picture(40, 30, "RGB")
     out, _ = upscale(client, image, 160, 120, method="model", strength=0.0)

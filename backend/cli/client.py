@@ -1,4 +1,11 @@
-"""A blocking DEALER client for the CLI, tests and benchmarks (the Krita plugin has its own, on Qt)."""
+"""A blocking DEALER client for the CLI, tests and benchmarks (the Krita plugin has its own, on Qt).
+
+Pixels go up and come back in chunks under credit (protocol/transfer.py): ``submit`` sends the
+header, and the chunks follow as the service's ``credit`` events arrive while the caller waits for
+events; a connection uploads one job at a time, so a submit made meanwhile waits here until the one
+before is accepted. A ``result`` is handed to the caller only once all its chunks are there (each
+acknowledged with a ``credit``). ``credit`` events are passed on too (``received`` of the job's bytes:
+upload progress)."""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
 from krita_sdxl.protocol.endpoint import DEFAULT_ENDPOINT, EndpointError, check_ipc_connect, parse_endpoint
+from krita_sdxl.protocol.streams import ClientStreams
 
 from .reachability import EVENTS as REACHABILITY_EVENTS
 from .reachability import Reachability
@@ -67,6 +75,7 @@ class ServiceClient:
             from krita_sdxl.backend.service.security import client_curve
 
             client_curve(self.socket, server_key, client_secret_file)
+        self._streams = ClientStreams()  # pixels up and down in chunks (protocol/streams.py)
         self._connect(endpoint, client_secret_file)
         self._prefix = f"{os.getpid()}-{id(self):x}-"
 
@@ -149,9 +158,11 @@ class ServiceClient:
     def new_job_id(self) -> str:
         return f"{self._prefix}{next(self._ids)}"
 
-    def send(self, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> None:
+    def send(self, msg_type: str, images: dict[str, Image] | None = None, payload: Any = None, **fields: Any) -> None:
         """Queue one message; never blocks (ServiceUnavailable when ZeroMQ cannot queue it)."""
-        frames = encode(CLIENT, msg_type, images=images, **fields)
+        self._send_frames(encode(CLIENT, msg_type, images=images, payload=payload, **fields))
+
+    def _send_frames(self, frames: list[Any]) -> None:
         try:
             self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -205,7 +216,15 @@ class ServiceClient:
         if now - self._last_heard > 2 * self.heartbeat_interval + 0.5:
             self._reconnected = True
         self._last_heard = now
-        return None if event.type == "heartbeat" else event
+        return None if event.type == "heartbeat" else self._stream(event)
+
+    def _stream(self, event: Message) -> Message | None:
+        """Chunks and credits (protocol/streams.py): send what they call for; the event to hand to the
+        caller (a result only once complete), or None."""
+        event_out, send = self._streams.on_event(event)
+        for frames in send:
+            self._send_frames(frames)
+        return event_out
 
     def hello(self, name: str = "krita-sdxl cli") -> dict[str, Any]:
         """The service's ``welcome``, within ``timeout`` seconds in all: heartbeat replies keep
@@ -233,7 +252,8 @@ class ServiceClient:
         images = {"image": image}
         if mask is not None:
             images["mask"] = mask
-        self.send("submit", images=images, job=job, **params)
+        for frames in self._streams.submit(images, job=job, **params):  # checked now, sent in its turn
+            self._send_frames(frames)
         return job
 
     def events(self, job: str, timeout: float | None = None) -> Iterator[Message]:
@@ -254,11 +274,13 @@ class ServiceClient:
             if left <= 0:
                 raise ServiceUnavailable(self._silence_text(wait))
             event = self._next(left)
+            if self._streams.downloading(job) or self._streams.waiting(job):  # arriving, or not sent yet
+                ask_at, unknown = time.monotonic() + self.status_interval, 0
             if event is None:
                 continue
             if event.type == "status":
                 asked = 0.0
-                if _mentions(event, job):
+                if _mentions(event, job) or self._streams.downloading(job) or self._streams.waiting(job):
                     ask_at, unknown = time.monotonic() + self.status_interval, 0
                     continue
                 unknown += 1
@@ -295,6 +317,9 @@ class ServiceClient:
         raise AssertionError("unreachable")
 
     def cancel(self, job: str) -> None:
+        """Cancel a job (one still waiting here for its upload's turn is forgotten; the service answers
+        ``unknown_job`` for it)."""
+        self._streams.cancel(job)
         self.send("cancel", job=job)
 
     def unload(self, model: str) -> dict[str, Any]:

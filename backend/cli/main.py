@@ -10,13 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
 
-from krita_sdxl.backend.common.config import EXIT_INTERRUPTED, EXIT_USAGE, CommandFailed, ConfigError, Settings
+from krita_sdxl.backend.common.config import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    CommandFailed,
+    ConfigError,
+    Settings,
+)
 from krita_sdxl.backend.engine.loading import configure_logging, load_engine, tiling
 from krita_sdxl.backend.setup.plan import VERSION
 
@@ -157,6 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = resolve(args)
     configure_logging(settings.log_level)
     check_pool(settings)  # the pool settings fit together, Ray Serve is installed
+    signal.signal(signal.SIGTERM, _interrupt)  # while starting: stop what was started (a local Ray), then exit
     curve = check_serve(settings)  # endpoint, exposure, keys, a test bind, device, checkpoint: before the load
     pool = None
     if settings.pool == "ray":  # the same service; the jobs run on Ray Serve replicas (backend/pool)
@@ -179,6 +188,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_prompt_chars=settings.max_prompt_chars,
         max_jobs_per_client=settings.max_jobs_per_client,
         max_jobs_total=settings.max_queue,
+        max_connections=settings.max_connections,
+        result_ttl=settings.result_ttl,
     )
     try:
         service = Service(
@@ -190,6 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             insecure=settings.insecure,
             warm_up=settings.warmup,
             worker=pool.dispatcher if pool is not None else None,
+            admin_keys=Path(settings.admin_keys).expanduser() if settings.admin_keys else None,
         )
     except SecurityError as exc:
         raise ConfigError(str(exc)) from None
@@ -200,6 +212,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pool.close()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: service.stop())
+    if pool is not None:  # Ray gone under the service: its clients hear why, then it exits non-zero
+        pool.watch(lambda why: service.fail(f"the GPU pool failed: {why}; the service stops (submit again once "
+                                            "it is back)"))  # fmt: skip
     caps = engine.describe()
     log.info(
         "device %s, dtype %s, model %s",
@@ -208,14 +223,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ", ".join(m.get("name", "?") for m in caps.get("models", [])),
     )
     if pool is not None:
-        log.info("pool: %s", pool.plan.describe())
+        log.info("pool %s: %s", pool.name, pool.plan.describe())
     print(f"krita-sdxl ready on {service.endpoint}", flush=True)
     try:
         service.serve_forever()
     finally:
         if pool is not None:
             pool.close()
+    if service.failure is not None:  # exit now: Ray's exit hooks would wait for the Ray that is gone
+        say(f"krita-sdxl serve: error: {service.failure}")
+        logging.shutdown()
+        os._exit(EXIT_FAILED)
     return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_info(args: argparse.Namespace) -> int:

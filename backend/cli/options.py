@@ -90,6 +90,12 @@ def seconds(text: str) -> float:
     return value
 
 
+def pool_name(value: str) -> str:
+    from krita_sdxl.backend.pool.plan import check_pool_name
+
+    return check_pool_name(value)
+
+
 def device_name(value: str) -> str:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
         raise ValueError("must be auto, cuda, cuda:N (a GPU number), mps or cpu")
@@ -188,12 +194,18 @@ OPTIONS: tuple[Option, ...] = (
            metavar="PIXELS", shown="8192x8192"),
     Option("max_prompt_chars", "longest prompt, in characters", LIMITS,
            int_range(0, MAX_PROMPT_CHARS, " (the protocol's limit)")),
+    Option("max_connections", "most connections open at once (beyond it a connection that has sent nothing yet "
+           "is closed, or the new one refused); also kept below the open files limit", LIMITS, int_range(16, 10**6)),
+    Option("result_ttl", "seconds a result that its client does not read is kept; then it is dropped and the "
+           "client told", LIMITS, float_range(10, 7 * 86400, "seconds")),
     Option("heartbeat_timeout", "seconds of silence after which a client counts as gone and its jobs are "
            "cancelled (clients send a heartbeat every 1 to 2 s)", LIMITS, float_range(3, 86400, "seconds")),
     Option("curve_secret_key", "the service's CURVE secret key file (krita-sdxl keys --name server)", SECURITY,
            metavar="FILE", shown=""),
     Option("authorized_keys", "folder with the public .key file of every client allowed in", SECURITY,
            metavar="DIR", shown=""),
+    Option("admin_keys", "folder with the public .key file of every client allowed to unload models from "
+           "another machine (clients on this machine always may)", SECURITY, metavar="DIR", shown=""),
     Option("insecure", "listen on a non-loopback address without authentication (not recommended)", SECURITY,
            shown=""),
     Option("identity", "", SERVICE, hidden=True),
@@ -207,6 +219,12 @@ OPTIONS: tuple[Option, ...] = (
            metavar="N"),
     Option("ray_address", "the Ray cluster to join: auto (the one started with `ray start` on this machine) or "
            "HOST:PORT of its head", POOL, metavar="ADDRESS", shown="start a local Ray"),
+    Option("pool_name", "the pool's name on the Ray cluster (its Ray Serve application): one per service; "
+           "letters, digits, '.', '_' and '-'", POOL, pool_name, metavar="NAME",
+           shown="krita-sdxl-HOST-<hash of --endpoint>"),
+    Option("replica_timeout", "seconds a job waits while no replica of the pool is running (all lost, or none "
+           "could start) before it ends with model_error", POOL, float_range(1, 86400, "seconds"),
+           metavar="SECONDS"),
     Option("tile_threshold", "tile images larger than this many pixels, or WxH (0 = never tile)", TILES,
            int_range(0, MAX_PIXELS), where="local", parse=pixel_count, metavar="PIXELS", shown="2048x2048"),
     Option("tile_size", "tile side in pixels", TILES, int_range(64, MAX_SIDE, multiple=8), where="local",

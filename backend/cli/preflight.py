@@ -107,6 +107,11 @@ def check_serve(settings: Settings) -> CurveConfig | None:
         check_ipc_bind(endpoint)
     except (EndpointError, SecurityError) as exc:
         raise ConfigError(str(exc)) from None
+    if settings.admin_keys and not Path(settings.admin_keys).expanduser().is_dir():
+        raise ConfigError(
+            f"admin keys folder {settings.admin_keys} does not exist; put the public .key file of every client "
+            "that may unload models from another machine there (krita-sdxl authorize KEY --dir FOLDER)"
+        )
     if endpoint.scheme in ("tcp", "ipc"):
         try_bind(endpoint)
     if not settings.identity:

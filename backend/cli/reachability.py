@@ -20,7 +20,7 @@ import zmq
 from krita_sdxl.protocol.endpoint import Endpoint
 
 GRACE = 2.0  # seconds: no connection (or no handshake) by then, and the reason is told
-PROBE_TIMEOUT = 1.0
+PROBE_TIMEOUT = 2.0
 EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 # ZMTP 3.0 greeting, NULL mechanism, as a client: signature, version 3.0, mechanism, as-server 0, filler
 _GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" + b"\0" * 31
@@ -42,7 +42,7 @@ class Greeting:
 
 def probe(endpoint: Endpoint, timeout: float = PROBE_TIMEOUT) -> Greeting | None:
     """Connect once with a plain socket, send a ZMTP greeting and read the answer; None when no
-    connection could be made."""
+    connection could be made or nothing came back in time."""
     if endpoint.scheme == "tcp":
         family, address = socket.AF_UNSPEC, (endpoint.host, int(endpoint.port))
     elif endpoint.scheme == "ipc" and endpoint.path is not None and hasattr(socket, "AF_UNIX"):
@@ -71,6 +71,8 @@ def probe(endpoint: Endpoint, timeout: float = PROBE_TIMEOUT) -> Greeting | None
                 data += chunk
         except OSError:
             pass
+    if not data:
+        return None  # silence tells nothing (a busy machine, or a peer that waits): the timeout decides
     if len(data) >= 10 and data[0] == 0xFF and data[9] == 0x7F:
         mechanism = data[12:32].rstrip(b"\0").decode("ascii", "replace") if len(data) >= 32 else ""
         return Greeting(True, mechanism)

@@ -26,18 +26,38 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+UPLOAD_BAR_BYTES = 4 * 2**20  # one credit window (protocol/README.md, Streams); smaller uploads show no bar
 NO_RATE = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]"  # until a second step gives a rate (no "?step/s")
 
 
 class Progress:
-    """One progress bar on stderr, made when the step count is known; each step drawn once."""
+    """One progress bar on stderr: the upload's bytes while the picture goes up (a large layer over a
+    slow link takes a while), then the steps, made when their count is known; each step drawn once."""
 
     def __init__(self) -> None:
         self.bar: Any = None
+        self.uploading = False
+
+    def upload(self, received: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            if total <= UPLOAD_BAR_BYTES:  # goes up in one credit window: a bar would only flash
+                return
+            self.bar = tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload", leave=False,
+                mininterval=0.2, file=sys.stderr, bar_format=NO_RATE,
+            )  # fmt: skip
+            self.uploading = True
+        if self.uploading and received > self.bar.n:
+            self.bar.bar_format = None  # tqdm's own, with the rate, once bytes have moved
+            self.bar.update(received - self.bar.n)
 
     def step(self, step: int, total: int) -> None:
         from tqdm import tqdm
 
+        if self.uploading:  # the upload is over: its bar makes way for the steps'
+            self.close()
         if self.bar is None:  # made at the first step, which counts as done before the bar (no rate from it)
             self.bar = tqdm(total=total, initial=step, unit="step", desc="refine", leave=False, mininterval=0,
                             file=sys.stderr, bar_format=NO_RATE)  # fmt: skip
@@ -57,6 +77,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.uploading = False
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
@@ -133,9 +154,15 @@ def _refine_remote(client: Any, picture: Picture, fields: dict[str, Any]) -> tup
 
     progress = Progress()
     job = client.submit(picture.image, **fields)
+    total = picture.image.spec.byte_length
     try:
         for event in client.events(job):
-            if event.type == "accepted":
+            if event.type == "credit":
+                progress.upload(event["received"], total)
+            elif event.type == "accepted":
+                if progress.uploading:
+                    progress.upload(total, total)
+                    progress.close()
                 note = step_note(fields["steps"], fields["strength"], event["steps"], event["denoise_steps"],
                                  fields["mode"])  # fmt: skip
                 for line in (note, f"queued: {event['position']} job(s) ahead" if event["position"] else None):

@@ -61,10 +61,13 @@ class Settings:
     max_queue: int = 1000  # jobs queued or running, all clients together
     max_jobs_per_client: int = 32
     max_pixels: int = 8192 * 8192  # per image
-    max_prompt_chars: int = 4000
+    max_prompt_chars: int = 4000  # the protocol's limit (protocol/schema.py MAX_PROMPT_CHARS); a service may lower it
+    max_connections: int = 1000  # open connections; also capped by the open files limit
+    result_ttl: float = 600.0  # seconds an unread result is kept before it is dropped (with an error to its owner)
     heartbeat_timeout: float = 10.0  # seconds without a message before a client counts as gone
     curve_secret_key: str = ""  # the service's CURVE secret key file (from `krita-sdxl keys`)
     authorized_keys: str = ""  # folder of client public .key files allowed to connect
+    admin_keys: str = ""  # folder of client public .key files allowed to unload models from another machine
     insecure: bool = False  # allow a non-loopback endpoint without CURVE
     identity: bool = False  # benchmark only: no model, results are the input pixels
     pool: str = "none"  # none: one worker in this process; ray: a Ray Serve pool of replicas (backend/pool)
@@ -72,6 +75,8 @@ class Settings:
     min_replicas: int = 0  # pool autoscaling: fewest replicas (with max_replicas)
     max_replicas: int = 0  # pool autoscaling: most replicas; 0 = a fixed number (replicas)
     ray_address: str = ""  # pool: "" = start a local Ray here; auto or HOST:PORT = join a running cluster
+    pool_name: str = ""  # pool: the Ray Serve application's name; "" = one per service (host and endpoint)
+    replica_timeout: float = 180.0  # pool: seconds a job waits while no replica runs, then model_error
     speed: str = "off"  # speed level (backend/speed/levels.py): off, compile, trt, fp8, draft; auto, on
     warmup: bool = True  # serve: compile the speed path at start-up, before the first job
     compile_cache: str = ""  # torch.compile caches; "" = <cache_dir>/torch-compile

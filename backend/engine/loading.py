@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from krita_sdxl.backend.common.config import ConfigError, Settings
+from krita_sdxl.backend.common.logtext import EscapingFilter
 
 log = logging.getLogger("krita_sdxl")
 LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "accelerate", "torch", "PIL", "urllib3", "filelock")
@@ -26,6 +27,9 @@ def configure_logging(level: str) -> None:
         level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger().setLevel(logging.DEBUG if debug else logging.WARNING)
+    for handler in logging.getLogger().handlers:  # a client's text never forges a log line
+        if not any(isinstance(f, EscapingFilter) for f in handler.filters):
+            handler.addFilter(EscapingFilter())
     for name in ("krita_sdxl", "backend", "krita_sdxl_refiner"):
         logging.getLogger(name).setLevel(level.upper())
     for name in LIBRARIES:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from krita_sdxl.protocol import Image, ImageSpec
+from krita_sdxl.protocol import MAX_CHUNK_BYTES, Image, ImageSpec
 
 # rows: latent channels 0..3; columns: R, G, B
 SDXL_LATENT_RGB_FACTORS = (
@@ -25,7 +25,8 @@ SDXL_LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
 
 
 def latents_to_preview(latents: torch.Tensor) -> Image:
-    """(1, 4, h, w) scaled SDXL latents -> a w x h RGBA 8-bit image (opaque)."""
+    """(1, 4, h, w) scaled SDXL latents -> a w x h RGBA 8-bit image (opaque); above 1 MiB (latents
+    larger than 512x512, a work size above 4096x4096) every n-th latent pixel, to fit one frame."""
     if latents.ndim != 4 or latents.shape[1] != 4:
         raise ValueError(f"expected latents of shape (1, 4, h, w), got {tuple(latents.shape)}")
     x = torch.nan_to_num(latents[0].detach().float())
@@ -33,6 +34,10 @@ def latents_to_preview(latents: torch.Tensor) -> Image:
     bias = torch.tensor(SDXL_LATENT_RGB_BIAS, dtype=torch.float32, device=x.device)
     rgb = torch.einsum("chw,ck->hwk", x, factors) + bias  # about [-1, 1]
     rgb = ((rgb + 1.0) * 127.5).clamp(0.0, 255.0).round().to(torch.uint8).cpu().numpy()
+    step = 1
+    while (rgb.shape[0] // step or 1) * (rgb.shape[1] // step or 1) * 4 > MAX_CHUNK_BYTES:
+        step += 1  # a preview is one frame of at most 1 MiB (the protocol's largest): every step-th pixel
+    rgb = rgb[::step, ::step]
     h, w = rgb.shape[:2]
     out = np.empty((h, w, 4), dtype=np.uint8)
     out[..., :3] = rgb

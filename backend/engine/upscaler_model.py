@@ -122,7 +122,7 @@ def _stand_in_for_torchvision() -> dict[str, Any]:
     functional.rotate = functional.normalize = unavailable  # type: ignore[attr-defined]
     transforms.functional = functional  # type: ignore[attr-defined]
     root.transforms = transforms  # type: ignore[attr-defined]
-    modules = dict(zip(TORCHVISION_MODULES, (root, transforms, functional), strict=True))
+    modules: dict[str, Any] = dict(zip(TORCHVISION_MODULES, (root, transforms, functional), strict=True))
     for name, module in modules.items():
         module.__spec__ = importlib.machinery.ModuleSpec(name, None)
     return modules

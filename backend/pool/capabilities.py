@@ -33,11 +33,15 @@ class ReplicaBook:
         # what a replica that has not streamed an event yet is known to be (gpu: its name comes with it)
         self._new = {"device": "cuda" if plan.gpus else "cpu", "models": list(models or []), "jobs": 0,
                      "cancelled": 0, "failed": 0}  # fmt: skip
+        self._deployment: dict[str, Any] = {}
 
-    def refresh(self, serve_view: list[dict[str, Any]]) -> None:
-        """Ray Serve's replicas now: [{replica, state (RUNNING, STARTING, ...), node, pid}]. A replica it
-        no longer lists is gone (stopped, or replaced after a crash)."""
+    def refresh(self, serve_view: list[dict[str, Any]], deployment: dict[str, Any] | None = None) -> None:
+        """Ray Serve's replicas now: [{replica, state (RUNNING, STARTING, ...), node, pid}], and the
+        deployment's {status, message}. A replica it no longer lists is gone (stopped, or replaced after a
+        crash)."""
         with self._lock:
+            if deployment is not None:
+                self._deployment = dict(deployment)
             seen = set()
             for row in serve_view:
                 rid = row["replica"]
@@ -71,6 +75,19 @@ class ReplicaBook:
             rid = state["replica"]
             record = self._replicas.setdefault(rid, {**self._new, "replica": rid, "serve_state": "RUNNING"})
             record.update({k: v for k, v in state.items() if k in PUBLIC and k != "state"}, busy=busy)
+
+    def problems(self) -> list[str]:
+        """What Ray Serve says about the deployment when it is not healthy (why replicas do not start)."""
+        with self._lock:
+            status, message = self._deployment.get("status"), self._deployment.get("message")
+        return [str(message)] if message and status != "HEALTHY" else []
+
+    def given_up(self) -> bool:
+        """Ray Serve has stopped trying to start the replicas: their constructor failed again and again
+        (not a replica that died and is being replaced, nor a lost host's replicas waiting for one)."""
+        with self._lock:
+            status, message = self._deployment.get("status"), str(self._deployment.get("message") or "")
+        return status == "DEPLOY_FAILED" or (status == "UNHEALTHY" and "failed to start" in message)
 
     def running(self) -> list[str]:
         with self._lock:

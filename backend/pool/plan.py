@@ -5,21 +5,28 @@
   jobs in flight as there are replicas. With autoscaling it keeps ``max_replicas`` in flight: Ray Serve
   scales on the requests waiting at the handle, so demand must reach it.
 - Without GPUs the replicas run on the CPU (the demo model in CI), each reserving half a Ray CPU.
+- Each service's replicas are its own Ray Serve application, named per service (``--pool-name``; by default
+  from this host and the endpoint, which no other live service on this host can hold), so that several
+  services share one cluster and none ever redeploys or deletes another's replicas.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from krita_sdxl.backend.common.config import ConfigError, Settings
 from krita_sdxl.backend.engine.request import RefineRequest
 
-APP = "krita-sdxl"  # the Ray Serve application's name
+NAME_PREFIX = "krita-sdxl"  # every default pool name starts with it
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
 BASE = "base"  # the multiplexed model id of jobs that run the base model (generate, two_stage)
 CPU_SHARE = 0.5  # Ray CPUs a replica reserves: a scheduling share (CPU replicas run torch on one thread)
 POOL_ONLY = {"replicas": "--replicas", "min_replicas": "--min-replicas", "max_replicas": "--max-replicas",
-             "ray_address": "--ray-address"}  # fmt: skip
+             "ray_address": "--ray-address", "pool_name": "--pool-name",
+             "replica_timeout": "--replica-timeout"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,24 @@ def check_pool(settings: Settings) -> None:
         import ray.serve  # noqa: F401
     except ImportError:
         raise ConfigError("--pool ray needs Ray Serve: pip install 'krita-sdxl[pool]'") from None
+
+
+def check_pool_name(name: str) -> str:
+    """A pool name as Ray Serve and Ray's actor names take it; ValueError says what fits."""
+    if not NAME_RE.fullmatch(name):
+        raise ValueError("must be 1 to 80 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def default_pool_name(endpoint: str, host: str, pid: int) -> str:
+    """``krita-sdxl-HOST-HASH``: HASH (of the endpoint) tells apart the services of one host, which cannot
+    listen on the same endpoint while both live. A restarted service takes its crashed predecessor's
+    application over instead of leaving its replicas behind. An endpoint with a wildcard port (``*``,
+    tests) names no service: the process id is added."""
+    digest = hashlib.sha256(endpoint.encode()).hexdigest()[:8]
+    safe_host = re.sub(r"[^A-Za-z0-9.-]+", "-", host).strip(".-")[:40] or "host"
+    name = f"{NAME_PREFIX}-{safe_host}-{digest}"
+    return f"{name}-{pid}" if endpoint.endswith(":*") else name
 
 
 def plan_pool(settings: Settings, cluster_gpus: float) -> PoolPlan:

@@ -9,6 +9,10 @@ the engine to stop, so the replica is free again (and takes its next job) only o
 
 Jobs that need the base model name it as their multiplexed model id: Ray Serve then prefers replicas
 that already hold it, so a mix of refine and generate jobs does not load the base on every replica.
+
+A replica that cannot load its engine raises one line that starts with ``failures.MARKER`` and says where
+and why (backend/pool/failures.py puts it in the service's message): Ray Serve's own message names only
+the deployment.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from krita_sdxl.backend.common.config import Settings
 from krita_sdxl.backend.service.worker import Outcome, run_engine
 
 from . import transfer
+from .failures import MARKER
+from .shm import Mappings
 
 log = logging.getLogger("krita_sdxl.pool")
 
@@ -55,12 +61,18 @@ class Replica:
     def __init__(self, settings: Settings, gpu: bool) -> None:
         import ray
 
-        self.engine = load(settings, gpu)
+        node = ray.util.get_node_ip_address()
+        _bind_to_node(node)
+        try:
+            self.engine = load(settings, gpu)
+        except Exception as exc:
+            raise RuntimeError(f"{MARKER}: on {node}: {type(exc).__name__}: {exc}{_gpu_hint(gpu, node)}") from None
         caps = self.engine.describe()
         self.scheduler = _scheduler_config(self.engine)
+        self.mappings = Mappings()
         self.info = {
             "replica": serve.get_replica_context().replica_id.unique_id,
-            "node": ray.util.get_node_ip_address(),
+            "node": node,
             "pid": os.getpid(),
             "device": caps.get("device"),
             "gpu": caps.get("gpu"),
@@ -91,8 +103,12 @@ class Replica:
         model = serve.get_multiplexed_model_id()
         if model:
             await self._resident(model)  # pyright: ignore[reportCallIssue]  (serve.multiplexed keeps it a coroutine)
-        req, zero_copy = transfer.land(shipped)
-        yield ("started", self.state(zero_copy=zero_copy))
+        try:
+            req, pixels = transfer.land(shipped, self.mappings)
+        except transfer.NeedStore as exc:  # another host: the dispatcher ships the job through the object store
+            yield ("need_store", str(exc), self.state())
+            return
+        yield ("started", self.state(pixels=pixels))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple] = asyncio.Queue()
         stop = threading.Event()
@@ -120,16 +136,51 @@ class Replica:
             self.counts["stopped_at"] = last[0]
             log.info("job %s cancelled at step %d", label, last[0])
             raise
-        yield self._final(future.result())
+        yield self._final(future.result(), shipped)
 
-    def _final(self, outcome: Outcome) -> tuple:
+    def _final(self, outcome: Outcome, shipped: dict[str, Any]) -> tuple:
         kind, images, fields = outcome
         self.counts["jobs"] += 1
         if kind == "result":
             assert images is not None
-            return ("result", transfer.pack(images["image"]), fields, self.state())
+            return ("result", transfer.deliver(images["image"], shipped, self.mappings), fields, self.state())
         self.counts["failed" if kind == "error" else "cancelled"] += 1
         return (kind, fields, self.state())
+
+
+def _bind_to_node(node: str) -> None:
+    """Ray Serve 2.60 starts an inter-deployment gRPC server in every replica on all interfaces ("[::]:0",
+    unauthenticated; this pool never calls it): bind it to the node's own address instead (127.0.0.1 on a
+    local pool). Runs in the replica's process, before Serve starts that server (after the constructor)."""
+    from ray.serve._private import replica as serve_replica
+
+    original = serve_replica.add_port_to_grpc_server
+    if getattr(original, "krita_sdxl_bound", False):
+        return
+    host = f"[{node}]" if ":" in node else node
+
+    def bound(server: Any, address: str) -> int:
+        return original(server, f"{host}:0" if address == "[::]:0" else address)
+
+    bound.krita_sdxl_bound = True  # type: ignore[attr-defined]
+    serve_replica.add_port_to_grpc_server = bound
+
+
+def _gpu_hint(gpu: bool, node: str) -> str:
+    """Why a GPU replica may fail where it runs: Ray gave it a GPU the host's PyTorch cannot see."""
+    if not gpu:
+        return ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return ""
+    except Exception:
+        pass
+    return (
+        f" (Ray placed this GPU replica on {node}, which claims a GPU, but PyTorch there sees no CUDA device: "
+        "check that host's `ray start --num-gpus` and its PyTorch build)"
+    )
 
 
 def _scheduler_config(engine: Any) -> dict[str, Any] | None:

@@ -1,11 +1,12 @@
-"""Undelivered results: bytes of sent images that ZeroMQ has not taken off the service's hands.
+"""Undelivered previews: bytes of sent preview images that ZeroMQ has not taken off the service's hands.
 
-An image frame (a result, a preview) goes to the ROUTER zero-copy with a pyzmq ``MessageTracker``.
-ZeroMQ releases the buffer once it has written the frame to the client's connection (or dropped it:
-the peer is gone or its queue is full). Until then the bytes count against the client's budget in
-the queue (``JobQueue.hold``/``release``), so a client that does not read its results cannot make the
-service hold more for it. Only the tracker is kept here: a live ``zmq.Frame`` would keep its own
-reference to the buffer, and the tracker would never finish.
+(Results travel in chunks under the client's credit: backend/service/transfers.py.) A preview frame
+goes to the ROUTER zero-copy with a pyzmq ``MessageTracker``. ZeroMQ releases the buffer once it has
+written the frame to the client's connection (or dropped it: the peer is gone or its queue is full).
+Until then the bytes count against the client's budget in the queue (``JobQueue.hold``/``release``),
+so a client that does not read cannot make the service hold more for it. Only the tracker is kept
+here: a live ``zmq.Frame`` would keep its own reference to the buffer, and the tracker would never
+finish.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class Deliveries:
             else:
                 keep.append((account, nbytes, tracker))
         self._pending = keep
+
+    def pending_of(self, account: bytes) -> int:
+        """Bytes of ``account``'s previews ZeroMQ has not taken yet."""
+        return sum(n for a, n, _ in self._pending if a == account)
 
     @property
     def pending_bytes(self) -> int:

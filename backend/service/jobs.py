@@ -13,6 +13,15 @@ fair job (several may run at once: a pool of GPUs takes several; the single work
   Both count against the account's budget and the total.
 - When the total (jobs or bytes) is full, a client holding less than the biggest holder may still
   submit: the biggest holder's newest queued jobs are dropped to make room (longest queue drop).
+- Each client's first job is not counted against the total job count (for up to ``first_job_extra``
+  clients, the service's connection cap): however many clients hold one job each, a new client gets
+  its first job in at once (its bytes still count against the byte budgets).
+- A job whose pixels are still arriving (an upload, backend/service/transfers.py) is *admitted*: it
+  holds its budgets from its ``submit`` on, and ``ready`` queues it once every byte is there.
+- Live jobs (``submit`` with ``live``): each owner has one live lane. ``supersede`` is called before a
+  new live job is queued: the owner's uploading or queued live job is removed, its running one told to stop at the
+  next step boundary (reason ``superseded``), so at most one live job waits and one runs per owner.
+  Other jobs keep their order; a live job queues behind its owner's earlier jobs like any other.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"
     runner: str | None = None  # where it runs: a pool replica's id (backend/pool), None in this process
+    live: bool = False  # in its owner's live lane: a newer live job supersedes it
 
     @property
     def client(self) -> bytes:
@@ -61,7 +71,12 @@ class Job:
 
 
 class QueueFull(Exception):
-    """A job or byte budget is exhausted; the message says which, and the limit."""
+    """A job or byte budget is exhausted; the message says which, and the limit. ``kind``: which one
+    (client_jobs, client_bytes, total_jobs, total_bytes)."""
+
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def _mib(n: int) -> str:
@@ -75,8 +90,10 @@ class JobQueue:
         max_per_client: int | None = None,
         max_client_bytes: int | None = None,
         max_total_bytes: int | None = None,
+        first_job_extra: int = 0,
     ) -> None:
         self._lock = threading.Condition()
+        self._uploading: dict[JobKey, Job] = {}  # admitted, pixels still arriving
         self._waiting: dict[bytes, deque[Job]] = {}  # account -> its queued jobs, oldest first
         self._ring: deque[bytes] = deque()  # accounts with queued jobs, in the order of their next turn
         self._running: list[Job] = []
@@ -86,22 +103,35 @@ class JobQueue:
         self.max_per_client = max_per_client
         self.max_client_bytes = max_client_bytes
         self.max_total_bytes = max_total_bytes
+        self.first_job_extra = first_job_extra
 
     # -- accounting (callers hold the lock) ---------------------------------------------------
 
     def _jobs_of(self, account: bytes) -> int:
-        return len(self._waiting.get(account, ())) + sum(1 for j in self._running if j.owner.account == account)
+        running = sum(1 for j in self._running if j.owner.account == account)
+        uploading = sum(1 for j in self._uploading.values() if j.owner.account == account)
+        return len(self._waiting.get(account, ())) + running + uploading
 
     def _bytes_of(self, account: bytes) -> int:
         queued = sum(j.nbytes for j in self._waiting.get(account, ()))
-        return queued + sum(j.nbytes for j in self._running if j.owner.account == account) + self._held.get(account, 0)
+        running = sum(j.nbytes for j in self._running if j.owner.account == account)
+        uploading = sum(j.nbytes for j in self._uploading.values() if j.owner.account == account)
+        return queued + running + uploading + self._held.get(account, 0)
 
     def _total_jobs(self) -> int:
-        return sum(len(q) for q in self._waiting.values()) + len(self._running)
+        return sum(len(q) for q in self._waiting.values()) + len(self._running) + len(self._uploading)
 
     def _total_bytes(self) -> int:
         queued = sum(j.nbytes for q in self._waiting.values() for j in q)
-        return queued + sum(j.nbytes for j in self._running) + sum(self._held.values())
+        uploading = sum(j.nbytes for j in self._uploading.values())
+        return queued + uploading + sum(j.nbytes for j in self._running) + sum(self._held.values())
+
+    def _accounts(self) -> set[bytes]:
+        """Accounts holding a job (queued, running or uploading)."""
+        out = set(self._waiting)
+        out.update(j.owner.account for j in self._running)
+        out.update(j.owner.account for j in self._uploading.values())
+        return out
 
     def _order(self) -> list[Job]:
         """Queued jobs in the order ``take`` will return them (round robin over the ring)."""
@@ -113,6 +143,8 @@ class JobQueue:
         return out
 
     def _find(self, key: JobKey) -> Job | None:
+        if key in self._uploading:
+            return self._uploading[key]
         for job in self._running:
             if job.key == key:
                 return job
@@ -136,14 +168,16 @@ class JobQueue:
         jobs = self._jobs_of(account)
         if self.max_per_client is not None and jobs >= self.max_per_client:
             raise QueueFull(
-                f"this client already has {jobs} jobs queued or running; the limit is {self.max_per_client}"
+                f"this client already has {jobs} jobs queued or running; the limit is {self.max_per_client}",
+                "client_jobs",
             )
         held = self._bytes_of(account)
         if self.max_client_bytes is not None and held + job.nbytes > self.max_client_bytes:
             raise QueueFull(
                 f"this client's queued images and undelivered results take {_mib(held)}; this job adds "
                 f"{_mib(job.nbytes)} and the limit is {_mib(self.max_client_bytes)} per client: wait for "
-                "its jobs to finish (and read their results)"
+                "its jobs to finish (and read their results)",
+                "client_bytes",
             )
 
     def _make_room(self, job: Job) -> list[Job]:
@@ -151,12 +185,17 @@ class JobQueue:
         the submitting account is itself the biggest holder. Nothing is changed here."""
         total_jobs, total_bytes = self._total_jobs(), self._total_bytes()
         me = job.owner.account
+        # Every client's first job is free of the job count (for up to first_job_extra clients): a client
+        # with none always gets one in, however many clients hold one each.
+        holders = self._accounts()
+        first_free = self._jobs_of(me) == 0 and len(holders) < self.first_job_extra
+        max_jobs = self.max_total + min(len(holders) + (1 if first_free else 0), self.first_job_extra)
         drop: list[Job] = []
         jobs: dict[bytes, int] = {}
         held: dict[bytes, int] = {}
         queues: dict[bytes, list[Job]] = {}
         while True:
-            over_jobs = total_jobs + 1 > self.max_total
+            over_jobs = not first_free and total_jobs + 1 > max_jobs
             over_bytes = self.max_total_bytes is not None and total_bytes + job.nbytes > self.max_total_bytes
             if not (over_jobs or over_bytes):
                 return drop
@@ -169,11 +208,13 @@ class JobQueue:
             if victim is None or metric[victim] <= mine:
                 if over_jobs:
                     raise QueueFull(
-                        f"the service already has {total_jobs} jobs queued or running; the limit is {self.max_total}"
+                        f"the service already has {total_jobs} jobs queued or running; the limit is {self.max_total}",
+                        "total_jobs",
                     )
                 raise QueueFull(
                     f"the service's queued images and undelivered results take {_mib(total_bytes)}; this job adds "
-                    f"{_mib(job.nbytes)} and the limit is {_mib(self.max_total_bytes or 0)} in all"
+                    f"{_mib(job.nbytes)} and the limit is {_mib(self.max_total_bytes or 0)} in all",
+                    "total_bytes",
                 )
             dropped = queues[victim].pop()
             drop.append(dropped)
@@ -220,6 +261,49 @@ class JobQueue:
             self._lock.notify()
             return drop
 
+    def admit(self, job: Job) -> list[Job]:
+        """Take a job whose pixels are still to arrive: its budgets are checked (and others' queued jobs
+        dropped to make room, returned) as ``submit`` does; it holds them until ``ready`` or ``abort``."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("queue is closed")
+            if self._find(job.key) is not None:
+                raise KeyError(job.key)
+            self._check_client(job)
+            drop = self._make_room(job)
+            for victim in drop:
+                self._remove_waiting(victim)
+            self._uploading[job.key] = job
+            return drop
+
+    def ready(self, job: Job, announce: Callable[[int], None] | None = None) -> None:
+        """An admitted job's pixels are all there: queue it (no budget is checked again). KeyError if it
+        is no longer admitted (cancelled meanwhile); RuntimeError when the queue is closed."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("queue is closed")
+            if self._uploading.get(job.key) is not job:
+                raise KeyError(job.key)
+            account = job.owner.account
+            fresh = account not in self._waiting
+            if fresh:
+                self._waiting[account] = deque()
+                self._ring.append(account)
+            self._waiting[account].append(job)
+            if announce is not None:
+                try:
+                    announce(self._position(job))
+                except BaseException:
+                    self._remove_waiting(job)
+                    raise
+            del self._uploading[job.key]
+            self._lock.notify()
+
+    def abort(self, job: Job) -> bool:
+        """Forget an admitted job (its upload failed or was cancelled); False if it was not admitted."""
+        with self._lock:
+            return self._uploading.pop(job.key, None) is not None
+
     def _position(self, job: Job) -> int:
         return len(self._running) + self._order().index(job)
 
@@ -265,11 +349,14 @@ class JobQueue:
     # -- cancellation -------------------------------------------------------------------------
 
     def cancel(self, key: JobKey, reason: str = "cancelled") -> str | None:
-        """'queued' if removed from the queue, 'running' if the running job was told to stop, else None."""
+        """'queued' if removed from the queue, 'uploading' if an admitted job was forgotten, 'running'
+        if the running job was told to stop, else None."""
         with self._lock:
             job = self._find(key)
             if job is None:
                 return None
+            if self._uploading.pop(key, None) is not None:
+                return "uploading"
             if job in self._running:
                 job.cancel_reason = reason
                 job.cancel.set()
@@ -277,13 +364,41 @@ class JobQueue:
             self._remove_waiting(job)
             return "queued"
 
+    def supersede(self, owner: Owner, live: bool, replaces: str | None, reason: str = "superseded") -> list[Job]:
+        """Before ``owner`` queues a new job: with ``live``, every live job of ``owner``, and the job named
+        ``replaces`` (any job of ``owner``), are superseded. Queued and admitted (uploading) ones are removed
+        and returned (the caller tells their owner ``cancelled`` and ends the uploads); running ones are told
+        to stop at their next step boundary with ``reason`` (unless already told to stop). Ids of other
+        owners are never matched."""
+        with self._lock:
+
+            def hit(job: Job) -> bool:
+                return job.owner == owner and ((live and job.live) or (replaces is not None and job.id == replaces))
+
+            removed = [j for j in self._waiting.get(owner.account, ()) if hit(j)]
+            for job in removed:
+                self._remove_waiting(job)
+            uploading = [j for j in self._uploading.values() if hit(j)]
+            for job in uploading:  # the caller ends their uploads too (Job.key)
+                del self._uploading[job.key]
+            removed += uploading
+            for job in self._running:
+                if hit(job) and not job.cancel.is_set():
+                    job.cancel_reason = reason
+                    job.cancel.set()
+            return removed
+
     def cancel_where(self, match: Callable[[Owner], bool], reason: str) -> list[Job]:
-        """Cancel every job whose owner matches: running ones are told to stop, queued ones are
-        removed and returned."""
+        """Cancel every job whose owner matches: running ones are told to stop, queued and admitted
+        (uploading) ones are removed and returned."""
         with self._lock:
             removed = [j for q in self._waiting.values() for j in q if match(j.owner)]
             for job in removed:
                 self._remove_waiting(job)
+            uploading = [j for j in self._uploading.values() if match(j.owner)]
+            for job in uploading:
+                del self._uploading[job.key]
+            removed += uploading
             for job in self._running:
                 if match(job.owner):
                     job.cancel_reason = reason
@@ -294,7 +409,8 @@ class JobQueue:
         """Stop taking jobs: cancel the running ones, remove and return the waiting ones."""
         with self._lock:
             self._closed = True
-            removed = self._order()
+            removed = self._order() + list(self._uploading.values())
+            self._uploading.clear()
             self._waiting.clear()
             self._ring.clear()
             for job in self._running:
@@ -304,6 +420,11 @@ class JobQueue:
             return removed
 
     # -- views --------------------------------------------------------------------------------
+
+    def uploading(self, owner: Owner | None = None) -> list[Job]:
+        """Admitted jobs whose pixels are still arriving (of one owner, or all)."""
+        with self._lock:
+            return [j for j in self._uploading.values() if owner is None or j.owner == owner]
 
     def has(self, key: JobKey) -> bool:
         with self._lock:
@@ -343,5 +464,6 @@ class JobQueue:
             return running, waiting
 
     def __len__(self) -> int:
+        """Jobs queued or running (not those still uploading)."""
         with self._lock:
-            return self._total_jobs()
+            return sum(len(q) for q in self._waiting.values()) + len(self._running)

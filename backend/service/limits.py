@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from krita_sdxl.protocol import Message, ProtocolError
+from krita_sdxl.protocol import WINDOW_BYTES, Message, ProtocolError
 from krita_sdxl.protocol import errors as codes
-from krita_sdxl.protocol.codec import MAX_HEADER_BYTES
+from krita_sdxl.protocol.codec import MAX_FRAME_BYTES
+from krita_sdxl.protocol.schema import MAX_PROMPT_CHARS
 from krita_sdxl.protocol.upscale import limit_problem
 
 _MAX_BYTES_PER_PIXEL = 16  # RGBA float32
@@ -21,9 +22,16 @@ GiB = 1024**3
 @dataclass(frozen=True)
 class Limits:
     max_pixels: int = 8192 * 8192  # per image (and per work size)
-    max_prompt_chars: int = 4000
-    max_jobs_per_client: int = 32  # queued + running
-    max_jobs_total: int = 1000
+    max_prompt_chars: int = MAX_PROMPT_CHARS  # the protocol's limit; a service may set a lower one
+    max_jobs_per_client: int = 32  # queued + running (+ uploading)
+    max_jobs_total: int = 1000  # a client with no job may still queue one beyond it (see JobQueue)
+    max_connections: int = 1000  # open connections (backend/service/connections.py)
+    hello_grace: float = 5.0  # seconds a new connection has to send its first message
+    result_ttl: float = 600.0  # seconds an undelivered result is kept, then dropped with an error to its owner
+    upload_timeout: float = 30.0  # seconds an upload may go without a chunk before it is dropped
+    # Unread input one TCP connection may make the service hold (backend/service/intake.py): a credit
+    # window of chunks, and room for the small messages around them.
+    intake_budget: int = WINDOW_BYTES + 4 * 1024 * 1024
     # Bytes of queued images (image + mask frames) and undelivered results. None: derived from
     # max_pixels (a client can always queue the largest valid submit; see the properties below).
     max_client_bytes: int | None = None
@@ -31,8 +39,8 @@ class Limits:
 
     @property
     def max_frame_bytes(self) -> int:
-        """ZMQ_MAXMSGSIZE: a frame larger than any valid one makes ZeroMQ drop the peer outright."""
-        return max(self.max_pixels * _MAX_BYTES_PER_PIXEL, MAX_HEADER_BYTES) + 1024
+        """ZMQ_MAXMSGSIZE: a frame larger than any valid one (a 1 MiB chunk) makes ZeroMQ drop the peer."""
+        return MAX_FRAME_BYTES
 
     @property
     def max_submit_bytes(self) -> int:
@@ -63,6 +71,7 @@ class Limits:
         """Keyword arguments of :class:`~krita_sdxl.backend.service.jobs.JobQueue`."""
         return {
             "max_total": self.max_jobs_total,
+            "first_job_extra": self.max_connections,
             "max_per_client": self.max_jobs_per_client,
             "max_client_bytes": self.client_bytes,
             "max_total_bytes": self.total_bytes,

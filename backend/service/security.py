@@ -1,8 +1,8 @@
 """Who may connect: loopback and ipc are open; any other address needs ZeroMQ CURVE (or --insecure).
 
 CURVE keys are the ones pyzmq's ``zmq.auth`` writes: ``NAME.key`` (public, shareable) and
-``NAME.key_secret`` (secret). The service authorizes every client public key found in a folder (ZAP,
-backend/service/authorized.py). CURVE needs libzmq 4.3.3 or later (CVE-2019-13132, CVE-2020-15166).
+``NAME.key_secret`` (secret). The service authorizes every client public key found in a folder (ZAP:
+backend/service/zap.py and authorized.py). CURVE needs libzmq 4.3.3 or later (CVE-2019-13132, CVE-2020-15166).
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ from pathlib import Path
 import zmq
 import zmq.auth
 import zmq.utils.z85
-from zmq.auth.thread import ThreadAuthenticator
 
 from krita_sdxl.protocol.endpoint import EndpointError, parse_endpoint
-
-from .authorized import AuthorizedKeys
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +84,14 @@ def check_exposure(endpoint: str, curve: CurveConfig | None, insecure: bool) -> 
     log.warning("!" * 72)
 
 
-def apply_curve(ctx: zmq.Context, socket: zmq.Socket, curve: CurveConfig, keys: AuthorizedKeys) -> ThreadAuthenticator:
-    """Make ``socket`` a CURVE server that admits only the keys in ``keys`` (ZAP). Every message of
-    an admitted client carries its Z85 public key as the frame property ``User-Id``."""
-    auth = ThreadAuthenticator(ctx)
-    auth.start()
-    auth.configure_curve_callback(domain="*", credentials_provider=keys)
+def apply_curve(socket: zmq.Socket, curve: CurveConfig) -> None:
+    """Make ``socket`` a CURVE server with the service's keys. Which clients get in is the ZAP
+    handler's decision (backend/service/zap.py, bound in the socket's context before it binds);
+    every message of an admitted client carries ``KEY#TOKEN`` as the frame property ``User-Id``."""
     public, secret = zmq.auth.load_certificate(str(curve.secret_key))
     socket.curve_secretkey = secret
     socket.curve_publickey = public
     socket.curve_server = True
-    return auth
 
 
 def write_keys(folder: Path, name: str, force: bool = False) -> tuple[Path, Path]:

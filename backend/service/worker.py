@@ -16,11 +16,12 @@ from typing import Any, Protocol
 
 import zmq
 
+from krita_sdxl.backend.common.logtext import escaped
 from krita_sdxl.backend.engine.request import JobCancelled, ProgressFn, RefineRequest, StopFn
 from krita_sdxl.backend.models import oom
 from krita_sdxl.protocol import SERVICE, Image, encode
 from krita_sdxl.protocol import errors as codes
-from krita_sdxl.protocol.codec import error_event
+from krita_sdxl.protocol.codec import error_event, stream_buffers
 
 from .jobs import Job, JobQueue
 
@@ -79,6 +80,7 @@ class Worker(threading.Thread):
     ) -> None:
         assert self._push is not None
         frames = encode(SERVICE, msg_type, images=images, job=job.id, **(fields or {}), **more)
+        frames += stream_buffers(msg_type, images or {})  # a result's pixels: the service streams them
         self._push.send_multipart([job.owner.routing, job.owner.key, *frames], copy=False)
 
     def _finish(self, job: Job, msg_type: str, images: dict[str, Image] | None, fields: dict[str, Any]) -> None:
@@ -90,7 +92,7 @@ class Worker(threading.Thread):
         try:
             self._emit(job, msg_type, images, fields)
         except Exception as exc:
-            log.exception("job %s: its %s event could not be sent", job.id, msg_type)
+            log.exception("job %s: its %s event could not be sent", escaped(job.id, 80), msg_type)
             error = error_event(job.id, codes.INTERNAL, f"internal error: the {msg_type} event failed: {exc}")
             error.pop("job")
             self._emit(job, "error", None, error)
@@ -112,7 +114,7 @@ class Worker(threading.Thread):
                 try:
                     outcome = self._run_job(job)
                 except Exception as exc:  # a bug outside the engine: the job still gets its answer
-                    log.exception("job %s: internal error", job.id)
+                    log.exception("job %s: internal error", escaped(job.id, 80))
                     outcome = ("error", None, {"code": codes.INTERNAL, "message": f"internal error: {exc!r}"})
                 finally:
                     self._queue.done(job)  # before the final event: a client that reacts sees it gone
@@ -121,7 +123,7 @@ class Worker(threading.Thread):
                     if self._on_idle is not None and len(self._queue) == 0:
                         self._on_idle()
                 except Exception:
-                    log.exception("job %s: could not report its end", job.id)
+                    log.exception("job %s: could not report its end", escaped(job.id, 80))
         finally:
             push.close()
 
@@ -135,9 +137,10 @@ class Worker(threading.Thread):
             try:
                 self._emit(job, "progress", images=images, step=step, total=total)
             except Exception:  # a lost progress event must not fail the job
-                log.exception("job %s: a progress event could not be sent", job.id)
+                log.exception("job %s: a progress event could not be sent", escaped(job.id, 80))
 
-        return run_engine(self._engine, job.payload, on_progress, job.cancel.is_set, job.id, lambda: job.cancel_reason)
+        label = escaped(job.id, 80)
+        return run_engine(self._engine, job.payload, on_progress, job.cancel.is_set, label, lambda: job.cancel_reason)
 
 
 def run_engine(

@@ -671,6 +671,19 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def live_stage(b: Bench, root: Path, is_tiny: bool) -> None:
+    """Live refine (issue 22): stroke-to-preview latency at 512, 768 and 1024 px for each speed level
+    (tests/benchmarks/bench_live.py: gpu_live)."""
+    from bench_live import LEVELS, PLUGIN_MS, SIZES, gpu_live
+
+    args = ("--device", b.device, "--memory", "none", "--cache-dir", str(root / "cache"), "--no-watermark",
+            "--compile-cache", str(root / "compile-cache"))  # fmt: skip
+    result = gpu_live(str(root / "refiner"), str(root / "base"), ("off",) if is_tiny else LEVELS,
+                      (64, 128) if is_tiny else SIZES, plugin_ms=PLUGIN_MS, deadline_s=b.left() - 30,
+                      extra_args=args, env={"KRITA_SDXL_CACHE": str(root / "cache")})  # fmt: skip
+    b.record("live", result)
+
+
 def card_slug(name: str) -> str:
     for token in ("H200", "H100", "A100", "L40S", "L4", "A10G", "4090", "3090"):
         if token in name.upper():
@@ -730,6 +743,7 @@ def main() -> int:
     b.stage("plain", 30, lambda: project_plain(b, root, size, state))
     need = 150 if not args.tiny else 0
     b.stage("service", need, lambda: service_runs(b, root, size, args.tiny, state, args.speed_options))
+    b.stage("live", 200 if not args.tiny else 0, lambda: live_stage(b, root, args.tiny))
     if pipes:
         b.stage("stock_ensemble", 25, lambda: stock(b, pipes, size, ensemble_only=True))
     pipes.clear()

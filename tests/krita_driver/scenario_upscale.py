@@ -2,9 +2,9 @@
 
 A 512x384 RGBA/U8 document with an opaque patterned paint layer "Source" (active), no selection:
 
-new: mode Upscale, factor 2x, New document; the Upscale button clicked: a 1024x768 document opens with the
+new: mode Upscale, factor 2x, New document; Run clicked: a 1024x768 document opens with the
    result as its layer; the source document keeps its size, its layers and Source's pixels.
-scale: the source document shown again, "Scale this document"; Upscale clicked: the document becomes
+scale: the source document shown again, "Scale this document"; Run clicked: the document becomes
    1024x768 (Source scaled by Krita) and the result is a new layer directly above Source.
 
 params: width, height, timeout_s

@@ -8,6 +8,12 @@ Liveness, "Lazy Pirate" style: ``hello`` on connect, ``heartbeat`` every ``inter
 connected; no message for ``timeout`` seconds closes the socket (linger 0) and opens a new one,
 again and again until the service answers. The routing id stays the same across reopenings, so a
 service that was only slow (not restarted) still routes a running job's events to us.
+
+Pixels travel in 1 MiB chunks under the service's credit (protocol/streams.py): a submit's chunks go
+as its ``credit`` events arrive (they are passed on: the upload's progress), one upload at a time;
+a result is passed on once all its chunks are in. No message is larger than a chunk, so a large
+layer over a slow link never runs into the heartbeat timeout, and the UI thread never sends more
+than one chunk at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from PyQt5.QtCore import QObject, QSocketNotifier, QTimer, pyqtSignal
 
 from krita_sdxl.protocol import CLIENT, SERVICE, Image, ProtocolError, decode, encode
 from krita_sdxl.protocol.endpoint import EndpointError, check_ipc_connect, parse_endpoint
+from krita_sdxl.protocol.streams import ClientStreams
 
 from ..core.connection import ConnectionState, CurveKeys
 
@@ -41,6 +48,7 @@ def _apply_curve(sock: zmq.Socket, keys: CurveKeys) -> None:
 
 
 REOPEN_PAUSE_MS = 150  # between closing a socket and reopening it with the same routing id
+DRAIN_BATCH = 8  # messages handled per turn of Qt's event loop (at most 8 MiB of chunks)
 
 
 class Client(QObject):
@@ -77,6 +85,7 @@ class Client(QObject):
         self._generation = 0
         self._last_received = 0.0
         self._draining = False
+        self._streams = ClientStreams()
         self.server = ""
         self.capabilities: dict[str, Any] = {}
         self._timer = QTimer(self)
@@ -133,7 +142,16 @@ class Client(QObject):
 
     def send(self, msg_type: str, images: dict[str, Image] | None = None, **fields: Any) -> bool:
         """Encode (validating every field) and queue one message without blocking. Returns False,
-        and emits ``problem``, when there is no socket or its queue is full."""
+        and emits ``problem``, when there is no socket or its queue is full. A ``submit`` waits here
+        for the uploads before it (one at a time); its pixels follow under the service's credit."""
+        if msg_type == "submit":
+            if self._socket is None:
+                self.problem.emit(f"cannot send submit: not connected to {self._endpoint}")
+                return False
+            sent = [self._send_frames(frames, "submit") for frames in self._streams.submit(images or {}, **fields)]
+            return all(sent)
+        if msg_type == "cancel":  # a submit still waiting here is never sent (the service says unknown_job)
+            self._streams.cancel(str(fields.get("job")))
         frames = encode(CLIENT, msg_type, images=images, **fields)
         return self._send_frames(frames, msg_type)
 
@@ -150,6 +168,7 @@ class Client(QObject):
         across reopenings so that the service's events for our jobs still reach us."""
         had_socket = self._socket is not None
         self._close()
+        self._streams.reconnected()
         self._opened_at = time.monotonic()
         self._generation += 1
         if had_socket and pause:
@@ -249,7 +268,7 @@ class Client(QObject):
             return
         self._draining = True
         try:
-            while True:
+            for _ in range(DRAIN_BATCH):
                 sock = self._socket
                 if sock is None:
                     break
@@ -263,6 +282,8 @@ class Client(QObject):
                     self.problem.emit(f"receive failed: {exc}")
                     break
                 self._handle(frames)
+            else:  # more may be waiting: the rest after Qt has had its turn (a result's chunks copy 1 MiB each)
+                QTimer.singleShot(0, self._drain)
         finally:
             self._draining = False
 
@@ -281,7 +302,11 @@ class Client(QObject):
         elif msg.type == "heartbeat":
             pass
         else:
-            self.received.emit(msg)
+            event, send = self._streams.on_event(msg)
+            for frames in send:  # chunks the credit allows, acknowledgements, the next submit
+                self._send_frames(frames, "a chunk or credit")
+            if event is not None:
+                self.received.emit(event)
 
     def _set_state(self, state: ConnectionState, detail: str) -> None:
         changed = state is not self._state or detail != self._detail

@@ -58,6 +58,9 @@ class Settings:
     upscale_place: str = "new"  # Upscale: "new" document, or "scale" this document and add the result as a layer
     upscale_method: str = "auto"  # Upscale: auto, lanczos or model (the backend's upscaler file)
     upscaler_file: str = ""  # the local backend's upscaler model (serve --upscaler FILE); "" = none
+    live_calls: int = 6  # Live: at most this many UNet calls a job (the steps are capped, the strength kept)
+    live_side: int = 1024  # Live: the work size's long side at most (px); smaller areas run at their own size
+    live_wait_ms: int = 250  # Live: a job starts once the canvas has been still this long
 
     @property
     def random_seed(self) -> bool:
@@ -85,6 +88,9 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "upscale_width": (8, MAX_SIDE),
     "upscale_height": (8, MAX_SIDE),
     "upscale_strength": (0.0, 1.0),
+    "live_calls": (1, 20),
+    "live_side": (256, 2048),
+    "live_wait_ms": (0, 5000),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "source": SOURCES,
