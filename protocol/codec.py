@@ -27,6 +27,7 @@ from .schema import (
     validate_fields,
 )
 from .transfer import MAX_CHUNK_BYTES
+from .upscale import UpscaleSpec
 
 PROTOCOL_VERSION = 2  # 2: pixels in chunks under credit (transfer.py); 1 sent them whole after the header
 MAX_HEADER_BYTES = 256 * 1024
@@ -72,7 +73,7 @@ def encode(
     checked = validate_fields(msg_type, wire, table)
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": msg_type}
     for key, value in checked.items():
-        header[key] = value.to_wire() if isinstance(value, ImageSpec) else value
+        header[key] = value.to_wire() if isinstance(value, (ImageSpec, UpscaleSpec)) else value
     frames: list[Any] = [msgpack.packb(header, use_bin_type=True)]
     for slot in IMAGE_SLOTS[msg_type]:
         if checked.get(slot) is not None:

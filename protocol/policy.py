@@ -62,6 +62,25 @@ def plan_img2img(steps: int, strength: float) -> StepPlan:
     return StepPlan(raised, denoise_steps(raised, strength), True)
 
 
+def capped_steps(steps: int, strength: float, max_calls: int) -> int:
+    """Scheduler steps for a job that may run at most ``max_calls`` denoising steps (UNet calls) at
+    ``strength`` (live refine: ``steps`` as the artist set them, capped). Below the cap ``steps`` stays;
+    above it, the smallest step count that gives exactly ``max_calls`` denoising steps, so the schedule
+    still starts at the noise level ``strength`` asks for (``int(n * strength)`` grows by at most one
+    per step, so the smallest ``n`` reaching the cap lands on it). Pure: the job that results is an
+    ordinary ``submit`` with these steps, and gives the same pixels whoever sends it."""
+    if max_calls < 1:
+        raise ValueError(f"max_calls must be at least 1, got {max_calls}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if denoise_steps(steps, strength) <= max_calls:
+        return steps
+    n = max(1, math.ceil(max_calls / strength) - 1)  # a step or two below the answer: float rounding
+    while denoise_steps(n, strength) < max_calls:
+        n += 1
+    return n
+
+
 def paints_from_noise(mode: str, strength: float) -> bool:
     """The job's picture starts from pure noise, so the source gives only its size (and, with a
     selection, what is kept outside it): ``generate`` at strength 1 and ``two_stage``. Such a job

@@ -10,6 +10,8 @@ from typing import Any
 from .errors import BAD_FIELD, MISSING_FIELD, UNKNOWN_TYPE, ProtocolError, shown
 from .images import MAX_SIDE, ImageSpec
 from .policy import MAX_STEPS
+from .upscale import UpscaleSpec
+from .upscale import check_submit as check_upscale_submit
 
 MAX_PROMPT_CHARS = 4000  # the one prompt limit: the codec refuses longer ones (a service may set a lower one)
 MAX_JOB_ID_CHARS = 128
@@ -21,7 +23,7 @@ _REQUIRED = object()
 
 @dataclass(frozen=True)
 class Field:
-    """One header field. ``kind``: str, int, float, bool, map, list, image. ``default`` absent = required."""
+    """One header field. ``kind``: str, int, float, bool, map, list, image, upscale. ``default`` absent = required."""
 
     kind: str
     default: Any = _REQUIRED
@@ -99,6 +101,11 @@ class Field:
             return value
         return ImageSpec.from_wire(value, name)
 
+    def _check_upscale(self, name: str, value: Any) -> UpscaleSpec:
+        if isinstance(value, UpscaleSpec):
+            return value
+        return UpscaleSpec.from_wire(value, name)
+
 
 def _str(default: Any = _REQUIRED, max_len: int = 1000, **kw: Any) -> Field:
     return Field("str", default, max_len=max_len, **kw)
@@ -116,7 +123,7 @@ CLIENT_MESSAGES: dict[str, dict[str, Field]] = {
         "mode": _str("refine", max_len=40),
         "prompt": _str("", max_len=MAX_PROMPT_CHARS),
         "negative_prompt": _str("", max_len=MAX_PROMPT_CHARS),
-        "strength": Field("float", 0.3, lo=0.0, lo_open=True, hi=1.0),
+        "strength": Field("float", 0.3, lo=0.0, hi=1.0),  # 0 only with upscale (RULES)
         "steps": Field("int", 50, lo=1, hi=MAX_STEPS),
         "guidance_scale": Field("float", 5.0, lo=0.0, hi=50.0),
         "seed": Field("int", None, nullable=True, lo=0, hi=MAX_SEED),
@@ -129,8 +136,11 @@ CLIENT_MESSAGES: dict[str, dict[str, Field]] = {
         "transfer": _str("srgb", max_len=16, choices=("srgb", "linear")),
         "denoising_end": Field("float", 0.8, lo=0.0, lo_open=True, hi=1.0),
         "keep_unmasked": Field("bool", True),
+        "live": Field("bool", False),
+        "replaces": OPTIONAL_JOB,
         "image": Field("image"),
         "mask": Field("image", None, nullable=True),
+        "upscale": Field("upscale", None, nullable=True),  # the result's size: protocol/upscale.py
     },
     "chunk": {"job": JOB, "offset": OFFSET},  # one frame of the submit's pixel stream follows the header
     "credit": {"job": JOB, "received": OFFSET},  # bytes of a result's stream received so far
@@ -148,7 +158,7 @@ SERVICE_MESSAGES: dict[str, dict[str, Field]] = {
         "position": Field("int", lo=0),
         "seed": Field("int", lo=0, hi=MAX_SEED),
         "steps": Field("int", lo=1),
-        "denoise_steps": Field("int", lo=1),
+        "denoise_steps": Field("int", lo=0),  # 0: an upscale at strength 0
     },
     "progress": {
         "job": JOB,
@@ -179,6 +189,9 @@ SERVICE_MESSAGES: dict[str, dict[str, Field]] = {
     },
     "heartbeat": {},
 }
+
+# Rules across the fields of one message, run after every field was checked alone.
+RULES = {"submit": check_upscale_submit}
 
 # Streamed image fields: their pixels do not follow the header; they travel as one byte stream (the
 # images' bytes one after the other, in this order) in ``chunk`` messages (transfer.py).
@@ -220,4 +233,6 @@ def validate_fields(msg_type: Any, raw: dict[str, Any], table: dict[str, dict[st
             out[name] = copy.copy(spec.default)
     if "job" in schema and isinstance(out.get("job"), str) and not out["job"] and not schema["job"].nullable:
         raise ProtocolError(BAD_FIELD, "job must be a non-empty string", "job")
+    if table is CLIENT_MESSAGES and msg_type in RULES:
+        RULES[msg_type](out)
     return out

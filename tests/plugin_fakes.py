@@ -177,6 +177,8 @@ class FakeAdapter:
         self.open_error: str | None = "no window"
         self.document: Any = "doc"
         self.placed_active = True  # the result's document is the one shown
+        self.scaled: list[tuple[Extent, Extent]] = []  # "Scale this document": (from, to)
+        self.opened_boxes: list[Box] = []
 
     def read_setting(self, key: str, default: str) -> str:
         return self.store.get(key, default)
@@ -211,7 +213,14 @@ class FakeAdapter:
         if self.open_error:
             raise AdapterError(self.open_error)
         self.opened.append(name)
+        self.opened_boxes.append(box)
         return "Untitled 2"
+
+    def scale_document(self, target, expected, size):
+        if expected != self.canvas:
+            raise NotApplied(f"its document is {self.canvas} now, no longer {expected}")
+        self.scaled.append((expected, size))
+        self.canvas = size
 
     def active_document(self):
         return self.document

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
 import sys
 import threading
 import time
@@ -184,7 +185,8 @@ def test_refine_flow_submit_events_and_new_layer(app, ctx):
         ident, submit = service.of_type("submit")[0]
         crop = job.plan.crop
         assert crop.contains(Box(100, 50, 60, 40))
-        assert submit["prompt"] == "a red barn" and submit["strength"] == 0.5 and submit["seed"] is None
+        assert submit["prompt"] == "a red barn" and submit["strength"] == 0.5
+        assert isinstance(submit["seed"], int)  # "Random": drawn by the plugin, so a resubmit reruns it
         assert submit["preview"] is True
         assert (submit["work_width"], submit["work_height"]) == tuple(job.plan.work)
         assert submit["feather"] == pytest.approx(job.plan.feather) and submit["feather"] > 0
@@ -205,7 +207,7 @@ def test_refine_flow_submit_events_and_new_layer(app, ctx):
         assert len(adapter.applied) == 1
         box, data, name = adapter.applied[0]
         assert box == crop and data == bytes([9]) * len(data)
-        assert name == "Refine · a red barn · seed 1234"
+        assert name == "#1 · seed 1234 · a red barn"
         (entry,) = c.history
         assert entry.applied and entry.layer_ids == ["layer-1"] and entry.note == "in barn.kra"
         assert entry.job is job and job.images  # the source snapshot stays, for "Again"
@@ -574,7 +576,7 @@ def test_real_service_killed_mid_job_then_restarted_job_is_resubmitted(app, ctx,
         assert generated.state is JobState.done, generated.status_text
         assert generated.total == 6  # 3 base + 3 refiner steps
         (box, data, name) = adapter.applied[-1]
-        assert name == "Generate · a red barn · seed 77" and box == generated.plan.crop
+        assert name == "#2 · seed 77 · Generate · a red barn" and box == generated.plan.crop
         entry = c.history.get(generated.id)
         assert entry.mode == "generate" and entry.can_again
     finally:
@@ -611,26 +613,16 @@ def test_plugin_creates_its_key_pair_and_connects_to_a_curve_service(app, ctx, m
         c.update_settings(server_public_key=server_key)
         secret_file = adapter.written["client_secret_key"]
         assert secret_file.startswith(str(tmp_path / "data")) and os.path.isfile(secret_file)
-        public = notices[-1].split("authorize ")[1].split()[0]
-        assert len(public) == 40
+        line = notices[-1].split("On the backend machine run: ", 1)[1]
+        assert shlex.split(line)[:2] == ["krita-sdxl", "authorize"] and len(shlex.split(line)[2]) == 40
+        assert c.authorize_line() == line  # the same line in the connection settings
         c.start()
         with pytest.raises(AssertionError):
             pump(app, lambda: c.client.is_connected, [], timeout=1.5)  # not authorized yet
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "krita_sdxl.backend.cli",
-                "authorize",
-                public,
-                "--dir",
-                str(authorized),
-                "--name",
-                "artist",
-            ],
-            check=True,
-            capture_output=True,
-        )
+        from test_plugin_authorize import command_dir, pasteable
+
+        path = f"{command_dir(tmp_path)}{os.pathsep}{os.environ['PATH']}"
+        subprocess.run(["sh", "-c", pasteable(line, authorized)], check=True, env={**os.environ, "PATH": path})
         pump(app, lambda: c.client.is_connected, [], timeout=15)
         assert c.client.capabilities["protocol_version"] == 2
     finally:

@@ -77,7 +77,7 @@ def test_buffers_shared_by_one_capture_count_once():
     history = History(budget=100 * MB)
     first = entry("first", 1, 5)
     history.add(first)
-    again_job = first.job.again(above=("layer-1",))
+    again_job = first.job.again()
     second = Entry(**{**first.__dict__, "id": "second", "job": again_job, "data": bytes(MB), "layer_ids": []})
     history.add(second)
     assert history.pixel_bytes() == (1 + 5 + 1) * MB  # the 5 MB source snapshot is shared
@@ -85,11 +85,11 @@ def test_buffers_shared_by_one_capture_count_once():
 
 def test_again_reruns_the_same_capture_with_a_new_seed_above_the_earlier_results():
     job = make_job(b"captured", seed=42)  # 2 px
-    again = job.again(above=("layer-2", "layer-1"))
+    again = job.again()
     assert again.id != job.id and again.capture_id == job.capture_id
-    assert again.params.seed is None and again.params.prompt == job.params.prompt  # the service picks a seed
+    assert again.params.seed not in (None, 42) and again.params.prompt == job.params.prompt  # a new seed, drawn now
     assert again.images["image"].data == b"captured" and again.plan == job.plan
-    assert again.target.above == ("layer-2", "layer-1") and again.target.node_id == "source-layer"
+    assert again.target.node_id == "source-layer"
     history = History()
     e1 = entry("one", 0, 0)
     e1.job, e1.layer_ids = job, ["layer-1"]
@@ -97,7 +97,27 @@ def test_again_reruns_the_same_capture_with_a_new_seed_above_the_earlier_results
     e2.job, e2.layer_ids = again, ["layer-2"]
     history.add(e1)
     history.add(e2)
-    assert history.layers_of_capture(job.capture_id) == ("layer-2", "layer-1")
+    assert history.layers_of_source(job.target, job.capture_id) == ("layer-2", "layer-1")
+
+
+def test_a_new_result_goes_above_every_earlier_result_of_the_same_layer():
+    """Three captures of one layer (three quick Refines): the third result's candidates are the first
+    two results' layers, newest first; another layer's, or the same layer id in another document, not."""
+    history = History()
+    made = []
+    for name, document, node in (("one", "doc", "src"), ("two", "doc", "src"), ("other", "doc", "x"),
+                                 ("elsewhere", "doc2", "src")):  # fmt: skip
+        e = entry(name, 0, 0)
+        e.target = Target(document, node, "layer", "layer 1")
+        e.job = None  # dropped to save memory: the rule holds without the job
+        e.layer_ids = [f"layer-{name}"]
+        history.add(e)
+        made.append(e)
+    third = make_job(b"new!")
+    third.target = Target("doc", "src", "layer", "layer 1")
+    assert history.layers_of_source(third.target, third.capture_id) == ("layer-two", "layer-one")
+    canvas = Target("doc", None, "canvas", "the visible image")  # the visible image: a result goes on top
+    assert history.layers_of_source(canvas, "another capture") == ()
 
 
 # --- thumbnails ---------------------------------------------------------------------------------

@@ -200,12 +200,14 @@ def test_nothing_visible_names_the_source_and_the_way_out():
     assert "fully transparent. Select an area" in image and "Source: Image" not in image
 
 
-def test_layer_names():
-    assert layer_name("refine", "a castle at dawn", 1234) == "Refine · a castle at dawn · seed 1234"
-    assert layer_name("refine", "", 7) == "Refine · seed 7"
-    assert layer_name("two_stage", "x", None) == "Two-stage · x"
-    long = layer_name("refine", "word " * 20, 99)
-    assert long.startswith("Refine · word word") and long.endswith(" · seed 99")
+def test_layer_names_start_with_what_tells_them_apart():
+    """The Layers docker cuts names at its right edge: the number and the seed come first."""
+    assert layer_name(3, "refine", "a castle at dawn", 1234) == "#3 · seed 1234 · a castle at dawn"
+    assert layer_name(4, "refine", "", 7) == "#4 · seed 7 · Refine"
+    assert layer_name(5, "two_stage", "x", None) == "#5 · Two-stage · x"
+    assert layer_name(6, "generate", "a cat", 9) == "#6 · seed 9 · Generate · a cat"
+    long = layer_name(12, "refine", "word " * 20, 99)
+    assert long.startswith("#12 · seed 99 · word word") and long.endswith("…")
     assert len(short_prompt("word " * 20)) == 30 and short_prompt("a\n  b") == "a b"
 
 
@@ -255,7 +257,9 @@ def test_job_state_machine():
     assert "position 2" in job.status_text
     job.on_event("progress", {"step": 3, "total": 9})
     assert job.state is JobState.running and job.status_text == "Step 3/9"
-    assert job.layer_name == "Refine · a cat · seed 77"
+    assert job.layer_name == "seed 77 · a cat"  # no number until a JobList holds it
+    JobList().add(job)
+    assert job.layer_name == "#1 · seed 77 · a cat"
     job.on_event("result", {"seed": 77, "elapsed": 1.25})
     assert job.state is JobState.done and job.step == 9 and "1.2" in job.status_text
     assert not job.on_event("error", {"message": "late"})  # finished jobs ignore events

@@ -241,6 +241,24 @@ def until_final(peer: Peer, job: str, timeout: float = 60.0) -> list[Message]:
     return events
 
 
+def test_a_live_submit_stops_the_live_job_it_supersedes_on_its_replica(pool):
+    """Issue 22 on the pool: a newer live job supersedes the running one; the dispatcher cancels its call, its
+    replica stops at the next step and the job ends ``cancelled`` (``superseded``); the newer one runs."""
+    long = {"prompt": "x", "steps": 500, "strength": 1.0, "live": True}
+    with Peer(pool.endpoint) as peer:
+        peer.send(submit_frames("live1", image=rgba(128, 128, 1), seed=1, **long))
+        events = peer.events_until(lambda e: e.type in FINAL or (e.type == "progress" and e["step"] >= 2), 60)
+        assert events and events[-1].type == "progress", events
+        at = events[-1]["step"]
+        peer.send(submit_frames("live2", image=rgba(32, 32, 2), seed=2, live=True, replaces="live1", **JOB))
+        ends: dict[str, Message] = {}
+        events = peer.events_until(lambda e: e.type in FINAL and ends.setdefault(e.job, e) and len(ends) == 2, 120)
+    assert ends["live1"].type == "cancelled" and ends["live1"]["reason"] == "superseded", ends
+    assert ends["live2"].type == "result", ends
+    late = [e["step"] for e in events if e.job == "live1" and e.type == "progress"]
+    assert not late or max(late) < at + 50, late  # stopped long before its 500th step
+
+
 def test_generate_jobs_go_to_the_replica_that_holds_the_base(pool):
     """A mix of refine and generate jobs, one after another: the base is loaded on one replica only, and
     every generate job runs there (Ray Serve's multiplexed routing), so nothing is loaded twice."""

@@ -200,7 +200,7 @@ def test_every_message_type_has_a_schema_and_known_field_kinds():
     for table in (CLIENT_MESSAGES, SERVICE_MESSAGES):
         for fields in table.values():
             for f in fields.values():
-                assert f.kind in ("str", "int", "float", "bool", "map", "list", "image")
+                assert f.kind in ("str", "int", "float", "bool", "map", "list", "image", "upscale")
 
 
 def test_the_largest_valid_message_is_a_header_and_one_mib():

@@ -48,6 +48,10 @@ def test_set_up_in_real_krita_checks_then_cancels_cleanly(tmp_path: Path) -> Non
     assert value["phase"] == "ready" and value["problem"] is None, story
     assert "torch==2.13.0" in value["plan"] and "Download the SDXL 1.0 refiner" in value["plan"], story
     assert not value["folder_after_check"] and value["run_button"] == "Set up", story
+    assert not value["repair_before"], story  # nothing set up: nothing to repair
+    box = value["plan_box"]  # the totals are shown, nothing scrolls inside the plan, no empty rows below it
+    assert box["scroll_max"] == 0 and box["height"] >= box["document_height"], story
+    assert box["last_line"].startswith("Disk space it needs") and box["empty_rows_shown"] == [], story
     assert "/_vendor/common/krita_sdxl/backend/setup/plan/" in value["setup_plan_file"], story
     assert value["wheel"].endswith(f"/krita_sdxl_refiner/{steps.WHEELS_DIR}/krita_sdxl-{VERSION}-py3-none-any.whl")
     assert value["status_before_cancel"]["venv"] == "running", story

@@ -38,9 +38,10 @@ def path_without_krita_sdxl() -> str:
 
 
 def type_into(line_edit, text: str) -> None:
+    """Type over the field (no Enter: in the dialog, Enter is OK)."""
+    line_edit.setFocus()
     line_edit.selectAll()
     QTest.keyClicks(line_edit, text)
-    QTest.keyClick(line_edit, Qt.Key_Return)
 
 
 class Docker:
@@ -87,8 +88,9 @@ def docker(app, ctx, tmp_path, monkeypatch):
 def test_check_shows_the_plan_and_writes_nothing(docker) -> None:
     d = docker
     d.open_setup()
-    assert d.controller.settings.setup_folder == str(d.folder)
+    assert d.controller.settings.setup_folder == ""  # typed, not saved: Check saves nothing
     assert "nothing runs before you click Set up" in d.setup.plan.toPlainText()
+    assert not d.setup.repair_button.isEnabled()  # nothing set up yet: nothing to repair
     click(d.app, d.setup.check_button)
     d.pump(lambda: d.controller.setup.phase not in ("checking",))
     runner = d.controller.setup
@@ -97,12 +99,28 @@ def test_check_shows_the_plan_and_writes_nothing(docker) -> None:
     assert f"Python {sys.version_info[0]}." in text and "torch==2.13.0 from pip" in text
     assert "Create the Python environment" in text and "Download the SDXL 1.0 refiner" in text
     assert f"about {space.human(hub.REFINER.approx_bytes)}" in text and "In all it downloads about" in text
-    assert not d.folder.exists()  # Check writes nothing
+    assert not d.folder.exists() and runner.folder == d.folder  # Check writes nothing, in the folder typed
     assert d.setup.run_button.text() == "Set up" and d.setup.run_button.isEnabled()
+    assert not d.setup.repair_button.isEnabled()
     before = runner.plan.download_bytes
     click(d.app, d.setup.base)  # the base too: more to download, shown at once
-    assert d.controller.settings.setup_base and runner.plan.download_bytes == before + hub.BASE.approx_bytes
+    assert runner.plan.download_bytes == before + hub.BASE.approx_bytes and not d.controller.settings.setup_base
     assert "SDXL 1.0 refiner and SDXL 1.0 base" in d.setup.plan.toPlainText()
+    plan_fits_without_scrolling(d)
+    click(d.app, d.panel.dialog.ok_button)  # OK saves the folder and the options
+    assert d.controller.settings.setup_folder == str(d.folder) and d.controller.settings.setup_base
+
+
+def plan_fits_without_scrolling(d) -> None:
+    """Every line of the plan is shown, its totals included, with no scroll bar inside it and no empty
+    rows under it (the dialog scrolls as a whole when the screen is short)."""
+    plan = d.setup.plan
+    d.pump(lambda: True, timeout=0.2)
+    lines = plan.toPlainText().splitlines()
+    assert len(lines) >= 10 and lines[-1].startswith("Disk space it needs"), lines
+    assert plan.verticalScrollBar().maximum() == 0, (plan.height(), plan.document().size().height())
+    assert plan.height() >= plan.document().size().height()
+    assert not d.setup.steps.isVisible() and not d.setup.message.isVisible() and not d.setup.detail.isVisible()
 
 
 def test_a_full_disk_blocks_set_up_with_the_reason(docker, monkeypatch) -> None:
@@ -151,6 +169,7 @@ def test_update_stops_the_running_backend_first_then_starts_the_environments(doc
     runs nothing else, and starts the environment's ``python -m krita_sdxl.backend.cli serve``."""
     d = docker
     d.open_setup()
+    click(d.app, d.panel.dialog.apply_button)  # the folder saved, the dialog stays
     click(d.app, d.setup.check_button)
     runner = d.controller.setup
     d.pump(lambda: runner.phase != "checking")
@@ -174,7 +193,7 @@ def test_update_stops_the_running_backend_first_then_starts_the_environments(doc
     d.controller.start_backend()
     d.pump(lambda: d.controller.backend.state.value == "running", timeout=10)
     d.setup.show_settings()  # the view reads the folder's state again: Update
-    assert d.setup.run_button.text() == "Update"
+    assert d.setup.run_button.text() == "Update" and d.setup.repair_button.isEnabled()
 
     click(d.app, d.setup.run_button)
     d.pump(lambda: runner.phase in ("done", "failed", "cancelled"), timeout=30)

@@ -11,6 +11,9 @@ from typing import Any
 from krita_sdxl.backend.common.config import ConfigError
 from krita_sdxl.protocol import CLIENT, Image, ImageSpec, Message, ProtocolError, decode, encode
 from krita_sdxl.protocol.schema import CLIENT_MESSAGES
+from krita_sdxl.protocol.upscale import limit_problem
+
+from . import upscale_flags
 
 SUBMIT = CLIENT_MESSAGES["submit"]
 MODES = ("refine", "generate", "two_stage")  # as backend/engine/stages.py (which needs no torch, but pulls more)
@@ -76,6 +79,7 @@ def add_job_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None
         )
     if names is None:
         group.add_argument("--work-size", metavar="WxH", help="run the model at this size and scale back")
+        upscale_flags.add_flags(group)
 
 
 def work_size(text: str | None) -> tuple[int | None, int | None]:
@@ -98,7 +102,7 @@ def job_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def _flag(field: str) -> str:
     flags = {opt.field: opt.flag for opt in JOB_OPTIONS}
-    flags.update(work_width="--work-size", work_height="--work-size")
+    flags.update(work_width="--work-size", work_height="--work-size", upscale="--upscale")
     return flags.get(field, field)
 
 
@@ -141,6 +145,10 @@ def check_limits(spec: ImageSpec, fields: dict[str, Any], limits: dict[str, Any]
         ww, wh = fields.get("work_width"), fields.get("work_height")
         if ww is not None and wh is not None and ww * wh > most:
             raise ConfigError(f"--work-size {ww}x{wh} = {ww * wh} pixels; this service accepts at most {most_text}")
+        up = fields.get("upscale")  # --upscale, --upscale-to: the result counts
+        problem = limit_problem(spec.width, spec.height, up["width"], up["height"], most) if up else None
+        if problem is not None:
+            raise ConfigError(f"--upscale: {problem}")
     chars = limits.get("max_prompt_chars")
     if isinstance(chars, int):
         for field in ("prompt", "negative_prompt"):

@@ -137,7 +137,7 @@ MODEL, LIMITS, SECURITY, TILES, SERVICE = (
     "model and device",
     "limits",
     "security (needed to listen beyond loopback)",
-    "large images (refined at native size in overlapping tiles)",
+    "large images and upscales (refined at native size in overlapping tiles)",
     "service",
 )
 POOL = "GPU pool (several GPUs and hosts behind one endpoint, on Ray Serve: pip install 'krita-sdxl[pool]')"
@@ -231,6 +231,9 @@ OPTIONS: tuple[Option, ...] = (
            metavar="PX"),
     Option("tile_overlap", "pixels neighbouring tiles share", TILES, int_range(0, MAX_SIDE), where="local",
            metavar="PX"),
+    Option("upscaler", "an upscaler model file (.pth or .safetensors: ESRGAN, Real-ESRGAN, SwinIR, ...; needs pip "
+           "install 'krita-sdxl[upscale]') that upscale jobs enlarge with before they refine", TILES, where="local",
+           metavar="FILE", shown="Lanczos"),
 )  # fmt: skip
 CLIENT = "service"
 CLIENT_OPTIONS: tuple[Option, ...] = (

@@ -90,6 +90,13 @@ def check_device(device: str) -> None:
         raise ConfigError(f"{exc}; use --device auto (or cpu)") from None
 
 
+def check_upscaler(settings: Settings) -> None:
+    """An ``--upscaler`` file is an upscaler model (a second or two, before minutes of model loading)."""
+    from krita_sdxl.backend.engine.loading import upscaler
+
+    upscaler(settings)
+
+
 def check_serve(settings: Settings) -> CurveConfig | None:
     """Everything ``serve`` can find wrong before the model loads; ConfigError names it."""
     curve = curve_config(settings)
@@ -112,6 +119,7 @@ def check_serve(settings: Settings) -> CurveConfig | None:
         if not settings.demo:
             check_checkpoint(settings.model)
             check_checkpoint(settings.base_model)
+        check_upscaler(settings)
     return curve
 
 
@@ -121,3 +129,4 @@ def check_local(settings: Settings) -> None:
     if not settings.demo:
         check_checkpoint(settings.model)
         check_checkpoint(settings.base_model)
+    check_upscaler(settings)

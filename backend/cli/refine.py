@@ -19,6 +19,7 @@ from krita_sdxl.backend.common.config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT
 
 from .imageio import Layout, Output, Picture, keep_somewhere, peek_picture, plan_output, read_picture, write_picture
 from .job_options import check_fields, check_job, check_limits, job_fields, step_note
+from .upscale_flags import upscale_field
 
 
 def say(text: str) -> None:
@@ -94,6 +95,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
     layout = peek_picture(args.input)  # size and format from the header: nothing decoded yet
     out = plan_output(args.output, layout, source=args.input)
     fields = job_fields(args)
+    spec = layout.spec
+    fields.update(upscale_field(args, spec.width, spec.height, str(args.input)))  # --upscale, --upscale-to
     check_fields(layout.spec, fields)
     if args.local:
         picture, out = _decode(args, layout, out)
@@ -222,6 +225,9 @@ def _refine_local(args: argparse.Namespace, message: Any) -> tuple[Any, int, str
 
     settings = resolve(args)
     check_local(settings)
+    upscale = message["upscale"]
+    if upscale is not None and upscale.method == "model" and not settings.upscaler:
+        raise ConfigError("--upscale-method model needs an upscaler model file here: --upscaler FILE")
     tiles = tiling(settings)
     say(f"loading {'the demo model' if settings.demo else settings.model} (device {settings.device}) ...")
     engine = load_engine(settings)

@@ -22,6 +22,8 @@ from krita_sdxl.backend.common.config import EXIT_FAILED, EXIT_OK
 from krita_sdxl.backend.setup.plan import VERSION, events, hub, machine, torch_builds
 from krita_sdxl.backend.setup.plan.space import human
 
+from . import setup_upscaler as upscaler_cmd
+
 TORCH_INDEX_ENV = "KRITA_SDXL_TORCH_INDEX"  # "pip": pip's own configuration; or an index URL
 
 
@@ -36,7 +38,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "makes its own environment and runs the same steps.",
         epilog="steps (what the Krita plugin runs):\n"
         "  krita-sdxl setup download [--base] [--verify] [--json-progress]\n"
-        "  krita-sdxl setup check [--json]",
+        "  krita-sdxl setup check [--json]\n"
+        "  krita-sdxl setup upscaler [--dir DIR] [--json-progress]   (the docker's Download upscaler)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _download_flags(setup)
@@ -57,6 +60,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     download.add_argument("--json-progress", action="store_true", help="progress as JSON lines (for the plugin)")
     check = steps.add_parser("check", parents=[common], help="print what this environment runs")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+    upscaler_cmd.add_parser(steps, common)
 
 
 def _download_flags(parser: argparse.ArgumentParser, default: Any = False) -> None:
@@ -76,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         return cmd_check(args)
     if step == "download":
         return cmd_download(args)
+    if step == "upscaler":
+        return upscaler_cmd.run(args, _json_emit if args.json_progress else _TextProgress())
     return cmd_setup(args)
 
 
@@ -171,6 +177,10 @@ class _TextProgress:
 
             self.close()
             print(f"{fields['repo']}: {describe_check(fields)}, in {fields['snapshot']}", flush=True)
+
+    def error(self, why: str, what: str) -> None:
+        self.close()
+        print(f"krita-sdxl setup: error: {why} {what}", file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -85,6 +85,7 @@ class Settings:
     )  # pixels; larger images are refined in tiles (backend/engine/tiling.py); 0 = never
     tile_size: int = 1024  # tile side in pixels, a multiple of 8
     tile_overlap: int = 128  # pixels shared by neighbouring tiles, blended
+    upscaler: str = ""  # an upscaler model file (.pth, .safetensors) for upscale jobs; "" = Lanczos only
 
     @property
     def cache_path(self) -> Path:

@@ -70,6 +70,19 @@ def tiling(settings: Settings) -> Any:
         raise ConfigError(str(exc)) from None
 
 
+def upscaler(settings: Settings, device: str = "cpu") -> Any:
+    """The ``--upscaler`` model (None without one) on ``device``; ConfigError names the file and the problem."""
+    if not settings.upscaler:
+        return None
+    from .upscaler_model import UpscalerError, load_upscaler
+
+    try:
+        model = load_upscaler(settings.upscaler)
+    except UpscalerError as exc:
+        raise ConfigError(f"--upscaler: {exc}") from None
+    return model.to(device, half=settings.dtype != "fp32")
+
+
 def load_engine(settings: Settings) -> Any:
     """The engine with the settings' model; ConfigError with one line when it cannot be loaded."""
     from krita_sdxl.backend.models.memory import MemoryModeError
@@ -80,7 +93,7 @@ def load_engine(settings: Settings) -> Any:
     quiet_libraries(settings.log_level)
     name = "the demo model" if settings.demo else settings.model
     try:
-        return Engine.load(
+        engine = Engine.load(
             model=None if settings.demo else settings.model,
             demo=settings.demo,
             allow_download=settings.allow_download,
@@ -106,3 +119,5 @@ def load_engine(settings: Settings) -> Any:
             f"cannot load {name}: {type(exc).__name__}: {first} (is it a complete SDXL "
             f"{'checkpoint' if str(name).endswith('.safetensors') else 'model'}? --log-level debug shows details)"
         ) from None
+    engine.upscaler = upscaler(settings, engine.device)  # upscale jobs (backend/engine/upscale.py)
+    return engine

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from krita_sdxl.protocol import Image, Message, StepPlan
+from krita_sdxl.protocol.upscale import UpscaleSpec, plan_steps
 
 if TYPE_CHECKING:
     from .stages import Stages, TimestepsFn
@@ -41,6 +42,7 @@ class RefineRequest:
     mode: str = "refine"  # refine, generate or two_stage (backend/engine/stages.py)
     stages: Stages | None = None  # how the denoising is split between base and refiner; None = refine
     keep_unmasked: bool = True  # with a mask: only the masked area is re-noised, the rest kept
+    upscale: UpscaleSpec | None = None  # the result's size: enlarged, then refined in tiles (engine/upscale.py)
 
     @classmethod
     def from_message(cls, msg: Message, seed: int, timesteps: TimestepsFn | None = None) -> RefineRequest:
@@ -52,7 +54,11 @@ class RefineRequest:
         mode = f.get("mode", "refine")
         from .stages import plan_job  # the UNet calls each stage makes with the models' schedulers
 
-        plan, stages = plan_job(mode, f["steps"], f["strength"], f.get("denoising_end", 0.8), timesteps)
+        upscale = f.get("upscale")
+        if upscale is not None and f["strength"] == 0.0:  # the enlargement alone (protocol/upscale.py)
+            plan, stages = plan_steps(f["steps"], 0.0), None
+        else:  # an upscale at strength > 0 runs the refine's steps in every tile
+            plan, stages = plan_job(mode, f["steps"], f["strength"], f.get("denoising_end", 0.8), timesteps)
         return cls(
             image=msg.images["image"],
             prompt=f["prompt"],
@@ -71,4 +77,5 @@ class RefineRequest:
             mode=mode,
             stages=stages,
             keep_unmasked=f.get("keep_unmasked", True),
+            upscale=upscale,
         )

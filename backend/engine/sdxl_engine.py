@@ -36,6 +36,7 @@ from .denoise import StepReporter, default_stages, job_generator, run_stages
 from .latent_mask import LatentMask, fit_mask
 from .request import JobCancelled, ProgressFn, RefineRequest, StopFn
 from .stages import BASE_MODES, MODES, Schedule, Stages, scheduler_timesteps
+from .upscale import capability as upscale_capability
 from .watermark import Watermark
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class Engine:
         self.models = models or ModelSet(Placement("none", device), unet_dtype, vae_dtype, refiner_pipe=pipe)
         self.watermark = watermark or Watermark(enabled=False)
         self.oom_retry = oom_retry  # out of memory: step down one memory mode and run the job once more
+        self.upscaler: Any = None  # --upscaler: the model upscale jobs enlarge with (backend/engine/upscaler_model.py)
         self.simulated_oom: oom.SimulatedOom | None = None  # --simulate-oom (tests)
         self._speed_setup: Any = None  # re-applies the speed path to a reloaded refiner
         self._busy = threading.RLock()  # held while a job runs
@@ -231,6 +233,7 @@ class Engine:
             "oom_retry": self.oom_retry,
             "watermark": self.watermark.status,
             "tiling": self._tiling_capability(),
+            "upscale": upscale_capability(self),
         }
 
     def _tiling_capability(self) -> dict[str, int] | None:
@@ -345,6 +348,11 @@ class Engine:
         mask = pixels.image_mask(req.image, req.mask)
         if should_stop():
             raise JobCancelled()
+        # --- upscale jobs (backend/engine/upscale.py): enlarged, then refined in tiles in place
+        from .upscale import upscale_if_asked
+
+        if (upscaled := upscale_if_asked(self, req, on_progress, should_stop)) is not None:
+            return upscaled
         # --- large layers (backend/engine/tiling.py): above self.tiling's threshold (a TilingConfig; unset
         # = defaults), refine at native size in overlapping, blended tiles, each through this method.
         from .tiling import refine_if_large

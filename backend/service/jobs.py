@@ -18,6 +18,10 @@ fair job (several may run at once: a pool of GPUs takes several; the single work
   its first job in at once (its bytes still count against the byte budgets).
 - A job whose pixels are still arriving (an upload, backend/service/transfers.py) is *admitted*: it
   holds its budgets from its ``submit`` on, and ``ready`` queues it once every byte is there.
+- Live jobs (``submit`` with ``live``): each owner has one live lane. ``supersede`` is called before a
+  new live job is queued: the owner's uploading or queued live job is removed, its running one told to stop at the
+  next step boundary (reason ``superseded``), so at most one live job waits and one runs per owner.
+  Other jobs keep their order; a live job queues behind its owner's earlier jobs like any other.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"
     runner: str | None = None  # where it runs: a pool replica's id (backend/pool), None in this process
+    live: bool = False  # in its owner's live lane: a newer live job supersedes it
 
     @property
     def client(self) -> bytes:
@@ -358,6 +363,30 @@ class JobQueue:
                 return "running"
             self._remove_waiting(job)
             return "queued"
+
+    def supersede(self, owner: Owner, live: bool, replaces: str | None, reason: str = "superseded") -> list[Job]:
+        """Before ``owner`` queues a new job: with ``live``, every live job of ``owner``, and the job named
+        ``replaces`` (any job of ``owner``), are superseded. Queued and admitted (uploading) ones are removed
+        and returned (the caller tells their owner ``cancelled`` and ends the uploads); running ones are told
+        to stop at their next step boundary with ``reason`` (unless already told to stop). Ids of other
+        owners are never matched."""
+        with self._lock:
+
+            def hit(job: Job) -> bool:
+                return job.owner == owner and ((live and job.live) or (replaces is not None and job.id == replaces))
+
+            removed = [j for j in self._waiting.get(owner.account, ()) if hit(j)]
+            for job in removed:
+                self._remove_waiting(job)
+            uploading = [j for j in self._uploading.values() if hit(j)]
+            for job in uploading:  # the caller ends their uploads too (Job.key)
+                del self._uploading[job.key]
+            removed += uploading
+            for job in self._running:
+                if hit(job) and not job.cancel.is_set():
+                    job.cancel_reason = reason
+                    job.cancel.set()
+            return removed
 
     def cancel_where(self, match: Callable[[Owner], bool], reason: str) -> list[Job]:
         """Cancel every job whose owner matches: running ones are told to stop, queued and admitted

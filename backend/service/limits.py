@@ -13,6 +13,7 @@ from krita_sdxl.protocol import WINDOW_BYTES, Message, ProtocolError
 from krita_sdxl.protocol import errors as codes
 from krita_sdxl.protocol.codec import MAX_FRAME_BYTES
 from krita_sdxl.protocol.schema import MAX_PROMPT_CHARS
+from krita_sdxl.protocol.upscale import limit_problem
 
 _MAX_BYTES_PER_PIXEL = 16  # RGBA float32
 GiB = 1024**3
@@ -88,6 +89,7 @@ class Limits:
                     name,
                     job,
                 )
+        self._check_upscale(msg)
         ww, wh = msg.fields.get("work_width"), msg.fields.get("work_height")
         if ww is not None and wh is not None and ww * wh > self.max_pixels:
             raise ProtocolError(codes.LIMIT, f"work size {ww}x{wh} exceeds {self.max_pixels} pixels", "work_width", job)
@@ -100,3 +102,12 @@ class Limits:
                     name,
                     job,
                 )
+
+    def _check_upscale(self, msg: Message) -> None:
+        """An upscale's result counts against ``max_pixels``; the message names the largest factor that fits."""
+        spec, image = msg.fields.get("upscale"), msg.fields.get("image")
+        if spec is None or image is None:
+            return
+        problem = limit_problem(image.width, image.height, spec.width, spec.height, self.max_pixels)
+        if problem is not None:
+            raise ProtocolError(codes.LIMIT, problem, "upscale", msg.job)

@@ -567,6 +567,7 @@ class Service:
                 job_id,
             )
         check_images(msg)
+        check_upscale(msg, self._capabilities)
         self.limits.check_submit(msg)
         unread = self.downloads.unread(owner.account)
         if unread is not None:
@@ -578,7 +579,7 @@ class Service:
                 job_id,
             )
         busy = self.uploads.active(owner.routing)
-        if busy is not None:
+        if busy is not None and not _supersedes(msg, busy.job):
             raise ProtocolError(
                 codes.LIMIT,
                 f"job {busy.job.id!r} is still uploading on this connection: one upload at a time (send its "
@@ -594,7 +595,8 @@ class Service:
         except ProtocolError as err:
             err.job = job_id
             raise
-        job = Job(owner, job_id, request, nbytes=incoming.total)
+        self._supersede(owner, msg)
+        job = Job(owner, job_id, request, nbytes=incoming.total, live=msg["live"])
         dropped = self._admit(job)
         for victim in dropped:
             log.warning("queue full: dropped a job of %s for %s", short_id(victim.client), short_id(owner.routing))
@@ -681,6 +683,17 @@ class Service:
             pass  # cancelled while its last chunk was on its way
         except RuntimeError:
             self._error_to(owner, job.id, codes.SHUTTING_DOWN, "the service is shutting down")
+
+    def _supersede(self, owner: Owner, msg: Message) -> None:
+        """A ``live`` submit (or one that names the job it ``replaces``) supersedes: the older job, if
+        still queued, ends now with ``cancelled`` (reason ``superseded``); if running, the worker stops
+        it at its next step boundary and sends the same. Called once the new job has passed every check."""
+        if not msg["live"] and msg["replaces"] is None:
+            return
+        for old in self.queue.supersede(owner, msg["live"], msg["replaces"]):
+            self.uploads.end(old.key)  # when it was still uploading
+            log.info("job %s superseded by %s", escaped(old.id, 80), escaped(msg["job"], 80))
+            self._to_owner(old.owner, "cancelled", job=old.id, reason="superseded")
 
     def _on_credit(self, owner: Owner, msg: Message) -> None:
         """The client holds ``received`` bytes of a result: send more, or forget it once it has all."""
@@ -792,6 +805,24 @@ def _where(job: Job) -> dict[str, str]:
     return {"replica": job.runner} if job.runner else {}
 
 
+def check_upscale(msg: Message, capabilities: dict[str, Any]) -> None:
+    """An upscale job needs a service that upscales, and ``method`` model one with an upscaler model."""
+    spec = msg.fields.get("upscale")
+    if spec is None:
+        return
+    offered = capabilities.get("upscale")
+    if not isinstance(offered, dict):
+        raise ProtocolError(codes.UNSUPPORTED, "this service cannot upscale", "upscale", msg.job)
+    if spec.method not in offered.get("methods", []):
+        raise ProtocolError(
+            codes.UNSUPPORTED,
+            f"upscale.method {spec.method} is not available here: this service has no upscaler model (its operator "
+            "starts it with --upscaler FILE); use method lanczos or auto",
+            "upscale.method",
+            msg.job,
+        )
+
+
 def check_images(msg: Message) -> None:
     """The submit's image and mask fit together (formats and sizes the codec cannot judge alone)."""
     job_id = msg["job"]
@@ -826,3 +857,9 @@ def check_images(msg: Message) -> None:
         )
     if (msg["work_width"] is None) != (msg["work_height"] is None):
         raise ProtocolError(codes.BAD_FIELD, "work_width and work_height must be given together", "work_width", job_id)
+
+
+def _supersedes(msg: Message, older: Job) -> bool:
+    """Whether the submit ``msg`` supersedes ``older`` (a job of the same client): a live submit every
+    live job, and any submit the job it ``replaces``."""
+    return (msg["live"] and older.live) or (msg["replaces"] is not None and msg["replaces"] == older.id)

@@ -149,12 +149,18 @@ def _hash_prefix(new_hash: Callable[[], Any], partial: Path, have: int) -> Any:
 
 
 def fetch(
-    url: str, partial: Path, size: int, on_bytes: Callable[[int], None], new_hash: Callable[[], Any] | None = None
+    url: str,
+    partial: Path,
+    size: int,
+    on_bytes: Callable[[int], None],
+    new_hash: Callable[[], Any] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> str | None:
     """Fetch ``url`` into ``partial`` until it holds ``size`` bytes, continuing what is there. ``new_hash``
     (a fresh hashlib object each call): every byte of the file goes through it as it is written (the part
-    already on disk first), so the download is checked without reading it again; returns its hex digest."""
-    opener, headers = _opener(), _headers()
+    already on disk first), so the download is checked without reading it again; returns its hex digest.
+    ``headers``: the request's (default: the Hub's, with its token: give others for any other server)."""
+    opener, headers = _opener(), _headers() if headers is None else headers
     partial.parent.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
     received = 0
@@ -163,6 +169,9 @@ def fetch(
         have = partial.stat().st_size if partial.exists() else 0
         if have > size:
             partial.unlink()
+            if received:  # this very call wrote more than the file holds: not the file expected
+                raise DownloadFailed(f"{url} sent more than the {size} bytes expected.",
+                                     "It is not the file expected; nothing was kept.")  # fmt: skip
             have = 0
         if new_hash is not None and hashed != have:  # first round, or a write that broke off: from the disk
             hasher, hashed = _hash_prefix(new_hash, partial, have) if have else new_hash(), have

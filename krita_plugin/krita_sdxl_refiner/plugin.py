@@ -1,7 +1,8 @@
 """Registration with Krita: the Refine action and the "SDXL Refiner" docker, and the one controller they share.
 
-Only this module and ``adapters.krita_adapter`` import ``krita``. The controller is wired in :mod:`compose`
-(the composition root: Krita's document adapter, the ZeroMQ client, the local backend, Qt's timers). The
+Only this module, ``adapters.krita_adapter`` and ``adapters.krita_live`` import ``krita``. The controller is wired
+in :mod:`compose` (the composition root: Krita's document adapter, the ZeroMQ client, the local backend, Qt's
+timers, live refine on Krita's live port). The
 vendored dependencies are activated before anything imports zmq or msgpack; when none fits the running
 Python, the docker shows why.
 """
@@ -16,6 +17,8 @@ from krita import DockWidget, DockWidgetFactory, DockWidgetFactoryBase, Extensio
 
 ACTION_ID = "krita_sdxl_refine"
 ACTION_TEXT = "Refine (SDXL)"
+LIVE_APPLY_ID = "krita_sdxl_live_apply"
+LIVE_APPLY_TEXT = "Apply live preview (SDXL)"
 DOCKER_ID = "krita_sdxl_refiner"
 DOCKER_TITLE = "SDXL Refiner"
 
@@ -54,9 +57,10 @@ def controller() -> Any:
     global _controller
     if _controller is None:
         from .adapters.krita_adapter import KritaAdapter
+        from .adapters.krita_live import KritaLive
         from .compose import build_controller
 
-        _controller = build_controller(KritaAdapter())
+        _controller = build_controller(KritaAdapter(), live=KritaLive())
         _controller.start()
         from PyQt5.QtWidgets import QApplication
 
@@ -80,6 +84,19 @@ class RefinerExtension(Extension):
         from .ui.slots import on_click
 
         on_click(action.triggered, self._refine)
+        from .ui.live import APPLY_SHORTCUT
+
+        apply = window.createAction(LIVE_APPLY_ID, LIVE_APPLY_TEXT, "tools/scripts")
+        apply.setToolTip("Copy the live preview into a normal result layer")
+        if not apply.shortcut().toString():  # the artist's own choice (Settings > Keyboard Shortcuts) wins
+            from PyQt5.QtGui import QKeySequence
+
+            apply.setShortcut(QKeySequence(APPLY_SHORTCUT))
+        on_click(apply.triggered, self._apply_live)
+
+    def _apply_live(self) -> None:
+        if _problem is None and controller().live is not None:
+            controller().live.apply()
 
     def _refine(self) -> None:
         if _problem is not None:

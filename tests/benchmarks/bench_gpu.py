@@ -671,6 +671,19 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def live_stage(b: Bench, root: Path, is_tiny: bool) -> None:
+    """Live refine (issue 22): stroke-to-preview latency at 512, 768 and 1024 px for each speed level
+    (tests/benchmarks/bench_live.py: gpu_live)."""
+    from bench_live import LEVELS, PLUGIN_MS, SIZES, gpu_live
+
+    args = ("--device", b.device, "--memory", "none", "--cache-dir", str(root / "cache"), "--no-watermark",
+            "--compile-cache", str(root / "compile-cache"))  # fmt: skip
+    result = gpu_live(str(root / "refiner"), str(root / "base"), ("off",) if is_tiny else LEVELS,
+                      (64, 128) if is_tiny else SIZES, plugin_ms=PLUGIN_MS, deadline_s=b.left() - 30,
+                      extra_args=args, env={"KRITA_SDXL_CACHE": str(root / "cache")})  # fmt: skip
+    b.record("live", result)
+
+
 def card_slug(name: str) -> str:
     for token in ("H200", "H100", "A100", "L40S", "L4", "A10G", "4090", "3090"):
         if token in name.upper():
@@ -697,6 +710,8 @@ def main() -> int:
     ap.add_argument("--results-dir", type=Path, help="also write <date>-<card>-gpu.json/.md here")
     ap.add_argument("--speed-options", help='KRITA_SDXL_SPEED_OPTIONS for the service, e.g. {"dynamic": true}')
     ap.add_argument("--vae-ab", action="store_true", help="stage 7 (VAE decoder NCHW vs channels_last) if time is left")
+    ap.add_argument("--upscale-levels", help="last stage, if time is left: 1024 -> 2048 upscale-refine per speed "
+                    "level, e.g. off,compile (bench_upscale.py)")  # fmt: skip
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.budget is None:
@@ -728,6 +743,7 @@ def main() -> int:
     b.stage("plain", 30, lambda: project_plain(b, root, size, state))
     need = 150 if not args.tiny else 0
     b.stage("service", need, lambda: service_runs(b, root, size, args.tiny, state, args.speed_options))
+    b.stage("live", 200 if not args.tiny else 0, lambda: live_stage(b, root, args.tiny))
     if pipes:
         b.stage("stock_ensemble", 25, lambda: stock(b, pipes, size, ensemble_only=True))
     pipes.clear()
@@ -738,6 +754,11 @@ def main() -> int:
         b.stage("whole", 200, lambda: speed_in_process(b, root, size, state, "whole"))
     if args.vae_ab and device == "cuda":
         b.stage("vae_ab", 60, lambda: vae_channels_last(b, size))
+    if args.upscale_levels:
+        from bench_upscale import upscale_levels
+
+        levels = tuple(v.strip() for v in args.upscale_levels.split(",") if v.strip())
+        b.stage("upscale", 60, lambda: upscale_levels(b, root, size, levels, tile=size))
     b.record("total_s", round(time.monotonic() - b.t0, 1))
     save_tables(args, b.results, table(b.results), device, "gpu")
     shutil.rmtree(root, ignore_errors=True)

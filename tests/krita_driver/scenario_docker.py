@@ -2,21 +2,29 @@
 with the mouse (QTest) on the docker's own widgets, against real backends. Phases (params "phases",
 default all, in this order):
 
-measure: a 640x480 8-bit document, a selection partly off the canvas, the prompt typed, Refine
+layout (always, first): Krita's main window with its default dockers and this one fits the screen (run at
+   1280x720: a laptop), status bar included; the docker's content scrolls; a screenshot.
+measure: a 640x480 8-bit document, a selection partly off the canvas, the prompt typed, Run
    clicked; a new layer appears. A 10 ms QTimer runs meanwhile (its largest gap = how long Krita's
    UI thread was blocked; also measured idle, before the click, for comparison) and a probe times the
    plugin's own work on that thread. Screenshots before and after, of the screen and of the docker.
 again: "Again" on the result: a second layer from the same captured pixels, stacked above the
    first (the result layer is the active one now). A picture of the docker while it runs.
+stack: Run three times before the first result is back: the three layers stack newest on top, above
+   the earlier results of the same layer, and the canvas (the projection's pixels) shows the newest.
 empty: a new, empty layer made active; Refine over the selection is refused with a message that
    says why (the selection holds only transparent pixels), no job starts and no layer appears.
 queue: the endpoint typed in the settings dialog points nowhere; two jobs wait; one row's Cancel,
-   then the Cancel button.
+   then the Cancel button: a line in the message log for each. The connection line, cut with "…".
+dialog: the ⚙ dialog: a mistyped endpoint disables OK with the reason shown, Enter does nothing, Cancel
+   forgets it; the Backend row describes the backend connected now; Repair is disabled (nothing set up).
 kept: a job of a second document, which is closed before the backend is back: its result is kept
    in the history; Apply (to the shown document), Open (as a new document), Discard.
+big: a 6000x4000 layer: Run; the largest stall of Krita's UI thread from the click until the job is sent
+   (the pixels are read off the UI thread), and the plugin's own work on that thread; then Cancel.
 local: Start backend (the docker runs ``python -m krita_sdxl.backend.cli serve --demo``), Refine,
    Stop backend while the job runs (the job is lost, not cancelled), Start again, Resubmit: the
-   layer appears.
+   layer appears, with the seed the lost job had.
 
 params: rect [x, y, w, h], prompt, good_endpoint, dead_endpoint, local_endpoint, python, backend_args,
 timeout_s, tick_ms, settle_ms, idle_ms, slow_steps, phases
@@ -35,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scenario_tools import Probe, Ticker, click, find_docker, pattern, type_into, until
 
 W, H = 640, 480
-PHASES = ("measure", "again", "empty", "queue", "kept", "local")
+PHASES = ("measure", "again", "stack", "empty", "queue", "dialog", "kept", "big", "local")
+BIG = (6000, 4000)
 
 
 class Session:
@@ -86,10 +95,14 @@ def run(ctx: Any) -> Any:
     s.doc.waitForDone()
     s.out["layout"] = layout(s)
     s.out["layout"]["repaint_ms"] = repaint_ms(s.panel)
+    ctx.screenshot("layout")
     for phase in s.p.get("phases", PHASES):
         ctx.log(f"phase {phase}")
+        known = set(s.out)
         try:
             yield from globals()[f"phase_{phase}"](s)
+            added = {k: v for k, v in s.out.items() if k not in known}
+            ctx.log(f"{phase}: {added}")  # in the story, if a later phase fails
         except Exception as exc:
             jobs = [(j.state.value, j.status_text) for j in s.controller.jobs]
             raise AssertionError(f"phase {phase}: {exc}\nmessages: {s.messages()}\njobs: {jobs}") from exc
@@ -162,6 +175,7 @@ def phase_measure(s: Session) -> Any:
         "thumbnail": bool(row.thumb.pixmap() and not row.thumb.pixmap().isNull()),
     }
     s.out["messages_after_refine"] = s.messages()
+    s.out["run_button"] = [panel.refine_button.text(), panel.mode.currentText()]
     yield 300
     ctx.screenshot("after")
     s.grab("docker-after")
@@ -192,6 +206,44 @@ def phase_again(s: Session) -> Any:
     s.out["again"]["captures"] = sum(1 for label, _t, _d in s.probe.records if label == "capture") - captures
 
 
+def phase_stack(s: Session) -> Any:
+    ctx, panel, controller = s.ctx, s.panel, s.controller
+    s.doc.setActiveNode(s.source)
+    fixed, steps = controller.settings.seed, controller.settings.steps
+    controller.update_settings(seed=-1, steps=2)  # "Random": three different results; one step each
+    yield 100
+    before = s.ids()
+    for _ in range(3):
+        click(panel.refine_button)
+    jobs = [j for j in controller.jobs if not j.state.finished]
+    yield from until(ctx, lambda: len(s.new_layers(before)) == 3, 3 * s.p.get("timeout_s", 60), "three results")
+    yield 300
+    s.doc.waitForDone()
+    names = {j.layer_name: j.number for j in jobs}
+    siblings = [n for n in s.source.parentNode().childNodes()]  # bottom to top
+    order = [n.name() for n in siblings]
+    new = sorted(s.new_layers(before), key=lambda n: names.get(n.name(), 0))
+    x, y, w, h = s.p["rect"]
+    cx, cy, cw, ch = x + w // 4, y + h // 4, min(w, 640 - x) // 2, min(h, 480 - y) // 2  # inside the selection
+    shown = bytes(s.doc.pixelData(cx, cy, cw, ch))  # the canvas: the projection's pixels
+    layers = [bytes(n.pixelData(cx, cy, cw, ch)) for n in new]
+    opaque = all(a == 255 for a in layers[-1][3::4])
+    earlier = [n for n in siblings if n.name().startswith("#") and n.name() not in names]
+    s.out["stack"] = {
+        "names": [n.name() for n in new],
+        "numbers": [names.get(n.name()) for n in new],
+        "positions": [order.index(n.name()) for n in new],
+        "source_position": order.index(s.source.name()),
+        "others_below": all(order.index(n.name()) < order.index(new[0].name()) for n in earlier),
+        "opaque_newest": opaque,
+        "canvas_is_newest": shown == layers[-1],
+        "canvas_is_oldest": shown == layers[0],
+        "layers_differ": layers[0] != layers[-1],
+    }
+    ctx.screenshot("stack")
+    controller.update_settings(seed=fixed, steps=steps)
+
+
 def phase_empty(s: Session) -> Any:
     ctx, panel, controller = s.ctx, s.panel, s.controller
     empty = ctx.add_paint_layer(s.doc, "Empty")
@@ -210,10 +262,19 @@ def phase_empty(s: Session) -> Any:
     yield 100
 
 
+def set_endpoint(s: Session, endpoint: str) -> None:
+    """⚙, the endpoint typed, Enter (OK): saved, the dialog closed."""
+    panel = s.panel
+    if not panel.dialog.isVisible():
+        click(panel.settings_button)
+    type_into(panel.dialog.endpoint, endpoint, enter=True)
+    if panel.dialog.isVisible() or s.controller.settings.endpoint != endpoint:
+        raise AssertionError(f"Enter in the endpoint did not save {endpoint!r} and close the dialog")
+
+
 def phase_queue(s: Session) -> Any:
     ctx, panel, controller = s.ctx, s.panel, s.controller
-    click(panel.settings_button)
-    type_into(panel.dialog.endpoint, s.p["dead_endpoint"], enter=True)
+    set_endpoint(s, s.p["dead_endpoint"])
     yield from until(ctx, lambda: not controller.client.is_connected, 10, "the docker to leave the backend")
     click(panel.refine_button)
     click(panel.refine_button)
@@ -224,6 +285,7 @@ def phase_queue(s: Session) -> Any:
     click(panel.history.job_rows[waiting[0].id].cancel_button)
     yield 50
     one = [waiting[0].state.value, waiting[1].state.value]
+    row_message = s.messages()[-1]
     click(panel.cancel_button)
     yield 50
     s.out["queue"] = {
@@ -231,14 +293,63 @@ def phase_queue(s: Session) -> Any:
         "after_cancel": [waiting[0].state.value, waiting[1].state.value],
         "rows_left": len(panel.history.job_rows),
     }
+    s.out["queue_messages"] = [row_message, s.messages()[-1]]
+    yield from until(ctx, lambda: controller.client.detail.startswith("no answer"), 20, "the connection to time out")
+    yield 100
+    line = panel.connection
+    s.out["connection_line"] = {
+        "full": line.full_text,
+        "shown": line.shown,
+        "tooltip": line.toolTip(),
+        "width": line.width(),
+        "text_width": line.fontMetrics().horizontalAdvance(line.shown),
+    }
+    s.grab("docker-disconnected")
+
+
+def phase_dialog(s: Session) -> Any:
+    ctx, panel, controller = s.ctx, s.panel, s.controller
+    dialog = panel.dialog
+    out: dict[str, Any] = {}
+    set_endpoint(s, s.p["good_endpoint"])
+    yield from until(ctx, lambda: controller.client.is_connected, 30, "the docker to connect")
+    click(panel.settings_button)
+    yield 200
+    out["backend_connected"] = dialog.backend_info.text()
+    out["repair_enabled"] = dialog.setup.repair_button.isEnabled()
+    saved = controller.settings.endpoint
+    type_into(dialog.endpoint, "localhost:5588", enter=True)  # no scheme: OK disabled, Enter does nothing
+    yield 100
+    out["invalid"] = {
+        "ok_enabled": dialog.ok_button.isEnabled(),
+        "problem": dialog.problem.text() if dialog.problem.isVisible() else "",
+        "still_open": dialog.isVisible(),
+        "saved": controller.settings.endpoint,
+    }
+    path = ctx.artifact_path("dialog-invalid")
+    if path is not None and dialog.grab().save(str(path), "PNG"):
+        ctx.files.append(str(path))
+    click(dialog.cancel_button)
+    yield 100
+    out["after_cancel"] = {"open": dialog.isVisible(), "saved": controller.settings.endpoint}
+    click(panel.settings_button)
+    yield 100
+    out["reopened_field"] = dialog.endpoint.text()
+    type_into(dialog.endpoint, s.p["dead_endpoint"])
+    click(dialog.apply_button)  # Apply: saved, the dialog stays, the Backend row follows
+    yield from until(ctx, lambda: not controller.client.is_connected, 10, "the docker to leave the backend")
+    yield 100
+    out["backend_after_apply"] = dialog.backend_info.text()
+    out["open_after_apply"] = dialog.isVisible()
+    click(dialog.cancel_button)
+    out["saved_first"] = saved
+    s.out["dialog"] = out
 
 
 def phase_kept(s: Session) -> Any:
     ctx, panel, controller, app = s.ctx, s.panel, s.controller, s.app
-    if not panel.dialog.isVisible():
-        click(panel.settings_button)
     if controller.client.is_connected:
-        type_into(panel.dialog.endpoint, s.p["dead_endpoint"], enter=True)
+        set_endpoint(s, s.p["dead_endpoint"])
     other = ctx.new_document(200, 150, "closed-before-result")
     other_layer = ctx.add_paint_layer(other, "Paint", pattern(200, 150))
     other.setActiveNode(other_layer)
@@ -249,7 +360,7 @@ def phase_kept(s: Session) -> Any:
     other.close()
     show(app, s.doc)
     yield 300
-    type_into(panel.dialog.endpoint, s.p["good_endpoint"], enter=True)
+    set_endpoint(s, s.p["good_endpoint"])
     yield from until(ctx, lambda: controller.history.get(job.id), s.p.get("timeout_s", 60), "the kept result")
     kept = controller.history.get(job.id)
     out: dict[str, Any] = {"applied": kept.applied, "note": kept.note}
@@ -285,6 +396,75 @@ def phase_kept(s: Session) -> Any:
     s.out["kept"] = out
 
 
+def phase_big(s: Session) -> Any:
+    ctx, panel, controller, app = s.ctx, s.panel, s.controller, s.app
+    if not controller.client.is_connected:
+        set_endpoint(s, s.p["good_endpoint"])
+        yield from until(ctx, lambda: controller.client.is_connected, 30, "the docker to connect")
+    width, height = BIG
+    doc = ctx.new_document(width, height, "big-e2e")
+    layer = doc.createNode("Big", "paintlayer")
+    doc.rootNode().addChildNode(layer, None)
+    layer.setPixelData(bytes((40, 90, 160, 255)) * (width * height), 0, 0, width, height)
+    doc.setActiveNode(layer)
+    doc.waitForDone()
+    yield 2000  # let Krita draw the new document
+    idle = Ticker(s.p.get("tick_ms", 10))
+    idle.start()
+    yield 1000
+    idle_ui = idle.stop()
+    probe = Probe()
+    wrapped = (
+        (controller.adapter, "capture", "capture (geometry)"),
+        (controller, "_on_read", "read done"),
+        (controller, "_submit", "submit"),
+        (controller.client, "send", "encode and send"),
+        (panel.history, "update_jobs", "queue view"),
+    )
+    for obj, name, label in wrapped:
+        if hasattr(obj, name):  # (older versions of the plugin, measured with this scenario, lack some)
+            probe.wrap(obj, name, label)
+    reads = ReadRecorder()
+    handler: list[float] = []  # released, then clicked after the plugin's own slot: the Run handler's time
+    button = panel.refine_button
+    for signal in (button.released, button.clicked):
+        signal.connect(lambda *_args: handler.append(time.perf_counter()))
+    ticker = Ticker(s.p.get("tick_ms", 10))
+    ticker.start()
+    started = time.monotonic()
+    click(button)
+    click_ms = round((time.monotonic() - started) * 1000, 1)  # Krita's handling of the click, and the plugin's
+    job = controller.jobs.current()
+    yield from until(ctx, lambda: job.state.value not in ("reading", "waiting"), 60, "the 6000x4000 job to be sent")
+    sent_s = time.monotonic() - started
+    yield 300
+    ui = ticker.stop()
+    worst = {}
+    for label, _t, d in probe.records:
+        worst[label] = max(worst.get(label, 0.0), round(d * 1000, 1))
+    click(panel.cancel_button)
+    yield from until(ctx, lambda: job.state.finished, 60, "the 6000x4000 job to be cancelled")
+    read_records = reads.stop()
+    for obj, name, _label in wrapped:
+        if name in vars(obj):
+            delattr(obj, name)  # the probe's wrappers (instance attributes) go
+    s.out["big"] = {
+        "state": job.state.value,
+        "sent_s": round(sent_s, 2),
+        "max_gap_ms": ui["max_gap_ms"],
+        "top_gaps_ms": ui["top_gaps_ms"],
+        "idle_max_gap_ms": idle_ui["max_gap_ms"],
+        "plugin_worst_ms": {"Run handler": round((handler[-1] - handler[0]) * 1000, 1), **worst},
+        "click_ms": click_ms,
+        "reads": read_records,  # [on the UI thread, pixels, ms] of every projectionPixelData call
+        "size": list(BIG),
+    }
+    doc.setModified(False)
+    doc.close()
+    show(app, s.doc)
+    yield 500
+
+
 def phase_local(s: Session) -> Any:
     ctx, panel, controller = s.ctx, s.panel, s.controller
     dialog = panel.dialog
@@ -292,8 +472,9 @@ def phase_local(s: Session) -> Any:
         click(panel.settings_button)
     type_into(dialog.backend_command, s.p["python"])
     type_into(dialog.backend_args, s.p["backend_args"])
-    type_into(dialog.endpoint, s.p["local_endpoint"], enter=True)
-    dialog.close()
+    type_into(dialog.endpoint, s.p["local_endpoint"], enter=True)  # Enter: OK, every field saved
+    if dialog.isVisible() or controller.settings.backend_command != s.p["python"]:
+        raise AssertionError("Enter did not save the local backend's settings and close the dialog")
     panel.strength.setValue(100)
     panel.advanced.steps.setValue(s.p.get("slow_steps", 40))
     yield 100
@@ -307,18 +488,53 @@ def phase_local(s: Session) -> Any:
     click(panel.refine_button)
     yield from until(ctx, lambda: controller.jobs.current().step > 0, 60, "the job to run on the local backend")
     click(panel.backend_button)  # "Stop backend", mid-job
-    yield from until(ctx, lambda: controller.jobs.lost(), 30, "the job to be lost when the backend stops")
-    yield from until(ctx, lambda: controller.backend.state.value == "stopped", 30, "the backend to stop")
-    out["lost"] = controller.jobs.lost()[0].status_text
-    out["resubmit_visible"] = panel.resubmit_button.isVisible()
+    yield from until(ctx, lambda: controller.backend.state.value == "stopped", 60, "the backend to stop")
+    # A service that stops within its grace says "cancelled: shutdown" (the job is lost at once); one busy
+    # in a long step on a loaded machine is killed, and the next service's status says the job is gone.
+    yield 500
+    out["lost_at_stop"] = bool(controller.jobs.lost())
     click(panel.backend_button)  # "Start backend" again
     yield from backend_up(s, "the backend to start again")
+    yield from until(ctx, lambda: controller.jobs.lost(), 60, "the job to be lost")
+    yield 100
+    lost = controller.jobs.lost()[0]
+    out["lost"] = lost.status_text
+    out["lost_seed"] = lost.seed
+    out["resubmit_visible"] = panel.resubmit_button.isVisible()
     click(panel.resubmit_button)
     yield from until(ctx, lambda: s.new_layers(before), 120, "the resubmitted job's layer")
     out["layers"] = [n.name() for n in s.new_layers(before)]
+    out["resubmitted_seed"] = controller.history.newest_first()[0].seed
     click(panel.backend_button)  # "Stop backend"
     yield from until(ctx, lambda: controller.backend.state.value == "stopped", 30, "the backend to stop")
     s.out["local"] = out
+
+
+class ReadRecorder:
+    """Record every ``Node.projectionPixelData`` call (the plugin's own, through Krita's class): on which
+    thread, how many pixels, how long; ``stop()`` puts the method back and returns the records."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from krita import Node  # type: ignore[import-not-found]
+
+        self.node, self.original, self.records = Node, Node.projectionPixelData, []
+        ui = threading.get_ident()
+        original, records = self.original, self.records
+
+        def recorded(node: Any, x: int, y: int, w: int, h: int) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(node, x, y, w, h)
+            finally:
+                records.append([threading.get_ident() == ui, w * h, round((time.perf_counter() - start) * 1000, 1)])
+
+        Node.projectionPixelData = recorded
+
+    def stop(self) -> list[list[Any]]:
+        self.node.projectionPixelData = self.original
+        return self.records
 
 
 def backend_up(s: Session, what: str) -> Any:
@@ -337,11 +553,21 @@ def backend_up(s: Session, what: str) -> Any:
 
 def layout(s: Session) -> dict[str, Any]:
     from PyQt5.QtGui import QGuiApplication  # type: ignore[import-not-found]
+    from PyQt5.QtWidgets import QScrollArea  # type: ignore[import-not-found]
 
     docker, panel = s.docker, s.panel
     screen = QGuiApplication.primaryScreen().geometry()
     top_left = docker.mapToGlobal(docker.rect().topLeft())
+    window = s.app.activeWindow().qwindow()
+    frame = window.frameGeometry()
+    status = window.statusBar()
     return {
+        "window": [frame.x(), frame.y(), frame.width(), frame.height()],
+        "window_min": [window.minimumSizeHint().width(), window.minimumSizeHint().height()],
+        "status_bar": status is not None and status.isVisible(),
+        "status_bottom": status.mapToGlobal(status.rect().bottomLeft()).y() if status is not None else None,
+        "docker_min": [docker.minimumSizeHint().width(), docker.minimumSizeHint().height()],
+        "scrolls": panel.findChild(QScrollArea).verticalScrollBar().maximum() > 0,
         "screen": [screen.width(), screen.height()],
         "docker": [top_left.x(), top_left.y(), docker.width(), docker.height()],
         "floating": docker.isFloating(),

@@ -35,7 +35,8 @@ def run(ctx: Any) -> Any:
     dialog = panel.dialog
     view = dialog.setup
     out["dialog_visible"] = dialog.isVisible() and view.isVisible()
-    type_into(view.folder, str(folder), enter=True)
+    type_into(view.folder, str(folder))  # no Enter: in the dialog, Enter is OK
+    out["repair_before"] = view.repair_button.isEnabled()
     click(view.check_button)
     yield from until(ctx, lambda: runner.phase != "checking", timeout, "Check")
     out["phase"] = runner.phase
@@ -44,6 +45,17 @@ def run(ctx: Any) -> Any:
     out["python"] = runner.plan.base.executable if runner.plan else None
     out["folder_after_check"] = folder.exists()
     out["run_button"] = view.run_button.text()
+    yield 200
+    plan = view.plan  # every line of the plan, its totals included, without scrolling inside it
+    out["plan_box"] = {
+        "scroll_max": plan.verticalScrollBar().maximum(),
+        "height": plan.height(),
+        "document_height": plan.document().size().height(),
+        "last_line": plan.toPlainText().splitlines()[-1] if plan.toPlainText() else "",
+        "empty_rows_shown": [
+            w.objectName() or type(w).__name__ for w in (view.steps, view.message, view.detail) if w.isVisible()
+        ],
+    }
     path = ctx.artifact_path("dialog")
     if path is not None and dialog.grab().save(str(path), "PNG"):
         ctx.files.append(str(path))

@@ -13,41 +13,36 @@ import platform
 import re
 import shlex
 from collections import deque
+from collections.abc import Sequence
 
 from PyQt5.QtCore import QObject, QProcess, QTimer, pyqtSignal
 
 from krita_sdxl.backend.setup.plan.procenv import clean_env
 
-from ..core.processes import BackendState
+from ..core.processes import BackendState, cli_program
+from ..core.processes import is_python as is_python  # (tests and callers import it from here)
 from .procrun import merged_process
 
 READY_PATTERN = re.compile(r"\bready\b", re.IGNORECASE)
 LOG_LINES = 200
-_PYTHON = re.compile(r"^(python|pythonw|py)(\d+(\.\d+)*)?(\.exe)?$", re.IGNORECASE)
-_CLI_MODULE = "krita_sdxl.backend.cli"
-
-
-def is_python(command: str) -> bool:
-    """``python3``, ``/venv/bin/python``, ``C:\\venv\\Scripts\\python.exe``: a Python (whichever the OS)."""
-    return bool(_PYTHON.match(re.split(r"[\\/]", command.strip())[-1]))
 
 
 def split_args(text: str) -> list[str]:
     return shlex.split(text, posix=os.name != "nt")
 
 
-def invocation(command: str, args: str, endpoint: str) -> tuple[str, list[str]]:
+def invocation(command: str, args: str, endpoint: str, extra: Sequence[str] = ()) -> tuple[str, list[str]]:
     """Program and arguments for QProcess. ``--endpoint`` is added when the arguments lack one, so
-    the local service listens where the plugin connects."""
+    the local service listens where the plugin connects; ``extra`` follows the arguments (list items:
+    no quoting, so a path with spaces arrives whole on every OS)."""
     command = command.strip()
     if not command:
         raise ValueError("no backend command is set: enter the krita-sdxl command or a Python that has it")
     argv = split_args(args)
     if argv and argv[0] == "serve" and not any(a == "--endpoint" or a.startswith("--endpoint=") for a in argv):
         argv += ["--endpoint", endpoint]
-    if is_python(command):
-        return command, ["-m", _CLI_MODULE, *argv]
-    return command, argv
+    program, *head = cli_program(command)
+    return program, [*head, *argv, *extra]
 
 
 class Backend(QObject):
@@ -75,11 +70,11 @@ class Backend(QObject):
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(list(self._log)[-lines:] + ([self._partial] if self._partial else []))
 
-    def start(self, command: str, args: str, endpoint: str) -> None:
+    def start(self, command: str, args: str, endpoint: str, extra: Sequence[str] = ()) -> None:
         if self._process is not None and self._state in (BackendState.starting, BackendState.running):
             return
         try:
-            program, argv = invocation(command, args, endpoint)
+            program, argv = invocation(command, args, endpoint, extra)
         except ValueError as exc:
             self._set(BackendState.failed, str(exc))
             return

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, Protocol
 
 from krita_sdxl.protocol import Image
+from krita_sdxl.protocol.endpoint import DEFAULT_ENDPOINT, EndpointError, parse_endpoint
 
 from .signals import SignalLike
 
@@ -34,6 +36,34 @@ class CurveKeys:
         if not server_public_key.strip() and not client_secret_file.strip():
             return None
         return cls(server_public_key.strip(), client_secret_file.strip())
+
+
+Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
+KEY_CHARS = 40  # a CURVE public key in Z85 text
+
+
+def settings_problems(endpoint: str, server_public_key: str, client_secret_file: str) -> list[str]:
+    """Why these connection settings cannot work, one line each for the artist ([]: they can be used).
+    An empty endpoint means the default one; empty keys mean a backend on this computer."""
+    problems = []
+    try:
+        parse_endpoint(endpoint.strip() or DEFAULT_ENDPOINT)
+    except EndpointError as exc:
+        problems.append(f"Endpoint: {exc}")
+    key, secret = server_public_key.strip(), client_secret_file.strip()
+    if key and len(key) != KEY_CHARS:
+        problems.append(
+            f"Server key: {len(key)} characters; it is the {KEY_CHARS} between the quotes of public-key in the "
+            "service's server.key"
+        )
+    elif key and not set(key) <= Z85:
+        wrong = "".join(sorted(set(key) - Z85))
+        problems.append(f"Server key: {wrong!r} cannot be in a key (copy the {KEY_CHARS} characters of server.key)")
+    if secret and not key:
+        problems.append("Client key: it needs the server key too (leave both empty for a backend on this computer)")
+    elif secret and not Path(secret).is_file():
+        problems.append(f"Client key: there is no file {secret} (leave it empty: the plugin makes its own)")
+    return problems
 
 
 class Connection(Protocol):

@@ -3,6 +3,7 @@ import here: ``adapters.krita_adapter.KritaAdapter`` implements it in Krita, tes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,15 +25,29 @@ class NotApplied(Exception):
 
 @dataclass
 class Capture:
-    """What the adapter read from the document for one job."""
+    """What the adapter took from the document for one job: where and how (read on the UI thread, at
+    once), and the pixels, read by ``reader`` when the adapter leaves that for later (a 6000x4000 layer
+    takes a third of a second to copy: the workflow runs the reader off the UI thread)."""
 
     plan: RefinePlan
     fmt: PixelFormat
     profile: str
     transfer: str  # "srgb" or "linear"
-    pixels: Any  # buffer, fmt sized over plan.crop
+    pixels: Any | None  # buffer, fmt sized over plan.crop (None until read)
     mask: Any | None  # L8 buffer over plan.crop, or None
     target: Target
+    reader: Callable[[], tuple[Any, Any | None]] | None = None  # (pixels, mask); safe off the UI thread
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the pixels, read or not."""
+        return self.plan.crop.width * self.plan.crop.height * self.fmt.bytes_per_pixel
+
+    def read(self) -> None:
+        """Read the pixels and the mask, unless they are read already (runs on any thread)."""
+        if self.reader is not None:
+            self.pixels, self.mask = self.reader()
+            self.reader = None
 
 
 @dataclass(frozen=True)
@@ -56,4 +71,5 @@ class Adapter(Protocol):
     def apply(self, target: Target, box: Box, fmt: PixelFormat, data: Any, name: str) -> Placed: ...
     def apply_to_active(self, name: str, box: Box, fmt: PixelFormat, data: Any) -> Placed: ...
     def open_as_document(self, name: str, box: Box, fmt: PixelFormat, profile: str, data: Any) -> str: ...
+    def scale_document(self, target: Target, expected: Extent, size: Extent) -> None: ...
     def active_document(self) -> Any: ...

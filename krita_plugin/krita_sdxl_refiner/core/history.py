@@ -51,6 +51,7 @@ class Entry:
     strength: float
     mode: str
     elapsed: float | None = None
+    number: int = 0  # the job's "#3", as in its layer's name
     created: float = field(default_factory=time.time)  # wall clock, for the "14:02" shown
     applied: bool = False  # added to a document at least once
     note: str = ""  # where it went, or why it was kept: for people
@@ -90,6 +91,17 @@ class Entry:
         self.job = None
 
 
+def _same_layer(a: Target, b: Target) -> bool:
+    """Both results come from the same layer of the same document."""
+    return (
+        a.source == b.source == "layer"
+        and a.node_id is not None
+        and a.node_id == b.node_id
+        and a.document is not None
+        and a.document == b.document
+    )
+
+
 class History:
     def __init__(self, budget: int = PIXEL_BUDGET) -> None:
         self._entries: list[Entry] = []  # oldest first
@@ -118,11 +130,14 @@ class History:
     def newest_first(self, keep: Callable[[Entry], bool] = lambda _e: True) -> list[Entry]:
         return [e for e in reversed(self._entries) if keep(e)]
 
-    def layers_of_capture(self, capture_id: str) -> tuple[Any, ...]:
-        """The layers made from one capture, newest first (where "Again" stacks its result)."""
+    def layers_of_source(self, target: Target, capture_id: str) -> tuple[Any, ...]:
+        """The result layers made earlier from the same source, newest first: every result of the same
+        capture (Again, Resubmit) and, for a layer source, every result of that layer in that document.
+        A new result goes directly above the topmost of them that still exists, so three quick Refines
+        stack newest on top, as Again does (the adapter picks the topmost)."""
         ids: list[Any] = []
         for entry in self._entries:
-            if entry.capture_id == capture_id:
+            if entry.capture_id == capture_id or _same_layer(entry.target, target):
                 ids += entry.layer_ids
         return tuple(reversed(ids))
 

@@ -1,5 +1,6 @@
-"""What the host application lends the workflow: timers on its event loop, pictures for the view and the
-CURVE key files (Qt's and zmq's versions are in ``adapters``; the composition root hands them over)."""
+"""What the host application lends the workflow: timers on its event loop, work off its UI thread, pictures
+for the view and the CURVE key files (Qt's and zmq's versions are in ``adapters``; the composition root
+hands them over)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,13 @@ class Timers(Protocol):
 
     def repeat(self, ms: int, fn: Callable[[], Any]) -> Repeating:
         """Call ``fn()`` every ``ms`` milliseconds, from now until the returned timer is stopped."""
+        ...
+
+
+class Background(Protocol):
+    def run(self, work: Callable[[], Any], done: Callable[[Any], Any]) -> None:
+        """Run ``work()`` off the UI thread, then ``done(result)`` on the UI thread (``done(exception)``
+        when ``work`` raised one). ``work`` must not touch the view."""
         ...
 
 

@@ -1,14 +1,18 @@
 """Job records and their state machine. Pure Python.
 
-A job goes waiting (captured, not sent yet: no backend) -> sent (its pixels going up: ``credit``
-events count them) -> queued (``accepted``) ->
+A job goes reading (a large layer's pixels are copied off the UI thread) -> waiting (captured, not
+sent yet: no backend) -> sent (its pixels going up: ``credit`` events count them) -> queued (``accepted``) ->
 running (first ``progress``) -> done / failed / cancelled, or lost (the backend went away with it:
 it keeps its pixels and can be resubmitted). A job keeps the pixels it was captured with until it
 ends; a done job hands them to the results history (:mod:`history`) for "Again with a new seed".
+
+Every job carries its seed from the start: a "Random" seed is drawn here, when the job is made, so a
+resubmitted job runs exactly as it was captured, and a layer's name says its seed before it is sent.
 """
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,11 +24,21 @@ from krita_sdxl.protocol import Image
 
 from .pixelformat import PixelFormat
 from .plan import RefinePlan, layer_name
+from .upscale import UpscaleTarget
+
+RANDOM_SEEDS = 2**32  # a random seed is drawn below this, as the service draws its own
+
+
+def new_seed() -> int:
+    """A random seed for a job whose settings say "Random"."""
+    return random.SystemRandom().randrange(RANDOM_SEEDS)
+
 
 UPLOAD_SHOWN_BYTES = 4 * 1024 * 1024  # smaller uploads are over before a progress bar could mean anything
 
 
 class JobState(str, Enum):
+    reading = "reading"  # its pixels are being read from the document, off the UI thread
     waiting = "waiting"  # captured; sent as soon as the backend is connected
     sent = "sent"
     queued = "queued"
@@ -47,18 +61,20 @@ class JobParams:
     strength: float
     steps: int
     guidance: float
-    seed: int | None  # None: the service picks one
+    seed: int | None  # drawn when the job is made (new_seed) for a "Random" seed; None only for old records
     preview: bool
     denoising_end: float = 0.8  # generate mode: where the base hands over to the refiner
     keep_unmasked: bool = True  # with a mask: hold the unselected area to the source
+    upscale: UpscaleTarget | None = None  # an upscale: the result's size and where it goes (core/upscale.py)
 
 
 @dataclass(frozen=True)
 class Target:
     """Where the result goes. ``document`` and the node ids are opaque to this module (the Krita
     adapter's handles); ``source`` is "layer" (above node ``node_id``) or "canvas" (top of the stack).
-    ``above``: result layers made earlier from the same capture, newest first; a new result goes
-    directly above the first of them that still exists (so "Again" stacks up instead of hiding)."""
+    ``above``: the result layers made earlier from the same source, newest first; set when a result is
+    applied (``History.layers_of_source``): the new layer goes directly above the topmost of them that
+    still exists, so results stack newest on top instead of hiding under older ones."""
 
     document: Any
     node_id: Any
@@ -91,13 +107,18 @@ class Job:
     upload_total: int = 0
     message: str = ""
     elapsed: float | None = None
+    number: int = 0  # "#3" in its layer's name: counts this session's jobs (JobList.add); a resubmission keeps it
     capture_id: str = field(default_factory=new_job_id)  # shared by resubmissions and "Again" of one capture
     created: float = field(default_factory=time.monotonic)
     touched: float = field(default_factory=time.monotonic)  # last event (or send) for this job
 
+    def __post_init__(self) -> None:
+        if self.seed is None:
+            self.seed = self.params.seed
+
     @property
     def layer_name(self) -> str:
-        return layer_name(self.params.mode, self.params.prompt, self.seed)
+        return layer_name(self.number, self.params.mode, self.params.prompt, self.seed)
 
     def submit_fields(self) -> dict[str, Any]:
         """The fields of this job's ``submit`` message (without images)."""
@@ -118,7 +139,20 @@ class Job:
             "transfer": self.transfer,
             "denoising_end": p.denoising_end,
             "keep_unmasked": p.keep_unmasked,
+            **(self._upscale_fields() if p.upscale is not None else {}),
         }
+
+    def _upscale_fields(self) -> dict[str, Any]:
+        """An upscale is a refine of the whole region at the result's size: no work size, no feather."""
+        assert self.params.upscale is not None
+        return {"mode": "refine", "upscale": self.params.upscale.wire(), "work_width": None, "work_height": None,
+                "feather": 0.0}  # fmt: skip
+
+    @property
+    def result_size(self) -> tuple[int, int]:
+        """The size the result comes back at: the crop's, or an upscale's."""
+        up = self.params.upscale
+        return (up.width, up.height) if up is not None else (self.plan.crop.width, self.plan.crop.height)
 
     def on_event(self, msg_type: str, fields: dict[str, Any]) -> bool:
         """Apply one service event for this job. Returns True when the state changed meaningfully."""
@@ -182,8 +216,12 @@ class Job:
         self.message = message
 
     def resubmission(self) -> Job:
-        """A fresh job with the same settings, pixels, plan and target (a new id: the old one is gone)."""
-        return self.rerun(self.params, self.target)
+        """A fresh job with the same settings, seed, pixels, plan, target and number (a new id: the old one
+        is gone)."""
+        params = self.params if self.params.seed is not None else replace(self.params, seed=self.seed)
+        job = self.rerun(params, self.target)
+        job.number = self.number
+        return job
 
     def rerun(self, params: JobParams, target: Target) -> Job:
         """A fresh job from the same captured pixels and plan (same capture), with these settings."""
@@ -199,16 +237,16 @@ class Job:
             capture_id=self.capture_id,
         )
 
-    def again(self, above: tuple[Any, ...]) -> Job:
-        """The same capture once more with a new seed (chosen by the service), placed above ``above``."""
-        return self.rerun(replace(self.params, seed=None), replace(self.target, above=above))
+    def again(self) -> Job:
+        """The same capture once more with a new random seed (and a new number)."""
+        return self.rerun(replace(self.params, seed=new_seed()), self.target)
 
     def fail(self, message: str) -> None:
         self.state = JobState.failed
         self.message = message
         self.images.clear()
 
-    def cancel_locally(self, reason: str = "cancelled before it was sent") -> None:
+    def cancel_locally(self, reason: str = "before it was sent") -> None:
         self.state = JobState.cancelled
         self.message = reason
         self.images.clear()
@@ -216,6 +254,8 @@ class Job:
     @property
     def status_text(self) -> str:
         s = self.state
+        if s is JobState.reading:
+            return "Reading the pixels…"
         if s is JobState.waiting:
             return "Waiting for the backend…"
         if s is JobState.sent:
@@ -234,7 +274,7 @@ class Job:
             return f"Failed: {self.message}"
         if s is JobState.lost:
             return f"Lost: {self.message}. Resubmit to run it again."
-        return f"Cancelled: {self.message}"
+        return "Cancelled" + (f": {self.message}" if self.message not in ("", "cancelled") else "")
 
 
 class JobList:
@@ -243,6 +283,7 @@ class JobList:
     def __init__(self, keep: int = 20) -> None:
         self._jobs: dict[str, Job] = {}
         self._keep = keep
+        self._count = 0  # jobs numbered so far
 
     def __iter__(self) -> Iterator[Job]:
         return iter(list(self._jobs.values()))
@@ -251,6 +292,10 @@ class JobList:
         return len(self._jobs)
 
     def add(self, job: Job) -> Job:
+        """Keep ``job``; one without a number gets the next one."""
+        if job.number <= 0:
+            self._count += 1
+            job.number = self._count
         self._jobs[job.id] = job
         finished = [j for j in self._jobs.values() if j.state.finished]
         for old in finished[: max(0, len(finished) - self._keep)]:
@@ -259,6 +304,10 @@ class JobList:
 
     def get(self, job_id: str | None) -> Job | None:
         return self._jobs.get(job_id) if job_id else None
+
+    def remove(self, job_id: str) -> Job | None:
+        """Forget a job that never became one (its capture was refused)."""
+        return self._jobs.pop(job_id, None)
 
     def unfinished(self) -> list[Job]:
         return [j for j in self._jobs.values() if not j.state.finished]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from krita_sdxl.protocol.geometry import Box, Extent, crop_for_selection, feather_radius, work_size
 
-MODE_LABELS = {"refine": "Refine", "generate": "Generate", "two_stage": "Two-stage"}
+MODE_LABELS = {"refine": "Refine", "generate": "Generate", "two_stage": "Two-stage", "upscale": "Upscale"}
 PROMPT_CHARS_IN_NAME = 30
 
 
@@ -71,12 +71,17 @@ def short_prompt(prompt: str, limit: int = PROMPT_CHARS_IN_NAME) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def layer_name(mode: str, prompt: str, seed: int | None) -> str:
-    """``Refine · a castle at dawn · seed 1234`` (the prompt part is left out when empty)."""
-    parts = [MODE_LABELS.get(mode, mode.capitalize() or "Refine")]
-    text = short_prompt(prompt)
-    if text:
-        parts.append(text)
+def layer_name(number: int, mode: str, prompt: str, seed: int | None) -> str:
+    """``#3 · seed 1234 · a castle at dawn``: what tells results apart comes first, as the Layers docker cuts
+    names at its right edge. The mode is named when it is not Refine (``#4 · seed 9 · Generate · a cat``),
+    and alone when there is no prompt (``#5 · seed 7 · Refine``)."""
+    parts = [f"#{number}"] if number > 0 else []
     if seed is not None:
         parts.append(f"seed {seed}")
+    label = MODE_LABELS.get(mode, mode.capitalize() or "Refine")
+    text = short_prompt(prompt)
+    if mode != "refine" or not text:
+        parts.append(label)
+    if text:
+        parts.append(text)
     return " · ".join(parts)

@@ -4,6 +4,7 @@ the computer's inspection (``adapters.backend`` and ``adapters.setup_probe`` imp
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -13,6 +14,20 @@ from krita_sdxl.backend.setup.plan import pythons
 from krita_sdxl.backend.setup.plan.machine import Machine
 
 from .signals import SignalLike
+
+_PYTHON = re.compile(r"^(python|pythonw|py)(\d+(\.\d+)*)?(\.exe)?$", re.IGNORECASE)
+CLI_MODULE = "krita_sdxl.backend.cli"
+
+
+def is_python(command: str) -> bool:
+    """``python3``, ``/venv/bin/python``, ``C:\\venv\\Scripts\\python.exe``: a Python (whichever the OS)."""
+    return bool(_PYTHON.match(re.split(r"[\\/]", command.strip())[-1]))
+
+
+def cli_program(command: str) -> list[str]:
+    """How to run the krita-sdxl CLI with ``command``: the program itself, or a Python with ``-m``."""
+    command = command.strip()
+    return [command, "-m", CLI_MODULE] if is_python(command) else [command]
 
 
 class BackendState(str, Enum):
@@ -34,7 +49,7 @@ class LocalBackend(Protocol):
     @property
     def detail(self) -> str: ...
     def log_tail(self, lines: int = 30) -> str: ...
-    def start(self, command: str, args: str, endpoint: str) -> None: ...
+    def start(self, command: str, args: str, endpoint: str, extra: Sequence[str] = ()) -> None: ...
     def stop(self) -> None: ...
     def kill(self) -> None: ...
 

@@ -14,6 +14,9 @@ from typing import Any
 
 from krita_sdxl.backend.setup.plan.torch_builds import BUILDS
 from krita_sdxl.protocol.endpoint import DEFAULT_ENDPOINT
+from krita_sdxl.protocol.images import MAX_SIDE
+
+from .upscale import FACTORS, METHODS, PLACES, SIZE, UPSCALE
 
 GROUP = "krita_sdxl"
 
@@ -48,10 +51,25 @@ class Settings:
     setup_folder: str = ""  # Set up: where the backend's environment and log go ("" = in Krita's app data)
     setup_base: bool = False  # Set up: also download the SDXL base
     setup_torch: str = "auto"  # Set up: the PyTorch build (auto = from the GPU found)
+    upscale_factor: str = "2"  # Upscale: 1.5, 2, 3, 4, or "size" (fit in upscale_width x upscale_height)
+    upscale_width: int = 4096
+    upscale_height: int = 4096
+    upscale_strength: float = 0.3  # Upscale: the refine's strength; 0 = the enlargement alone
+    upscale_place: str = "new"  # Upscale: "new" document, or "scale" this document and add the result as a layer
+    upscale_method: str = "auto"  # Upscale: auto, lanczos or model (the backend's upscaler file)
+    upscaler_file: str = ""  # the local backend's upscaler model (serve --upscaler FILE); "" = none
+    live_calls: int = 6  # Live: at most this many UNet calls a job (the steps are capped, the strength kept)
+    live_side: int = 1024  # Live: the work size's long side at most (px); smaller areas run at their own size
+    live_wait_ms: int = 250  # Live: a job starts once the canvas has been still this long
 
     @property
     def random_seed(self) -> bool:
         return self.seed < 0
+
+    @property
+    def strength_key(self) -> str:
+        """The setting the Strength slider shows: an upscale has its own (0 allowed: the enlargement alone)."""
+        return "upscale_strength" if self.mode == UPSCALE else "strength"
 
     def changed(self, **changes: Any) -> Settings:
         """A copy with some values replaced, each parsed and clamped as if read from the store."""
@@ -67,6 +85,19 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "feather_fraction": (0.0, 0.5),
     "padding_fraction": (0.0, 1.0),
     "denoising_end": (0.05, 1.0),
+    "upscale_width": (8, MAX_SIDE),
+    "upscale_height": (8, MAX_SIDE),
+    "upscale_strength": (0.0, 1.0),
+    "live_calls": (1, 20),
+    "live_side": (256, 2048),
+    "live_wait_ms": (0, 5000),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "source": SOURCES,
+    "setup_torch": tuple(BUILDS),
+    "upscale_factor": (*FACTORS, SIZE),
+    "upscale_place": PLACES,
+    "upscale_method": METHODS,
 }
 
 
@@ -108,10 +139,9 @@ def from_strings(read: ReadFn) -> Settings:
             lo, hi = _LIMITS[f.name]
             value = kind(min(max(value, lo), hi))
         values[f.name] = value
-    if values["source"] not in SOURCES:
-        values["source"] = defaults.source
-    if values["setup_torch"] not in BUILDS:
-        values["setup_torch"] = defaults.setup_torch
+    for name, choices in CHOICES.items():
+        if values[name] not in choices:
+            values[name] = getattr(defaults, name)
     if not values["endpoint"].strip():
         values["endpoint"] = defaults.endpoint
     values["endpoint"] = values["endpoint"].strip()

@@ -121,7 +121,7 @@ class ResultRow(_Row):
         self.update_from(entry)
 
     def update_from(self, entry: Entry) -> None:
-        self.title.setText(short_prompt(entry.prompt, 60) or MODE_LABELS.get(entry.mode, entry.mode))
+        self.title.setText(_title(entry.number, entry.prompt, entry.mode))
         when = time.strftime("%H:%M", time.localtime(entry.created))
         seed = "?" if entry.seed is None else str(entry.seed)
         self.detail.setText(f"seed {seed} · strength {entry.strength:.2f}")
@@ -143,7 +143,13 @@ class ResultRow(_Row):
 
 
 def _job_title(job: Job) -> str:
-    return short_prompt(job.params.prompt, 60) or MODE_LABELS.get(job.params.mode, job.params.mode)
+    return _title(job.number, job.params.prompt, job.params.mode)
+
+
+def _title(number: int, prompt: str, mode: str) -> str:
+    """``#3 · a castle at dawn``: the number its layer's name starts with, then the prompt (or the mode)."""
+    text = short_prompt(prompt, 60) or MODE_LABELS.get(mode, mode)
+    return f"#{number} · {text}" if number > 0 else text
 
 
 class HistoryView(QWidget):

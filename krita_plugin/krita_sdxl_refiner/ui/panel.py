@@ -1,6 +1,7 @@
 """The docker's content, top-down in the order an artist works: prompt, strength, mode / source /
-Refine; then what happens (progress, messages, queue and results); one connection line at the
-bottom. Advanced settings fold away; the connection settings live in a dialog (the ⚙ button).
+Run and the job's progress; the folded Advanced settings; then what happened (messages, queue and
+results); one connection line at the bottom. The connection settings live in a dialog (the ⚙ button).
+The content scrolls (:mod:`scroll`), so the docker fits whatever height Krita gives it.
 
 Pure PyQt5 (runs offscreen in tests). Edits go straight to the controller, which persists them.
 Buttons are connected with :func:`slots.on_click` only.
@@ -19,7 +20,6 @@ from PyQt5.QtWidgets import (
     QLabel,
     QPlainTextEdit,
     QPushButton,
-    QSizePolicy,
     QSlider,
     QToolButton,
     QVBoxLayout,
@@ -32,12 +32,18 @@ from ..core.settings import Settings
 from ..workflow.controller import Controller
 from .advanced import AdvancedSettings
 from .history_view import HistoryView
+from .live import LiveBar
+from .scroll import VerticalScroll
 from .settings_dialog import SettingsDialog
 from .slots import on_click
-from .widgets import Collapsible, MessageLog, ProgressLine, describe_backend, state_text, wrap_label
+from .status_line import StatusLine
+from .upscale import UpscaleOptions, strength_range
+from .widgets import Collapsible, MessageLog, ProgressLine, describe_backend, wrap_label
 
 SOURCES = (("Layer", "layer"), ("Image", "canvas"))
 PROMPT_LINES = 3
+RUN = "Run"  # the button: the mode box beside it says what runs (it never repeats "Refine")
+COMBO_CHARS = 5  # the mode and source boxes shrink to this many characters (then elide) in a narrow docker
 
 TIPS = {
     "mode": "Refine: the SDXL refiner redraws details of your pixels, as much as Strength says.\n"
@@ -49,8 +55,8 @@ TIPS = {
     "With a selection, only the selection (plus some context around it) is sent.",
     "strength": "How much to change: 0.1 touches up details, 0.3 refines, 0.6 and more repaints. "
     "Generate mode: 1 paints from scratch.",
-    "refine": "Send the selection (or the whole layer) to the backend; the result comes back as a new layer "
-    "above it (Ctrl+Enter in the prompt does the same)",
+    "refine": "Run the mode chosen at the left on the selection (or the whole layer); the result comes back as "
+    "a new layer above it (Ctrl+Enter in the prompt does the same)",
     "cancel": "Cancel every job in the queue",
     "resubmit": "Run again the jobs the backend lost when it went away or stopped, as they were",
     "settings": "Connection settings: endpoint, keys for a remote backend, the local backend",
@@ -94,7 +100,12 @@ class RefinerPanel(QWidget):
     # --- layout ------------------------------------------------------------------------------
 
     def _build(self) -> None:
-        root = QVBoxLayout(self)
+        content = QWidget()
+        self.scroll = VerticalScroll(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.scroll)
+        root = QVBoxLayout(content)
         root.setContentsMargins(4, 4, 4, 4)
         root.setSpacing(4)
 
@@ -123,7 +134,10 @@ class RefinerPanel(QWidget):
         for text, value in SOURCES:
             self.source.addItem(text, value)
         self.source.setToolTip(TIPS["source"])
-        self.refine_button = QPushButton("Refine")
+        for combo in (self.mode, self.source):
+            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(COMBO_CHARS)
+        self.refine_button = QPushButton(RUN)
         self.refine_button.setToolTip(TIPS["refine"])
         self.refine_button.setDefault(True)
         self.refine_button.setMinimumHeight(self.refine_button.sizeHint().height() + 6)
@@ -135,11 +149,7 @@ class RefinerPanel(QWidget):
         row.addWidget(self.refine_button, 1)
         root.addLayout(row)
 
-        self.advanced = AdvancedSettings(self.controller)
-        self.advanced_section = Collapsible("Advanced", self.advanced)
-        root.addWidget(self.advanced_section)
-
-        row = QHBoxLayout()
+        row = QHBoxLayout()  # right under Run: in a short docker (a laptop) the job's progress still shows
         self.progress = ProgressLine()
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setToolTip(TIPS["cancel"])
@@ -151,6 +161,17 @@ class RefinerPanel(QWidget):
         row.addWidget(self.resubmit_button)
         root.addLayout(row)
 
+        self.upscale = UpscaleOptions(self.controller)  # the Upscale mode's factor, place, method (ui/upscale.py)
+        root.addWidget(self.upscale)
+
+        if self.controller.live is not None:  # live refine (ui/live.py): in Krita, not without a live port
+            self.live = LiveBar(self.controller)
+            root.addWidget(self.live)
+
+        self.advanced = AdvancedSettings(self.controller)
+        self.advanced_section = Collapsible("Advanced", self.advanced)
+        root.addWidget(self.advanced_section)
+
         self.messages = MessageLog(lines=3)
         root.addWidget(self.messages)
 
@@ -158,9 +179,7 @@ class RefinerPanel(QWidget):
         root.addWidget(self.history, 1)
 
         row = QHBoxLayout()
-        self.connection = wrap_label()
-        self.connection.setWordWrap(False)
-        self.connection.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+        self.connection = StatusLine()
         self.backend_button = QPushButton("▶ Start")
         self.settings_button = QToolButton()
         self.settings_button.setText("⚙")
@@ -201,12 +220,11 @@ class RefinerPanel(QWidget):
             self.controller.update_settings(**changes)
 
     def _on_mode(self) -> None:
-        self.refine_button.setText(self.mode.currentText())
         self._set(mode=self.mode.currentData())
 
     def _on_strength(self, value: int) -> None:
         self.strength_value.setText(f"{value / 100:.2f}")
-        self._set(strength=value / 100)
+        self._set(**{self.controller.settings.strength_key: value / 100})  # Upscale has its own
 
     def _toggle_backend(self) -> None:
         if self.controller.backend.state.value in ("starting", "running"):
@@ -214,18 +232,17 @@ class RefinerPanel(QWidget):
         elif self._needs_setup():
             self.open_settings()
         else:
-            self.dialog.start_backend()
+            self.controller.start_backend()
 
     def _needs_setup(self) -> bool:
-        """Nothing to start yet: the command (as typed in ⚙, or saved) is the default one, which is not
-        installed on this computer, and no setup was made."""
-        command = self.dialog.backend_command.text().strip() or self.controller.settings.backend_command
+        """Nothing to start yet: the command (as saved in ⚙) is the default one, which is not installed
+        on this computer, and no setup was made."""
+        command = self.controller.settings.backend_command
         default = Settings().backend_command
         return command == default and not self.controller.setup.set_up and shutil.which(default) is None
 
     def open_settings(self) -> None:
-        self.dialog.show()
-        self.dialog.raise_()
+        self.dialog.open_dialog()
 
     def document_changed(self) -> None:
         """The view shown in Krita changed: show that document's results."""
@@ -237,25 +254,28 @@ class RefinerPanel(QWidget):
         self._loading = True
         try:
             _select_data(self.mode, s.mode)
-            self.refine_button.setText(self.mode.currentText())
             _select_data(self.source, s.source)
             if self.prompt.toPlainText() != s.prompt:
                 self.prompt.setPlainText(s.prompt)
-            self.strength.setValue(round(s.strength * 100))
-            self.strength_value.setText(f"{s.strength:.2f}")
+            strength = getattr(s, s.strength_key)
+            self.strength.setRange(*strength_range(s.mode))
+            self.strength.setValue(round(strength * 100))
+            self.strength_value.setText(f"{strength:.2f}")
         finally:
             self._loading = False
+        self.upscale.show_settings(s)
         self.advanced.show_settings(s)
         self.dialog.show_settings(s)
         self._update_backend_button()  # "Set up…" until a backend command is set
 
     def _on_connection(self, state: str, detail: str) -> None:
         self._connection = (state, detail)
-        caps = self.controller.client.capabilities if state == "connected" else {}
+        connected = state == "connected"
+        caps = self.controller.client.capabilities if connected else {}
         short = _short_backend(caps) if caps else detail
-        self.connection.setText(state_text(state, short))
-        self.connection.setToolTip(f"{state}: {detail}")
-        self.dialog.show_connection(state, detail, describe_backend(self.controller.client.server, caps))
+        backend = describe_backend(self.controller.client.server, caps) if connected else ""
+        self.connection.show_state(state, short, "\n".join(t for t in (f"{state}: {detail}", backend) if t))
+        self.dialog.show_connection(state, detail, backend)
         self._update_backend_button()
 
     def _on_capabilities(self, server: str, caps: dict) -> None:
@@ -266,7 +286,10 @@ class RefinerPanel(QWidget):
             item = model.item(row)
             ok = self.mode.itemData(row) in supported
             item.setEnabled(ok)
-            item.setToolTip("" if ok else "This backend has no base model for this mode")
+            upscale = self.mode.itemData(row) == "upscale"
+            why = "This backend cannot upscale: update it" if upscale else "This backend has no base model for it"
+            item.setToolTip("" if ok else why)
+        self.upscale.show_capabilities(caps)
         if self.mode.currentData() not in supported and "refine" in supported:
             _select_data(self.mode, "refine")
 

@@ -1,7 +1,9 @@
 """The connection dialog's "Set up a local backend" section: folder, options, the plan (what it will do
 and download), Check / Set up (Update) / Repair / Cancel, each step's state, progress and the log.
 
-Nothing runs before a click: Check only looks at the computer; Set up shows the same plan first.
+Nothing runs before a click: Check only looks at the computer; Set up shows the same plan first. The
+folder and options are saved with the dialog's OK (or when Set up / Repair runs with them); Check uses
+them as typed and saves nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from PyQt5.QtWidgets import (
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
-    QTextBrowser,
     QWidget,
 )
 
@@ -28,6 +29,7 @@ from krita_sdxl.backend.setup.plan import hub, torch_builds
 from krita_sdxl.backend.setup.plan.space import human
 
 from ..workflow.controller import Controller
+from .fit_text import FittingText
 from .slots import on_click
 from .widgets import ElidedLabel, wrap_label
 
@@ -58,9 +60,7 @@ class SetupView(QGroupBox):
             self.torch.addItem(BUILD_LABELS.get(build, build), build)
         self.torch.setToolTip("Which PyTorch build to install; Automatic reads the NVIDIA driver (nvidia-smi) or ROCm")
         form.addRow("PyTorch", self.torch)
-        self.plan = QTextBrowser()  # the plan is long: it scrolls in a box of its own
-        self.plan.setFixedHeight(170)
-        self.plan.setOpenLinks(False)
+        self.plan = FittingText()  # every line shown, the totals last: the dialog scrolls, not the plan
         form.addRow(self.plan)
         self.steps = wrap_label()
         form.addRow(self.steps)
@@ -78,7 +78,9 @@ class SetupView(QGroupBox):
         self.check_button.setToolTip("Look at this computer and show what Set up will do and download")
         self.run_button = QPushButton("Set up")
         self.repair_button = QPushButton("Repair")
-        self.repair_button.setToolTip("Run every step again (packages reinstalled, every model file verified)")
+        self.repair_button.setToolTip(
+            "Run every step again (packages reinstalled, every model file verified); once something is set up"
+        )
         self.cancel_button = QPushButton("Cancel")
         self.log_button = QPushButton("Show log")
         self.log_button.setCheckable(True)
@@ -105,9 +107,9 @@ class SetupView(QGroupBox):
         on_click(self.repair_button.clicked, lambda: self.start("repair"))
         on_click(self.cancel_button.clicked, self.runner.cancel)
         on_click(self.log_button.clicked, self._toggle_log)
-        self.folder.editingFinished.connect(self._save)
-        self.base.toggled.connect(lambda _on: self._save())
-        self.torch.currentIndexChanged.connect(lambda _i: self._save())
+        self.folder.editingFinished.connect(self._configure)
+        self.base.toggled.connect(lambda _on: self._configure())
+        self.torch.currentIndexChanged.connect(lambda _i: self._configure())
         self.runner.changed.connect(self.refresh)
         self.runner.output.connect(self._on_output)
 
@@ -124,26 +126,31 @@ class SetupView(QGroupBox):
         self.torch.setCurrentIndex(max(index, 0))
         self.runner.configure(self.chosen_folder(), s.setup_base, s.setup_torch)
 
-    def _save(self) -> None:
-        folder = self.chosen_folder()
-        self.controller.update_settings(setup_folder=str(folder), setup_base=self.base.isChecked(),
-                                        setup_torch=self.torch.currentData())  # fmt: skip
-        self.runner.configure(folder, self.base.isChecked(), self.torch.currentData())
+    def choices(self) -> dict[str, object]:
+        """The folder and options as shown, as settings (saved by the dialog's OK)."""
+        return {"setup_folder": str(self.chosen_folder()), "setup_base": self.base.isChecked(),
+                "setup_torch": self.torch.currentData()}  # fmt: skip
+
+    def _configure(self) -> None:
+        """The runner works with what is shown (Check, and whether this folder is set up); nothing is saved."""
+        self.runner.configure(self.chosen_folder(), self.base.isChecked(), self.torch.currentData())
 
     def _browse(self) -> None:
         chosen = QFileDialog.getExistingDirectory(self, "Folder for the local backend", str(self.chosen_folder()))
         if chosen:
             self.folder.setText(chosen)
-            self._save()
+            self._configure()
 
     # --- actions ----------------------------------------------------------------------------------
 
     def check(self) -> None:
-        self._save()
+        self._configure()
         self.runner.check()
 
     def start(self, mode: str) -> None:
-        self._save()
+        """Set up / Update / Repair: they write into the folder, so its choice is saved now."""
+        self._configure()
+        self.controller.update_settings(**self.choices())
         if self.log.isVisible():
             self.log.clear()
         self.runner.run(mode)
@@ -165,8 +172,9 @@ class SetupView(QGroupBox):
     def refresh(self) -> None:
         r = self.runner
         busy = r.busy
-        for widget in (self.folder, self.browse, self.base, self.torch, self.check_button, self.repair_button):
+        for widget in (self.folder, self.browse, self.base, self.torch, self.check_button):
             widget.setEnabled(not busy)
+        self.repair_button.setEnabled(not busy and r.started)  # nothing to repair before a step is done
         self.run_button.setEnabled(not busy and r.phase != "blocked")
         self.cancel_button.setEnabled(busy)
         self.run_button.setText("Update" if r.set_up else "Set up")
@@ -189,16 +197,17 @@ class SetupView(QGroupBox):
     def _show_steps(self) -> None:
         r = self.runner
         if r.plan is None or r.phase in ("idle", "checking", "ready", "blocked"):
-            self.steps.setText("")
+            _show(self.steps, "")
             return
         lines = [f"{MARKS.get(r.status.get(s.key, ''), ' ')} {_html(s.title)}" for s in r.plan.steps]
         lines += [f"<span style='color:#d7a000'>⚠ {_html(w)}</span>" for w in r.warnings[len(r.plan.warnings) :]]
-        self.steps.setText("<br>".join(lines))
+        _show(self.steps, "<br>".join(lines))
 
     def _show_progress(self) -> None:
         r = self.runner
         self.bar.setVisible(r.busy)
         self.detail.setText(r.detail if r.busy else "")
+        self.detail.setVisible(r.busy)  # an empty row still takes a line: no gap under the plan
         if r.progress is not None and r.progress[1] > 0:
             done, total = r.progress
             self.bar.setRange(0, max(1, total // MB))
@@ -217,7 +226,13 @@ class SetupView(QGroupBox):
             text, color = mismatch, "#d7a000"
         else:
             text, color = "", ""
-        self.message.setText(f"<span style='color:{color}'>{_html(text)}</span>" if text else "")
+        _show(self.message, f"<span style='color:{color}'>{_html(text)}</span>" if text else "")
+
+
+def _show(label: QWidget, html: str) -> None:
+    """A label shown with its text, or hidden when it has none (an empty row would leave a gap)."""
+    label.setText(html)  # type: ignore[attr-defined]
+    label.setVisible(bool(html))
 
 
 def _html(text: str) -> str:

@@ -166,12 +166,12 @@ def state_text(state: str, detail: str = "") -> str:
     """Rich text: a coloured dot, the state and its detail."""
     color = STATE_COLORS.get(state, "#888888")
     dot = f'<span style="color:{color}">●</span>'
-    return f"{dot} {_escape(state)}" + (f" — {_escape(detail)}" if detail and detail != state else "")
+    return f"{dot} {escape(state)}" + (f" — {escape(detail)}" if detail and detail != state else "")
 
 
 def notice_html(text: str, level: str) -> str:
     color = LEVEL_COLORS.get(level, "")
-    return f'<span style="color:{color}">{_escape(text)}</span>' if color else _escape(text)
+    return f'<span style="color:{color}">{escape(text)}</span>' if color else escape(text)
 
 
 def format_bytes(value: Any) -> str:
@@ -213,7 +213,7 @@ def describe_backend(server: str, caps: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _escape(text: str) -> str:
+def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 

@@ -10,11 +10,14 @@ Every public method a button calls takes no arguments or a job/entry id, and is 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from krita_sdxl.backend.setup.plan import mismatch
+from krita_sdxl.backend.setup.plan.upscalers import MODELS_FOLDER
 from krita_sdxl.protocol import Image, ImageSpec, Message, ProtocolError
+from krita_sdxl.protocol.authorize import authorize_command
 from krita_sdxl.protocol.geometry import Box, Extent
 from krita_sdxl.protocol.policy import paints_from_noise
 
@@ -23,15 +26,19 @@ from ..core.connection import Connection, ConnectionState, CurveKeys
 from ..core.document import Adapter, AdapterError, Capture, NotApplied, Placed
 from ..core.guard import guarded
 from ..core.history import THUMBNAIL_SIDE, Entry, History
-from ..core.host import KeyFiles, Pictures, Repeating, Timers
-from ..core.jobs import Job, JobList, JobParams, JobState, new_job_id, status_job_ids
+from ..core.host import Background, KeyFiles, Pictures, Repeating, Timers
+from ..core.jobs import Job, JobList, JobParams, JobState, new_job_id, new_seed, status_job_ids
 from ..core.pixelformat import UnsupportedFormat, any_visible
-from ..core.plan import NothingToRefine, RefinePlan, nothing_visible, plan_refine
+from ..core.plan import NothingToRefine, RefinePlan, plan_refine
 from ..core.processes import LocalBackend, Processes
 from ..core.settings import Settings
 from ..core.signals import Signal
 from ..core.thumbs import rgba8_thumbnail
+from ..core.upscale import UPSCALE, UpscaleProblem
+from . import upscale
+from .capture import read_checked, reads_at_once
 from .setup_runner import SetupRunner
+from .upscaler_download import UpscalerDownload
 
 STATUS_AFTER_SILENCE = 15.0  # seconds without news of a job in the service before asking for status
 WATCH_MS = 5000  # how often jobs in the service are checked for silence
@@ -60,6 +67,7 @@ class Controller:
         pictures: Pictures,
         keys: KeyFiles,
         app_data: Path,
+        background: Background,
     ) -> None:
         self.adapter = adapter
         self.settings = settings_mod.load(adapter.read_setting)
@@ -67,6 +75,7 @@ class Controller:
         self.history = History()
         self.last_seed: int | None = None
         self.timers, self.pictures, self.keys, self.app_data = timers, pictures, keys, Path(app_data)
+        self.background = background
         self.client = client
         self.client.state_changed.connect(self.connection_changed)
         self.client.welcomed.connect(self._on_welcome)
@@ -79,9 +88,12 @@ class Controller:
         self.setup = SetupRunner(self.backend, self._start_set_up_backend, processes, timers, self.app_data)
         s = self.settings
         self.setup.configure(self.setup.folder_of(s.setup_folder), s.setup_base, s.setup_torch)
+        self.upscaler_download = UpscalerDownload(processes, lambda: self.setup.env)  # ⚙: Download upscaler
+        self.upscaler_download.finished.connect(self._on_upscaler_downloaded)
         self.backend_mismatch: str | None = None  # the connected backend is not this plugin's version
         self._status_pending: set[str] | None = None
         self._watch: Repeating | None = None
+        self.live: Any = None  # live refine (workflow/live.py), attached by the composition root when Krita has it
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -91,6 +103,8 @@ class Controller:
             self._watch = self.timers.repeat(WATCH_MS, self._check_silent_jobs)
 
     def shutdown(self) -> None:
+        if self.live is not None:
+            self.live.shutdown()
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
@@ -120,11 +134,17 @@ class Controller:
             return s
         secret = self.keys.ensure_client_keys(self.app_data / KEYS_FOLDER)
         self.notice.emit(
-            "Created this computer's key pair. On the backend machine run: krita-sdxl authorize "
-            f"{self.keys.public_key_text(secret)} --dir AUTHORIZED_KEYS_FOLDER",
+            "Created this computer's key pair. On the backend machine run: "
+            + authorize_command(self.keys.public_key_text(secret)),
             "info",
         )
         return s.changed(client_secret_key=str(secret))
+
+    def authorize_line(self) -> str:
+        """The shell line that authorizes this computer's key on the backend machine ("" without keys)."""
+        secret = self.settings.client_secret_key.strip()
+        public = self.keys.public_key_text(secret) if secret and self.settings.server_public_key.strip() else ""
+        return authorize_command(public) if public else ""
 
     @property
     def backend_tiles_large_images(self) -> bool:
@@ -134,19 +154,24 @@ class Controller:
 
     @property
     def supported_modes(self) -> list[str]:
-        modes = self.client.capabilities.get("modes") if self.client.capabilities else None
-        return [m for m in modes if isinstance(m, str)] if isinstance(modes, list) else ["refine"]
+        caps = self.client.capabilities or {}
+        modes = caps.get("modes")
+        known = [m for m in modes if isinstance(m, str)] if isinstance(modes, list) else ["refine"]
+        return known + ([UPSCALE] if isinstance(caps.get("upscale"), dict) else [])  # core/upscale.py
 
     # --- jobs --------------------------------------------------------------------------------
 
     @guarded
     def refine(self) -> Job | None:
-        """Capture the active document and submit (or queue until connected). Never raises."""
+        """Capture the active document and submit (or queue until connected). A large layer's pixels are
+        read off the UI thread: its job shows "Reading the pixels…" meanwhile. Never raises."""
         s = self.settings
         if self.client.capabilities and s.mode not in self.supported_modes:
             self.notice.emit(f"The backend does not support the {s.mode!r} mode.", "error")
             return None
 
+        if s.mode == UPSCALE:
+            return self._upscale(s)
         from_noise = paints_from_noise(s.mode, s.strength)
 
         def planner(canvas: Extent, source_bounds: Box, selection: Box | None) -> RefinePlan:
@@ -169,17 +194,56 @@ class Controller:
         except Exception as exc:  # a Krita surprise must never become a modal error dialog
             self.notice.emit(f"Could not read the document: {type(exc).__name__}: {exc}", "error")
             return None
-        if not from_noise and not any_visible(capture.fmt, capture.pixels, capture.mask):
-            target = capture.target
-            self.notice.emit(nothing_visible(target.source, target.description, capture.mask is not None), "error")
+        if reads_at_once(capture):
+            try:
+                read_checked(capture, from_noise)
+            except Exception as exc:
+                self.notice.emit(_unread(exc), "error")
+                return None
+            return self._submit(self._make_job(s, capture))
+        job = self.jobs.add(self._make_job(s, capture))
+        self.jobs_changed.emit()
+        self.background.run(lambda: read_checked(capture, from_noise), lambda read: self._on_read(job, read))
+        return job
+
+    @guarded
+    def _on_read(self, job: Job, read: Capture | BaseException) -> None:
+        """A large capture's pixels, read off the UI thread (or why not): the job goes on as any other."""
+        if job.state is not JobState.reading:
+            return  # cancelled meanwhile: the pixels go
+        if isinstance(read, BaseException):
+            self.jobs.remove(job.id)  # refused: as if it had been refused at the click
+            self.notice.emit(_unread(read), "error")
+            self.jobs_changed.emit()
+            return
+        job.images = _images(read)
+        job.state = JobState.waiting
+        self._submit(job)
+
+    def _upscale(self, s: Settings) -> Job | None:
+        """The Upscale mode (workflow/upscale.py): the region, the result's size, then as any job."""
+        try:
+            capture, target = upscale.capture(self.adapter, s)
+        except (UnsupportedFormat, NothingToRefine, UpscaleProblem, AdapterError) as exc:
+            self.notice.emit(str(exc), "error")
             return None
-        return self._submit(self._make_job(s, capture))
+        except Exception as exc:  # a Krita surprise must never become a modal error dialog
+            self.notice.emit(f"Could not read the document: {type(exc).__name__}: {exc}", "error")
+            return None
+        try:
+            capture.read()  # on the UI thread: the off-thread read of workflow/capture.py serves Refine alone
+        except AdapterError as exc:
+            self.notice.emit(str(exc), "error")
+            return None
+        if not any_visible(capture.fmt, capture.pixels, None):
+            self.notice.emit(f"Nothing to upscale: {capture.target.description} is fully transparent there. "
+                             "Nothing was sent.", "error")  # fmt: skip
+            return None
+        job = self._make_job(s, capture)
+        job.params = replace(job.params, mode=UPSCALE, strength=s.upscale_strength, upscale=target)
+        return self._submit(job)
 
     def _make_job(self, s: Settings, capture: Capture) -> Job:
-        crop = capture.plan.crop
-        images = {"image": Image(capture.fmt.spec(crop.width, crop.height), capture.pixels)}
-        if capture.mask is not None:
-            images["mask"] = Image(ImageSpec(crop.width, crop.height, "L", 8, "uint"), capture.mask)
         params = JobParams(
             mode=s.mode,
             prompt=s.prompt,
@@ -187,7 +251,7 @@ class Controller:
             strength=s.strength,
             steps=s.steps,
             guidance=s.guidance,
-            seed=None if s.random_seed else s.seed,
+            seed=new_seed() if s.random_seed else s.seed,  # drawn now: a resubmission runs with it too
             preview=s.preview,
             denoising_end=s.denoising_end,
             keep_unmasked=s.keep_unmasked,
@@ -200,7 +264,8 @@ class Controller:
             capture.target,
             transfer=capture.transfer,
             profile=capture.profile,
-            images=images,
+            images=_images(capture) if capture.reader is None else {},
+            state=JobState.waiting if capture.reader is None else JobState.reading,
         )
 
     def _submit(self, job: Job) -> Job:
@@ -241,13 +306,17 @@ class Controller:
             return
         if job.state is JobState.lost:
             job.cancel_locally("dropped")
+            self.notice.emit(f"Dropped: “{job.layer_name}” (lost by the backend) will not be resubmitted.", "info")
         elif not job.state.finished:
             self._cancel(job)
         self.jobs_changed.emit()
 
     def _cancel(self, job: Job) -> None:
-        if job.state is JobState.waiting:
+        """A job not sent yet ends here; one in the service is asked to stop (its ``cancelled`` event
+        ends it, with a line in the message log)."""
+        if job.state in (JobState.reading, JobState.waiting):
             job.cancel_locally()
+            self.notice.emit(f"Cancelled: “{job.layer_name}” before it was sent.", "info")
         elif self.client.is_connected:
             self.client.send("cancel", job=job.id)
 
@@ -276,6 +345,8 @@ class Controller:
         if self.backend_mismatch:
             self.notice.emit(self.backend_mismatch, "warning")
         self.capabilities_changed.emit(server, capabilities)
+        if self.live is not None:
+            self.live.on_welcome()
         for job in self.jobs.waiting():
             self._send(job)
         if self.jobs.in_service():
@@ -286,6 +357,8 @@ class Controller:
     def _on_message(self, msg: Message) -> None:
         if msg.type == "status":
             self._reconcile(msg.fields)
+            return
+        if self.live is not None and self.live.handles(msg):
             return
         job = self.jobs.get(msg.job)
         if job is None:
@@ -308,11 +381,13 @@ class Controller:
             self.notice.emit(job.status_text, "error")
         elif msg.type == "cancelled" and job.state is JobState.lost:
             self.notice.emit(job.status_text, "warning")
+        elif msg.type == "cancelled":
+            self.notice.emit(f"Cancelled: “{job.layer_name}”{_at_step(job)}.", "info")
         self.jobs_changed.emit()
 
     def _on_result(self, job: Job, image: Image) -> None:
-        crop = job.plan.crop
-        expected = job.fmt.spec(crop.width, crop.height)
+        crop = job.plan.crop if job.params.upscale is None else job.params.upscale.box
+        expected = job.fmt.spec(*job.result_size)
         if image.spec != expected:
             job.fail(f"the backend returned {image.spec}, expected {expected}")
             self.notice.emit(job.status_text, "error")
@@ -321,6 +396,7 @@ class Controller:
         entry = Entry(
             id=job.id,
             name=job.layer_name,
+            number=job.number,
             job=job,
             box=crop,
             fmt=job.fmt,
@@ -333,8 +409,12 @@ class Controller:
             mode=p.mode,
             elapsed=job.elapsed,
         )
+        target = replace(job.target, above=self.history.layers_of_source(job.target, job.capture_id))
         try:
-            self._placed(entry, self.adapter.apply(job.target, crop, job.fmt, image.data, job.layer_name))
+            if job.params.upscale is not None:
+                self._upscaled(entry, upscale.place(self.adapter, job, image.data))
+            else:
+                self._placed(entry, self.adapter.apply(target, crop, job.fmt, image.data, job.layer_name))
         except NotApplied as exc:
             entry.note = f"not applied: {exc}"
             self.notice.emit(
@@ -345,9 +425,24 @@ class Controller:
         except Exception as exc:
             entry.note = f"not applied: {type(exc).__name__}: {exc}"
             self.notice.emit(f"“{entry.name}” is kept in the history; applying it failed: {exc}", "error")
-        self._thumbnail(entry, job.transfer)
+        self.keep_result(entry, job.transfer)
+
+    def keep_result(self, entry: Entry, transfer: str, placed: Placed | None = None) -> None:
+        """Add a result to the history (with its thumbnail), noting the layer it became, if any."""
+        if placed is not None:
+            self._placed(entry, placed)
+        self._thumbnail(entry, transfer)
         self.history.add(entry)
         self.history_changed.emit()
+
+    def _upscaled(self, entry: Entry, where: Placed | str) -> None:
+        if isinstance(where, Placed):  # "Scale this document": scaled, the result as a layer
+            self._placed(entry, where)
+            return
+        entry.applied, entry.note = True, f"opened as {where}"
+        target = entry.job.params.upscale if entry.job is not None else None
+        size = f" ({upscale.described(target)})" if target is not None else ""
+        self.notice.emit(f"Opened “{entry.name}” as the new document {where}{size}.", "info")
 
     def _placed(self, entry: Entry, placed: Placed, own_document: bool = True) -> None:
         entry.applied = True
@@ -423,12 +518,12 @@ class Controller:
     @guarded
     def again(self, entry_id: str) -> Job | None:
         """Run the job of a history entry once more with a new seed, from the pixels it was captured
-        with (not the layer that is active now), its result placed above the earlier ones."""
+        with (not the layer that is active now); its result goes above the earlier ones, as every result."""
         entry = self.history.get(entry_id)
         if entry is None or entry.job is None or not entry.can_again:
             self.notice.emit("The source pixels of this result were dropped to save memory.", "warning")
             return None
-        return self._submit(entry.job.again(self.history.layers_of_capture(entry.capture_id)))
+        return self._submit(entry.job.again())
 
     def _entry_with_pixels(self, entry_id: str) -> Entry | None:
         entry = self.history.get(entry_id)
@@ -456,16 +551,52 @@ class Controller:
     @guarded
     def start_backend(self) -> None:
         s = self.settings
-        self.backend.start(s.backend_command, s.backend_args, s.endpoint)
+        extra = ["--upscaler", s.upscaler_file] if s.upscaler_file and "--upscaler" not in s.backend_args else []
+        self.backend.start(s.backend_command, s.backend_args, s.endpoint, extra)
 
     @guarded
     def stop_backend(self) -> None:
         self.backend.stop()
 
+    @guarded
+    def download_upscaler(self) -> None:
+        """Fetch the upscaler model into the models folder with the local backend's command (a click in ⚙)."""
+        self.upscaler_download.start(self.settings.backend_command, self.setup.folder / MODELS_FOLDER)
+
+    @guarded
+    def _on_upscaler_downloaded(self, ok: bool, message: str) -> None:
+        if ok and self.upscaler_download.path is not None:
+            self.update_settings(upscaler_file=str(self.upscaler_download.path))
+            running = self.backend.state.value in ("starting", "running")
+            message += " Restart the local backend (■ Stop, ▶ Start) to use it." if running else (
+                " The local backend uses it from its next start.")  # fmt: skip
+        self.notice.emit(message, "info" if ok else "error")
+
     def _start_set_up_backend(self, python: str) -> None:
         """The setup's last step: its environment's Python serves as the local backend from now on."""
         self.update_settings(backend_command=python, backend_args="serve")
         self.start_backend()
+
+
+def _unread(exc: BaseException) -> str:
+    """Why a capture's pixels were not sent, for the message log."""
+    if isinstance(exc, (NothingToRefine, AdapterError)):
+        return str(exc)
+    return f"Could not read the document: {type(exc).__name__}: {exc}"
+
+
+def _images(capture: Capture) -> dict[str, Image]:
+    """A capture's frames: the pixels, and the selection's mask."""
+    crop = capture.plan.crop
+    images = {"image": Image(capture.fmt.spec(crop.width, crop.height), capture.pixels)}
+    if capture.mask is not None:
+        images["mask"] = Image(ImageSpec(crop.width, crop.height, "L", 8, "uint"), capture.mask)
+    return images
+
+
+def _at_step(job: Job) -> str:
+    """`` at step 3/15`` for a job that had started, else nothing."""
+    return f" at step {job.step}/{job.total}" if job.step and job.total else ""
 
 
 def curve_of(s: Settings) -> CurveKeys | None:

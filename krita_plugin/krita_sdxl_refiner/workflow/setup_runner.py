@@ -78,6 +78,7 @@ class SetupRunner:
         self._venv_existed = True
         self._log: TextIO | None = None
         self._set_up = False
+        self._started = False
         self._shown_at = 0.0
 
     # --- public -------------------------------------------------------------------------------
@@ -104,11 +105,16 @@ class SetupRunner:
         """The folder holds a finished setup (read when the folder is set and after a run)."""
         return self._set_up
 
+    @property
+    def started(self) -> bool:
+        """The folder holds at least one finished step (something for Repair to redo)."""
+        return self._started
+
     def configure(self, folder: Path, include_base: bool, torch_build: str) -> None:
         if self.busy:
             return
         self.folder, self.include_base, self.torch_build = Path(folder), include_base, torch_build
-        self._set_up = steps.is_set_up(self.folder)
+        self._set_up, self._started = steps.is_set_up(self.folder), bool(steps.read_state(self.folder))
         if self.facts is not None:
             self._make_plan("install")
         self.changed.emit()  # another folder may be set up already: Update instead of Set up
@@ -344,7 +350,7 @@ class SetupRunner:
 
     def _end(self, ok: bool, message: str, phase: str = "done") -> None:
         self.phase, self.message, self.progress = phase, message, None
-        self._set_up = steps.is_set_up(self.folder)
+        self._set_up, self._started = steps.is_set_up(self.folder), bool(steps.read_state(self.folder))
         self._step, self._todo, self._commands = None, [], []
         self._say(message)
         if self._log is not None:
