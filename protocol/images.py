@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BAD_FIELD, MISSING_FIELD, ProtocolError
+from .errors import BAD_FIELD, MISSING_FIELD, ProtocolError, clip, shown
 
 ORDERS = ("RGBA", "BGRA", "RGB", "BGR", "L")  # "L": one channel (masks)
 DEPTHS = (8, 16, 32)  # bits per channel, little-endian
@@ -52,20 +52,7 @@ class ImageSpec:
     @classmethod
     def from_wire(cls, value: Any, field: str) -> ImageSpec:
         """Validate a header's image description; errors name ``field.key``."""
-        if not isinstance(value, dict):
-            raise ProtocolError(BAD_FIELD, f"{field} must be a map with width, height, order, depth", field)
-        unknown = set(value) - {"width", "height", "order", "depth", "sample"}
-        if unknown:
-            name = sorted(map(str, unknown))[0]
-            raise ProtocolError(BAD_FIELD, f"unknown field {field}.{name}", f"{field}.{name}")
-        for key in ("width", "height"):
-            if key not in value:
-                raise ProtocolError(MISSING_FIELD, f"{field}.{key} is required", f"{field}.{key}")
-            v = value[key]
-            if type(v) is not int or not 1 <= v <= MAX_SIDE:
-                raise ProtocolError(
-                    BAD_FIELD, f"{field}.{key} must be an integer from 1 to {MAX_SIDE}, got {v!r}", f"{field}.{key}"
-                )
+        check_size_map(value, field, {"width", "height", "order", "depth", "sample"}, "width, height, order, depth")
         order = value.get("order", "RGBA")
         if order not in ORDERS:
             raise ProtocolError(
@@ -97,3 +84,22 @@ class Image:
         n = memoryview(self.data).nbytes
         if n != self.spec.byte_length:
             raise ValueError(f"pixel buffer holds {n} bytes, spec {self.spec} needs {self.spec.byte_length}")
+
+
+def check_size_map(value: Any, field: str, allowed: set[str], what: str) -> None:
+    """A header map with ``width`` and ``height`` (integers from 1 to ``MAX_SIDE``) and no key beyond
+    ``allowed`` (an image's description, an upscale's size); errors name ``field.key``."""
+    if not isinstance(value, dict):
+        raise ProtocolError(BAD_FIELD, f"{field} must be a map with {what}", field)
+    unknown = set(value) - allowed
+    if unknown:
+        name = sorted(map(str, unknown))[0]
+        raise ProtocolError(BAD_FIELD, f"unknown field {field}.{clip(name, 60)}", f"{field}.{name}")
+    for key in ("width", "height"):
+        if key not in value:
+            raise ProtocolError(MISSING_FIELD, f"{field}.{key} is required", f"{field}.{key}")
+        v = value[key]
+        if type(v) is not int or not 1 <= v <= MAX_SIDE:
+            raise ProtocolError(
+                BAD_FIELD, f"{field}.{key} must be an integer from 1 to {MAX_SIDE}, got {shown(v)}", f"{field}.{key}"
+            )

@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BAD_FIELD, MISSING_FIELD, ProtocolError, clip, shown
-from .images import MAX_SIDE
+from .errors import BAD_FIELD, ProtocolError, shown
+from .images import MAX_SIDE, check_size_map
 from .policy import StepPlan, plan_img2img
 
 METHODS = ("auto", "lanczos", "model")  # auto: the service's upscaler model if it has one, else Lanczos
@@ -42,22 +42,7 @@ class UpscaleSpec:
     @classmethod
     def from_wire(cls, value: Any, field: str) -> UpscaleSpec:
         """Validate ``submit.upscale``; errors name ``field.key``."""
-        if not isinstance(value, dict):
-            raise ProtocolError(BAD_FIELD, f"{field} must be a map with width and height (the result's size)", field)
-        unknown = set(value) - {"width", "height", "method"}
-        if unknown:
-            name = sorted(map(str, unknown))[0]
-            raise ProtocolError(BAD_FIELD, f"unknown field {field}.{clip(name, 60)}", f"{field}.{name}")
-        for key in ("width", "height"):
-            if key not in value:
-                raise ProtocolError(MISSING_FIELD, f"{field}.{key} is required", f"{field}.{key}")
-            v = value[key]
-            if type(v) is not int or not 1 <= v <= MAX_SIDE:
-                raise ProtocolError(
-                    BAD_FIELD,
-                    f"{field}.{key} must be an integer from 1 to {MAX_SIDE}, got {shown(v)}",
-                    f"{field}.{key}",
-                )
+        check_size_map(value, field, {"width", "height", "method"}, "width and height (the result's size)")
         method = value.get("method", DEFAULT_METHOD)
         if method not in METHODS:
             raise ProtocolError(

@@ -231,12 +231,7 @@ class JobQueue:
         Raises QueueFull (a budget), KeyError (the owner already has this job id), RuntimeError (closed).
         """
         with self._lock:
-            if self._closed:
-                raise RuntimeError("queue is closed")
-            if self._find(job.key) is not None:
-                raise KeyError(job.key)
-            self._check_client(job)
-            drop = self._make_room(job)
+            drop = self._take_in(job)
             account = job.owner.account
             touched = {account} | {victim.owner.account for victim in drop}
             saved_ring = deque(self._ring)
@@ -265,16 +260,21 @@ class JobQueue:
         """Take a job whose pixels are still to arrive: its budgets are checked (and others' queued jobs
         dropped to make room, returned) as ``submit`` does; it holds them until ``ready`` or ``abort``."""
         with self._lock:
-            if self._closed:
-                raise RuntimeError("queue is closed")
-            if self._find(job.key) is not None:
-                raise KeyError(job.key)
-            self._check_client(job)
-            drop = self._make_room(job)
+            drop = self._take_in(job)
             for victim in drop:
                 self._remove_waiting(victim)
             self._uploading[job.key] = job
             return drop
+
+    def _take_in(self, job: Job) -> list[Job]:
+        """Under the lock: whether ``job`` may come in (RuntimeError: closed; KeyError: its id is taken;
+        QueueFull: a budget), and the other clients' queued jobs to drop to make room for it."""
+        if self._closed:
+            raise RuntimeError("queue is closed")
+        if self._find(job.key) is not None:
+            raise KeyError(job.key)
+        self._check_client(job)
+        return self._make_room(job)
 
     def ready(self, job: Job, announce: Callable[[int], None] | None = None) -> None:
         """An admitted job's pixels are all there: queue it (no budget is checked again). KeyError if it
