@@ -73,6 +73,8 @@ def run_demo(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             job = client.submit(source.image, **fields)
             for event in client.events(job):
+                if event.type == "credit":  # the upload's progress: the demo picture goes up in one window
+                    continue
                 if event.type == "accepted":
                     note = step_note(args.steps, args.strength, event["steps"], event["denoise_steps"], "refine")
                     if note:
