@@ -12,6 +12,7 @@ import shutil
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ class Peer:
         self._downloads: dict[str, tuple[Message, Incoming]] = {}
         self.hold_results = False  # True: a client that does not read its results (until read_held)
         self._held: list[Message] = []
+        self._backlog: deque[Message] = deque()  # events read by send_job, for recv
 
     def send(self, frames: list[Any]) -> None:
         self.socket.send_multipart(frames, copy=False)
@@ -112,6 +114,8 @@ class Peer:
     def recv(self, timeout: float = 10.0) -> Message | None:
         """The next event as a client sees it (None on timeout): a result once all its chunks are in
         (each acknowledged with a credit, as a client does)."""
+        if self._backlog:
+            return self._backlog.popleft()
         deadline = time.monotonic() + timeout
         while True:
             event = self.recv_raw(max(0.0, deadline - time.monotonic()))
@@ -198,6 +202,17 @@ class Peer:
                     self.send(chunk_frames(job, offset, data))
             elif event.type in ("accepted", "error", "cancelled"):
                 return events
+
+    def send_job(self, job: str, image: Image | None = None, mask: Image | None = None, **fields: Any) -> None:
+        """Submit as a client does (``submit``: the header, the pixels under credit, until ``accepted``); the
+        events that arrived meanwhile (credit aside) wait for ``recv``, in order."""
+        kept, self._backlog = self._backlog, deque()
+        kept.extend(e for e in self.submit(job, image, mask, **fields) if e.type != "credit")
+        self._backlog = kept
+
+    def pending(self) -> bool:
+        """Whether ``recv`` has events at hand (read by ``send_job``) before the socket's."""
+        return bool(self._backlog)
 
     def ask(self, frames: list[Any], timeout: float = 10.0) -> Message | None:
         self.send(frames)

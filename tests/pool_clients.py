@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from attack import Peer, header, rgba, submit_frames
+from attack import Peer, header, rgba
 
 from krita_sdxl.backend.pool.reaper import descendants, start_time
 from krita_sdxl.protocol import Message
@@ -43,7 +43,7 @@ def final_of(peer: Peer, job: str, timeout: float = 60.0) -> Message:
 
 def run_job(endpoint: str, job: str = "j", seed: int = 1, timeout: float = 90.0, **fields: Any) -> Message:
     with Peer(endpoint) as peer:
-        peer.send(submit_frames(job, image=rgba(48, 40, seed), seed=seed, **(fields or QUICK)))
+        peer.send_job(job, rgba(48, 40, seed), seed=seed, **(fields or QUICK))
         return final_of(peer, job, timeout)
 
 

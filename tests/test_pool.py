@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
-from attack import Peer, header, rgba, submit_frames
+from attack import Peer, header, rgba
 
 from krita_sdxl.backend.cli.launcher import start_service
 from krita_sdxl.backend.engine.request import RefineRequest
-from krita_sdxl.protocol import CLIENT, SERVICE, Image, Message, decode, encode
+from krita_sdxl.protocol import CLIENT, Image, Message, decode, encode
 
 ray = pytest.importorskip("ray")  # the pool extra: pip install 'krita-sdxl[pool]' (CI installs it)
 pytestmark = pytest.mark.slow
@@ -72,6 +72,7 @@ def reference(demo_models, krita_sdxl_cache) -> Callable[..., bytes]:
 
     def run(image: Image, **fields: Any) -> bytes:
         msg = decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job="ref", **fields))
+        msg.images = {"image": image}  # protocol 2: the pixels follow in chunks, filled in by the service
         req = RefineRequest.from_message(msg, fields["seed"], engine.timesteps)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -97,10 +98,11 @@ def collect(peers: dict[str, Peer], jobs: dict[str, set[str]], timeout: float = 
             for peer in peers.values():
                 peer.send([header("heartbeat")])
             beat = time.monotonic() + 1.0
-        for sock, _ in poller.poll(200):
-            name = next(n for n, p in peers.items() if p.socket is sock)
-            event = decode(SERVICE, sock.recv_multipart())
-            if event.type == "heartbeat":
+        ready = [n for n, p in peers.items() if p.pending()]  # events read while a job went up first
+        ready += [next(n for n, p in peers.items() if p.socket is sock) for sock, _ in poller.poll(0 if ready else 200)]
+        for name in ready:
+            event = peers[name].recv(0)  # a result once all its chunks are in (each acknowledged)
+            if event is None or event.type in ("heartbeat", "credit"):
                 continue
             out.append((name, event))
             if event.type in FINAL:
@@ -158,7 +160,7 @@ def test_twelve_jobs_from_three_clients_correct_routed_and_fair(pool, reference)
         before = jobs_per_replica(welcome(peers["a"]))
         for name in ("a", "b", "c"):  # in this order: a's burst first
             for job, (w, h), seed in plan[name]:
-                peers[name].send(submit_frames(job, image=rgba(w, h, seed), seed=seed, **JOB))
+                peers[name].send_job(job, rgba(w, h, seed), seed=seed, **JOB)
             if name == "a":
                 time.sleep(0.2)  # a's jobs are queued before b's
         events = collect(peers, {name: {j for j, _, _ in jobs} for name, jobs in plan.items()})
@@ -190,7 +192,7 @@ def test_status_shows_position_and_replica_and_a_cancel_reaches_the_replica(pool
     long = {"prompt": "x", "steps": 500, "strength": 1.0}
     with Peer(pool.endpoint) as peer:
         for i in range(3):
-            peer.send(submit_frames(f"long{i}", image=rgba(128, 128, i), seed=i, **long))
+            peer.send_job(f"long{i}", rgba(128, 128, i), seed=i, **long)
         started: set[str] = set()
         while len(started) < 2:  # both running jobs have made progress
             event = peer.recv(60)
@@ -219,7 +221,7 @@ def test_status_shows_position_and_replica_and_a_cancel_reaches_the_replica(pool
         # the replicas report their state with each job: run short jobs until both have reported again
         seen: dict[str, dict[str, Any]] = {}
         for i in range(40):
-            peer.send(submit_frames(f"after{i}", image=rgba(32, 32, i), seed=i, **JOB))
+            peer.send_job(f"after{i}", rgba(32, 32, i), seed=i, **JOB)
             assert peer_final(peer, f"after{i}").type == "result"
             states = {r["replica"]: r for r in welcome(peer)["pool"]["replica_states"]}
             seen.update({r: s for r, s in states.items() if (s["cancelled"] or 0) >= 1})
@@ -246,11 +248,11 @@ def test_a_live_submit_stops_the_live_job_it_supersedes_on_its_replica(pool):
     replica stops at the next step and the job ends ``cancelled`` (``superseded``); the newer one runs."""
     long = {"prompt": "x", "steps": 500, "strength": 1.0, "live": True}
     with Peer(pool.endpoint) as peer:
-        peer.send(submit_frames("live1", image=rgba(128, 128, 1), seed=1, **long))
+        peer.send_job("live1", rgba(128, 128, 1), seed=1, **long)
         events = peer.events_until(lambda e: e.type in FINAL or (e.type == "progress" and e["step"] >= 2), 60)
         assert events and events[-1].type == "progress", events
         at = events[-1]["step"]
-        peer.send(submit_frames("live2", image=rgba(32, 32, 2), seed=2, live=True, replaces="live1", **JOB))
+        peer.send_job("live2", rgba(32, 32, 2), seed=2, live=True, replaces="live1", **JOB)
         ends: dict[str, Message] = {}
         events = peer.events_until(lambda e: e.type in FINAL and ends.setdefault(e.job, e) and len(ends) == 2, 120)
     assert ends["live1"].type == "cancelled" and ends["live1"]["reason"] == "superseded", ends
@@ -268,7 +270,7 @@ def test_generate_jobs_go_to_the_replica_that_holds_the_base(pool):
         counts = jobs_per_replica(welcome(peer))
         for i in range(6):
             mode_fields = generate if i % 2 == 0 else JOB
-            peer.send(submit_frames(f"mix{i}", image=rgba(64, 64, i), seed=i, **mode_fields))
+            peer.send_job(f"mix{i}", rgba(64, 64, i), seed=i, **mode_fields)
             event = peer_final(peer, f"mix{i}")
             assert event.type == "result", event.fields
             now = jobs_per_replica(welcome(peer))
@@ -311,6 +313,7 @@ def test_pixels_go_through_shared_memory_here_and_the_object_store_to_another_ho
 
     image = rgba(1024, 1024, 7)
     msg = decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job="j", **JOB, seed=1))
+    msg.images = {"image": image}  # protocol 2: the pixels follow in chunks, filled in by the service
     req = RefineRequest.from_message(msg, 1)
     buffers = SlotBuffers(f"test-{os.getpid()}")
     try:
@@ -333,7 +336,7 @@ def test_a_replica_killed_mid_job_the_job_ends_and_the_next_ones_run(pool, refer
     result is the engine's, its progress never goes back), the next jobs succeed, Ray replaces the replica."""
     fields = {"prompt": "x", "steps": 300, "strength": 1.0, "seed": 9}
     with Peer(pool.endpoint) as peer:
-        peer.send(submit_frames("victim", image=rgba(64, 64, 9), **fields))
+        peer.send_job("victim", rgba(64, 64, 9), **fields)
         steps = []
         while not steps:
             event = peer.recv(60)
@@ -353,7 +356,7 @@ def test_a_replica_killed_mid_job_the_job_ends_and_the_next_ones_run(pool, refer
         assert steps == sorted(set(steps)) and steps[-1] == 300, steps  # rising, no step twice
         assert bytes(event.images["image"].data) == reference(rgba(64, 64, 9), **fields)
         for i in range(3):
-            peer.send(submit_frames(f"next{i}", image=rgba(48, 48, i), seed=i, **JOB))
+            peer.send_job(f"next{i}", rgba(48, 48, i), seed=i, **JOB)
             assert peer_final(peer, f"next{i}").type == "result"
         deadline = time.monotonic() + 120
         while True:  # Ray Serve starts a replacement replica

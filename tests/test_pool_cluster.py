@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from attack import Peer, rgba, submit_frames
+from attack import Peer, rgba
 from cli_helpers import assert_refused, krita_sdxl, spawn
 from pool_clients import LONG, events, final_of, pool_name, replica_ids, run_job, welcome
 from ray_nodes import LOOPBACK_ENV, Cluster
@@ -167,7 +167,7 @@ def test_no_replica_left_ends_a_job_with_a_reason(cluster, first):
         time.sleep(1.0)
     with Peer(first.endpoint) as peer:
         t = time.monotonic()
-        peer.send(submit_frames("orphan", image=rgba(48, 40, 3), seed=3, prompt="x", steps=4, strength=0.5))
+        peer.send_job("orphan", rgba(48, 40, 3), seed=3, prompt="x", steps=4, strength=0.5)
         event = final_of(peer, "orphan", timeout=90)
         waited = time.monotonic() - t
     assert event.type == "error" and event["code"] == "model_error", event.fields
@@ -180,7 +180,7 @@ def test_the_services_raylet_killed_every_live_job_hears_why(cluster, first):
     """Item 3: the raylet the service is attached to (the head's) is killed: the client with a live job gets
     model_error with the reason, and the service exits 1 with one line saying why (it died silently)."""
     with Peer(first.endpoint) as peer:
-        peer.send(submit_frames("waiting", image=rgba(48, 40, 4), seed=4, **LONG))  # no replica: it waits
+        peer.send_job("waiting", rgba(48, 40, 4), seed=4, **LONG)  # no replica: it waits
         events(peer, lambda e: e.type == "accepted", 30)
         os.kill(cluster.nodes[0].find("raylet"), signal.SIGKILL)
         t = time.monotonic()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from attack import Peer, rgba, submit_frames
+from attack import Peer, rgba
 from pool_clients import FINAL, LONG, events, gone_within, kill_all, listening, loopback, names, run_job, tree
 
 from krita_sdxl.backend.cli.launcher import start_service
@@ -51,8 +51,8 @@ def test_a_local_pool_listens_on_loopback_and_a_killed_raylet_ends_every_live_jo
         started = tree(svc.proc.pid)  # with the replica and its workers
         raylet = next(p for p in started if names({p: started[p]}) == {"raylet"})
         with Peer(svc.endpoint) as peer:
-            peer.send(submit_frames("running", image=rgba(64, 64, 1), seed=1, **LONG))
-            peer.send(submit_frames("queued", image=rgba(64, 64, 2), seed=2, **LONG))
+            peer.send_job("running", rgba(64, 64, 1), seed=1, **LONG)
+            peer.send_job("queued", rgba(64, 64, 2), seed=2, **LONG)
             events(peer, lambda e: e.type == "progress", 60)
             subprocess.run(["kill", "-9", str(raylet)], check=True)
             t = time.monotonic()

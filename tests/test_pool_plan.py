@@ -84,6 +84,7 @@ def test_the_layout_follows_the_clusters_gpus():
 def _request(mode: str) -> RefineRequest:
     image = Image(ImageSpec(8, 8, "RGBA", 8), bytes(256))
     msg = decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job="j", mode=mode, strength=1.0))
+    msg.images = {"image": image}  # protocol 2: the pixels follow in chunks
     return RefineRequest.from_message(msg, 1)
 
 
@@ -306,6 +307,7 @@ def test_pixels_cross_to_a_process_on_this_host_through_shared_memory():
     a job that ended otherwise gets new ones; a name outside the pool's files is refused."""
     image = Image(ImageSpec(256, 128, "RGBA", 8), np.random.default_rng(1).integers(0, 256, 256 * 128 * 4, np.uint8))
     msg = decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job="j", strength=0.5))
+    msg.images = {"image": image}  # protocol 2: the pixels follow in chunks
     req = RefineRequest.from_message(msg, 1)
     buffers = SlotBuffers(f"test-{os.getpid()}")
     ctx = multiprocessing.get_context("spawn")

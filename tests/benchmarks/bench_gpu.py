@@ -303,6 +303,9 @@ def make_request(image: Any, params: dict[str, Any]) -> Any:
     from krita_sdxl.protocol import CLIENT, decode, encode
 
     msg = decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job="bench", **params))
+    msg.images = {"image": image}  # protocol 2: the pixels follow in chunks
+
+    msg.images = {"image": image}  # protocol 2: the pixels follow in chunks
     return RefineRequest.from_message(msg, params["seed"])
 
 

@@ -40,6 +40,7 @@ def main() -> None:
 
     engine = Engine.load(model=None, demo=True, allow_download=False, device="cpu", dtype="auto", cache_dir=Path(cache))
     msg = decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job="direct", **PARAMS))
+    msg.images = {"image": image}  # protocol 2: the pixels follow in chunks
     req = RefineRequest.from_message(msg, PARAMS["seed"])
     direct = median_ms(lambda: engine.refine(req, lambda *a: None, lambda: False), args.repeats, warmup=3)
 
