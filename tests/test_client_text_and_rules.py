@@ -25,6 +25,7 @@ def test_a_clients_text_never_forges_a_log_line():
             assert peer.ask([header("hello", client=f"artist\n{FORGED}\r\u2028{FORGED}")]).type == "welcome"
             events = peer.submit(f"job\n{FORGED}", image=rgba(8, 8), steps=2)  # job ids are logged too
             assert events[-1].type == "accepted", [e.fields for e in events]
+            peer.events_until(lambda e: e.job == f"job\n{FORGED}" and e.type in ("result", "error", "cancelled"))
             assert peer.ask([header("submit", job=f"bad\n{FORGED}", image={"width": 0, "height": 1})]).type == "error"
             with ServiceClient(svc.endpoint, timeout=10) as c:  # the log has caught up
                 c.hello()

@@ -236,7 +236,7 @@ def test_vendored_zip_refines_from_the_menu_action(tmp_path: Path, backend_endpo
     assert run.result["uncaught"] == [], story
     assert [t for _n, t in value["new_nodes"]] == ["paintlayer"], f"expected exactly one new paint layer\n{story}"
     layer = value["layer"]
-    assert "Refine" in layer["name"] and str(SEED) in layer["name"], story
+    assert layer["name"].startswith("#") and f"seed {SEED}" in layer["name"], story  # "#1 · seed S · prompt"
     assert layer["same_parent"] and layer["index"] == layer["source_index"] + 1, f"not directly above Source\n{story}"
     assert value["alpha"]["outside_max"] == 0 and value["alpha"]["inner_min"] > 0, story
     assert value["source_unchanged"], f"the Source layer changed\n{story}"

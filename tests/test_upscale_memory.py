@@ -29,6 +29,7 @@ SLACK = 64 * MiB
 SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, time
+    from pathlib import Path
     import numpy as np
     from krita_sdxl.backend.engine.sdxl_engine import Engine
     from krita_sdxl.backend.engine.request import RefineRequest
@@ -39,7 +40,8 @@ SCRIPT = textwrap.dedent(
     def peak():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    engine = Engine.load(demo=True, device="cpu", dtype="fp32", speed="off", memory="none", watermark=False)
+    engine = Engine.load(demo=True, device="cpu", dtype="fp32", speed="off", memory="none", watermark=False,
+                         cache_dir=Path(sys.argv[1]))  # the suite's demo model: loaded, never built here
     engine.tiling = TilingConfig(threshold=TILE * TILE, tile=TILE, overlap=0)
     out = {"loaded": peak()}
     for name, side in (("one_tile", 512), ("picture", 2048)):
@@ -67,7 +69,9 @@ def buffers(side: int) -> int:
 @pytest.mark.timeout(1500)  # 16 tiles of 1024 px on one CPU thread: about 3 minutes on a quiet machine, 7 on a busy one
 def test_an_upscale_to_4096_px_stays_in_its_memory_budget(demo_models) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # no OpenMP spinning on a busy machine
-    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=1400, env=env)
+    cache = demo_models.refiner.parents[1]  # the folder that holds demo-v1/
+    run = subprocess.run([sys.executable, "-c", SCRIPT, str(cache)], capture_output=True, text=True, timeout=1400,
+                         env=env)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
     one, big = found["one_tile"], found["picture"]

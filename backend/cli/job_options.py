@@ -162,7 +162,9 @@ def check_job(image: Image, fields: dict[str, Any], job: str = "local") -> Messa
     """Check a job exactly as the service will (the protocol codec); ConfigError names the flag."""
     _check_text(fields)
     try:
-        return decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job=job, **fields))
+        message = decode(CLIENT, encode(CLIENT, "submit", images={"image": image}, job=job, **fields))
+        message.images = {"image": image}  # protocol 2 streams the pixels after the header; here they are at hand
+        return message
     except ProtocolError as err:
         name = (err.field or "").split(".")[0]
         where = f"{_flag(name)}: " if _flag(name) != name else ""

@@ -207,7 +207,7 @@ def run(ctx: Any) -> Any:
     history_before = len(controller.history)
     click(bar.apply_button)
     yield 300
-    applied = [n for n in ctx.all_nodes(doc) if n.name().startswith("Live ·")]
+    applied = [n for n in ctx.all_nodes(doc) if " · Live" in n.name() and n.name() != "Live preview"]
     out["apply"] = {
         "layers": [n.name() for n in applied],
         "equal_to_preview": len(applied) == 1 and bytes(applied[0].pixelData(*crop)) == preview_pixels,
