@@ -520,6 +520,9 @@ class ReadRecorder:
         from krita import Node  # type: ignore[import-not-found]
 
         self.node, self.original, self.records = Node, Node.projectionPixelData, []
+        import inspect
+
+        self.saved = inspect.getattr_static(Node, "projectionPixelData")  # the raw descriptor: put back as it was
         ui = threading.get_ident()
         original, records = self.original, self.records
 
@@ -533,7 +536,7 @@ class ReadRecorder:
         Node.projectionPixelData = recorded
 
     def stop(self) -> list[list[Any]]:
-        self.node.projectionPixelData = self.original
+        self.node.projectionPixelData = self.saved  # (the unbound method set back would not bind the node)
         return self.records
 
 
