@@ -65,6 +65,7 @@ class Docker:
         click(self.app, self.panel.backend_button)
         assert self.panel.dialog.isVisible() and self.setup.isVisible()
         type_into(self.setup.folder, str(self.folder))
+        QTest.keyClick(self.setup.folder, Qt.Key_Tab)  # on to the next field, as a person does: the folder is read
 
     def close(self) -> None:
         self.controller.shutdown()
