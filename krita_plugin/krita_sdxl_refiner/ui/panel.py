@@ -274,7 +274,8 @@ class RefinerPanel(QWidget):
         caps = self.controller.client.capabilities if connected else {}
         short = _short_backend(caps) if caps else detail
         backend = describe_backend(self.controller.client.server, caps) if connected else ""
-        self.connection.show_state(state, short, "\n".join(t for t in (f"{state}: {detail}", backend) if t))
+        whole = f"{state} — {detail}" if detail and detail != state else state  # as the line says it, uncut
+        self.connection.show_state(state, short, "\n".join(t for t in (whole, backend) if t))
         self.dialog.show_connection(state, detail, backend)
         self._update_backend_button()
 
