@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,15 @@ def krita_sdxl(*args: str, timeout: float = 180, **kw) -> subprocess.CompletedPr
 
 
 def spawn(*args: str, **kw) -> subprocess.Popen:
+    """The command in a terminal's conditions: Ctrl-C (SIGINT) works even when the test run was started in
+    the background, where a shell leaves SIGINT ignored for its children."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **kw.pop("env", {}))
-    return subprocess.Popen([*COMMAND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+    return subprocess.Popen([*COMMAND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_default_sigint, **kw)  # fmt: skip
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_refused(proc: subprocess.CompletedProcess, status: int, *words: str) -> str:

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.krita, pytest.mark.slow]
 
 W, H = 320, 240
 SETTINGS = {"prompt": "a harbour at dusk, oil on canvas", "strength": 0.5, "steps": 40, "seed": -1, "source": "layer",
-            "live_calls": 8, "live_wait_ms": 150, "preview": False}  # fmt: skip
+            "live_calls": 16, "live_wait_ms": 150, "preview": False}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_live_refine_in_real_krita(tmp_path: Path, backend: Any) -> None:
     painting = (files / "painting.bgra").read_bytes()
     fields = dict(final["fields"])
     assert fields["seed"] == final["seed"] and fields["mode"] == "refine", fields
-    assert fields["steps"] == capped_steps(40, 0.5, 8) and fields["work_width"] == W, fields
+    assert fields["steps"] == capped_steps(40, 0.5, 16) and fields["work_width"] == W, fields
     with ServiceClient(backend.endpoint, timeout=120) as client:
         normal = client.run(Image(ImageSpec(w, h, "BGRA", 8), painting), **fields)
     assert bytes(normal.images["image"].data) == (files / "preview.bgra").read_bytes(), story

@@ -162,7 +162,9 @@ def run(ctx: Any) -> Any:
             ended = yield from stroke(doc, source, (40 + 70 * i) % (width - 48), (30 + 40 * i) % (height - 48),
                                       colours[i % len(colours)])  # fmt: skip
         data_now = bytes(source.pixelData(0, 0, width, height))
-        pause = wait_s + job_s / 3 if kind == "short" else wait_s + 2 * job_s + 1.0
+        # short: the next stroke comes just after the job went out (the first job's time, warm-up included,
+        # overstates the later ones); long: the preview shows before the next stroke
+        pause = wait_s + min(job_s / 3, 0.1) if kind == "short" else wait_s + 2 * job_s + 1.0
         pauses.append(round(pause, 3))
         yield int(pause * 1000)
         ctx.log(f"stroke {i} ({kind}) ended {time.monotonic() - ended:.2f} s ago; superseded so far {live.superseded}")
