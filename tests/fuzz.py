@@ -208,6 +208,7 @@ class Tally:
     open_uploads: set[str] = field(default_factory=set)  # credited, not yet accepted or refused
     downloading: dict[str, int] = field(default_factory=dict)  # results whose chunks are on their way
     accepted_jobs: set[str] = field(default_factory=set)
+    cancelling: set[str] = field(default_factory=set)  # stuck uploads this client cancelled: answered once
     codes: dict[str, int] = field(default_factory=dict)
 
 
@@ -224,6 +225,11 @@ def _receive(sock: zmq.Socket, tally: Tally, problems: list[str]) -> Any:
     stalled = event.type == "error" and "its upload was dropped" in event["message"]  # the end of an upload
     if event.type in IMMEDIATE and not stalled:
         tally.immediate += 1
+        if event.type in ("cancelled", "error"):
+            tally.cancelling.discard(event.job)
+    elif event.type == "result" and event.job in tally.cancelling:
+        tally.immediate += 1  # the upload ended meanwhile and the job ran to its end: its result answers the cancel
+        tally.cancelling.discard(event.job)
     stuck: set[str] = set()
     if event.type == "credit":
         if 0 < event["received"] < event["until"]:
@@ -238,6 +244,7 @@ def _receive(sock: zmq.Socket, tally: Tally, problems: list[str]) -> Any:
         tally.open_uploads.discard(job)
         sock.send(msgpack.packb({"v": V, "type": "cancel", "job": job}))
         tally.sent += 1
+        tally.cancelling.add(job)
     if event.type == "accepted":
         tally.accepted += 1
         tally.accepted_jobs.add(event.job)
