@@ -172,7 +172,9 @@ def test_no_replica_left_ends_a_job_with_a_reason(cluster, first):
         waited = time.monotonic() - t
     assert event.type == "error" and event["code"] == "model_error", event.fields
     assert event["message"].startswith("no replica of the GPU pool is running"), event["message"]
-    assert "--replica-timeout" in event["message"] and 8 <= waited < 40, (waited, event["message"])
+    # after --replica-timeout (8 s), or sooner when Ray Serve has already given the lost replicas up
+    assert "--replica-timeout" in event["message"] and waited < 40, (waited, event["message"])
+    assert waited >= 8 or "died" in event["message"].lower(), (waited, event["message"])
     print(f"no replica: model_error after {waited:.1f} s: {event['message']}")
 
 
