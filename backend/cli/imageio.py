@@ -191,15 +191,8 @@ def read_picture(path: Path) -> Picture:
     """The picture in ``path`` as a protocol frame at its own depth; ConfigError when it cannot be read
     (its size is checked from the header first: :func:`peek_picture`)."""
     peek_picture(path)
-    try:
-        with _sized_by_us():
-            values, grey, notes, icc = _pixels(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a folder; give an image file") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # Pillow: UnidentifiedImageError is an OSError
-        raise ConfigError(f"cannot read {path}: {exc}") from None
+    with _read_errors(path), _sized_by_us():
+        values, grey, notes, icc = _pixels(path)
     if grey:  # colour channels for the model; alpha stays last
         values = np.concatenate([np.repeat(values[..., :1], 3, axis=-1), values[..., 1:]], axis=-1)
     sample, depth = ("float", 32) if values.dtype == np.float32 else ("uint", values.dtype.itemsize * 8)
@@ -334,3 +327,16 @@ def keep_somewhere(out: Output, result: Image, job: str) -> Path:
     fallback = Path(tempfile.gettempdir()) / f"krita-sdxl-{safe}{out.path.suffix}"
     write_picture(replace(out, path=fallback), result)
     return fallback
+
+
+@contextmanager
+def _read_errors(path: Path) -> Iterator[None]:
+    """An image file that cannot be read becomes a ConfigError naming it (one wording for peek and read)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; give an image file") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow: UnidentifiedImageError is an OSError
+        raise ConfigError(f"cannot read {path}: {exc}") from None
