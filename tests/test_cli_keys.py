@@ -140,3 +140,21 @@ def test_info_and_refine_against_a_curve_service(curve_service, tmp_path):
     secretless = krita_sdxl("info", "--endpoint", svc.endpoint, "--server-key", server_key, "--client-key",
                             str(keys / "artist.key"))  # fmt: skip
     assert_refused(secretless, 2, "no secret key there")
+
+
+def test_a_key_that_starts_with_a_dash_is_a_key_not_an_option(tmp_path):
+    """One key in 85 starts with ``-``; ``-h...`` would even ask for help. Both are authorized, wherever
+    the key stands among the flags, pasted bare or quoted."""
+    clients = tmp_path / "clients"
+    worst = "0*?()0&<>#0$!{}0[]^%0@:+=0/.-*0?&<#0$!()"  # a valid key; a first digit of - or h keeps it valid
+    keys = ["-" + worst[1:], "-h" + worst[2:], "--" + worst[2:]]
+    for n, key in enumerate(keys):
+        argv = (
+            ["authorize", key, "--dir", str(clients)]
+            if n != 1
+            else ["authorize", "--dir", str(clients), "--name", "helpish", f"'{key}'"]
+        )
+        proc = krita_sdxl(*argv)
+        assert proc.returncode == 0, (key, proc.stderr)
+    stored = sorted(zmq.auth.load_certificate(str(f))[0].decode() for f in clients.glob("*.key"))
+    assert stored == sorted(keys)

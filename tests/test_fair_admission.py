@@ -18,26 +18,35 @@ MiB = 1024 * 1024
 LAYER = 1024 * 1024 * 4  # rgba(1024, 1024): 4 MiB
 
 
+def beat(peers: list[Peer]) -> None:
+    """Alive: they answer heartbeats, they just do not read (silent for the timeout, they would vanish)."""
+    for peer in peers:
+        peer.send([header("heartbeat")])
+
+
 def test_idle_peers_holding_unread_results_keep_a_new_client_out_for_a_bounded_wait():
-    stall = 3.0  # the heartbeat timeout: a result unread that long counts as unread
+    stall = 3.0  # a result unread that long counts as unread (the service's heartbeat timeout)
     budget = limits(max_client_bytes=LAYER + MiB, max_total_bytes=5 * LAYER, max_jobs_per_client=4)
-    service = Service(SlowEngine(), "tcp://127.0.0.1:*", limits=budget, heartbeat_timeout=stall)
+    service = Service(SlowEngine(), "tcp://127.0.0.1:*", limits=budget, heartbeat_timeout=60)
+    service.downloads.stall = stall  # the peers stay alive however slow this machine is; results go stale
     with Running(service) as running:
         idle = [Peer(running.endpoint, rcvhwm=1) for _ in range(5)]  # tiny receive buffers: nothing drains
         try:
             for i, peer in enumerate(idle):
                 peer.hold_results = True  # they submit and never read
-                assert peer.submit(f"i{i}", image=rgba(1024, 1024, seed=i))[-1].type == "accepted"
-            deadline = time.monotonic() + 10
+                got = peer.submit(f"i{i}", image=rgba(1024, 1024, seed=i))
+                assert got[-1].type == "accepted", (i, [(e.type, e.fields) for e in got])
+                beat(idle[:i])
+            deadline = time.monotonic() + 20
             while service.queue.total_bytes < 5 * LAYER and time.monotonic() < deadline:
+                beat(idle)
                 time.sleep(0.05)
             assert service.queue.total_bytes == 5 * LAYER  # the whole budget: five unread results
             with Peer(running.endpoint) as artist:
                 first = time.monotonic()
                 refusals = 0
                 while True:
-                    for peer in idle:  # alive: they answer heartbeats, they just do not read
-                        peer.send([header("heartbeat")])
+                    beat(idle)
                     answer = artist.submit(f"mine{refusals}", image=rgba(1024, 1024, seed=9), timeout=5)[-1]
                     if answer.type == "accepted":
                         break
@@ -51,6 +60,7 @@ def test_idle_peers_holding_unread_results_keep_a_new_client_out_for_a_bounded_w
             told = []  # the dropped results' owners hear of it (behind the chunks in their tiny buffers)
             deadline = time.monotonic() + 20
             while not told and time.monotonic() < deadline:
+                beat(idle)
                 told = [e for peer in idle for e in peer.drain(0.2) if e.type == "error"]
             assert told and all(e["code"] == "limit" and "to make room" in e["message"] for e in told), told
         finally:
@@ -59,7 +69,8 @@ def test_idle_peers_holding_unread_results_keep_a_new_client_out_for_a_bounded_w
 
 
 def test_a_client_whose_results_wait_unread_gets_no_new_job():
-    service = Service(SlowEngine(), "tcp://127.0.0.1:*", heartbeat_timeout=1.0)
+    service = Service(SlowEngine(), "tcp://127.0.0.1:*", heartbeat_timeout=60)
+    service.downloads.stall = 1.0  # unread for 1 s: unread (the client stays alive however slow the machine)
     with Running(service) as running, Peer(running.endpoint) as lazy:
         lazy.hold_results = True
         assert lazy.submit("first", image=rgba(64, 64))[-1].type == "accepted"

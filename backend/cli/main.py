@@ -335,9 +335,27 @@ def _printable_names() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
+VALUED = frozenset({"--dir", "--name", "--log-level"})  # authorize's options that take the next word
+
+
+def _dash_key_last(argv: list[str]) -> list[str]:
+    """One Z85 key in 85 starts with ``-`` (``-h...`` even reads as ``-h``): argparse takes it for an option.
+    ``authorize``'s key-shaped word that starts with a dash moves behind ``--``, where only a value can be."""
+    words = [i for i, word in enumerate(argv) if not word.startswith("-")]
+    if not words or argv[words[0]] != "authorize" or "--" in argv:
+        return argv
+    start = words[0] + 1
+    for i in range(start, len(argv)):
+        word = argv[i].strip("\"'")
+        if word.startswith("-") and len(word) == 40 and set(word) <= Z85 and argv[i - 1] not in VALUED:
+            return [*argv[:i], *argv[i + 1 :], "--", argv[i]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     _printable_names()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_dash_key_last(sys.argv[1:] if argv is None else list(argv)))
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     commands = {
         "serve": cmd_serve,
