@@ -14,8 +14,10 @@ the protocol codec. The accounting is exact: every message to a well-identified 
 one immediate answer (a ``credit`` answers a submit or a chunk), and every ``accepted`` job ends with
 exactly one ``result`` or ``cancelled`` (a mutated ``cancel`` can name a live job: a job id mutated to a
 long string is the same string every time). A ``cancelled`` both answers the cancel and ends the job;
-for a running job it comes when the worker stops. A result's chunks are acknowledged with ``credit``
-as a client does (those messages get no answer); an upload a mutated chunk left waiting is cancelled.
+for a running job it comes when the worker stops. A job that ends before the cancel takes hold answers
+it with its result (then ``unknown_job`` too, when the job had ended before the cancel came: one
+answer counted). A result's chunks are acknowledged with ``credit`` as a client does (those messages
+get no answer); an upload a mutated chunk left waiting is cancelled.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Mutator:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
         self.jobs = 0
+        self.cancels: list[str] = []  # jobs of the last ``messages()`` that it cancels
 
     # -- valid messages --------------------------------------------------------------------
 
@@ -160,6 +163,7 @@ class Mutator:
         """The frames of one request's messages (one, or a submit and its chunk), one of them mutated
         (or none)."""
         r = self.rng
+        self.cancels = []
         request = self.valid()
         roll = r.random()
         if roll < 0.25:
@@ -173,6 +177,7 @@ class Mutator:
                 out.append([msgpack.packb(head, use_bin_type=True), *frames])
         if target == 1:  # a mutated chunk may leave its upload waiting for ever: the client gives up on it
             out.append([msgpack.packb({"v": V, "type": "cancel", "job": request[0][0]["job"]})])
+            self.cancels.append(request[0][0]["job"])  # (a chunk the mutation left valid: the job may run)
         return out
 
     def _mutated(self, head: dict[str, Any], frames: list[bytes], roll: float) -> list[bytes]:
@@ -208,7 +213,8 @@ class Tally:
     open_uploads: set[str] = field(default_factory=set)  # credited, not yet accepted or refused
     downloading: dict[str, int] = field(default_factory=dict)  # results whose chunks are on their way
     accepted_jobs: set[str] = field(default_factory=set)
-    cancelling: set[str] = field(default_factory=set)  # stuck uploads this client cancelled: answered once
+    cancelling: set[str] = field(default_factory=set)  # jobs this client cancelled: each cancel answered once
+    answered_by_result: set[str] = field(default_factory=set)  # cancels whose job's result came first
     codes: dict[str, int] = field(default_factory=dict)
 
 
@@ -223,13 +229,19 @@ def _receive(sock: zmq.Socket, tally: Tally, problems: list[str]) -> Any:
         sock.send(msgpack.packb({"v": V, "type": "credit", "job": event.job, "received": received}))
         return event
     stalled = event.type == "error" and "its upload was dropped" in event["message"]  # the end of an upload
-    if event.type in IMMEDIATE and not stalled:
+    late = event.type == "error" and event["code"] == "unknown_job" and event.job in tally.answered_by_result
+    if late:  # the job had ended when its cancel came: the result counted as the answer already
+        tally.answered_by_result.discard(event.job)
+    elif event.type in IMMEDIATE and not stalled:
         tally.immediate += 1
         if event.type in ("cancelled", "error"):
             tally.cancelling.discard(event.job)
     elif event.type == "result" and event.job in tally.cancelling:
-        tally.immediate += 1  # the upload ended meanwhile and the job ran to its end: its result answers the cancel
+        # the job ran to its end before the worker saw the cancel (or before the cancel came, which then
+        # gets unknown_job too): its result answers the cancel
+        tally.immediate += 1
         tally.cancelling.discard(event.job)
+        tally.answered_by_result.add(event.job)
     stuck: set[str] = set()
     if event.type == "credit":
         if 0 < event["received"] < event["until"]:
@@ -311,6 +323,7 @@ def _fuzz(ctx: zmq.Context, endpoint: str, pid: int, count: int, seed: int, clie
             for frames in mutator.messages():
                 target.send_multipart(frames)
                 tallies[id(target)].sent += 1
+            tallies[id(target)].cancelling.update(mutator.cancels)
         if rng.random() < 0.05:
             forger.send(msgpack.packb({"v": V, "type": "status"}))
         sent += n

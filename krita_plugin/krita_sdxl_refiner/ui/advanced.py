@@ -3,8 +3,6 @@ the generate mode's hand-over point, keep-unmasked and the live preview. Edits g
 
 from __future__ import annotations
 
-from typing import Any
-
 from PyQt5.QtCore import QRegularExpression
 from PyQt5.QtGui import QRegularExpressionValidator
 from PyQt5.QtWidgets import (
@@ -21,6 +19,7 @@ from PyQt5.QtWidgets import (
 
 from ..core.settings import Settings
 from ..workflow.controller import Controller
+from .settings_view import SettingsView
 from .slots import on_click
 
 FIELD_WIDTH = 64  # px: spin boxes never shrink below a readable width
@@ -48,11 +47,9 @@ def _spin(widget: QAbstractSpinBox, tip: str) -> QAbstractSpinBox:
     return widget
 
 
-class AdvancedSettings(QWidget):
+class AdvancedSettings(SettingsView):
     def __init__(self, controller: Controller, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.controller = controller
-        self._loading = False
+        super().__init__(controller, parent)
         self._shown_seed: int | None = None
         self.negative = QLineEdit()
         self.negative.setPlaceholderText("Negative prompt")
@@ -126,10 +123,6 @@ class AdvancedSettings(QWidget):
         self.keep_unmasked.toggled.connect(lambda v: self._set(keep_unmasked=v))
         self.preview.toggled.connect(lambda v: self._set(preview=v))
 
-    def _set(self, **changes: Any) -> None:
-        if not self._loading:
-            self.controller.update_settings(**changes)
-
     def _on_seed_edit(self) -> None:
         self.seed.setEnabled(not self.random_seed.isChecked())
         if self.random_seed.isChecked():
@@ -152,8 +145,7 @@ class AdvancedSettings(QWidget):
             self.last_seed.setText(f"last: {self.controller.last_seed}")
 
     def show_settings(self, s: Settings) -> None:
-        self._loading = True
-        try:
+        with self.showing():
             if self.negative.text() != s.negative_prompt:
                 self.negative.setText(s.negative_prompt)
             self.steps.setValue(s.steps)
@@ -168,5 +160,3 @@ class AdvancedSettings(QWidget):
             self.denoising_end.setValue(s.denoising_end)
             self.keep_unmasked.setChecked(s.keep_unmasked)
             self.preview.setChecked(s.preview)
-        finally:
-            self._loading = False

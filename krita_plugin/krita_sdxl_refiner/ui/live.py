@@ -8,6 +8,7 @@ from typing import Any
 from PyQt5.QtWidgets import QHBoxLayout, QPushButton, QSpinBox, QToolButton, QVBoxLayout, QWidget
 
 from ..core.settings import Settings
+from .settings_view import SettingsView
 from .slots import on_click
 from .widgets import ElidedLabel
 
@@ -36,12 +37,10 @@ def _spin(lo: int, hi: int, step: int, suffix: str, tip: str) -> QSpinBox:
     return spin
 
 
-class LiveBar(QWidget):
+class LiveBar(SettingsView):
     def __init__(self, controller: Any, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.controller = controller
+        super().__init__(controller, parent)
         self.live = controller.live
-        self._loading = False
         root = QVBoxLayout(self)
         root.setContentsMargins(0, 0, 0, 0)
         root.setSpacing(2)
@@ -85,18 +84,11 @@ class LiveBar(QWidget):
         self.show_settings(controller.settings)
         self.update_state()
 
-    def _set(self, **changes: Any) -> None:
-        if not self._loading:
-            self.controller.update_settings(**changes)
-
     def show_settings(self, s: Settings) -> None:
-        self._loading = True
-        try:
+        with self.showing():
             self.calls.setValue(s.live_calls)
             self.side.setValue(s.live_side)
             self.wait.setValue(s.live_wait_ms)
-        finally:
-            self._loading = False
 
     def update_state(self) -> None:
         live = self.live

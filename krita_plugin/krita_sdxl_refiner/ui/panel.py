@@ -35,6 +35,7 @@ from .history_view import HistoryView
 from .live import LiveBar
 from .scroll import VerticalScroll
 from .settings_dialog import SettingsDialog
+from .settings_view import SettingsView
 from .slots import on_click
 from .status_line import StatusLine
 from .upscale import UpscaleOptions, strength_range
@@ -81,11 +82,9 @@ class PromptEdit(QPlainTextEdit):
         super().keyPressEvent(event)
 
 
-class RefinerPanel(QWidget):
+class RefinerPanel(SettingsView):
     def __init__(self, controller: Controller, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.controller = controller
-        self._loading = False
+        super().__init__(controller, parent)
         self._connection = ("disconnected", "")
         self._build()
         self._connect()
@@ -215,10 +214,6 @@ class RefinerPanel(QWidget):
         c.backend_changed.connect(self._on_backend)
         c.setup.finished.connect(lambda _ok, _text: self._update_backend_button())
 
-    def _set(self, **changes: Any) -> None:
-        if not self._loading:
-            self.controller.update_settings(**changes)
-
     def _on_mode(self) -> None:
         self._set(mode=self.mode.currentData())
 
@@ -251,8 +246,7 @@ class RefinerPanel(QWidget):
     # --- controller -> view ------------------------------------------------------------------
 
     def show_settings(self, s: Settings) -> None:
-        self._loading = True
-        try:
+        with self.showing():
             _select_data(self.mode, s.mode)
             _select_data(self.source, s.source)
             if self.prompt.toPlainText() != s.prompt:
@@ -261,8 +255,6 @@ class RefinerPanel(QWidget):
             self.strength.setRange(*strength_range(s.mode))
             self.strength.setValue(round(strength * 100))
             self.strength_value.setText(f"{strength:.2f}")
-        finally:
-            self._loading = False
         self.upscale.show_settings(s)
         self.advanced.show_settings(s)
         self.dialog.show_settings(s)

@@ -4,8 +4,6 @@ enlarged before it is refined. Shown only in the Upscale mode; edits go to the c
 
 from __future__ import annotations
 
-from typing import Any
-
 from PyQt5.QtWidgets import QComboBox, QGridLayout, QLabel, QSpinBox, QWidget
 
 from krita_sdxl.protocol.images import MAX_SIDE
@@ -13,6 +11,7 @@ from krita_sdxl.protocol.images import MAX_SIDE
 from ..core.settings import Settings
 from ..core.upscale import FACTORS, SIZE, UPSCALE
 from ..workflow.controller import Controller
+from .settings_view import SettingsView
 
 PLACES = (("New document", "new"), ("Scale this document", "scale"))
 METHODS = (("Auto", "auto"), ("Lanczos", "lanczos"), ("Model", "model"))
@@ -29,11 +28,9 @@ TIPS = {
 }
 
 
-class UpscaleOptions(QWidget):
+class UpscaleOptions(SettingsView):
     def __init__(self, controller: Controller, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.controller = controller
-        self._loading = False
+        super().__init__(controller, parent)
         self.factor = QComboBox()
         for value in FACTORS:
             self.factor.addItem(f"{value}×", value)
@@ -69,13 +66,8 @@ class UpscaleOptions(QWidget):
         self.width_box.editingFinished.connect(lambda: self._set(upscale_width=self.width_box.value()))
         self.height_box.editingFinished.connect(lambda: self._set(upscale_height=self.height_box.value()))
 
-    def _set(self, **changes: Any) -> None:
-        if not self._loading:
-            self.controller.update_settings(**changes)
-
     def show_settings(self, s: Settings) -> None:
-        self._loading = True
-        try:
+        with self.showing():
             for combo, value in ((self.factor, s.upscale_factor), (self.place, s.upscale_place),
                                  (self.method, s.upscale_method)):  # fmt: skip
                 index = combo.findData(value)
@@ -83,8 +75,6 @@ class UpscaleOptions(QWidget):
                     combo.setCurrentIndex(index)
             self.width_box.setValue(s.upscale_width)
             self.height_box.setValue(s.upscale_height)
-        finally:
-            self._loading = False
         sized = s.upscale_factor == SIZE
         for widget in (self.width_box, self.times, self.height_box):
             widget.setVisible(sized)
