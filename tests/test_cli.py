@@ -133,6 +133,7 @@ def test_output_mistakes_are_refused_before_any_job(service, picture, tmp_path, 
         (["--work-size", "big"], ["--work-size"]),
         (["--mode", "paint"], ["--mode", "invalid choice"]),
         (["--server-key", "abc"], ["CURVE needs both"]),
+        (["--negative-prompt", "-blurry"], ["--negative-prompt: expected one argument", "--negative-prompt=-VALUE"]),
     ],
 )
 def test_flag_mistakes_are_refused_before_any_job(service, picture, tmp_path, flags, words):

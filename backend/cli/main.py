@@ -61,6 +61,9 @@ class Parser(argparse.ArgumentParser):
     """argparse with a one-line error instead of the usage block."""
 
     def error(self, message: str) -> NoReturn:
+        if message.endswith("expected one argument") and message.startswith("argument --"):
+            flag = message.split()[1].rstrip(":").split("/")[-1]
+            message += f" (a value that starts with a dash goes after an equals sign: {flag}=-VALUE)"
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
