@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ pytest.importorskip("PyQt5.QtWidgets")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "krita_plugin"))
 
 from plugin_fakes import FakeService
-from test_plugin_panel import Docker, click, settle
+from test_plugin_panel import Docker, big_capture, click, settle
 
 from krita_sdxl.protocol import Image
 from krita_sdxl.protocol.geometry import Box, Extent
@@ -127,6 +128,31 @@ def test_mistakes_are_told_and_nothing_is_sent(docker):
     assert "over 16384 pixels a side" in d.messages()[-1]
     assert not d.submits()
     assert not d.panel.upscale.method.model().item(d.panel.upscale.method.findData("model")).isEnabled()
+
+
+def test_a_large_region_is_read_off_the_ui_thread_and_a_transparent_one_is_refused(docker):
+    """As Refine does: a 3000x2000 layer (24 MB) is read on another thread, Run returns at once with the job
+    "Reading the pixels…"; a fully transparent one is refused with the reason once read."""
+    d = docker
+    d.adapter.selection = None
+    choose(d.panel.mode, "upscale")
+    choose(d.panel.upscale.factor, "1.5")
+    threads: list[int] = []
+    gate = threading.Event()
+    big_capture(d, 3000, 2000, 255, threads, gate)
+    click(d.panel.refine_button)
+    (job,) = d.controller.jobs
+    assert job.state is JobState.reading and not d.submits()
+    gate.set()
+    submit = answer(d)
+    assert threads and threads[0] != threading.get_ident()
+    assert len(bytes(submit.images["image"].data)) == 3000 * 2000 * 4
+    assert (submit["upscale"].width, submit["upscale"].height) == (4500, 3000)
+    big_capture(d, 3000, 2000, 0, threads)
+    click(d.panel.refine_button)
+    d.pump(lambda: d.messages()[-1].startswith("Nothing to upscale"))
+    assert "is fully transparent there" in d.messages()[-1] and len(d.submits()) == 1
+    d.no_internal_error()
 
 
 def test_a_result_of_the_wrong_size_is_refused(docker):

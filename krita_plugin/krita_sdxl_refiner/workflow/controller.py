@@ -10,6 +10,7 @@ Every public method a button calls takes no arguments or a job/entry id, and is 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from ..core.guard import guarded
 from ..core.history import THUMBNAIL_SIDE, Entry, History
 from ..core.host import Background, KeyFiles, Pictures, Repeating, Timers
 from ..core.jobs import Job, JobList, JobParams, JobState, new_job_id, new_seed, status_job_ids
-from ..core.pixelformat import UnsupportedFormat, any_visible
+from ..core.pixelformat import UnsupportedFormat
 from ..core.plan import NothingToRefine, RefinePlan, plan_refine
 from ..core.processes import LocalBackend, Processes
 from ..core.settings import Settings
@@ -194,16 +195,23 @@ class Controller:
         except Exception as exc:  # a Krita surprise must never become a modal error dialog
             self.notice.emit(f"Could not read the document: {type(exc).__name__}: {exc}", "error")
             return None
+        return self._read_then_submit(capture, lambda c: read_checked(c, from_noise), self._make_job(s, capture))
+
+    def _read_then_submit(self, capture: Capture, check: Callable[[Capture], Capture], job: Job) -> Job | None:
+        """``check`` reads the pixels and refuses an empty capture: at once for a small one, off the UI thread
+        for a large one (its job shows "Reading the pixels…" meanwhile); then the job goes."""
         if reads_at_once(capture):
             try:
-                read_checked(capture, from_noise)
+                check(capture)
             except Exception as exc:
                 self.notice.emit(_unread(exc), "error")
                 return None
-            return self._submit(self._make_job(s, capture))
-        job = self.jobs.add(self._make_job(s, capture))
+            job.images = _images(capture)
+            job.state = JobState.waiting
+            return self._submit(job)
+        self.jobs.add(job)
         self.jobs_changed.emit()
-        self.background.run(lambda: read_checked(capture, from_noise), lambda read: self._on_read(job, read))
+        self.background.run(lambda: check(capture), lambda read: self._on_read(job, read))
         return job
 
     @guarded
@@ -230,18 +238,9 @@ class Controller:
         except Exception as exc:  # a Krita surprise must never become a modal error dialog
             self.notice.emit(f"Could not read the document: {type(exc).__name__}: {exc}", "error")
             return None
-        try:
-            capture.read()  # on the UI thread: the off-thread read of workflow/capture.py serves Refine alone
-        except AdapterError as exc:
-            self.notice.emit(str(exc), "error")
-            return None
-        if not any_visible(capture.fmt, capture.pixels, None):
-            self.notice.emit(f"Nothing to upscale: {capture.target.description} is fully transparent there. "
-                             "Nothing was sent.", "error")  # fmt: skip
-            return None
         job = self._make_job(s, capture)
         job.params = replace(job.params, mode=UPSCALE, strength=s.upscale_strength, upscale=target)
-        return self._submit(job)
+        return self._read_then_submit(capture, upscale.read_checked, job)
 
     def _make_job(self, s: Settings, capture: Capture) -> Job:
         params = JobParams(

@@ -10,6 +10,8 @@ from krita_sdxl.protocol.geometry import Box, Extent
 
 from ..core.document import Adapter, Capture, Placed
 from ..core.jobs import Job
+from ..core.pixelformat import any_visible
+from ..core.plan import NothingToRefine
 from ..core.settings import Settings
 from ..core.upscale import UpscaleTarget, plan_capture, plan_target
 
@@ -26,6 +28,17 @@ def capture(adapter: Adapter, s: Settings) -> tuple[Capture, UpscaleTarget]:
     target = plan_target(cap.plan.crop, seen["canvas"], s.upscale_factor, s.upscale_width, s.upscale_height,
                          s.upscale_method, s.upscale_place, seen["selection"])  # fmt: skip
     return cap, target
+
+
+def read_checked(capture: Capture) -> Capture:
+    """Read the region's pixels (on any thread); a fully transparent region is refused
+    (:class:`NothingToRefine`: nothing to upscale)."""
+    capture.read()
+    if not any_visible(capture.fmt, capture.pixels, None):
+        raise NothingToRefine(
+            f"Nothing to upscale: {capture.target.description} is fully transparent there. Nothing was sent."
+        )
+    return capture
 
 
 def place(adapter: Adapter, job: Job, data: Any) -> Placed | str:
