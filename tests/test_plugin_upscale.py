@@ -190,3 +190,24 @@ def test_the_local_backend_starts_with_the_upscaler_file(docker, tmp_path):
     program, argv = invocation(command, args, endpoint, extra)
     assert program == "/venv/bin/python" and argv[-2:] == ["--upscaler", str(model)]  # one argument, spaces kept
     assert argv[:4] == ["-m", "krita_sdxl.backend.cli", "serve", "--endpoint"]
+
+
+def test_the_upscaler_file_is_saved_by_ok_and_dropped_by_cancel(docker, tmp_path):
+    """The upscaler file is a field of the connection settings like the others: typed, then Cancel keeps what
+    was saved; typed, then OK saves it."""
+    d = docker
+    d.panel.open_settings()
+    dialog = d.panel.dialog
+    field = dialog.upscaler.file
+    assert field.text() == ""
+    field.setText(str(tmp_path / "typo.pth"))
+    field.editingFinished.emit()
+    click(dialog.cancel_button)
+    assert d.controller.settings.upscaler_file == ""
+    d.panel.open_settings()
+    assert field.text() == ""  # what Cancel dropped is gone when the dialog opens again
+    field.setText(str(tmp_path / "x4.pth"))
+    d.controller.update_settings(backend_args="--steps 4")  # another setting saved meanwhile: the typing stays
+    assert field.text() == str(tmp_path / "x4.pth")
+    click(dialog.ok_button)
+    assert d.controller.settings.upscaler_file == str(tmp_path / "x4.pth") and not dialog.isVisible()

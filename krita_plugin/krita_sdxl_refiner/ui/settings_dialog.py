@@ -175,6 +175,7 @@ class SettingsDialog(QDialog):
             "client_secret_key": self.client_key.text().strip(),
             "backend_command": self.backend_command.text().strip(),
             "backend_args": self.backend_args.text().strip(),
+            "upscaler_file": self.upscaler.file.text().strip(),
             **self.setup.choices(),
         }
 
@@ -224,6 +225,7 @@ class SettingsDialog(QDialog):
             ("client_key", self.client_key, s.client_secret_key),
             ("backend_command", self.backend_command, s.backend_command),
             ("backend_args", self.backend_args, s.backend_args),
+            ("upscaler_file", self.upscaler.file, s.upscaler_file),
         ):
             if every_field or self._shown.get(name) != value:
                 self._shown[name] = value
@@ -233,7 +235,6 @@ class SettingsDialog(QDialog):
             line = self.controller.authorize_line()
             self.authorize.setText(f"On the backend machine run:<br><code>{escape(line)}</code>" if line else "")
             self.authorize.setVisible(bool(line))
-        self.upscaler.show_settings(s)
         self.validate()
 
     show_settings = load

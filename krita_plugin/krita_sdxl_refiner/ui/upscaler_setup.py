@@ -1,6 +1,7 @@
 """The connection settings' "Upscaler model" box: the local backend's upscaler file (``serve --upscaler``), and
 Download, which fetches Real-ESRGAN x4plus into the models folder only when clicked, with progress and a
-checksum (workflow/upscaler_download.py). Edits go to the controller."""
+checksum (workflow/upscaler_download.py). The file is one of the dialog's fields (saved by OK or Apply, dropped by
+Cancel); a finished download saves its file at once."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from PyQt5.QtWidgets import (
 from krita_sdxl.backend.setup.plan.space import human
 from krita_sdxl.backend.setup.plan.upscalers import DEFAULT
 
-from ..core.settings import Settings
 from ..workflow.controller import Controller
 from .slots import on_click
 from .widgets import wrap_label
@@ -54,7 +54,6 @@ class UpscalerSetup(QGroupBox):
         form.addRow("", row)
         form.addRow(self.progress)
         form.addRow(self.status)
-        self.file.editingFinished.connect(lambda: self.controller.update_settings(upscaler_file=self.file.text()))
         on_click(self.browse.clicked, self._browse)
         on_click(self.download.clicked, controller.download_upscaler)
         on_click(self.cancel.clicked, controller.upscaler_download.cancel)
@@ -64,11 +63,7 @@ class UpscalerSetup(QGroupBox):
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Upscaler model", self.file.text(), "Models (*.pth *.safetensors)")
         if path:
-            self.controller.update_settings(upscaler_file=path)
-
-    def show_settings(self, s: Settings) -> None:
-        if self.file.text() != s.upscaler_file and not self.file.hasFocus():
-            self.file.setText(s.upscaler_file)
+            self.file.setText(path)  # saved with the dialog's other fields
 
     def refresh(self) -> None:
         job = self.controller.upscaler_download
