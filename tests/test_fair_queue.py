@@ -79,6 +79,20 @@ def test_undelivered_results_count_against_their_client():
     assert q.bytes_of(A.account) == 200 and q.total_bytes == 200
 
 
+def test_a_finished_jobs_result_counts_from_the_moment_its_job_ends():
+    """The job's bytes and its result's are one hand-over: between the worker's end of a job and the I/O
+    thread's taking its result, a submit found the budget free (CI: a client got in over a full budget)."""
+    q = JobQueue(max_total_bytes=1000)
+    q.submit(job(A, "a0", 800))
+    running = q.take(timeout=0)
+    q.done(running, result_bytes=900)  # an upscale's result may be bigger than its job
+    assert q.total_bytes == 900 and q.bytes_of(A.account) == 900
+    with pytest.raises(QueueFull, match="in all"):
+        q.submit(job(B, "b0", 200))
+    q.release(A.account, 900)  # delivered
+    q.submit(job(B, "b0", 200))
+
+
 def test_a_full_queue_drops_the_biggest_holders_newest_job():
     q = JobQueue(max_total=4)
     for i in range(4):

@@ -328,10 +328,16 @@ class JobQueue:
             self._running.append(job)
             return job
 
-    def done(self, job: Job) -> None:
+    def done(self, job: Job, result_bytes: int = 0) -> None:
+        """``job`` ended. Its result's ``result_bytes`` (a result's, else 0) count against its owner from this
+        moment, in the same step that frees the job's own bytes: no submit slips into the gap between the
+        end and the I/O thread's taking the result (``release`` them if the result is never sent)."""
         with self._lock:
             if job in self._running:
                 self._running.remove(job)
+            if result_bytes:
+                account = job.owner.account
+                self._held[account] = self._held.get(account, 0) + result_bytes
 
     def hold(self, account: bytes, nbytes: int) -> None:
         """Count bytes of a sent result that ZeroMQ has not taken yet against ``account``."""

@@ -358,6 +358,21 @@ class Service:
         except Exception:
             log.exception("could not send an error event to %s", short_id(owner.routing))
 
+    def _take_result(self, owner: Owner, header: zmq.Frame, rest: list[zmq.Frame]) -> None:
+        """A job's result: its bytes have counted against the owner since the job ended (worker.result_bytes);
+        they go on counting while it is delivered, or are freed here when it never will be."""
+        buffers = [f.buffer for f in rest]
+        download = None
+        try:
+            if self._keys is None or owner.key in self._keys:  # a removed key: nothing more, not even kept
+                msg = decode(SERVICE, [header])
+                download = self.downloads.add(owner, msg.job or "", msg.fields, buffers)
+        finally:
+            if download is None:
+                self.queue.release(owner.account, sum(memoryview(b).nbytes for b in buffers))
+        if download is not None:
+            self._pump(download)
+
     def _refuse(self, client: bytes, job: Any, code: str, message: str) -> None:
         """An error to whoever holds ``client`` now (a refusal that gives away nothing)."""
         try:
@@ -379,13 +394,11 @@ class Service:
 
     def _forward(self, owner: Owner, header: zmq.Frame, rest: list[zmq.Frame]) -> None:
         kind = decode_header(header).get("type")
+        if kind == "result":
+            self._take_result(owner, header, rest)
+            return
         if self._keys is not None and owner.key not in self._keys:
             return  # a removed key: nothing more, not even kept
-        if kind == "result":
-            msg = decode(SERVICE, [header])
-            download = self.downloads.add(owner, msg.job or "", msg.fields, [f.buffer for f in rest])
-            self._pump(download)
-            return
         if kind == "progress":
             self._sync()
             if not self._may_send(owner):

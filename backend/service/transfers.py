@@ -119,7 +119,8 @@ class Downloads:
         self._downloads: dict[JobKey, Download] = {}
 
     def add(self, owner: Owner, job: str, fields: dict[str, Any], buffers: list[Any]) -> Download:
-        """A finished job's result, to be sent. A result for the same job replaces the old one."""
+        """A finished job's result, to be sent; its bytes count against the owner already (the worker's
+        ``JobQueue.done``), and until it is delivered or dropped. A result for the same job replaces the old one."""
         old = self._downloads.pop((owner, job), None)
         if old is not None:
             self._queue.release(owner.account, old.nbytes)
@@ -128,7 +129,6 @@ class Downloads:
         out.restart()
         download = Download(owner, job, fields, out, now, now, keep=list(buffers))
         self._downloads[(owner, job)] = download
-        self._queue.hold(owner.account, download.nbytes)
         return download
 
     def ack(self, owner: Owner, job: str, received: int) -> Download:

@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 Outcome = tuple[str, "dict[str, Image] | None", dict[str, Any]]  # a job's final event: type, images, fields
 
 
+def result_bytes(outcome: Outcome | None) -> int:
+    """The bytes a job's final event streams to its owner (a result's pixels; 0 for any other end): what
+    the queue counts for the owner from the job's end until the client has them (backend/service/transfers.py)."""
+    if outcome is None or outcome[0] != "result":
+        return 0
+    return sum(memoryview(b).nbytes for b in stream_buffers("result", outcome[1] or {}))
+
+
 class Described(Protocol):
     """What the service itself asks of an engine (the worker or the pool's dispatcher runs the jobs)."""
 
@@ -93,6 +101,7 @@ class Worker(threading.Thread):
             self._emit(job, msg_type, images, fields)
         except Exception as exc:
             log.exception("job %s: its %s event could not be sent", escaped(job.id, 80), msg_type)
+            self._queue.release(job.owner.account, result_bytes((msg_type, images, fields)))  # counted at done
             error = error_event(job.id, codes.INTERNAL, f"internal error: the {msg_type} event failed: {exc}")
             error.pop("job")
             self._emit(job, "error", None, error)
@@ -111,13 +120,15 @@ class Worker(threading.Thread):
                 job = self._queue.take()
                 if job is None:
                     return
+                outcome: Outcome | None = None
                 try:
                     outcome = self._run_job(job)
                 except Exception as exc:  # a bug outside the engine: the job still gets its answer
                     log.exception("job %s: internal error", escaped(job.id, 80))
                     outcome = ("error", None, {"code": codes.INTERNAL, "message": f"internal error: {exc!r}"})
-                finally:
-                    self._queue.done(job)  # before the final event: a client that reacts sees it gone
+                finally:  # before the final event: a client that reacts sees it gone
+                    self._queue.done(job, result_bytes(outcome))
+                assert outcome is not None
                 try:
                     self._finish(job, *outcome)
                     if self._on_idle is not None and len(self._queue) == 0:
