@@ -185,6 +185,19 @@ def test_twelve_jobs_from_three_clients_correct_routed_and_fair(pool, reference)
     assert sum(grown.values()) == 12 and all(n > 0 for n in grown.values()), grown
 
 
+def test_an_upscale_runs_on_a_replica_and_its_bigger_result_comes_back_whole(pool, reference):
+    """An upscale job through the pool (48x40 -> 96x80: 4x the input's bytes, back through the slot's
+    shared memory, sized for the result): the single-process engine's result for the same job, byte for byte."""
+    fields = {**JOB, "strength": 0.3, "upscale": {"width": 96, "height": 80, "method": "lanczos"}}
+    with Peer(pool.endpoint) as peer:
+        peer.send_job("up", rgba(48, 40, 7), seed=7, **fields)
+        (event,) = [e for _, e in collect({"p": peer}, {"p": {"up"}}) if e.type in FINAL]
+    assert event.type == "result", event.fields
+    out = event.images["image"]
+    assert (out.spec.width, out.spec.height) == (96, 80)
+    assert bytes(out.data) == reference(rgba(48, 40, 7), seed=7, **fields)
+
+
 def test_status_shows_position_and_replica_and_a_cancel_reaches_the_replica(pool):
     """Three long jobs: two run (each on a replica, named in status), one waits at position 2. Cancelling
     the running ones stops their replicas at the next step: their jobs end `cancelled`, and the replicas
