@@ -98,20 +98,13 @@ def peek_picture(path: Path) -> Layout:
     when it cannot be read or is larger than the protocol carries."""
     from PIL import Image as PILImage
 
-    try:
-        with _sized_by_us(), PILImage.open(path) as im:
-            width, height = im.size
-            header_exif = "exif" in im.info or im.format == "TIFF"  # PNG's getexif() decodes otherwise
-            if header_exif and im.getexif().get(0x0112) in _TURNED:
-                width, height = height, width
-            sample, depth, alpha, grey = _layout_of(im)
-            icc = im.info.get("icc_profile")
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a folder; give an image file") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # Pillow: UnidentifiedImageError is an OSError
-        raise ConfigError(f"cannot read {path}: {exc}") from None
+    with _read_errors(path), _sized_by_us(), PILImage.open(path) as im:
+        width, height = im.size
+        header_exif = "exif" in im.info or im.format == "TIFF"  # PNG's getexif() decodes otherwise
+        if header_exif and im.getexif().get(0x0112) in _TURNED:
+            width, height = height, width
+        sample, depth, alpha, grey = _layout_of(im)
+        icc = im.info.get("icc_profile")
     if max(width, height) > MAX_SIDE:
         raise ConfigError(
             f"{path} is {width}x{height} pixels; the largest picture the service takes is {MAX_SIDE} px a side: "
