@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from krita_sdxl.protocol import Image, Message, StepPlan
+from krita_sdxl.protocol import Image, ImageSpec, Message, StepPlan
 from krita_sdxl.protocol.upscale import UpscaleSpec, plan_steps
 
 if TYPE_CHECKING:
@@ -43,6 +43,12 @@ class RefineRequest:
     stages: Stages | None = None  # how the denoising is split between base and refiner; None = refine
     keep_unmasked: bool = True  # with a mask: only the masked area is re-noised, the rest kept
     upscale: UpscaleSpec | None = None  # the result's size: enlarged, then refined in tiles (engine/upscale.py)
+
+    @property
+    def result_spec(self) -> ImageSpec:
+        """The result's size and format: the image's, at an upscale's size for an upscale."""
+        spec, up = self.image.spec, self.upscale
+        return spec if up is None else ImageSpec(up.width, up.height, spec.order, spec.depth, spec.sample)
 
     @classmethod
     def from_message(cls, msg: Message, seed: int, timesteps: TimestepsFn | None = None) -> RefineRequest:

@@ -43,12 +43,6 @@ log = logging.getLogger(__name__)
 LATENT = 8  # pixels per latent a side
 
 
-def result_spec(req: RefineRequest) -> ImageSpec:
-    spec, up = req.image.spec, req.upscale
-    assert up is not None
-    return ImageSpec(up.width, up.height, spec.order, spec.depth, spec.sample)
-
-
 def capability(engine: Any) -> dict[str, Any]:
     """``welcome.capabilities.upscale``: the methods jobs may ask for, the upscaler model, the tiles."""
     model = getattr(engine, "upscaler", None)
@@ -76,7 +70,7 @@ def upscale_if_asked(engine: Any, req: RefineRequest, on_progress: ProgressFn, s
     """The engine hook: run ``req`` as an upscale job and return its result; None when it is not one."""
     if getattr(req, "upscale", None) is None:
         return None
-    spec = result_spec(req)
+    spec = req.result_spec
     if should_stop():
         raise JobCancelled()
     model = chosen_upscaler(engine, req)

@@ -61,13 +61,6 @@ def _put(array: np.ndarray) -> Any:
     return bounded("ray.put of a job's pixels", PUT_TIMEOUT_S, ray.put, array)
 
 
-def result_bytes(req: RefineRequest) -> int:
-    """The bytes of the job's result: the input's format at the input's size, or at an upscale's."""
-    assert req.image is not None
-    spec, up = req.image.spec, req.upscale
-    return spec.byte_length if up is None else replace(spec, width=up.width, height=up.height).byte_length
-
-
 def ship(req: RefineRequest, buffers: SlotBuffers | None, via_store: bool) -> dict[str, Any]:
     """The request for a replica, its pixels in the slot's shared memory (``buffers``; None: none on this
     host) and, with ``via_store``, in the object store too."""
@@ -89,7 +82,7 @@ def ship(req: RefineRequest, buffers: SlotBuffers | None, via_store: bool) -> di
         slots.append({"spec": img.spec.to_wire(), **where})
     out = None
     if buffers is not None:
-        result = buffers.for_output(result_bytes(req))
+        result = buffers.for_output(req.result_spec.byte_length)
         out = (result.path.name, result.size)
     return {
         "request": replace(req, image=None, mask=None),
