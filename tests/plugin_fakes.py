@@ -179,6 +179,7 @@ class FakeAdapter:
         self.placed_active = True  # the result's document is the one shown
         self.scaled: list[tuple[Extent, Extent]] = []  # "Scale this document": (from, to)
         self.opened_boxes: list[Box] = []
+        self.on_apply: Any = None  # called inside apply, as Krita's addChildNode runs the event loop there
 
     def read_setting(self, key: str, default: str) -> str:
         return self.store.get(key, default)
@@ -203,6 +204,8 @@ class FakeAdapter:
             raise NotApplied(self.apply_reason)
         self.applied.append((box, bytes(data), name))
         self.targets.append(target)
+        if self.on_apply is not None:
+            self.on_apply()
         return Placed(f"layer-{len(self.applied)}", "barn.kra", self.placed_active)
 
     def apply_to_active(self, name, box, fmt, data):

@@ -300,6 +300,28 @@ def test_again_reruns_the_captured_pixels_not_the_active_layer(online):
     )  # newest first
 
 
+def test_a_result_that_arrives_while_another_is_applied_waits_its_turn(online):
+    """Krita's ``Node.addChildNode`` runs Qt's event loop (measured in real Krita: a 0 ms timer fires
+    inside it), so the next result can be read while the first is being placed. The client does not
+    read inside its own read: the next result is placed after the first is in the history, above it."""
+    d = online
+    for _ in range(3):
+        click(d.panel.refine_button)
+    d.pump(lambda: len(d.submits()) == 3)
+    submits = d.submits()
+    d.adapter.on_apply = lambda: settle(d.app, 0.2)  # the event loop runs while a layer is added
+    for (ident, submit), seed in zip(submits, (1, 2, 3), strict=True):
+        spec = submit.images["image"].spec
+        d.service.send(ident, "accepted", job=submit.job, position=0, seed=seed, steps=30, denoise_steps=15)
+        d.service.send(ident, "result", images={"image": Image(spec, bytes([seed]) * spec.byte_length)},
+                       job=submit.job, seed=seed, elapsed=0.5)  # fmt: skip
+    d.pump(lambda: len(d.controller.history) == 3)
+    settle(d.app)
+    d.no_internal_error()
+    assert [t.above for t in d.adapter.targets] == [(), ("layer-1",), ("layer-2", "layer-1")]
+    assert [e.seed for e in d.controller.history.newest_first()] == [3, 2, 1]
+
+
 def test_three_quick_refines_stack_newest_on_top(online):
     """Run, Run, Run before the first result returns: each result goes above the results of the same
     source that are there when it arrives (the adapter picks the topmost of them), not under them."""

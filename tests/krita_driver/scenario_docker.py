@@ -501,10 +501,17 @@ def phase_local(s: Session) -> Any:
     out["lost"] = lost.status_text
     out["lost_seed"] = lost.seed
     out["resubmit_visible"] = panel.resubmit_button.isVisible()
+    known = {e.id for e in controller.history}
     click(panel.resubmit_button)
-    yield from until(ctx, lambda: s.new_layers(before), 120, "the resubmitted job's layer")
+
+    def kept() -> list[Any]:
+        return [e for e in controller.history if e.id not in known]
+
+    # Krita runs the event loop inside addChildNode: this check can run after the layer is there and
+    # before the controller has put its result in the history, so it waits for both.
+    yield from until(ctx, lambda: s.new_layers(before) and kept(), 120, "the resubmitted job's layer")
     out["layers"] = [n.name() for n in s.new_layers(before)]
-    out["resubmitted_seed"] = controller.history.newest_first()[0].seed
+    out["resubmitted_seed"] = kept()[0].seed
     click(panel.backend_button)  # "Stop backend"
     yield from until(ctx, lambda: controller.backend.state.value == "stopped", 30, "the backend to stop")
     s.out["local"] = out
