@@ -206,8 +206,34 @@ def test_the_upscaler_file_is_saved_by_ok_and_dropped_by_cancel(docker, tmp_path
     assert d.controller.settings.upscaler_file == ""
     d.panel.open_settings()
     assert field.text() == ""  # what Cancel dropped is gone when the dialog opens again
+    (tmp_path / "x4.pth").write_bytes(b"weights")
     field.setText(str(tmp_path / "x4.pth"))
     d.controller.update_settings(backend_args="--steps 4")  # another setting saved meanwhile: the typing stays
     assert field.text() == str(tmp_path / "x4.pth")
     click(dialog.ok_button)
     assert d.controller.settings.upscaler_file == str(tmp_path / "x4.pth") and not dialog.isVisible()
+
+
+def test_an_upscaler_file_that_cannot_be_one_is_named_and_not_saved(docker, tmp_path):
+    """The dialog checks the file as the backend would load it (one rule, setup/plan/upscalers.py): a missing
+    file, a folder or another kind of file disables OK with the reason; the backend never starts to fail on it."""
+    d = docker
+    d.panel.open_settings()
+    dialog = d.panel.dialog
+    (tmp_path / "notes.txt").write_text("not weights")
+    (tmp_path / "x4.safetensors").write_bytes(b"weights")
+    for typed, reason in (
+        (tmp_path / "missing.pth", "no such file"),
+        (tmp_path, "is a folder, not a model file"),
+        (tmp_path / "notes.txt", "expected a .pth or .safetensors"),
+    ):
+        dialog.upscaler.file.setText(f"  {typed}  ")  # pasted with spaces around
+        shown = dialog.problem.text()
+        assert shown.startswith(f"Upscaler file: {typed}") and reason in shown and "empty for Lanczos" in shown
+        assert dialog.problem.isVisible() and not dialog.ok_button.isEnabled() and not dialog.apply_button.isEnabled()
+        click(dialog.ok_button)  # disabled: nothing saved, the dialog stays
+        assert dialog.isVisible() and d.controller.settings.upscaler_file == ""
+    dialog.upscaler.file.setText(str(tmp_path / "x4.safetensors"))
+    assert dialog.ok_button.isEnabled() and not dialog.problem.isVisible()
+    dialog.upscaler.file.setText("")  # empty: Lanczos
+    assert dialog.ok_button.isEnabled()

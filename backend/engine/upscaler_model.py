@@ -25,6 +25,7 @@ import torch
 
 from krita_sdxl.protocol import Image
 
+from ..setup.plan.upscalers import file_problem
 from . import pixels
 from .lanczos import put, resize_plane
 from .request import JobCancelled, StopFn
@@ -32,7 +33,6 @@ from .upscale import model_input, source_tone, write_colour
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 OUTPUT_TILE = 512  # px of the result per model call
 MARGIN = 16  # source px around each tile, so the model's borders do not show
 
@@ -164,10 +164,9 @@ def import_spandrel(file: Path) -> Any:
 def load_upscaler(path: str | Path) -> UpscalerModel:
     """The upscaler in ``path``, on the CPU; :class:`UpscalerError` names the file and the problem."""
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise UpscalerError(f"{file}: no such file" if not file.exists() else f"{file} is a folder, not a model file")
-    if file.suffix.lower() not in SUFFIXES:
-        raise UpscalerError(f"{file}: expected a .pth or .safetensors upscaler model file")
+    problem = file_problem(file)
+    if problem is not None:
+        raise UpscalerError(problem)
     spandrel = import_spandrel(file)
     try:
         descriptor = spandrel.ModelLoader().load_from_file(file)

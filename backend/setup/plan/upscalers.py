@@ -9,8 +9,21 @@ weights are published under BSD-3-Clause with the release, and the SHA-256 below
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 MODELS_FOLDER = "models"  # in the setup folder: where the docker puts upscaler files
+SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")  # what an upscaler model file is called
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be an upscaler model file, naming it (None: it can be tried). The one rule for the
+    engine's loader and the docker's ⚙ dialog; what the weights hold is the loader's to say."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        return f"{file}: no such file" if not file.exists() else f"{file} is a folder, not a model file"
+    if file.suffix.lower() not in SUFFIXES:
+        return f"{file}: expected a .pth or .safetensors upscaler model file"
+    return None
 
 
 @dataclass(frozen=True)

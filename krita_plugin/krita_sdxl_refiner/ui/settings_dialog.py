@@ -148,7 +148,7 @@ class SettingsDialog(QDialog):
         self.buttons.accepted.connect(self.accept)
         self.buttons.rejected.connect(self.reject)
         on_click(self.apply_button.clicked, self.apply)
-        for field in (self.endpoint, self.server_key, self.client_key):
+        for field in (self.endpoint, self.server_key, self.client_key, self.upscaler.file):
             field.textChanged.connect(lambda _text: self.validate())
         on_click(self.backend_start.clicked, self.start_backend)
         on_click(self.backend_stop.clicked, c.stop_backend)
@@ -181,7 +181,9 @@ class SettingsDialog(QDialog):
 
     def problems(self) -> list[str]:
         t = self.typed()
-        return settings_problems(t["endpoint"], t["server_public_key"], t["client_secret_key"])
+        problems = settings_problems(t["endpoint"], t["server_public_key"], t["client_secret_key"])
+        upscaler = self.upscaler.problem()
+        return [*problems, upscaler] if upscaler else problems
 
     def validate(self) -> bool:
         """Enable OK, Apply and Start when the typed settings can work; else say why."""

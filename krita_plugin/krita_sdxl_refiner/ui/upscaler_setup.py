@@ -17,7 +17,7 @@ from PyQt5.QtWidgets import (
 )
 
 from krita_sdxl.backend.setup.plan.space import human
-from krita_sdxl.backend.setup.plan.upscalers import DEFAULT
+from krita_sdxl.backend.setup.plan.upscalers import DEFAULT, file_problem
 
 from ..workflow.controller import Controller
 from .slots import on_click
@@ -59,6 +59,12 @@ class UpscalerSetup(QGroupBox):
         on_click(self.cancel.clicked, controller.upscaler_download.cancel)
         controller.upscaler_download.changed.connect(self.refresh)
         self.refresh()
+
+    def problem(self) -> str | None:
+        """Why the file as typed cannot be the local backend's upscaler (None: empty, or a model file to try)."""
+        typed = self.file.text().strip()
+        problem = file_problem(typed) if typed else None
+        return f"Upscaler file: {problem} (leave it empty for Lanczos)" if problem else None
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Upscaler model", self.file.text(), "Models (*.pth *.safetensors)")
