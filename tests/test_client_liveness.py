@@ -36,8 +36,10 @@ class SteppingEngine(IdentityEngine):
 
 
 def test_a_job_longer_than_the_heartbeat_timeout_with_fast_steps_is_not_cancelled(ctx) -> None:
-    timeout = 1.0  # the service's; the job streams 3 s of progress, a step every 0.05 s
-    service = Service(SteppingEngine(60, 0.05), "tcp://127.0.0.1:*", ctx=ctx, heartbeat_timeout=timeout)
+    # The service's timeout; the job streams 4 s of progress, a step every 0.05 s. The client's heartbeats
+    # (every 0.3 s) leave 1.7 s of slack for a starved CI machine.
+    timeout = 2.0
+    service = Service(SteppingEngine(80, 0.05), "tcp://127.0.0.1:*", ctx=ctx, heartbeat_timeout=timeout)
     thread = threading.Thread(target=service.serve_forever, daemon=True)
     thread.start()
     try:
@@ -46,7 +48,7 @@ def test_a_job_longer_than_the_heartbeat_timeout_with_fast_steps_is_not_cancelle
             steps: list[int] = []
             done = client.run(image, on_event=lambda e: steps.append(e["step"]) if e.type == "progress" else None)
             assert done.type == "result"  # JobFailed(client_lost) before the fix
-            assert steps[-1] == 60
+            assert steps[-1] == 80
     finally:
         service.stop()
         thread.join(10)

@@ -222,10 +222,13 @@ def test_an_upscaler_file_that_cannot_be_one_is_named_and_not_saved(docker, tmp_
     dialog = d.panel.dialog
     (tmp_path / "notes.txt").write_text("not weights")
     (tmp_path / "x4.safetensors").write_bytes(b"weights")
+    fifo = tmp_path / "pipe.pth"
+    os.mkfifo(fifo)  # exists, yet no file to load (reading it would wait forever)
     for typed, reason in (
         (tmp_path / "missing.pth", "no such file"),
         (tmp_path, "is a folder, not a model file"),
         (tmp_path / "notes.txt", "expected a .pth or .safetensors"),
+        (fifo, "not a regular file"),
     ):
         dialog.upscaler.file.setText(f"  {typed}  ")  # pasted with spaces around
         shown = dialog.problem.text()

@@ -19,8 +19,12 @@ def file_problem(path: str | Path) -> str | None:
     """Why ``path`` cannot be an upscaler model file, naming it (None: it can be tried). The one rule for the
     engine's loader and the docker's ⚙ dialog; what the weights hold is the loader's to say."""
     file = Path(path).expanduser()
+    if not file.exists():
+        return f"{file}: no such file"
+    if file.is_dir():
+        return f"{file} is a folder, not a model file"
     if not file.is_file():
-        return f"{file}: no such file" if not file.exists() else f"{file} is a folder, not a model file"
+        return f"{file} is not a regular file (a pipe or a device), not a model file"
     if file.suffix.lower() not in SUFFIXES:
         return f"{file}: expected a .pth or .safetensors upscaler model file"
     return None
