@@ -17,11 +17,13 @@ from PyQt5.QtWidgets import (
 )
 
 from krita_sdxl.backend.setup.plan.space import human
-from krita_sdxl.backend.setup.plan.upscalers import DEFAULT, file_problem
+from krita_sdxl.backend.setup.plan.upscalers import DEFAULT, SUFFIXES, file_problem
 
 from ..workflow.controller import Controller
 from .slots import on_click
 from .widgets import wrap_label
+
+MODEL_FILTER = f"Models ({' '.join('*' + suffix for suffix in SUFFIXES)})"  # the files the loader takes
 
 
 class UpscalerSetup(QGroupBox):
@@ -67,7 +69,7 @@ class UpscalerSetup(QGroupBox):
         return f"Upscaler file: {problem} (leave it empty for Lanczos)" if problem else None
 
     def _browse(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Upscaler model", self.file.text(), "Models (*.pth *.safetensors)")
+        path, _ = QFileDialog.getOpenFileName(self, "Upscaler model", self.file.text(), MODEL_FILTER)
         if path:
             self.file.setText(path)  # saved with the dialog's other fields
 
